@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make test` and `make demo`. Both create .venv, fetch what the build and tests need
+# from package registries, build the kernels and then run. A second run with nothing changed takes seconds.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+DEPS := .deps
+KERNEL_SOURCES := $(shell find csrc -name '*.cc' -o -name '*.h' -o -name '*.lds' 2>/dev/null)
+
+.PHONY: all setup test demo bench clean
+
+all: setup
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: this machine has the 2.13.0 CPU wheel on disk; anything else pulls GBs of CUDA packages.
+$(VENV)/.torch: | $(PY)
+	$(PIP) install "setuptools>=70" wheel
+	$(PIP) install torch==2.13.0
+	touch $@
+
+$(DEPS)/onnxruntime/include/onnxruntime/onnxruntime_c_api.h:
+	bash scripts/fetch_ort_headers.sh $(DEPS)/onnxruntime
+
+$(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz:
+	bash scripts/fetch_fashion_mnist.sh $(DEPS)/fashion-mnist
+
+$(VENV)/.installed: $(VENV)/.torch setup.py $(KERNEL_SOURCES) $(DEPS)/onnxruntime/include/onnxruntime/onnxruntime_c_api.h
+	$(PIP) install --no-build-isolation -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed $(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(VENV)/bin/ctprune inspect examples/models/resnet20_fmnist.onnx
+
+bench: setup
+	$(PY) -m ctprune.bench_layers
+
+clean:
+	rm -rf build *.egg-info ctprune/_lib/*.so
