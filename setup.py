@@ -84,5 +84,5 @@ setup(
     },
     ext_modules=[kernels] if kernel_sources() else [],
     cmdclass={"build_ext": BuildKernels},
-    entry_points={"console_scripts": ["ctprune=ctprune.cli:main"]},
+    entry_points={"console_scripts": ["ctprune=ctprune.cli:_entry"]},
 )

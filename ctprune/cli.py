@@ -1,0 +1,146 @@
+"""The `ctprune` command line.
+
+    ctprune MODEL.onnx --ratio 8x [options]      prune (the default command: no subcommand word needed)
+    ctprune inspect MODEL.onnx                   per-layer table: what would be pruned, unsupported ops
+    ctprune bench MODEL.onnx [OTHER.onnx]        latency in onnxruntime
+
+User errors (ctprune.errors.CtpruneError) print one paragraph and exit 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import click
+
+from ctprune.errors import CtpruneError, RatioError
+
+_RATIO = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*[xX]?\s*$")
+
+
+def parse_ratio(text: str) -> float:
+    """'8x', '8', '8.0x' -> 8.0; anything that is not a number > 1 is a RatioError."""
+    m = _RATIO.match(str(text))
+    if not m:
+        raise RatioError(f"--ratio {text!r} is not a compression ratio: write it as a number above 1, e.g. 8x, 8 or 4.5x.")
+    value = float(m.group(1))
+    if not value > 1.0:
+        raise RatioError(
+            f"--ratio {text!r} would not compress the model: the ratio is original size / pruned size, "
+            "so it must be above 1 (e.g. 2x, 8x)."
+        )
+    return value
+
+
+class _DefaultPruneGroup(click.Group):
+    """A group whose first argument, when it is not a subcommand, goes to `prune`: `ctprune MODEL --ratio 8x`."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["prune", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultPruneGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ctprune")
+def main():
+    """ctprune: prune an ONNX CNN and get back a smaller, faster ONNX model.
+
+    \b
+      ctprune model.onnx --ratio 8x                  ClickTrain pattern pruning while fine-tuning
+      ctprune model.onnx --ratio 4x --method precrop PreCropping: whole channels, standard ONNX ops
+      ctprune inspect model.onnx                     what would be pruned
+      ctprune bench model.onnx model.ctprune.onnx    latency in onnxruntime
+
+    The output (default MODEL.ctprune.onnx) is the input graph with weights replaced and pruned Convs rewritten to
+    ai.ctprune.PatternConv; it carries a standard-ONNX definition of that op, so plain onnxruntime runs it, and
+    ctprune.InferenceSession (or the library at ctprune.kernel_library_path()) runs it fast.
+    """
+
+
+@main.command("prune")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--ratio", required=True, help="Compression of the pruned conv weights: 8x, 8 or 8.0x (must be > 1).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output path [default: MODEL.ctprune.onnx].")
+@click.option("--method", type=click.Choice(["pattern", "precrop", "both"]), default="pattern", show_default=True,
+              help="pattern: ClickTrain pattern + connectivity pruning; precrop: PreCropping channels; both: crop, then pattern-prune.")
+@click.option("--data", "data", help="Training data: .npz with x (and optional y), or an image folder with class sub-folders.")
+@click.option("--eval-data", help="Evaluation data, same formats as --data.")
+@click.option("--epochs", type=click.IntRange(min=0), default=None,
+              help="Fine-tuning epochs (0: prune by importance without training) [default: 3, or 1 on synthetic data].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Learning rate [default: by method].")
+@click.option("--patterns", type=click.IntRange(min=1, max=126), default=8, show_default=True, help="Size of the pattern library.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["torch", "ortmodule"]), default="torch", show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bars or table.")
+@click.option("--pai", type=click.Choice(["synflow", "snip", "grasp", "erk", "uniform"]), default="synflow", show_default=True,
+              help="precrop: layer-wise densities from this pruning-at-initialization method.")
+@click.option("--init", "init", type=click.Choice(["pretrained", "scratch"]), default="pretrained", show_default=True,
+              help="precrop: fine-tune the kept weights, or re-initialise and train from scratch.")
+@click.option("--channel-multiple", type=click.IntRange(min=1), default=8, show_default=True,
+              help="precrop: kept channel counts are rounded to a multiple of this.")
+@click.option("--input-size", help="Image folders: H,W to resize to.")
+@click.option("--mean", help="Image folders: per-channel mean, comma-separated.")
+@click.option("--std", help="Image folders: per-channel std, comma-separated.")
+def prune_command(model, ratio, output, **options):
+    """Prune MODEL.onnx to RATIO fewer conv weights, fine-tuning while pruning."""
+    from ctprune import api
+    from ctprune.report import render_report
+
+    ratio_value = parse_ratio(ratio)
+    result = api.prune(model, ratio=ratio_value, output=output, **options)
+    if not options.get("quiet"):
+        click.echo(render_report(result.report))
+        click.echo(f"wrote {result.output_path}")
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+def inspect_command(model):
+    """Per-layer table of MODEL.onnx: kernels, channels, params, MACs, and what ctprune would prune."""
+    from ctprune.graph import load_model
+    from ctprune.inspect import layer_table, render_table
+
+    rows, totals = layer_table(load_model(model))
+    click.echo(render_table(rows, totals))
+
+
+@main.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=3), default=50, show_default=True)
+def bench_command(models, threads, batch, repeats):
+    """Median latency of each model in onnxruntime (PatternConv through ctprune's kernels), same process and threads."""
+    from ctprune.bench import bench_models, render_bench
+
+    rows = bench_models(list(models), threads=threads, batch=batch, repeats=repeats)
+    click.echo(render_bench(rows))
+
+
+def run(argv=None) -> int:
+    """Entry point: user errors become one message and exit code 2, never a traceback."""
+    try:
+        main.main(args=argv, prog_name="ctprune", standalone_mode=False)
+    except CtpruneError as exc:
+        click.echo(f"ctprune: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("ctprune: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("ctprune: interrupted", err=True)
+        return 130
+    return 0
+
+
+def _entry():
+    sys.exit(run())
