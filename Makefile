@@ -26,11 +26,15 @@ $(DEPS)/onnxruntime/include/onnxruntime/onnxruntime_c_api.h:
 $(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz:
 	bash scripts/fetch_fashion_mnist.sh $(DEPS)/fashion-mnist
 
+# The same data as .npz (x float32 (N,1,28,28) normalised, y int64): what `ctprune --data` reads.
+$(DEPS)/fashion-mnist/train.npz: $(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz examples/fmnist.py | $(VENV)/.installed
+	$(PY) -c "from examples.fmnist import write_npz; write_npz()"
+
 $(VENV)/.installed: $(VENV)/.torch setup.py $(KERNEL_SOURCES) $(DEPS)/onnxruntime/include/onnxruntime/onnxruntime_c_api.h
 	$(PIP) install --no-build-isolation -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed $(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz
+setup: $(VENV)/.installed $(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz $(DEPS)/fashion-mnist/train.npz
 
 test: setup
 	$(PY) -m pytest -q tests
