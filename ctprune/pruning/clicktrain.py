@@ -1,0 +1,249 @@
+"""ClickTrainPruner: ClickTrain's pattern + connectivity pruning as hooks of a training loop (ctprune.train's TrainHooks).
+
+The loop calls, per optimizer step `step` (0-based, global):
+    loss = task_loss + pruner.extra_loss(step)     # group lasso in the soft phase, else None
+    loss.backward(); pruner.after_backward(step)   # importance (w * dL/dw)^2 from .grad, warm-up and soft phases
+    optimizer.step(); pruner.after_step(step)      # (re-)selection at the schedule's points; hard masks afterwards
+and begin(total_steps, steps_per_epoch) before the first step, end_epoch(epoch) after each epoch, final_plan() at the
+end. state_dict() / load_state_dict() make a resumed run continue exactly (importance, plan, phase).
+
+Cheap by construction: every per-step action is a few whole-tensor ops per layer, with masks precomputed on the
+weights' device at each selection; selection itself (topk, sort) runs only at the schedule's few selection points.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from ctprune.errors import GraphError
+from ctprune.pruning.connectivity import kernel_budget
+from ctprune.pruning.importance import ImportanceMeter, magnitude_importance
+from ctprune.pruning.patterns import TAPS
+from ctprune.pruning.plan import PruningPlan
+from ctprune.pruning.schedule import PruningSchedule
+from ctprune.pruning.selection import select_plan
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+def check_prunable(weights: Mapping[str, torch.Tensor]) -> None:
+    """GraphError unless every weight is a (O, C, 3, 3) Conv weight."""
+    if not weights:
+        raise GraphError("the model has no prunable Conv (3x3, group 1, dilation 1): there is nothing to pattern-prune.")
+    for name, w in weights.items():
+        if w.dim() != 4 or tuple(w.shape[2:]) != (3, 3):
+            raise GraphError(f"Conv {name!r}: pattern pruning needs a (O, C, 3, 3) weight, got {tuple(w.shape)}.")
+
+
+class ClickTrainPruner:
+    """Prunes {conv name: weight Parameter} to `ratio` (over these layers' weights) during training.
+
+    patterns: library size K. spread: per-layer kept-kernel fraction stays within [u/spread, u*spread] of the mean u
+    (connectivity.py). warmup / soft / reselections / lasso_lambda / importance_decay: schedule knobs (schedule.py).
+    skipped {conv name: reason} and macs {conv name: MACs} pass through to the plan for the report.
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, torch.nn.Parameter],
+        ratio: float,
+        patterns: int = 8,
+        *,
+        spread: float = 2.5,
+        warmup: float = 0.1,
+        soft: float = 0.4,
+        reselections: int = 8,
+        lasso_lambda: float | None = None,
+        importance_decay: float | None = None,
+        skipped: Mapping[str, str] | None = None,
+        macs: Mapping[str, int] | None = None,
+    ):
+        check_prunable(weights)
+        self.weights = dict(weights)
+        self.ratio = float(ratio)
+        kernel_budget({n: (w.shape[0], w.shape[1]) for n, w in self.weights.items()}, self.ratio)  # RatioError now, not later
+        self.patterns = int(patterns)
+        self.spread = float(spread)
+        self._schedule_knobs = dict(
+            warmup=warmup, soft=soft, reselections=reselections, lasso_lambda=lasso_lambda, importance_decay=importance_decay
+        )
+        self.skipped = dict(skipped or {})
+        self.macs = dict(macs or {})
+        self.schedule: PruningSchedule | None = None
+        self.meter = ImportanceMeter(self.weights, decay=importance_decay)
+        self.plan: PruningPlan | None = None
+        self.hard = False
+        self.selections = 0
+        self._restored = False
+        self._masks: dict[str, torch.Tensor] = {}  # (O, C, 3, 3) kept-weight masks, on the weights' devices
+        self._pruned_taps: dict[str, torch.Tensor] = {}  # (O, C, 9) 1 where the plan removes the weight
+        self._lasso_norms: dict[str, torch.Tensor] = {}  # group norms of the last extra_loss, for the importance fix-up
+
+    # -- TrainHooks ---------------------------------------------------------------------------------------------------
+
+    def begin(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
+        if self._restored:
+            if self.schedule is not None and self.schedule.total_steps != total_steps:
+                log.warning(
+                    "resumed pruning state was made for %d steps, this run has %d: keeping the saved schedule",
+                    self.schedule.total_steps,
+                    total_steps,
+                )
+            return
+        self.schedule = PruningSchedule.from_run(total_steps, **self._schedule_knobs)
+        self.meter = ImportanceMeter(self.weights, decay=self.schedule.importance_decay)
+        s = self.schedule
+        log.info(
+            "ClickTrain schedule over %d steps: warm-up to %d, soft (lambda %.2g, re-select every %d) to %d, hard masks after",
+            s.total_steps, s.warmup_end, s.lasso_lambda, s.reselect_every, s.hard_start,
+        )
+
+    def extra_loss(self, step: int) -> torch.Tensor | None:
+        """Group lasso lambda * sum over to-be-pruned groups of sqrt(sum w^2), in the soft phase only.
+
+        The groups of a kernel are its 5 dropped taps if it is kept, all 9 taps if it is removed: with the kernel's
+        dropped-tap mask m (O, C, 9), both are ||w * m|| over the taps, one norm per kernel.
+        """
+        if self.schedule is None or self.plan is None or self.hard or self.schedule.phase(step) != "soft":
+            self._lasso_norms = {}
+            return None
+        total = None
+        norms = {}
+        for name, w in self.weights.items():
+            groups = w.reshape(w.shape[0], w.shape[1], TAPS) * self._pruned_taps[name]
+            norm = torch.linalg.vector_norm(groups, dim=-1)
+            norms[name] = norm.detach()
+            term = norm.sum()
+            total = term if total is None else total + term
+        self._lasso_norms = norms
+        return self.schedule.lasso_lambda * total
+
+    def after_backward(self, step: int) -> None:
+        if self.hard or (self.schedule is not None and step >= self.schedule.hard_start):
+            return
+        self.meter.update(self._lasso_gradient() if self._lasso_norms else None)
+
+    def after_step(self, step: int) -> None:
+        if self.schedule is None:
+            raise RuntimeError("ClickTrainPruner.begin(total_steps) must be called before training")
+        if self.hard:
+            self._mask_weights()
+            return
+        if step + 1 >= self.schedule.hard_start:
+            self._select(final=True)
+        elif self.schedule.selects_after(step):
+            self._select(final=False)
+
+    def end_epoch(self, epoch: int) -> None:
+        if self.plan is not None:
+            phase = "hard" if self.hard else "soft"
+            log.info("epoch %d: %s masks, %.2fx over %d layers", epoch, phase, self.plan.ratio_achieved, len(self.plan.layers))
+
+    # -- without (much) training --------------------------------------------------------------------------------------
+
+    def calibrate(self, loss_fn: Callable[[object], torch.Tensor], batches: Iterable) -> int:
+        """Accumulate importance from `batches` (for --epochs 0): loss_fn(batch) -> scalar loss; returns batches used."""
+        used = 0
+        for batch in batches:
+            for w in self.weights.values():
+                w.grad = None
+            loss_fn(batch).backward()
+            self.meter.update()
+            used += 1
+        for w in self.weights.values():
+            w.grad = None
+        return used
+
+    def prune_now(self) -> PruningPlan:
+        """Select the final plan now and hard-mask the weights: from accumulated importance, else from magnitude."""
+        self._select(final=True)
+        return self.plan
+
+    def final_plan(self) -> PruningPlan:
+        """The plan the trained weights obey; selects it now if training ended before the hard phase began."""
+        if not self.hard:
+            self._select(final=True)
+        return self.plan
+
+    # -- resume -------------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "ratio": self.ratio,
+            "patterns": self.patterns,
+            "schedule": self.schedule.to_dict() if self.schedule else None,
+            "meter": self.meter.state_dict(),
+            "plan": self.plan.to_dict() if self.plan else None,
+            "hard": self.hard,
+            "selections": self.selections,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"pruning state version {state.get('version')} is not {STATE_VERSION}")
+        if float(state["ratio"]) != self.ratio or int(state["patterns"]) != self.patterns:
+            raise ValueError(
+                f"the checkpoint pruned to {state['ratio']}x with {state['patterns']} patterns; this run asks for "
+                f"{self.ratio}x with {self.patterns}"
+            )
+        self.schedule = PruningSchedule(**state["schedule"]) if state["schedule"] else None
+        self.meter = ImportanceMeter(self.weights, decay=self.schedule.importance_decay if self.schedule else None)
+        self.meter.load_state_dict(state["meter"])
+        self.hard = bool(state["hard"])
+        self.selections = int(state["selections"])
+        self.plan = PruningPlan.from_dict(state["plan"]) if state["plan"] else None
+        if self.plan is not None:
+            self._install_masks()
+        self._restored = True
+
+    # -- internals ----------------------------------------------------------------------------------------------------
+
+    def _select(self, final: bool) -> None:
+        if self.meter.batches > 0:
+            importance, kind = self.meter.importance(), "gradient"
+        else:
+            log.info("no gradient seen yet: choosing patterns and kernels by weight magnitude")
+            importance, kind = magnitude_importance(self.weights), "magnitude"
+        self.plan = select_plan(
+            importance,
+            {n: tuple(w.shape) for n, w in self.weights.items()},
+            self.ratio,
+            patterns=self.patterns,
+            spread=self.spread,
+            skipped=self.skipped,
+            importance_kind=kind,
+            macs=self.macs,
+        )
+        self.selections += 1
+        self._install_masks()
+        if final:
+            self.hard = True
+            self._mask_weights()
+            log.info("hard masks on: %.2fx over %d layers (%s importance)", self.plan.ratio_achieved, len(self.plan.layers), kind)
+
+    def _install_masks(self) -> None:
+        self._masks = {n: self.plan.layer_mask(n, w.device, w.dtype) for n, w in self.weights.items()}
+        self._pruned_taps = {n: 1.0 - m.reshape(m.shape[0], m.shape[1], TAPS) for n, m in self._masks.items()}
+
+    def _mask_weights(self) -> None:
+        with torch.no_grad():
+            for name, w in self.weights.items():
+                w.mul_(self._masks[name])
+
+    def _lasso_gradient(self) -> dict[str, torch.Tensor]:
+        """d(extra_loss)/dw of the last extra_loss: lambda * w * m / ||w * m|| per group (0 for a zero group)."""
+        lam = self.schedule.lasso_lambda
+        out = {}
+        with torch.no_grad():
+            for name, w in self.weights.items():
+                norm = self._lasso_norms[name].unsqueeze(-1)
+                groups = w.reshape(norm.shape[0], norm.shape[1], TAPS) * self._pruned_taps[name]
+                grad = torch.where(norm > 0, groups / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0) * lam
+                out[name] = grad.reshape(w.shape)
+        return out

@@ -1,0 +1,108 @@
+"""Connectivity pruning: which whole 3x3 kernels (one input channel of one filter) are removed, layer by layer.
+
+Budget. With every kept kernel holding 4 weights, a global ratio R over layers of (O_l, C_l, 3, 3) weights keeps
+    target = round(sum_l 9 * O_l * C_l / (4 * R))   kernels in all,
+that is a mean kept-kernel fraction u = 9 / (4R). R below 2.25 (u > 1) is met by patterns alone: every kernel is kept and
+the model is pruned 2.25x (logged). Every filter keeps at least one kernel, so the largest reachable ratio is
+    sum_l 9 * O_l * C_l / (4 * sum_l O_l)     (RatioError beyond it).
+
+Allocation (layers that matter more keep more). A kernel's score is the importance on the taps its pattern keeps (what
+removing it would actually cost, now that the other 5 taps go anyway). Scores are divided by their layer's L2 norm
+(Molchanov et al. 2017), which makes layers comparable and leans towards pruning wide layers, whose many kernels each
+carry less; then one global threshold picks the kept kernels, within per-layer bounds u/spread <= kept fraction <=
+min(1, u*spread) so no layer is gutted or spared by the threshold alone. The floor yields where one-kernel-per-filter
+already costs more than it. Per-layer work is vectorised; the only Python loop is over layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ctprune.errors import RatioError
+
+log = logging.getLogger(__name__)
+
+PATTERN_RATIO = 9 / 4  # what 4-of-9 patterns alone give
+
+
+def kernel_budget(shapes: Mapping[str, tuple[int, int]], ratio: float) -> int:
+    """Kept kernels in all for `ratio` over layers {name: (O, C)}; RatioError if unreachable."""
+    ratio = float(ratio)
+    if not math.isfinite(ratio) or ratio <= 1.0:
+        raise RatioError(f"the compression ratio must be a number greater than 1 (like 8x), got {ratio:g}.")
+    total_kernels = sum(o * c for o, c in shapes.values())
+    if total_kernels == 0:
+        raise RatioError("there is no prunable 3x3 Conv kernel to reach the ratio with.")
+    largest = largest_ratio(shapes)
+    if ratio > largest * (1 + 1e-9):
+        raise RatioError(
+            f"a {ratio:g}x ratio cannot be reached: with every filter keeping at least one 4-weight kernel, the largest "
+            f"reachable ratio over these {len(shapes)} layers is {math.floor(largest * 100) / 100:g}x."
+        )
+    if ratio < PATTERN_RATIO:
+        log.warning("ratio %.3gx is below what 4-of-9 patterns alone give: every kernel is kept, the result is 2.25x", ratio)
+        return total_kernels
+    return min(total_kernels, max(sum(o for o, _ in shapes.values()), round(9 * total_kernels / (4 * ratio))))
+
+
+def largest_ratio(shapes: Mapping[str, tuple[int, int]]) -> float:
+    """Largest reachable ratio: one kernel of 4 weights per filter."""
+    return 9 * sum(o * c for o, c in shapes.values()) / (4 * sum(o for o, _ in shapes.values()))
+
+
+def keep_bounds(shapes: Mapping[str, tuple[int, int]], target: int, spread: float) -> dict[str, tuple[int, int]]:
+    """{layer: (min kept, max kept)} kernels, with sum(min) <= target <= sum(max)."""
+    if spread < 1.0:
+        raise ValueError(f"spread must be >= 1, got {spread}")
+    total = sum(o * c for o, c in shapes.values())
+    u = target / total
+    floors = {n: max(o, math.ceil(o * c * u / spread)) for n, (o, c) in shapes.items()}
+    per_filter = sum(o for o, _ in shapes.values())
+    extra = sum(floors.values()) - per_filter
+    room = target - per_filter
+    if extra > room:  # the relative floors yield to the hard one-kernel-per-filter floor
+        scale = room / extra if extra else 0.0
+        floors = {n: o + math.floor(scale * (floors[n] - o)) for n, (o, _) in shapes.items()}
+    ceilings = {n: max(floors[n], min(o * c, math.ceil(o * c * u * spread))) for n, (o, c) in shapes.items()}
+    return {n: (floors[n], ceilings[n]) for n in shapes}
+
+
+def allocate_kernels(scores: Mapping[str, torch.Tensor], ratio: float, spread: float = 2.5) -> dict[str, torch.Tensor]:
+    """{layer: (O, C) kernel scores} -> {layer: (O, C) bool, True = kept} meeting `ratio` exactly (up to rounding)."""
+    shapes = {n: (s.shape[0], s.shape[1]) for n, s in scores.items()}
+    target = kernel_budget(shapes, ratio)
+    bounds = keep_bounds(shapes, target, spread)
+
+    keep, pools = {}, []
+    for name, s in scores.items():
+        o, c = shapes[name]
+        norm = s.detach().float().reshape(-1)
+        l2 = torch.linalg.vector_norm(norm)
+        norm = norm / l2 if l2 > 0 else torch.full_like(norm, 1.0 / math.sqrt(norm.numel()))
+        kept = torch.zeros(o * c, dtype=torch.bool, device=s.device)
+        # Floor: each filter's best kernel, then the layer's best others up to the floor.
+        best = torch.argmax(norm.reshape(o, c), dim=1) + torch.arange(o, device=s.device) * c
+        kept[best] = True
+        lo, hi = bounds[name]
+        rest = torch.nonzero(~kept).reshape(-1)
+        rest = rest[torch.sort(norm[rest], descending=True, stable=True).indices]
+        kept[rest[: lo - o]] = True
+        # Candidates above the floor, best first, capped so the layer stays under its ceiling.
+        cand = rest[lo - o : hi - o]
+        pools.append((name, cand, norm[cand]))
+        keep[name] = kept
+
+    remaining = target - sum(bounds[n][0] for n in scores)
+    if remaining > 0:
+        all_scores = torch.cat([p[2].cpu() for p in pools])
+        owners = torch.cat([torch.full((len(p[1]),), i, dtype=torch.long) for i, p in enumerate(pools)])
+        positions = torch.cat([torch.arange(len(p[1])) for p in pools])
+        chosen = torch.sort(all_scores, descending=True, stable=True).indices[:remaining]
+        for i, (name, cand, _) in enumerate(pools):
+            mine = positions[chosen[owners[chosen] == i]].to(cand.device)
+            keep[name][cand[mine]] = True
+    return {name: k.reshape(shapes[name]) for name, k in keep.items()}
