@@ -1,0 +1,264 @@
+"""Whole-model rewrite: pattern-pruned 3x3 Conv nodes -> `ai.ctprune.PatternConv`, everything else untouched.
+
+Plain protobuf surgery on a copy of the model, so names, order, metadata and every other node stay byte-for-byte what
+they were. Per listed Conv (3x3, group 1, dilation 1, weight from an initializer or a Constant node):
+- the node becomes a PatternConv of the same name at the same place, with a compact weight initializer
+  `<weight>.pattern` (K, 4) and the spec's attributes; the bias input is reused as it is;
+- a Relu or a Clip with constant bounds that is the Conv output's only reader is fused (activation_min/max); the
+  fused node writes the activation's output name, so the graph outside is unchanged;
+- the dense weight (and a fused Clip's bounds) are dropped when nothing else reads them, from the initializers and,
+  for IR-3 style models, from the graph inputs too.
+The model gains the `ai.ctprune` opset import (version 1) and the model-local PatternConv function, stamped with the
+model's default-domain opset. A model below opset 13 is first upgraded with onnx.version_converter (the function
+needs opset >= 13), and a model below IR version 8 is raised to 8 (model-local functions need it).
+
+Layers are keyed by Conv node name; for graphs whose nodes have no names, a key may also be the Conv's output name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import AttributeProto, helper, numpy_helper
+
+from ctprune.errors import GraphError
+from ctprune.ops.reference import DOMAIN, MIN_OPSET, OP_TYPE, VERSION, pattern_conv_function
+from ctprune.rewrite.pattern_conv import CompactPatternWeights, LayerPatterns, compact_from_dense
+
+log = logging.getLogger(__name__)
+
+MIN_IR_VERSION = 8  # model-local functions
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise GraphError("the model imports no default-domain (ai.onnx) opset")
+
+
+def _upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy at opset >= 13 and IR version >= 8."""
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        log.info("upgrading the model from opset %d to %d for the PatternConv function", opset, MIN_OPSET)
+        try:
+            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        except Exception as err:  # the converter raises bare RuntimeErrors naming the op
+            raise GraphError(f"could not upgrade the model from opset {opset} to {MIN_OPSET}: {err}") from err
+    else:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+    model.ir_version = max(model.ir_version, MIN_IR_VERSION)
+    return model
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> Counter:
+    """Names read by nodes of nested graphs (If/Loop/Scan bodies may read outer-scope tensors)."""
+    reads = Counter()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+                for inner in sub.node:
+                    reads.update(name for name in inner.input if name)
+                reads.update(_subgraph_reads(sub))
+    return reads
+
+
+def _reads(graph: onnx.GraphProto) -> Counter:
+    """How many times each tensor name is read: node inputs (nested graphs included) and graph outputs."""
+    reads = Counter(name for node in graph.node for name in node.input if name)
+    reads.update(_subgraph_reads(graph))
+    reads.update(out.name for out in graph.output)
+    return reads
+
+
+def _find_conv(graph: onnx.GraphProto, key: str) -> int:
+    by_name = [i for i, node in enumerate(graph.node) if node.name == key]
+    if len(by_name) > 1:
+        raise GraphError(f"{len(by_name)} nodes are named {key!r}; the rewrite needs unique Conv names")
+    if not by_name:
+        by_name = [i for i, node in enumerate(graph.node) if node.op_type == "Conv" and node.output[0] == key]
+    if not by_name:
+        raise GraphError(f"no Conv node named {key!r} (nor one writing a tensor of that name) in the main graph")
+    index = by_name[0]
+    node = graph.node[index]
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+        raise GraphError(f"node {key!r} is a {node.domain or 'ai.onnx'}.{node.op_type}, not a Conv")
+    return index
+
+
+def _constant_value(graph: onnx.GraphProto, name: str, initializers: dict) -> np.ndarray | None:
+    """The value of tensor `name` when it is an initializer or a Constant node's `value`; None otherwise."""
+    if name in initializers:
+        return numpy_helper.to_array(initializers[name])
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] == name:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+                if attr.name == "value_float":
+                    return np.array(attr.f, dtype=np.float32)
+            return None
+    return None
+
+
+def _conv_geometry(node: onnx.NodeProto, where: str) -> tuple[list[int], list[int]]:
+    """(strides, pads) of a Conv PatternConv can take; GraphError for what it cannot."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if list(attrs.get("kernel_shape", [3, 3])) != [3, 3]:
+        raise GraphError(f"{where}: kernel_shape {list(attrs['kernel_shape'])} is not 3x3")
+    if int(attrs.get("group", 1)) != 1:
+        raise GraphError(f"{where}: group {attrs['group']} is not 1 (PatternConv is for ordinary 3x3 Convs)")
+    if any(int(d) != 1 for d in attrs.get("dilations", [1, 1])):
+        raise GraphError(f"{where}: dilations {list(attrs['dilations'])} are not 1")
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise GraphError(f"{where}: auto_pad {auto_pad} is not supported; export the model with explicit pads")
+    strides = [int(s) for s in attrs.get("strides", [1, 1])]
+    pads = [int(p) for p in attrs.get("pads", [0, 0, 0, 0])] if auto_pad == "NOTSET" else [0, 0, 0, 0]
+    if len(strides) != 2 or len(pads) != 4:
+        raise GraphError(f"{where}: not a 2-D Conv (strides {strides}, pads {pads})")
+    return strides, pads
+
+
+def _fusable_activation(graph, conv_output, reads, initializers) -> tuple[int, float, float] | None:
+    """(node index, min, max) of a Relu / constant Clip that is the only reader of conv_output, else None."""
+    readers = [i for i, node in enumerate(graph.node) if conv_output in node.input]
+    if len(readers) != 1 or reads[conv_output] != 1:
+        return None  # also read by a graph output, a nested graph, or twice
+    node = graph.node[readers[0]]
+    if node.domain not in ("", "ai.onnx") or node.input[0] != conv_output:
+        return None
+    if node.op_type == "Relu":
+        return readers[0], 0.0, float("inf")
+    if node.op_type == "Clip":
+        bounds = [float("-inf"), float("inf")]
+        for slot, name in enumerate(node.input[1:3]):
+            if name:
+                value = _constant_value(graph, name, initializers)
+                if value is None or value.size != 1:
+                    return None
+                bounds[slot] = float(value.reshape(()))
+        for attr in node.attribute:  # Clip before opset 11 (not reached after the upgrade, kept for safety)
+            if attr.name in ("min", "max"):
+                bounds[attr.name == "max"] = float(attr.f)
+        return readers[0], bounds[0], bounds[1]
+    return None
+
+
+def _unique_name(wanted: str, taken: set) -> str:
+    name, n = wanted, 1
+    while name in taken:
+        name, n = f"{wanted}_{n}", n + 1
+    taken.add(name)
+    return name
+
+
+def _pattern_conv_node(conv, inputs, output, compact: CompactPatternWeights, strides, pads, lo, hi) -> onnx.NodeProto:
+    node = onnx.NodeProto()
+    node.op_type, node.domain, node.name = OP_TYPE, DOMAIN, conv.name
+    node.doc_string = conv.doc_string
+    node.metadata_props.extend(conv.metadata_props)
+    node.input.extend(inputs)
+    node.output.append(output)
+    ints = dict(compact.attributes(), strides=strides, pads=pads, dilations=[1, 1])
+    for name, values in ints.items():
+        # explicit type: a layer with every kernel removed has empty kernel_* lists
+        node.attribute.append(helper.make_attribute(name, values, attr_type=AttributeProto.INTS))
+    node.attribute.append(helper.make_attribute("group", 1))
+    node.attribute.append(helper.make_attribute("activation_min", float(lo)))
+    node.attribute.append(helper.make_attribute("activation_max", float(hi)))
+    return node
+
+
+def _drop_unread(graph: onnx.GraphProto, names: set) -> None:
+    """Remove initializers / Constant nodes (and IR-3 graph inputs, value_info) for names nothing reads any more."""
+    reads = _reads(graph)
+    gone = {name for name in names if reads[name] == 0}
+    if not gone:
+        return
+    keep = [t for t in graph.initializer if t.name not in gone]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    for field in (graph.input, graph.value_info):
+        keep = [v for v in field if v.name not in gone]
+        del field[:]
+        field.extend(keep)
+    keep = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in gone)]
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def _add_function(model: onnx.ModelProto) -> None:
+    for entry in model.opset_import:
+        if entry.domain == DOMAIN and entry.version != VERSION:
+            raise GraphError(f"the model already imports {DOMAIN} version {entry.version}; this ctprune writes {VERSION}")
+    if not any(entry.domain == DOMAIN for entry in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
+    keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
+    del model.functions[:]
+    model.functions.extend(keep)
+    model.functions.append(pattern_conv_function(default_opset(model)))
+
+
+def rewrite_model(
+    model: onnx.ModelProto, layers: Mapping[str, LayerPatterns], *, require_masked: bool = True
+) -> onnx.ModelProto:
+    """A new model where each Conv named in `layers` is a PatternConv (see the module doc); `model` is not modified.
+
+    `require_masked`: weights outside a layer's assigned patterns must be zero (GraphError otherwise); False drops them.
+    """
+    model = _upgraded(model)
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    taken = {n for node in graph.node for n in list(node.input) + list(node.output)}
+    taken |= set(initializers) | {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
+    indices = {key: _find_conv(graph, key) for key in layers}
+    if len(set(indices.values())) != len(indices):
+        raise GraphError("two keys of the layer map name the same Conv node")
+
+    reads = _reads(graph)
+    fused_away, maybe_unread = set(), set()
+    for key, index in sorted(indices.items(), key=lambda item: item[1]):
+        conv = graph.node[index]
+        where = f"Conv node {key!r}"
+        strides, pads = _conv_geometry(conv, where)
+        weight = _constant_value(graph, conv.input[1], initializers)
+        if weight is None:
+            raise GraphError(f"{where}: its weight {conv.input[1]!r} is not an initializer or a Constant")
+        if weight.dtype != np.float32:
+            raise GraphError(f"{where}: PatternConv takes float32 weights, {conv.input[1]!r} is {weight.dtype}")
+        compact = compact_from_dense(weight, layers[key], require_masked=require_masked, where=where)
+
+        output, lo, hi = conv.output[0], float("-inf"), float("inf")
+        activation = _fusable_activation(graph, output, reads, initializers)
+        if activation is not None:
+            act_index, lo, hi = activation
+            act = graph.node[act_index]
+            fused_away.add(act_index)
+            maybe_unread.update(name for name in act.input[1:] if name)
+            value_info = [v for v in graph.value_info if v.name != output]
+            del graph.value_info[:]
+            graph.value_info.extend(value_info)
+            output = act.output[0]
+
+        weight_name = _unique_name(f"{conv.input[1]}.pattern", taken)
+        graph.initializer.append(numpy_helper.from_array(compact.weights, weight_name))
+        inputs = [conv.input[0], weight_name] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
+        graph.node[index].CopyFrom(_pattern_conv_node(conv, inputs, output, compact, strides, pads, lo, hi))
+        maybe_unread.add(conv.input[1])
+        log.debug("%s -> PatternConv: %d of %d kernels kept", key, len(compact.weights), weight.shape[0] * weight.shape[1])
+
+    nodes = [node for i, node in enumerate(graph.node) if i not in fused_away]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unread(graph, maybe_unread)
+    _add_function(model)
+    return model

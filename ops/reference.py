@@ -1,0 +1,140 @@
+"""Reference semantics of `ai.ctprune.PatternConv` (spec: PatternConv.md beside this file).
+
+Two references with one meaning:
+- `PatternConv`, an onnxscript function in standard ONNX ops. ctprune writes it into every model it rewrites as a
+  model-local function (`pattern_conv_function`), so a runtime without ctprune's kernels still runs the model;
+  onnxruntime prefers a registered kernel of the same domain and name when ctprune's library is loaded.
+- `pattern_conv_numpy`, a plain float64 numpy implementation, for tests.
+
+The function is written once against opset 13 and is valid for any default-domain opset from 13 up: every op it uses
+(Constant value_ints/value_float, Reshape, Gather, Mul, Add, ConstantOfShape, ScatterND without reduction, Conv,
+Clip with min/max inputs) means the same from opset 13 on. A model-local function must import the same default-domain
+opset as its model, so `pattern_conv_function(opset)` re-stamps it. Models below opset 13 are upgraded by the rewriter
+(ctprune.rewrite.rewrite_model) with onnx.version_converter before any node is rewritten.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+from onnxscript import FLOAT, script
+from onnxscript import opset13 as op
+from onnxscript.values import Opset
+
+DOMAIN = "ai.ctprune"
+OP_TYPE = "PatternConv"
+VERSION = 1
+MIN_OPSET = 13  # the oldest default-domain opset the function is written for (Clip min/max as inputs)
+
+ctprune_opset = Opset(DOMAIN, VERSION)
+
+
+@script(ctprune_opset, default_opset=op)
+def PatternConv(
+    X: FLOAT,
+    W: FLOAT,
+    B: Optional[FLOAT],
+    weight_shape: list[int],
+    patterns: list[int],
+    kernel_filters: list[int],
+    kernel_channels: list[int],
+    kernel_patterns: list[int],
+    strides: list[int] = (1, 1),
+    pads: list[int] = (0, 0, 0, 0),
+    dilations: list[int] = (1, 1),
+    group: int = 1,
+    activation_min: float = float("-inf"),
+    activation_max: float = float("inf"),
+) -> FLOAT:
+    # Rebuild the dense (O, C, 3, 3) weight: kept kernel k puts its 4 weights at the flat positions
+    # (filter * C + channel) * 9 + tap, one per tap of its pattern; everything else stays 0.
+    shape = op.Constant(value_ints=weight_shape)
+    library = op.Reshape(op.Constant(value_ints=patterns), op.Constant(value_ints=[-1, 4]))
+    taps = op.Gather(library, op.Constant(value_ints=kernel_patterns), axis=0)
+    channels = op.Gather(shape, op.Constant(value_ints=[1]), axis=0)
+    kernel_index = op.Add(op.Mul(op.Constant(value_ints=kernel_filters), channels), op.Constant(value_ints=kernel_channels))
+    first_tap = op.Mul(op.Reshape(kernel_index, op.Constant(value_ints=[-1, 1])), op.Constant(value_ints=[9]))
+    flat_index = op.Reshape(op.Add(first_tap, taps), op.Constant(value_ints=[-1, 1]))
+    zeros = op.Reshape(op.ConstantOfShape(shape), op.Constant(value_ints=[-1]))
+    dense = op.Reshape(op.ScatterND(zeros, flat_index, op.Reshape(W, op.Constant(value_ints=[-1]))), shape)
+    conv = op.Conv(X, dense, B, strides=strides, pads=pads, dilations=dilations, group=group)
+    Y = op.Clip(conv, op.Constant(value_float=activation_min), op.Constant(value_float=activation_max))
+    return Y
+
+
+def pattern_conv_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
+    """The model-local FunctionProto for ai.ctprune.PatternConv, importing default-domain `opset` (>= 13) like its model."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"the PatternConv function needs default-domain opset >= {MIN_OPSET}, got {opset}")
+    function = PatternConv.to_function_proto()
+    del function.opset_import[:]
+    function.opset_import.append(onnx.helper.make_opsetid("", int(opset)))
+    return function
+
+
+def dense_weight_from_compact(
+    W: np.ndarray,
+    weight_shape: Sequence[int],
+    patterns: Sequence[int],
+    kernel_filters: Sequence[int],
+    kernel_channels: Sequence[int],
+    kernel_patterns: Sequence[int],
+) -> np.ndarray:
+    """The dense (O, C, 3, 3) weight a PatternConv node stands for (W's dtype kept)."""
+    W = np.asarray(W)
+    library = np.asarray(patterns, dtype=np.int64).reshape(-1, 4)
+    dense = np.zeros(int(np.prod(weight_shape)), dtype=W.dtype).reshape(weight_shape[0], weight_shape[1], 9)
+    taps = library[np.asarray(kernel_patterns, dtype=np.int64)]  # (K, 4)
+    filters = np.asarray(kernel_filters, dtype=np.int64)[:, None]
+    channels = np.asarray(kernel_channels, dtype=np.int64)[:, None]
+    dense[filters, channels, taps] = W.reshape(-1, 4)
+    return dense.reshape(tuple(weight_shape))
+
+
+def conv2d_numpy(
+    X: np.ndarray,
+    weight: np.ndarray,
+    B: Optional[np.ndarray] = None,
+    strides: Sequence[int] = (1, 1),
+    pads: Sequence[int] = (0, 0, 0, 0),
+) -> np.ndarray:
+    """Plain 2-D convolution (group 1, dilation 1) in float64: the textbook sum over taps."""
+    X = np.asarray(X, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    N, C, H, Wd = X.shape
+    O, _, KH, KW = weight.shape
+    top, left, bottom, right = pads
+    sh, sw = strides
+    padded = np.zeros((N, C, H + top + bottom, Wd + left + right))
+    padded[:, :, top : top + H, left : left + Wd] = X
+    OH = (H + top + bottom - KH) // sh + 1
+    OW = (Wd + left + right - KW) // sw + 1
+    Y = np.zeros((N, O, OH, OW))
+    for ky in range(KH):
+        for kx in range(KW):
+            window = padded[:, :, ky : ky + sh * (OH - 1) + 1 : sh, kx : kx + sw * (OW - 1) + 1 : sw]
+            Y += np.einsum("nchw,oc->nohw", window, weight[:, :, ky, kx])
+    if B is not None:
+        Y += np.asarray(B, dtype=np.float64)[None, :, None, None]
+    return Y
+
+
+def pattern_conv_numpy(
+    X: np.ndarray,
+    W: np.ndarray,
+    B: Optional[np.ndarray],
+    weight_shape: Sequence[int],
+    patterns: Sequence[int],
+    kernel_filters: Sequence[int],
+    kernel_channels: Sequence[int],
+    kernel_patterns: Sequence[int],
+    strides: Sequence[int] = (1, 1),
+    pads: Sequence[int] = (0, 0, 0, 0),
+    activation_min: float = float("-inf"),
+    activation_max: float = float("inf"),
+) -> np.ndarray:
+    """PatternConv in float64 numpy, straight from the spec: rebuild the dense weight, convolve, clip."""
+    dense = dense_weight_from_compact(W, weight_shape, patterns, kernel_filters, kernel_channels, kernel_patterns)
+    return np.clip(conv2d_numpy(X, dense, B, strides, pads), activation_min, activation_max)
