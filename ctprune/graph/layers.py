@@ -1,0 +1,136 @@
+"""Static facts about the Conv layers of a model: shapes, attributes, MACs and consumers, at the model's input shape.
+
+Computed from shape inference alone (no weight values are materialised), so it is cheap even on models whose weights
+are placeholders computed by ConstantOfShape.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import onnx
+
+from ctprune.errors import GraphError
+from ctprune.graph.normalize import infer_shapes, static_shapes
+from ctprune.graph.ops.nn import same_pads
+
+__all__ = ["ConvLayer", "conv_layers", "shaped_model"]
+
+
+@dataclass
+class ConvLayer:
+    """One Conv node. Shapes are per sample (no batch dim) at the model's input shape."""
+
+    node_name: str
+    weight_name: str
+    bias_name: str | None
+    in_channels: int
+    out_channels: int
+    kernel_shape: tuple[int, ...]
+    group: int
+    strides: tuple[int, ...]
+    pads: tuple[int, ...]  # ONNX order [begins..., ends...], auto_pad resolved
+    dilations: tuple[int, ...]
+    input_shape: tuple | None
+    output_shape: tuple | None
+    macs: int | None
+    consumers: list[str] = field(default_factory=list)
+    output_name: str = ""
+
+    @property
+    def params(self) -> int:
+        return self.out_channels * (self.in_channels // self.group) * math.prod(self.kernel_shape) + (
+            self.out_channels if self.bias_name else 0
+        )
+
+    @property
+    def is_pattern_prunable(self) -> bool:
+        """3x3, group 1: what PatternConv can take."""
+        return tuple(self.kernel_shape) == (3, 3) and self.group == 1
+
+
+def shaped_model(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
+    """A copy with the input shape applied, batch fixed to 1 where dynamic, and shapes inferred."""
+    from ctprune.graph.normalize import _drop_initializer_inputs, _set_input_shapes
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    _drop_initializer_inputs(m)
+    if input_shape is not None:
+        _set_input_shapes(m, input_shape)
+    for vi in m.graph.input:  # per-sample numbers: a dynamic batch counts as 1
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) > 0 and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    del m.graph.value_info[:]
+    return infer_shapes(m)
+
+
+def _constant_dims(model) -> dict[str, list[int]]:
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    dims[node.output[0]] = list(a.t.dims)
+    return dims
+
+
+def conv_layers(model: onnx.ModelProto, input_shape=None) -> list[ConvLayer]:
+    """Every Conv node of ``model`` in graph order."""
+    m = shaped_model(model, input_shape)
+    shapes = static_shapes(m)
+    shapes.update(_constant_dims(m))
+    consumers: dict[str, list[str]] = {}
+    for node in m.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.name)
+    layers = []
+    for node in m.graph.node:
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        w_shape = shapes.get(node.input[1])
+        if not w_shape or any(d is None for d in w_shape):
+            raise GraphError(f"Conv node {node.name!r}: the shape of its weight {node.input[1]!r} is unknown")
+        out_ch, in_per_group = w_shape[0], w_shape[1]
+        kernel = tuple(attrs.get("kernel_shape", w_shape[2:]))
+        n = len(kernel)
+        group = int(attrs.get("group", 1))
+        strides = tuple(attrs.get("strides", [1] * n))
+        dilations = tuple(attrs.get("dilations", [1] * n))
+        x_shape = shapes.get(node.input[0])
+        y_shape = shapes.get(node.output[0])
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID") and x_shape and None not in x_shape[2:]:
+            pads = tuple(same_pads(auto_pad, x_shape[2:], kernel, strides, dilations))
+        else:
+            pads = tuple(attrs.get("pads", [0] * (2 * n)))
+        y_sample = tuple(y_shape[1:]) if y_shape else None
+        macs = None
+        if y_sample and None not in y_sample[1:]:
+            macs = out_ch * math.prod(y_sample[1:]) * in_per_group * math.prod(kernel)
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        layers.append(
+            ConvLayer(
+                node_name=node.name,
+                weight_name=node.input[1],
+                bias_name=bias,
+                in_channels=in_per_group * group,
+                out_channels=out_ch,
+                kernel_shape=kernel,
+                group=group,
+                strides=strides,
+                pads=pads,
+                dilations=dilations,
+                input_shape=tuple(x_shape[1:]) if x_shape else None,
+                output_shape=y_sample,
+                macs=macs,
+                consumers=consumers.get(node.output[0], []),
+                output_name=node.output[0],
+            )
+        )
+    return layers

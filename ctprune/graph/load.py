@@ -1,0 +1,89 @@
+"""Read an ONNX model from a path or bytes, with a clear error for everything a user can get wrong."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from ctprune.errors import ModelLoadError
+
+__all__ = ["load_model", "MIN_OPSET", "MAX_OPSET", "default_opset"]
+
+log = logging.getLogger(__name__)
+
+MIN_OPSET, MAX_OPSET = 7, 22  # the default-domain opsets the interpreter's ops understand (9..21 are tested)
+
+
+def load_model(source, input_shape=None) -> onnx.ModelProto:
+    """Load and check a model. ``source``: a path (str/Path), raw bytes, or a ModelProto (copied).
+
+    External data next to a path is loaded too. ``input_shape`` (optional) is only validated here; normalize() applies it.
+    The returned proto is the user's model, untouched, the base for write_back().
+    """
+    label = "<bytes>"
+    if isinstance(source, onnx.ModelProto):
+        model, label = onnx.ModelProto(), "<ModelProto>"
+        model.CopyFrom(source)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        model = _parse(bytes(source), label)
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        label = str(path)
+        if not path.exists():
+            raise ModelLoadError(f"{label}: no such file")
+        if path.is_dir():
+            raise ModelLoadError(f"{label}: is a directory, not an ONNX file")
+        model = _parse(path.read_bytes(), label)
+        if _uses_external_data(model):
+            try:
+                onnx.load_external_data_for_model(model, str(path.parent))
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"{label}: its external weight data could not be read ({e})") from None
+    else:
+        raise ModelLoadError(f"cannot load a model from a {type(source).__name__}; give a path or bytes")
+    _check(model, label)
+    if input_shape is not None and len(model.graph.input) == 0:
+        raise ModelLoadError(f"{label}: the graph has no inputs to give the shape {input_shape} to")
+    log.debug("loaded %s: %d nodes, opset %s", label, len(model.graph.node), default_opset(model))
+    return model
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 1
+
+
+def _parse(data: bytes, label: str) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"{label}: not an ONNX model (the bytes do not parse as one: {e})") from None
+    if not model.graph.node and not model.graph.output:
+        # Protobuf accepts many random byte strings as a message with no known fields.
+        raise ModelLoadError(f"{label}: not an ONNX model (it parses to an empty graph)")
+    return model
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _check(model: onnx.ModelProto, label: str) -> None:
+    opset = default_opset(model)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelLoadError(f"{label}: opset {opset} is not supported (ctprune reads opsets {MIN_OPSET} to {MAX_OPSET})")
+    try:
+        if model.ByteSize() > 2**31 - 1:
+            onnx.checker.check_model(model, full_check=False)  # the checker can't take >2GB protos in one piece
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
+        raise ModelLoadError(f"{label}: the ONNX checker rejects the model: {first}") from None

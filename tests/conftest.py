@@ -1,0 +1,78 @@
+"""Shared fixtures and helpers: model sources, onnxruntime runs, the relative-error measure."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+REAL_MODELS_DIR = Path(os.environ.get("CTPRUNE_REAL_MODELS", REPO / ".deps" / "models"))
+
+
+def rel_err(a, b) -> float:
+    """max|a-b| / max|b|: the project's parity measure."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def run_ort(model: onnx.ModelProto, *inputs: np.ndarray, threads: int = 1) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    return sess.run(None, dict(zip(names, inputs)))
+
+
+def randomize_placeholders(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+    """The onnx wheel's light_* models compute their weights with ConstantOfShape (placeholders); replace each by a
+    random initializer of that shape (He-scaled for kernels, in [0.5, 1.5] for 1-D tensors so BN variances stay
+    positive). IR 3 is kept, so the new initializers are also listed as graph inputs."""
+    rng = np.random.default_rng(seed)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
+    keep, new = [], []
+    for node in g.node:
+        if node.op_type == "ConstantOfShape" and node.input[0] in inits:
+            shape = [int(d) for d in inits[node.input[0]]]
+            if len(shape) >= 2:
+                fan_in = int(np.prod(shape[1:]))
+                value = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+            else:
+                value = rng.uniform(0.5, 1.5, shape)
+            new.append(onnx.numpy_helper.from_array(value.astype(np.float32), node.output[0]))
+            continue
+        keep.append(node)
+    del g.node[:]
+    g.node.extend(keep)
+    used = {n for node in keep for n in node.input}
+    dead = {t.name for t in g.initializer if t.name not in used}
+    for t in [t for t in g.initializer if t.name in dead]:
+        g.initializer.remove(t)
+    for vi in [vi for vi in g.input if vi.name in dead]:
+        g.input.remove(vi)
+    g.initializer.extend(new)
+    if m.ir_version < 4:
+        g.input.extend(
+            onnx.helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, list(t.dims)) for t in new
+        )
+    return m
+
+
+def light_model_path(name: str) -> Path:
+    return LIGHT_DIR / f"light_{name}.onnx"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
