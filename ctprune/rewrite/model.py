@@ -252,8 +252,9 @@ def rewrite_model(
         weight_name = _unique_name(f"{conv.input[1]}.pattern", taken)
         graph.initializer.append(numpy_helper.from_array(compact.weights, weight_name))
         inputs = [conv.input[0], weight_name] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
-        graph.node[index].CopyFrom(_pattern_conv_node(conv, inputs, output, compact, strides, pads, lo, hi))
         maybe_unread.add(conv.input[1])
+        # `conv` is a view into graph.node: it becomes the new node here
+        graph.node[index].CopyFrom(_pattern_conv_node(conv, inputs, output, compact, strides, pads, lo, hi))
         log.debug("%s -> PatternConv: %d of %d kernels kept", key, len(compact.weights), weight.shape[0] * weight.shape[1])
 
     nodes = [node for i, node in enumerate(graph.node) if i not in fused_away]
