@@ -1,0 +1,151 @@
+"""Crop channels out of an ONNX graph: smaller standard Conv/BN/Gemm constants, consistent shapes.
+
+Given kept channel indices per `ChannelGroup`, every recorded `Slice` cuts its constant along one axis, depthwise Convs
+get their new `group`, Reshapes with a constant shape get their new channel count. A constant that several nodes share is
+copied per distinct cut before slicing, so one consumer's crop never breaks another. IR-version-3 graphs list
+initializers as graph inputs too: those inputs follow the new shapes. Graph inputs and outputs are never cropped (their
+groups are frozen in groups.py), and value_info is re-inferred from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import numpy as np
+import onnx
+
+from ctprune.errors import GraphError
+from ctprune.pruning.precrop.groups import ChannelGraph, ConstantTable, channel_graph, node_label
+
+log = logging.getLogger(__name__)
+
+
+def _uses(graph: onnx.GraphProto) -> dict[str, int]:
+    """How many node inputs (subgraphs included) read each tensor name."""
+    counts: dict[str, int] = defaultdict(int)
+
+    def walk(g):
+        for node in g.node:
+            for name in node.input:
+                counts[name] += 1
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        walk(sub)
+
+    walk(graph)
+    for out in graph.output:
+        counts[out.name] += 1
+    return counts
+
+
+def _fresh_name(base: str, taken: set[str]) -> str:
+    i = 1
+    while f"{base}__crop{i}" in taken:
+        i += 1
+    name = f"{base}__crop{i}"
+    taken.add(name)
+    return name
+
+
+def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelGraph | None = None) -> onnx.ModelProto:
+    """A copy of `model` with only the `keep[group key]` channels of every group (frozen groups must keep all)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    cg = cg or channel_graph(out)
+    for key, group in cg.groups.items():
+        kept = keep.get(key)
+        if kept is None:
+            raise GraphError(f"the crop plan has no entry for {group.describe()}; was it made for another model?")
+        if group.frozen and len(kept) != group.size:
+            raise GraphError(f"the crop plan cuts {group.describe()}, which must stay whole: {group.frozen}")
+        if len(kept) == 0 or kept.max(initial=0) >= group.size:
+            raise GraphError(f"the crop plan's channels for {group.describe()} are out of range")
+    graph = out.graph
+    consts = ConstantTable(graph)
+    nodes = {node_label(n): n for n in graph.node}
+
+    # Every (node, input slot) that reads a constant: the list of cuts (axis, indices) it needs.
+    cuts: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = defaultdict(list)
+    const_of: dict[tuple[str, int], str] = {}
+    for s in cg.slices:
+        idx = cg.kept_features(s.layout, keep)
+        if len(idx) == s.layout.features:
+            continue
+        cuts[(s.node, s.slot)].append((s.axis, idx))
+        const_of[(s.node, s.slot)] = s.const
+
+    # Reshape shapes are "cuts" too: a new value for dim 1.
+    new_shapes: dict[tuple[str, int], int] = {}
+    for label, (slot, layout) in cg.reshapes.items():
+        kept_features = len(cg.kept_features(layout, keep))
+        if kept_features != layout.features:
+            new_shapes[(label, slot)] = kept_features
+            const_of[(label, slot)] = nodes[label].input[slot]
+
+    # Group consumers by constant; copy a constant for every consumer whose cut differs from the others'.
+    uses = _uses(graph)
+    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    by_const: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for site, name in const_of.items():
+        by_const[name].append(site)
+    for name, sites in by_const.items():
+        original = consts.get(name)
+        values = []
+        for site in sites:
+            if site in new_shapes:
+                v = original.copy()
+                v[1] = new_shapes[site]
+            else:
+                v = original
+                for axis, idx in cuts[site]:
+                    v = np.take(v, idx, axis=axis)
+            values.append(v)
+        shared = uses[name] > len(sites) or any(not np.array_equal(values[0], v) or v.shape != values[0].shape
+                                                for v in values[1:])
+        if not shared:
+            consts.set(name, values[0])
+            continue
+        log.info("constant %r is shared by %d consumers: copying it before cropping", name, uses[name])
+        first = 0
+        if uses[name] == len(sites):  # every reader is cut: the first keeps the original name
+            consts.set(name, values[0])
+            first = 1
+        for site, v in list(zip(sites, values))[first:]:
+            copy_name = _fresh_name(name, taken)
+            graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(v), copy_name))
+            node = nodes[site[0]]
+            node.input[site[1]] = copy_name
+
+    for label, layout in cg.depthwise_convs.items():
+        channels = len(cg.kept_features(layout, keep))
+        for attr in nodes[label].attribute:
+            if attr.name == "group":
+                attr.i = channels
+
+    _sync_graph_inputs(out)
+    del graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(out)
+        graph.value_info.extend(inferred.graph.value_info)
+    except Exception as exc:  # a model onnx cannot infer is still valid; onnxruntime infers at load time
+        log.warning("shape inference on the cropped model failed: %s", exc)
+    return out
+
+
+def _sync_graph_inputs(model: onnx.ModelProto) -> None:
+    """Make initializers that are also graph inputs (IR 3 style) carry their new shapes; add inputs for new copies."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    input_names = {i.name for i in graph.input}
+    listed = [i for i in graph.input if i.name in inits]
+    for vi in listed:
+        t = inits[vi.name]
+        vi.CopyFrom(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    if model.ir_version < 4:
+        for t in graph.initializer:
+            if t.name not in input_names:
+                graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))

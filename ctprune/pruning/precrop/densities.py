@@ -1,0 +1,194 @@
+"""Layer-wise densities from pruning-at-initialization (PAI) scores.
+
+PreCropping's premise: what a PAI method gets right is how dense each layer should be, not which weights stay. So we
+run the PAI method as if pruning weights to `1/ratio` of the Conv weights (one global threshold), and keep only the
+per-layer fraction it would keep. Methods:
+
+- ``synflow`` (default): iterative synaptic flow (Tanaka et al. 2020); data-free. Abs weights, all-ones input, R = sum of
+  outputs, score |w · dR/dw|, `iterations` rounds of exponentially shrinking density, masks re-applied each round.
+- ``snip``: |w · dL/dw| on a batch (Lee et al. 2019).
+- ``grasp``: -w · (H g), remove the largest (Wang et al. 2020); needs double backprop.
+- ``erk``: Erdős–Rényi-kernel densities ∝ (c_in + c_out + kh + kw) / (c_in · c_out · kh · kw); shape only.
+- ``uniform``: 1/ratio everywhere.
+
+SNIP and GraSP need inputs: the given batch, else a small standard-normal batch (logged). Without labels they use the
+model's own predictions as targets. Scores are returned too: channel selection uses them when the model is pretrained.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from ctprune.errors import DataError, GraphError, RatioError
+from ctprune.pruning.precrop.groups import ChannelGraph, ConstantTable
+
+log = logging.getLogger(__name__)
+
+PAI_METHODS = ("synflow", "snip", "grasp", "erk", "uniform")
+
+
+@dataclass
+class Densities:
+    """Per Conv layer (node label) the density PAI would give; per Conv weight name its scores (None: shape-only)."""
+
+    method: str
+    by_layer: dict[str, float]
+    scores: dict[str, np.ndarray] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def layer_densities(model: onnx.ModelProto, cg: ChannelGraph, ratio: float, pai: str = "synflow",
+                    data: np.ndarray | None = None, seed: int = 0, iterations: int = 20) -> Densities:
+    if pai not in PAI_METHODS:
+        raise RatioError(f"unknown PAI method {pai!r}; choose one of {', '.join(PAI_METHODS)}")
+    convs = [l for l in cg.layers if l.op == "Conv"]
+    counts = {l.name: l.weight_count for l in convs}
+    if pai == "uniform":
+        return Densities(pai, {name: 1.0 / ratio for name in counts})
+    if pai == "erk":
+        consts = ConstantTable(model.graph)
+        return Densities(pai, _erk({l.name: consts.shape(l.weight) for l in convs}, ratio))
+    weight_of = {l.name: l.weight for l in convs}
+    scores = _pai_scores(model, list(weight_of.values()), pai, ratio, data, seed, iterations)
+    keep = _global_keep(scores, 1.0 / ratio, keep_largest=True)
+    by_layer = {name: float(keep[w].mean()) for name, w in weight_of.items()}
+    return Densities(pai, by_layer, {w: s.numpy() for w, s in scores.items()})
+
+
+def _erk(shapes: dict[str, tuple], ratio: float) -> dict[str, float]:
+    """ERK: density_l = eps · raw_l, eps set so the total matches; layers that would exceed 1 are pinned to 1."""
+    raw = {n: sum(s[:2]) / np.prod(s[:2]) + (sum(s[2:]) / np.prod(s) if len(s) > 2 else 0.0) for n, s in shapes.items()}
+    size = {n: float(np.prod(s)) for n, s in shapes.items()}
+    budget = sum(size.values()) / ratio
+    dense: set[str] = set()
+    while True:
+        free = [n for n in shapes if n not in dense]
+        eps = (budget - sum(size[n] for n in dense)) / sum(raw[n] * size[n] for n in free)
+        over = [n for n in free if eps * raw[n] > 1]
+        if not over:
+            return {n: 1.0 if n in dense else float(eps * raw[n]) for n in shapes}
+        dense.update(over)
+
+
+def _global_keep(scores: dict[str, torch.Tensor], density: float, keep_largest: bool) -> dict[str, torch.Tensor]:
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    k = max(1, int(round(density * flat.numel())))
+    values = flat if keep_largest else -flat
+    threshold = torch.topk(values, k, sorted=True).values[-1]
+    return {n: ((s if keep_largest else -s) >= threshold).to(s.dtype) for n, s in scores.items()}
+
+
+def _lift(model):
+    from ctprune.graph import lift  # torch interpreter of the ONNX graph (lazy: heavy import)
+
+    return lift.lift(model)
+
+
+def _inputs(tg, data, seed) -> torch.Tensor:
+    if len(tg.input_names) != 1:
+        raise DataError(f"PAI scoring needs a model with one input; this one has {tg.input_names}")
+    if data is not None:
+        return torch.as_tensor(np.asarray(data[:32], dtype=np.float32))
+    shape = tg.input_shapes[0]
+    if not shape or any(d in (None, 0) for d in shape[1:]):
+        raise DataError(f"input {tg.input_names[0]!r} has no static shape {shape}; pass data for the PAI scores")
+    log.info("no data for PAI scores: using 8 standard-normal inputs of shape %s", tuple(shape[1:]))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((8, *shape[1:]), generator=gen)
+
+
+def _pai_scores(model, weights, pai, ratio, data, seed, iterations) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    if pai == "synflow":
+        return _synflow(model, weights, ratio, iterations)
+    tg = _lift(model).double()
+    tg.eval()
+    params = tg.onnx_parameters()
+    missing = [w for w in weights if w not in params]
+    if missing:
+        raise GraphError(f"Conv weights {missing[:5]} are not trainable parameters of the lifted graph")
+    x = _inputs(tg, data, seed).double()
+    ws = [params[w] for w in weights]
+    out = tg(x)
+    out = (out[0] if isinstance(out, tuple) else out).reshape(len(x), -1)
+    target = out.argmax(1).detach()
+    loss = F.cross_entropy(out, target)
+    if pai == "snip":
+        grads = torch.autograd.grad(loss, ws)
+        return {w: (g * p).abs().detach().float() for w, g, p in zip(weights, grads, ws)}
+    # GraSP: Hg by double backprop; score = -w·Hg, and the weights with the largest scores go.
+    grads = torch.autograd.grad(loss, ws, create_graph=True)
+    flat_g = [g.detach() for g in grads]
+    z = sum((g * fg).sum() for g, fg in zip(grads, flat_g))
+    hg = torch.autograd.grad(z, ws)
+    # Removing the largest -w·Hg is keeping the largest w·Hg.
+    return {w: (p * h).detach().float() for w, p, h in zip(weights, ws, hg)}
+
+
+def _linearize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """SynFlow's network: Clip(0, 6) would saturate on all-ones inputs and stop the flow, so it becomes Relu."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for node in out.graph.node:
+        if node.op_type == "Clip":
+            node.op_type = "Relu"
+            del node.input[1:]
+            del node.attribute[:]
+    return out
+
+
+@torch.no_grad()
+def _make_positive(tg, model: onnx.ModelProto) -> None:
+    """SynFlow's linearised network: abs of every parameter and BN variance, BN means zeroed (x - mean could turn
+    the all-positive flow negative and let Relu cut it)."""
+    for p in tg.parameters():
+        p.abs_()
+    means = {n.input[3] for n in model.graph.node if n.op_type == "BatchNormalization" and len(n.input) > 3}
+    for name, b in tg.onnx_buffers().items():
+        if name in means:
+            b.zero_()
+        else:
+            b.abs_()
+
+
+def _synflow(model, weights, ratio, iterations) -> dict[str, torch.Tensor]:
+    tg = _lift(_linearize(model)).double()
+    tg.eval()
+    _make_positive(tg, model)
+    params = tg.onnx_parameters()
+    missing = [w for w in weights if w not in params]
+    if missing:
+        raise GraphError(f"Conv weights {missing[:5]} are not trainable parameters of the lifted graph")
+    # Unit mean fan-in sum per weight keeps R finite on deep graphs; the ranking is invariant to per-layer scale.
+    with torch.no_grad():
+        for w in weights:
+            p = params[w]
+            fan = p.sum(dim=tuple(range(1, p.dim()))).mean().clamp_min(1e-12)
+            p.div_(fan)
+    originals = {w: params[w].detach().clone() for w in weights}
+    masks = {w: torch.ones_like(p) for w, p in originals.items()}
+    shape = tg.input_shapes[0]
+    if not shape or any(d in (None, 0) for d in shape[1:]):
+        raise DataError(f"input {tg.input_names[0]!r} has no static shape {shape}; SynFlow needs one")
+    ones = torch.ones((1, *shape[1:]), dtype=torch.float64)
+    scores = {}
+    for it in range(1, iterations + 1):
+        with torch.no_grad():
+            for w in weights:
+                params[w].copy_(originals[w] * masks[w])
+        tg.zero_grad()
+        out = tg(ones)
+        total = sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()
+        if not torch.isfinite(total):
+            raise GraphError("SynFlow's synaptic flow overflowed on this graph; use --pai erk or snip")
+        total.backward()
+        scores = {w: (params[w].grad * params[w]).abs().detach() for w in weights}
+        kept = _global_keep(scores, (1.0 / ratio) ** (it / iterations), keep_largest=True)
+        masks = {w: kept[w] * masks[w] for w in weights}  # pruned stays pruned, even on score ties at zero
+    return {w: s.float() for w, s in scores.items()}

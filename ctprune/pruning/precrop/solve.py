@@ -1,0 +1,170 @@
+"""Joint keep-ratio solver: one kept-channel count per group so every Conv's weights approach its density.
+
+A Conv's weight count is kernel · c_in · c_out, with c_in from one group (or several, after a Concat) and c_out from
+another, so neighbouring layers share a variable: r_in · r_out ≈ d_l couples them; r = sqrt(d) is only right when all
+densities are equal. We minimise
+
+    J(k) = mean_l (log w_l(k) - log t_l)^2  +  mu · (log Σ_l w_l(k) - log B)^2
+
+over kept counts k_g (t_l = d_l · W_l the layer's target, B = W / ratio the budget): first continuously (Adam on
+log-keep-ratios, box-constrained), then over the allowed counts (multiples of `channel_multiple`, or the whole group) by
+greedy ±1-step moves from the rounded solution, so the rounding is part of the optimisation, not an afterthought.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ctprune.errors import RatioError
+from ctprune.pruning.precrop.groups import ChannelGraph, Layer
+
+log = logging.getLogger(__name__)
+
+BUDGET_WEIGHT = 1000.0  # mu: a 5% budget miss (0.05^2 · mu = 2.5) outweighs any per-layer fit gain
+TOLERANCE = 0.05
+
+
+@dataclass
+class WeightModel:
+    """w_l(k) = coef_l · (A_in k + c_in)_l · (A_out k)_l for the conv layers, k = kept channels per group."""
+
+    keys: list[str]
+    sizes: np.ndarray
+    a_in: np.ndarray
+    c_in: np.ndarray
+    a_out: np.ndarray
+    coef: np.ndarray
+    layers: list[Layer]
+
+    def weights(self, k: np.ndarray) -> np.ndarray:
+        return self.coef * (self.a_in @ k + self.c_in) * (self.a_out @ k)
+
+    def weights_torch(self, k: torch.Tensor) -> torch.Tensor:
+        t = {n: torch.as_tensor(getattr(self, n), dtype=torch.float64) for n in ("a_in", "c_in", "a_out", "coef")}
+        return t["coef"] * (t["a_in"] @ k + t["c_in"]) * (t["a_out"] @ k)
+
+
+def weight_model(cg: ChannelGraph) -> WeightModel:
+    keys = list(cg.groups)
+    index = {k: i for i, k in enumerate(keys)}
+    convs = [l for l in cg.layers if l.op == "Conv"]
+    a_in = np.zeros((len(convs), len(keys)))
+    a_out = np.zeros((len(convs), len(keys)))
+    c_in = np.zeros(len(convs))
+    coef = np.zeros(len(convs))
+    for i, layer in enumerate(convs):
+        for space, _ in layer.out_layout.segments:
+            a_out[i, index[cg.space_group[space]]] += layer.out_layout.block
+        if layer.depthwise:
+            c_in[i] = 1.0
+        else:
+            for space, _ in layer.in_layout.segments:
+                a_in[i, index[cg.space_group[space]]] += layer.in_layout.block
+        coef[i] = layer.kernel / (1 if layer.depthwise else layer.group)
+    sizes = np.array([cg.groups[k].size for k in keys], dtype=np.float64)
+    return WeightModel(keys, sizes, a_in, c_in, a_out, coef, convs)
+
+
+def allowed_counts(size: int, multiple: int, frozen: bool) -> np.ndarray:
+    """Kept-channel counts a group may take: multiples of `multiple` up to its size, and the size itself."""
+    if frozen or size <= multiple:
+        return np.array([size])
+    return np.array(sorted(set(range(multiple, size + 1, multiple)) | {size}))
+
+
+def solve_keep_counts(cg: ChannelGraph, densities: dict[str, float], ratio: float, multiple: int = 8,
+                      steps: int = 400) -> dict[str, int]:
+    """Kept channels per group key so Conv weights ≈ densities and their total ≈ total / ratio."""
+    if ratio <= 1:
+        raise RatioError(f"the compression ratio must be a number > 1, got {ratio}")
+    wm = weight_model(cg)
+    if not wm.layers:
+        raise RatioError("the model has no Conv layers whose channels could be cropped")
+    full = wm.weights(wm.sizes)
+    total = full.sum()
+    budget = total / ratio
+    options = [allowed_counts(cg.groups[k].size, multiple, bool(cg.groups[k].frozen)) for k in wm.keys]
+    lowest = np.array([o[0] for o in options], dtype=np.float64)
+    _check_reachable(cg, wm, lowest, ratio, total, multiple)
+
+    dens = np.array([min(1.0, max(densities.get(l.name, 1.0 / ratio), 1e-6)) for l in wm.layers])
+    log_target = np.log(dens * full)
+    x = _continuous(wm, log_target, np.log(budget), np.log(lowest / wm.sizes), steps)
+    choice = [int(np.argmin(np.abs(np.log(o) - np.log(wm.sizes[g] * np.exp(x[g]))))) for g, o in enumerate(options)]
+    choice = _greedy(wm, options, choice, log_target, np.log(budget))
+    counts = np.array([options[g][c] for g, c in enumerate(choice)], dtype=np.float64)
+    achieved = total / wm.weights(counts).sum()
+    log.info("precrop solver: ratio target %.3gx, achieved %.3gx (channel multiple %d)", ratio, achieved, multiple)
+    return {k: int(c) for k, c in zip(wm.keys, counts)}
+
+
+def _check_reachable(cg, wm: WeightModel, lowest, ratio, total, multiple) -> None:
+    reachable = total / wm.weights(lowest).sum()
+    if ratio <= reachable * (1 + TOLERANCE):
+        return
+    # The groups already at their floor that carry most weight are the ones the ratio would have to remove.
+    carried = np.array([(wm.weights(lowest) * ((wm.a_in[:, g] + wm.a_out[:, g]) > 0)).sum() for g in range(len(wm.keys))])
+    names = [cg.groups[wm.keys[g]].describe() for g in np.argsort(-carried)[:3] if not cg.groups[wm.keys[g]].frozen]
+    frozen = sum(1 for g in cg.groups.values() if g.frozen)
+    raise RatioError(
+        f"a ratio of {ratio:g}x cannot be reached by cropping channels: with at least {multiple} channel(s) kept per "
+        f"group the largest reachable ratio is {reachable:.2f}x; more would remove whole channel groups such as "
+        f"{'; '.join(names) or 'none (every group is frozen)'}. {frozen} group(s) must stay whole (graph inputs/outputs, "
+        f"grouped convs, untraced ops). Use a smaller --ratio or a smaller --channel-multiple."
+    )
+
+
+def _objective_np(wm: WeightModel, counts: np.ndarray, log_target, log_budget) -> float:
+    w = wm.weights(counts)
+    fit = np.mean((np.log(w) - log_target) ** 2)
+    return float(fit + BUDGET_WEIGHT * (np.log(w.sum()) - log_budget) ** 2)
+
+
+def _continuous(wm: WeightModel, log_target, log_budget, lo, steps) -> np.ndarray:
+    """Box-constrained Adam on x = log(k / size) ∈ [lo, 0]; returns x."""
+    lo_t = torch.as_tensor(lo, dtype=torch.float64)
+    sizes = torch.as_tensor(wm.sizes, dtype=torch.float64)
+    tgt = torch.as_tensor(log_target, dtype=torch.float64)
+    x = torch.maximum(torch.full_like(lo_t, 0.5 * (log_budget - np.log(wm.weights(wm.sizes).sum()))), lo_t)
+    x = x.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.05)
+    for step in range(steps):
+        mu = BUDGET_WEIGHT * min(1.0, (step + 1) / (steps / 2))  # ease the budget in: fit the shape first
+        w = wm.weights_torch(sizes * torch.exp(x))
+        loss = torch.mean((torch.log(w) - tgt) ** 2) + mu * (torch.log(w.sum()) - log_budget) ** 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            x.copy_(torch.clamp(x, min=lo_t, max=torch.zeros_like(lo_t)))
+    return x.detach().numpy()
+
+
+def _greedy(wm: WeightModel, options, choice, log_target, log_budget, max_moves: int = 10000) -> list[int]:
+    """Best single ±1-step move per round until none lowers the discrete objective."""
+    choice = list(choice)
+    counts = np.array([options[g][c] for g, c in enumerate(choice)], dtype=np.float64)
+    best = _objective_np(wm, counts, log_target, log_budget)
+    movable = [g for g, o in enumerate(options) if len(o) > 1]
+    for _ in range(max_moves):
+        move, move_score = None, best
+        for g in movable:
+            for d in (-1, 1):
+                c = choice[g] + d
+                if 0 <= c < len(options[g]):
+                    old = counts[g]
+                    counts[g] = options[g][c]
+                    score = _objective_np(wm, counts, log_target, log_budget)
+                    counts[g] = old
+                    if score < move_score - 1e-12:
+                        move, move_score = (g, c), score
+        if move is None:
+            break
+        choice[move[0]] = move[1]
+        counts[move[0]] = options[move[0]][move[1]]
+        best = move_score
+    return choice
