@@ -1,0 +1,101 @@
+"""ctprune.runtime: the kernel library is found, registered, and actually runs the PatternConv nodes.
+
+Whether onnxruntime ran ctprune's kernel or inlined the model-local function is read from its own profile: each
+executed node is an event with its op_name, so "PatternConv" appears only when the kernel ran, and the function's
+body (Conv, ScatterND, ...) appears only when it was inlined."""
+
+import json
+import secrets
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import ctprune
+from ctprune import runtime
+from ctprune.errors import CtpruneError
+from ctprune.rewrite.layer_model import pattern_and_dense_models, random_layer_patterns
+
+
+def _built() -> bool:
+    try:
+        runtime.kernel_library_path()
+        return True
+    except CtpruneError:
+        return False
+
+
+needs_library = pytest.mark.skipif(not _built(), reason="ctprune's kernel library is not built (pip install -e .)")
+
+
+def executed_ops(model: onnx.ModelProto, feeds, tmp_path, options: ort.SessionOptions, library: bool) -> list[str]:
+    """op_name of every node onnxruntime executed in one run, from its profile."""
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / ("with_library" if library else "plain"))
+    if library:
+        session = ctprune.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    else:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    with open(session.end_profiling()) as f:
+        events = json.load(f)
+    return [e["args"]["op_name"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+
+def test_missing_library_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "LIBRARY_DIR", tmp_path)
+    with pytest.raises(CtpruneError, match="not built"):
+        runtime.kernel_library_path()
+    with pytest.raises(CtpruneError, match="not built"):
+        ctprune.InferenceSession(b"")
+
+
+def test_session_options_rejects_bad_thread_counts():
+    with pytest.raises(CtpruneError, match="threads"):
+        runtime.session_options(threads=0)
+
+
+@needs_library
+def test_library_path_and_options():
+    path = runtime.kernel_library_path()
+    assert path.endswith(".so") and "libctprune_ops" in path
+    assert ctprune.kernel_library_path() == path
+    assert runtime.session_options(threads=2).intra_op_num_threads == 2
+
+
+@needs_library
+def test_kernel_runs_with_library_and_function_without(tmp_path):
+    seed = secrets.randbits(32)
+    rng = np.random.default_rng(seed)
+    patterns = random_layer_patterns(rng, 16, 8, 0.4, 8, 2)
+    pattern_model, dense_model, _ = pattern_and_dense_models(
+        rng, patterns, ["N", 8, 10, 10], True, (1, 1), (1, 1, 1, 1), (0.0, 6.0)
+    )
+    feeds = {"X": rng.standard_normal((2, 8, 10, 10)).astype(np.float32)}
+
+    with_library = executed_ops(pattern_model, feeds, tmp_path, runtime.session_options(threads=1), library=True)
+    assert with_library == ["PatternConv"]
+    plain = executed_ops(pattern_model, feeds, tmp_path, ort.SessionOptions(), library=False)
+    assert "PatternConv" not in plain and "Conv" in plain
+
+    want = ort.InferenceSession(dense_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    for source in (pattern_model, pattern_model.SerializeToString()):
+        got = ctprune.InferenceSession(source).run(None, feeds)[0]
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), f"seed {seed}"
+
+
+@needs_library
+def test_inference_session_from_path_with_own_options(tmp_path):
+    rng = np.random.default_rng(secrets.randbits(32))
+    pattern_model, dense_model, _ = pattern_and_dense_models(rng, random_layer_patterns(rng, 4, 3, 0.5, 4), [1, 3, 6, 6])
+    path = tmp_path / "layer.onnx"
+    onnx.save(pattern_model, path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    for source in (path, str(path)):
+        session = ctprune.InferenceSession(source, sess_options=options)
+        assert isinstance(session, ort.InferenceSession)
+        x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+        want = ort.InferenceSession(dense_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
+        np.testing.assert_allclose(session.run(None, {"X": x})[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
