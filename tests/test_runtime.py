@@ -99,3 +99,41 @@ def test_inference_session_from_path_with_own_options(tmp_path):
         x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
         want = ort.InferenceSession(dense_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})[0]
         np.testing.assert_allclose(session.run(None, {"X": x})[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_bench_models_table_and_cli(tmp_path, capsys):
+    from ctprune.bench import bench_models, latency_ms, render_bench
+    from ctprune.cli import run
+
+    rng = np.random.default_rng(secrets.randbits(32))
+    pattern_model, dense_model, _ = pattern_and_dense_models(rng, random_layer_patterns(rng, 8, 8, 0.3, 4), ["N", 8, 12, 12])
+    dense_path, pattern_path = tmp_path / "dense.onnx", tmp_path / "pattern.onnx"
+    onnx.save(dense_model, dense_path)
+    onnx.save(pattern_model, pattern_path)
+
+    rows = bench_models([dense_path, pattern_model], threads=1, batch=3, repeats=5, progress=False)
+    assert [r.model for r in rows] == [str(dense_path), "layer"]
+    assert rows[0].runs_with == "onnxruntime"
+    assert rows[1].runs_with == ("ctprune kernels" if _built() else "reference function (library not built)")
+    assert rows[0].speedup == 1.0 and all(r.median_ms > 0 and r.p10_ms <= r.median_ms <= r.p90_ms for r in rows)
+    assert rows[1].speedup == pytest.approx(rows[0].median_ms / rows[1].median_ms)
+    table = render_bench(rows)
+    assert str(dense_path) in table and "batch 3" in table and "median of 5" in table
+
+    lat = latency_ms(dense_model, pattern_model, threads=2, batch=2, repeats=3)
+    assert set(lat) == {"dense", "pruned", "threads", "batch"} and lat["threads"] == 2 and lat["pruned"] > 0
+
+    assert run(["bench", str(dense_path), str(pattern_path), "--repeats", "3", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert str(pattern_path) in out and "speedup" in out
+    assert run(["bench", str(tmp_path / "missing.onnx")]) == 2
+    assert "missing.onnx" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_wrong_fixed_batch(tmp_path):
+    from ctprune.bench import bench_models
+
+    rng = np.random.default_rng(0)
+    _, dense_model, _ = pattern_and_dense_models(rng, random_layer_patterns(rng, 2, 2, 1.0, 2), [1, 2, 5, 5])
+    with pytest.raises(CtpruneError, match="fixed batch of 1"):
+        bench_models([dense_model], batch=4, repeats=3, progress=False)
