@@ -1,0 +1,137 @@
+// CPU emulation of the PatternConv GPU kernel, for tests on machines without a GPU (tests/test_cuda_emulated.py).
+//
+// Runs the very steps the CUDA kernel runs (pattern_conv_impl.cuh) block by block, thread by thread, with the barrier
+// between staging and compute made explicit. Guards catch indexing mistakes a GPU would hide or crash on: the shared
+// tile is refilled with NaN before every chunk and framed by NaN guard zones, the input and output live inside NaN
+// guard zones too, and a write outside the output is reported. Not part of the onnxruntime library; built with g++.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/pattern_conv_impl.cuh"
+
+namespace {
+
+using namespace ctprune::cuda;
+
+constexpr size_t kGuard = 4096;  // floats of NaN on each side of every buffer
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+template <int FT, int PX>
+void RunBlocks(const PatternConvParams& p) {
+  const size_t tile = static_cast<size_t>(p.CC) * p.chan_stride;
+  std::vector<float> smem_buffer(tile + 2 * kGuard);
+  float* smem = smem_buffer.data() + kGuard;
+  std::vector<ThreadState<FT, PX>> threads(kBlockThreads);
+  for (long long block = 0; block < p.blocks; ++block) {
+    const BlockCoord bc = DecodeBlock(p, block);
+    for (int t = 0; t < kBlockThreads; ++t) InitThread(threads[t], p, bc, t);
+    for (int c0 = 0; c0 < p.C; c0 += p.CC) {
+      const int c1 = c0 + p.CC < p.C ? c0 + p.CC : p.C;
+      std::fill(smem_buffer.begin(), smem_buffer.end(), kNaN);
+      for (int t = 0; t < kBlockThreads; ++t) StageChunk(p, bc, c0, c1 - c0, t, kBlockThreads, smem);
+      // __syncthreads()
+      for (int t = 0; t < kBlockThreads; ++t) ComputeChunk(threads[t], p, c0, c1, smem);
+      // __syncthreads()
+    }
+    for (int t = 0; t < kBlockThreads; ++t) FinishThread(threads[t], p);
+  }
+}
+
+bool Dispatch(const PatternConvParams& p) {
+  switch (p.ft * 10 + p.px) {
+    case 11: RunBlocks<1, 1>(p); return true;
+    case 12: RunBlocks<1, 2>(p); return true;
+    case 14: RunBlocks<1, 4>(p); return true;
+    case 21: RunBlocks<2, 1>(p); return true;
+    case 22: RunBlocks<2, 2>(p); return true;
+    case 24: RunBlocks<2, 4>(p); return true;
+    case 41: RunBlocks<4, 1>(p); return true;
+    case 42: RunBlocks<4, 2>(p); return true;
+    case 44: RunBlocks<4, 4>(p); return true;
+    default: return false;
+  }
+}
+
+std::vector<float> Guarded(const float* data, size_t count) {
+  std::vector<float> v(count + 2 * kGuard, kNaN);
+  if (data && count) std::memcpy(v.data() + kGuard, data, count * sizeof(float));
+  return v;
+}
+
+bool GuardsIntact(const std::vector<float>& v) {
+  for (size_t i = 0; i < kGuard; ++i)
+    if (!std::isnan(v[i]) || !std::isnan(v[v.size() - 1 - i])) return false;
+  return true;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Same inputs as ctprune_pattern_conv_cuda, on host memory. plan_out (may be null) receives
+// {ft, px, nimg, TR, TC, CC, blocks}. Returns 0, CTPRUNE_CUDA_INVALID_ATTRIBUTES (reason in err),
+// CTPRUNE_CUDA_INVALID_SHAPE, 3 for an unknown force_config, or 4 when the kernel wrote outside the output.
+__attribute__((visibility("default"))) int ctprune_pattern_conv_emulate(
+    const CtprunePatternConvDesc* desc, const float* x, const float* w, const float* b, float* y, int64_t n, int64_t h,
+    int64_t width, int num_sms, int force_config, int64_t* plan_out, char* err, int err_len) {
+  PackedPatternConv packed;
+  const std::string problem = PackPatternConv(*desc, packed);
+  if (!problem.empty()) {
+    if (err && err_len > 0) std::snprintf(err, static_cast<size_t>(err_len), "%s", problem.c_str());
+    return CTPRUNE_CUDA_INVALID_ATTRIBUTES;
+  }
+  PatternConvParams p{};
+  if (!PlanShape(p, packed, n, h, width)) return CTPRUNE_CUDA_INVALID_SHAPE;
+  if (!PlanLaunch(p, packed, num_sms, force_config)) return 3;
+  const size_t x_count = static_cast<size_t>(n) * p.C * p.H * p.W;
+  const size_t y_count = static_cast<size_t>(n) * p.O * p.OH * p.OW;
+  std::vector<float> gx = Guarded(x, x_count), gw = Guarded(w, static_cast<size_t>(packed.num_kernels) * 4);
+  std::vector<float> gb = Guarded(b, b ? static_cast<size_t>(p.O) : 0), gy = Guarded(nullptr, y_count);
+  p.x = gx.data() + kGuard;
+  p.w = gw.data() + kGuard;
+  p.b = b ? gb.data() + kGuard : nullptr;
+  p.y = gy.data() + kGuard;
+  p.entries = packed.entries.data();
+  p.filter_begin = packed.filter_begin.data();
+  p.slot_filter = packed.slot_filter.data();
+  if (plan_out) {
+    const int64_t plan[7] = {p.ft, p.px, p.nimg, p.TR, p.TC, p.CC, p.blocks};
+    std::memcpy(plan_out, plan, sizeof(plan));
+  }
+  if (!Dispatch(p)) return 3;
+  if (!GuardsIntact(gy)) return 4;
+  std::memcpy(y, gy.data() + kGuard, y_count * sizeof(float));
+  return 0;
+}
+
+// Checks FastDivmod against '/' and '%' for `trials` random (divisor, numerator) pairs below 2^31 plus edge values;
+// returns the number of mismatches.
+__attribute__((visibility("default"))) int64_t ctprune_fastdivmod_selftest(uint32_t seed, int64_t trials) {
+  std::mt19937 rng(seed);
+  int64_t bad = 0;
+  auto check = [&](uint32_t d, uint32_t v) {
+    const FastDivmod fd(d);
+    uint32_t q, r;
+    fd.divmod(v, q, r);
+    if (q != v / d || r != v % d) ++bad;
+  };
+  const uint32_t edges[] = {0u, 1u, 2u, 3u, 7u, 8u, 9u, 255u, 256u, 257u, 65535u, 65536u, 0x7fffffffu, 0x7ffffffeu};
+  for (uint32_t d : edges)
+    if (d)
+      for (uint32_t v : edges) check(d, v);
+  for (int64_t i = 0; i < trials; ++i) {
+    const uint32_t d = 1u + (rng() % (i % 2 ? 0x7fffffffu : 20000u));
+    const uint32_t v = rng() & 0x7fffffffu;
+    check(d, v);
+    check(d, v % (d * 3u + 1u) & 0x7fffffffu);
+  }
+  return bad;
+}
+
+}  // extern "C"

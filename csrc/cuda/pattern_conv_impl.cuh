@@ -1,0 +1,351 @@
+// PatternConv GPU kernel: the tile plan and the per-thread steps of one thread block.
+//
+// Work split. A block of 256 threads (8 warps) computes FG = 8 * FT filters (consecutive slots of the packed layout,
+// see pattern_conv_layout.h) for a tile of 32 * PX output pixels: `nimg` images x TR rows x TC columns. Warp w owns
+// slots w, w + 8, ... (FT of them: similar work, as slots are sorted by kernel count); lane l owns the tile's pixels
+// l, l + 32, ... (PX of them), so a warp walks one kernel list in lock step (uniform branches, broadcast loads of
+// the compact weights) and its 32 lanes read neighbouring pixels: conflict-free shared memory, coalesced writes.
+//
+// Channel chunks. The input tile plus its 3x3 halo is staged in shared memory CC channels at a time, zero-filled
+// outside the image, so the inner loop has no bounds checks. Each warp then advances its filters' channel-sorted
+// kernel lists through the chunk: per kept kernel, one (meta, row) load, one float4 load of its 4 weights, and per
+// pixel 4 shared loads and 4 FMAs at the pattern's tap offsets. The tap offsets (ky * row pitch + kx) of every
+// pattern are resolved once per launch for the tile's row pitch and live in the kernel parameters (constant bank),
+// so each pattern is a fixed 4-offset stencil with no per-tap index arithmetic.
+//
+// Everything here is plain C++ callable from host or device: pattern_conv_impl.cu composes the steps into the CUDA
+// kernel with __syncthreads() between them; pattern_conv_emulate.cc runs the same steps block by block on the CPU,
+// which is how the indexing is tested on machines without a GPU.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/pattern_conv_layout.h"
+
+#ifdef __CUDACC__
+#define CTP_HD __host__ __device__ __forceinline__
+#define CTP_UNROLL _Pragma("unroll")
+#else
+#define CTP_HD inline
+#define CTP_UNROLL
+#endif
+
+namespace ctprune {
+namespace cuda {
+
+constexpr int kBlockThreads = 256;
+constexpr int kWarps = kBlockThreads / 32;
+constexpr int kSmemBudgetBytes = 32 * 1024;  // per block: leaves room for several blocks per SM
+
+// Unsigned division by a divisor fixed per launch, as a multiply-high and a shift (for the staging loop's div/mods).
+// Exact for every n < 2^31: with s = ceil(log2 d) and m = floor(2^32 * (2^s - d) / d) + 1, n / d = (umulhi(n, m) + n) >> s.
+struct FastDivmod {
+  uint32_t divisor = 1, multiplier = 1, shift = 0;
+  FastDivmod() = default;
+  explicit FastDivmod(uint32_t d) : divisor(d) {
+    shift = 0;
+    while ((uint64_t{1} << shift) < d) ++shift;
+    multiplier = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
+  }
+  CTP_HD uint32_t div(uint32_t n) const {
+#ifdef __CUDA_ARCH__
+    const uint32_t hi = __umulhi(n, multiplier);
+#else
+    const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(n) * multiplier) >> 32);
+#endif
+    return (hi + n) >> shift;
+  }
+  CTP_HD void divmod(uint32_t n, uint32_t& q, uint32_t& r) const {
+    q = div(n);
+    r = n - q * divisor;
+  }
+};
+
+struct Quad {
+  float x, y, z, w;
+};
+
+CTP_HD Quad load_quad(const float* p) {  // p is 16-byte aligned (W rows of 4 floats; onnxruntime aligns buffers)
+#ifdef __CUDA_ARCH__
+  const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+  return Quad{v.x, v.y, v.z, v.w};
+#else
+  return Quad{p[0], p[1], p[2], p[3]};
+#endif
+}
+
+CTP_HD int load_int(const int* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+CTP_HD float load_float(const float* p) {
+#ifdef __CUDA_ARCH__
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+// One launch's parameters, passed by value (__grid_constant__: read through the constant cache, never copied).
+struct PatternConvParams {
+  const float* x;
+  const float* w;
+  const float* b;  // may be null
+  float* y;
+  const int* entries;       // [K * 2]
+  const int* filter_begin;  // [O + 1]
+  const int* slot_filter;   // [O]
+  int N, C, H, W, O, OH, OW;
+  int stride_h, stride_w, pad_top, pad_left;
+  int has_activation;
+  float activation_min, activation_max;
+  // Tile plan.
+  int ft, px;               // filters and pixels per thread (the template instance)
+  int nimg, TR, TC;         // tile: images x output rows x output columns
+  int IR, IWs;              // staged rows and columns per image and channel: (TR - 1) * s + 3, (TC - 1) * s + 3
+  int img_stride, chan_stride;  // IR * IWs, nimg * IR * IWs floats
+  int CC;                   // channels per staged chunk
+  int filter_groups;        // ceil(O / (8 * ft))
+  int tiles_w, tiles_per_group;  // ceil(OW / TC), ceil(OH / TR) * tiles_w
+  long long blocks;         // filter_groups * tiles
+  FastDivmod div_iws, div_ir, div_nimg;
+  int tap_offset[kMaxPatterns * 4];  // ky * IWs + kx for each pattern's taps
+};
+
+// Chooses the tile for one template instance (ft, px); fills the plan fields of p. Returns false if it cannot fit.
+inline bool PlanTile(PatternConvParams& p, int ft, int px, const PackedPatternConv& packed) {
+  const int npt = 32 * px;  // pixel slots per block
+  const long long plane = static_cast<long long>(p.OH) * p.OW;
+  int nimg = 1, TR, TC;
+  if (plane <= npt) {
+    TR = p.OH;
+    TC = p.OW;
+    nimg = static_cast<int>(npt / plane);
+    if (nimg > p.N) nimg = p.N;
+  } else if (p.OW <= npt) {
+    TC = p.OW;
+    TR = npt / p.OW;
+  } else {
+    TR = 1;
+    TC = npt;
+  }
+  // Large strides make the halo big: shrink the tile until one channel fits the budget.
+  for (;;) {
+    const long long ir = static_cast<long long>(TR - 1) * p.stride_h + 3, iws = static_cast<long long>(TC - 1) * p.stride_w + 3;
+    if (nimg * ir * iws * 4 <= kSmemBudgetBytes) {
+      p.IR = static_cast<int>(ir);
+      p.IWs = static_cast<int>(iws);
+      break;
+    }
+    if (nimg > 1) nimg /= 2;
+    else if (TR > 1) TR /= 2;
+    else if (TC > 1) TC /= 2;
+    else return false;
+  }
+  p.ft = ft;
+  p.px = px;
+  p.nimg = nimg;
+  p.TR = TR;
+  p.TC = TC;
+  p.img_stride = p.IR * p.IWs;
+  p.chan_stride = nimg * p.img_stride;
+  p.CC = kSmemBudgetBytes / (p.chan_stride * 4);
+  if (p.CC > p.C) p.CC = p.C;
+  p.filter_groups = (p.O + kWarps * ft - 1) / (kWarps * ft);
+  p.tiles_w = (p.OW + TC - 1) / TC;
+  p.tiles_per_group = ((p.OH + TR - 1) / TR) * p.tiles_w;
+  const long long image_groups = (p.N + nimg - 1) / nimg;
+  p.blocks = static_cast<long long>(p.filter_groups) * image_groups * p.tiles_per_group;
+  p.div_iws = FastDivmod(static_cast<uint32_t>(p.IWs));
+  p.div_ir = FastDivmod(static_cast<uint32_t>(p.IR));
+  p.div_nimg = FastDivmod(static_cast<uint32_t>(nimg));
+  for (int i = 0; i < packed.num_patterns * 4; ++i) {
+    const int tap = packed.taps[i];
+    p.tap_offset[i] = (tap / 3) * p.IWs + tap % 3;
+  }
+  return true;
+}
+
+// Fills everything but the tile; returns false when the output would be empty or sizes overflow the kernel's ints.
+inline bool PlanShape(PatternConvParams& p, const PackedPatternConv& packed, long long n, long long h, long long w) {
+  if (n < 1 || h < 1 || w < 1) return false;
+  const long long oh = (h + packed.pad_top + packed.pad_bottom - 3) / packed.stride_h + 1;
+  const long long ow = (w + packed.pad_left + packed.pad_right - 3) / packed.stride_w + 1;
+  if (h + packed.pad_top + packed.pad_bottom < 3 || w + packed.pad_left + packed.pad_right < 3) return false;
+  if (oh < 1 || ow < 1 || n > (1 << 30) || h > (1 << 30) || w > (1 << 30) || oh * ow > (1 << 30)) return false;
+  p.N = static_cast<int>(n);
+  p.C = packed.in_channels;
+  p.H = static_cast<int>(h);
+  p.W = static_cast<int>(w);
+  p.O = packed.out_channels;
+  p.OH = static_cast<int>(oh);
+  p.OW = static_cast<int>(ow);
+  p.stride_h = packed.stride_h;
+  p.stride_w = packed.stride_w;
+  p.pad_top = packed.pad_top;
+  p.pad_left = packed.pad_left;
+  p.has_activation = packed.has_activation ? 1 : 0;
+  p.activation_min = packed.activation_min;
+  p.activation_max = packed.activation_max;
+  return true;
+}
+
+// Picks the largest per-thread work that still gives every SM at least two blocks (small layers at batch 1 need
+// parallelism more than reuse); force_config = 10 * ft + px pins one. Returns false for an unknown config.
+inline bool PlanLaunch(PatternConvParams& p, const PackedPatternConv& packed, int num_sms, int force_config) {
+  static const int kConfigs[9][2] = {{4, 4}, {4, 2}, {2, 4}, {2, 2}, {4, 1}, {1, 4}, {2, 1}, {1, 2}, {1, 1}};
+  if (force_config != 0) {
+    const int ft = force_config / 10, px = force_config % 10;
+    if ((ft != 1 && ft != 2 && ft != 4) || (px != 1 && px != 2 && px != 4)) return false;
+    return PlanTile(p, ft, px, packed);
+  }
+  long long best_blocks = -1;
+  int best = 8;
+  for (int i = 0; i < 9; ++i) {
+    if (!PlanTile(p, kConfigs[i][0], kConfigs[i][1], packed)) continue;
+    if (p.blocks >= 2LL * num_sms) return true;
+    if (p.blocks > best_blocks) {
+      best_blocks = p.blocks;
+      best = i;
+    }
+  }
+  return PlanTile(p, kConfigs[best][0], kConfigs[best][1], packed);
+}
+
+// Which tile and filter group a block computes.
+struct BlockCoord {
+  int filter_group, n0, oy0, ox0;
+};
+
+CTP_HD BlockCoord DecodeBlock(const PatternConvParams& p, long long block) {
+  BlockCoord bc;
+  bc.filter_group = static_cast<int>(block % p.filter_groups);  // neighbouring blocks share the input tile (L2)
+  const long long tile = block / p.filter_groups;
+  const int in_group = static_cast<int>(tile % p.tiles_per_group);
+  bc.n0 = static_cast<int>(tile / p.tiles_per_group) * p.nimg;
+  bc.oy0 = (in_group / p.tiles_w) * p.TR;
+  bc.ox0 = (in_group % p.tiles_w) * p.TC;
+  return bc;
+}
+
+template <int FT, int PX>
+struct ThreadState {
+  int next[FT], end[FT], filter[FT];  // kernel-list cursor, end and output channel (-1: no filter) per owned slot
+  int pixel_smem[PX];                 // offset of each owned pixel's top-left tap in a channel's staged tile
+  long long pixel_out[PX];            // offset of each owned pixel in Y for filter 0, or -1 outside the output
+  float acc[FT][PX];
+};
+
+template <int FT, int PX>
+CTP_HD void InitThread(ThreadState<FT, PX>& st, const PatternConvParams& p, const BlockCoord& bc, int tid) {
+  const int warp = tid / 32, lane = tid % 32;
+CTP_UNROLL
+  for (int i = 0; i < FT; ++i) {
+    const int slot = bc.filter_group * (kWarps * FT) + warp + kWarps * i;
+    if (slot < p.O) {
+      st.filter[i] = load_int(p.slot_filter + slot);
+      st.next[i] = load_int(p.filter_begin + slot);
+      st.end[i] = load_int(p.filter_begin + slot + 1);
+    } else {
+      st.filter[i] = -1;
+      st.next[i] = st.end[i] = 0;
+    }
+CTP_UNROLL
+    for (int j = 0; j < PX; ++j) st.acc[i][j] = 0.0f;
+  }
+  const int tile_pixels = p.TR * p.TC;
+  const long long out_plane = static_cast<long long>(p.OH) * p.OW;
+CTP_UNROLL
+  for (int j = 0; j < PX; ++j) {
+    const int q = lane + 32 * j;
+    st.pixel_smem[j] = 0;
+    st.pixel_out[j] = -1;
+    if (q < p.nimg * tile_pixels) {
+      const int img = q / tile_pixels, r = (q % tile_pixels) / p.TC, col = q % p.TC;
+      const int n = bc.n0 + img, oy = bc.oy0 + r, ox = bc.ox0 + col;
+      if (n < p.N && oy < p.OH && ox < p.OW) {
+        st.pixel_smem[j] = img * p.img_stride + r * p.stride_h * p.IWs + col * p.stride_w;
+        st.pixel_out[j] = static_cast<long long>(n) * p.O * out_plane + static_cast<long long>(oy) * p.OW + ox;
+      }
+    }
+  }
+}
+
+// Stages channels [c0, c0 + count) of the block's input tile (with halo, zeros outside the image) into smem,
+// laid out [channel][image][row][column]; thread tid of nthreads copies every nthreads-th element.
+CTP_HD void StageChunk(const PatternConvParams& p, const BlockCoord& bc, int c0, int count, int tid, int nthreads,
+                       float* smem) {
+  const int total = count * p.chan_stride;
+  const int iy0 = bc.oy0 * p.stride_h - p.pad_top, ix0 = bc.ox0 * p.stride_w - p.pad_left;
+  for (int e = tid; e < total; e += nthreads) {
+    uint32_t t, col, t2, row, c, img;
+    p.div_iws.divmod(static_cast<uint32_t>(e), t, col);
+    p.div_ir.divmod(t, t2, row);
+    p.div_nimg.divmod(t2, c, img);
+    const int n = bc.n0 + static_cast<int>(img), iy = iy0 + static_cast<int>(row), ix = ix0 + static_cast<int>(col);
+    float v = 0.0f;
+    if (n < p.N && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
+      v = load_float(p.x + ((static_cast<long long>(n) * p.C + c0 + static_cast<int>(c)) * p.H + iy) * p.W + ix);
+    smem[e] = v;
+  }
+}
+
+// Applies every owned filter's kernels on channels [c0, c1) (all staged in smem) to the owned pixels.
+template <int FT, int PX>
+CTP_HD void ComputeChunk(ThreadState<FT, PX>& st, const PatternConvParams& p, int c0, int c1, const float* smem) {
+CTP_UNROLL
+  for (int i = 0; i < FT; ++i) {
+    int k = st.next[i];
+    const int end = st.end[i];
+    while (k < end) {
+      const int meta = load_int(p.entries + 2 * k);
+      const int c = meta >> 8;
+      if (c >= c1) break;  // lists are channel-sorted: the rest belongs to later chunks
+      const int pattern = meta & 0xff;
+      const Quad w = load_quad(p.w + 4 * static_cast<long long>(load_int(p.entries + 2 * k + 1)));
+      const float* s = smem + (c - c0) * p.chan_stride;
+      const int o0 = p.tap_offset[4 * pattern], o1 = p.tap_offset[4 * pattern + 1];
+      const int o2 = p.tap_offset[4 * pattern + 2], o3 = p.tap_offset[4 * pattern + 3];
+CTP_UNROLL
+      for (int j = 0; j < PX; ++j) {
+        const float* sp = s + st.pixel_smem[j];
+        float a = st.acc[i][j];
+        a = fmaf(w.x, sp[o0], a);
+        a = fmaf(w.y, sp[o1], a);
+        a = fmaf(w.z, sp[o2], a);
+        a = fmaf(w.w, sp[o3], a);
+        st.acc[i][j] = a;
+      }
+      ++k;
+    }
+    st.next[i] = k;
+  }
+}
+
+// Bias, activation (clamp that keeps NaN, like Clip), and the store.
+template <int FT, int PX>
+CTP_HD void FinishThread(const ThreadState<FT, PX>& st, const PatternConvParams& p) {
+  const long long out_plane = static_cast<long long>(p.OH) * p.OW;
+CTP_UNROLL
+  for (int i = 0; i < FT; ++i) {
+    if (st.filter[i] < 0) continue;
+    const float bias = p.b ? load_float(p.b + st.filter[i]) : 0.0f;
+CTP_UNROLL
+    for (int j = 0; j < PX; ++j) {
+      if (st.pixel_out[j] < 0) continue;
+      float v = st.acc[i][j] + bias;
+      if (p.has_activation) {
+        v = v < p.activation_min ? p.activation_min : v;
+        v = v > p.activation_max ? p.activation_max : v;
+      }
+      p.y[st.pixel_out[j] + st.filter[i] * out_plane] = v;
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace ctprune

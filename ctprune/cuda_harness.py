@@ -1,0 +1,297 @@
+"""Drive the PatternConv GPU kernel without onnxruntime: build it, call it through its C ABI, and make test layers.
+
+Two builds of the same kernel code (csrc/cuda/):
+- ``build_cuda_kernel``: nvcc compiles ``pattern_conv_impl.cu`` into a small shared library (needs the CUDA toolkit;
+  running it needs a GPU). ``CudaPatternConv`` calls it on torch CUDA tensors, on torch's current stream.
+- ``build_emulator``: g++ compiles ``pattern_conv_emulate.cc``, which runs the kernel's own block/thread steps on the
+  CPU with guard zones, so the kernel's indexing is tested on machines without a GPU (``EmulatedPatternConv``).
+
+``random_pattern_conv`` makes a pruned layer in the operator's storage order (ops/PatternConv.md) and
+``dense_weight`` rebuilds the masked dense weight it stands for, the reference for every check.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "CSRC",
+    "PatternConvLayer",
+    "random_pattern_conv",
+    "dense_weight",
+    "build_emulator",
+    "build_cuda_kernel",
+    "EmulatedPatternConv",
+    "CudaPatternConv",
+    "KernelCallError",
+    "KERNEL_CONFIGS",
+]
+
+log = logging.getLogger(__name__)
+
+CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+KERNEL_CONFIGS = (11, 12, 14, 21, 22, 24, 41, 42, 44)  # 10 * filters per thread + pixels per thread
+INVALID_ATTRIBUTES, INVALID_SHAPE = -1, -2
+
+# Twelve 4-of-9 patterns (taps ky * 3 + kx), each keeping the centre like ClickTrain's libraries.
+DEFAULT_PATTERNS = (
+    (1, 3, 4, 5), (1, 4, 5, 7), (3, 4, 5, 7), (1, 3, 4, 7), (0, 1, 3, 4), (1, 2, 4, 5),
+    (3, 4, 6, 7), (4, 5, 7, 8), (0, 3, 4, 6), (2, 4, 5, 8), (0, 1, 2, 4), (4, 6, 7, 8),
+)
+
+
+class KernelCallError(RuntimeError):
+    """The kernel library returned a non-zero status (the message names it)."""
+
+
+@dataclass
+class PatternConvLayer:
+    """One PatternConv node's attributes and compact weights, in the operator's storage order."""
+
+    weight_shape: tuple[int, int, int, int]
+    patterns: list[int]
+    kernel_filters: list[int]
+    kernel_channels: list[int]
+    kernel_patterns: list[int]
+    weights: np.ndarray  # (K, 4) float32
+    bias: np.ndarray | None = None  # (O,) float32
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (1, 1, 1, 1)
+    activation_min: float = -math.inf
+    activation_max: float = math.inf
+    _keep: list = field(default_factory=list, repr=False)
+
+    def desc(self) -> "_Desc":
+        """The C struct for the kernel library (keeps its arrays alive on self)."""
+        arrays = [np.ascontiguousarray(np.asarray(a, dtype=np.int64).reshape(-1)) for a in
+                  (self.patterns, self.kernel_filters, self.kernel_channels, self.kernel_patterns)]
+        self._keep = arrays
+        ptr = [a.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)) for a in arrays]
+        return _Desc(
+            self.weight_shape[0], self.weight_shape[1], ptr[0], len(self.patterns) // 4, ptr[1], ptr[2], ptr[3],
+            len(self.kernel_filters), self.strides[0], self.strides[1], *self.pads,
+            self.activation_min, self.activation_max,
+        )
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        top, left, bottom, right = self.pads
+        return (h + top + bottom - 3) // self.strides[0] + 1, (w + left + right - 3) // self.strides[1] + 1
+
+
+class _Desc(ctypes.Structure):
+    _fields_ = [
+        ("out_channels", ctypes.c_int64), ("in_channels", ctypes.c_int64),
+        ("patterns", ctypes.POINTER(ctypes.c_int64)), ("num_patterns", ctypes.c_int64),
+        ("kernel_filters", ctypes.POINTER(ctypes.c_int64)), ("kernel_channels", ctypes.POINTER(ctypes.c_int64)),
+        ("kernel_patterns", ctypes.POINTER(ctypes.c_int64)), ("num_kernels", ctypes.c_int64),
+        ("stride_h", ctypes.c_int64), ("stride_w", ctypes.c_int64),
+        ("pad_top", ctypes.c_int64), ("pad_left", ctypes.c_int64),
+        ("pad_bottom", ctypes.c_int64), ("pad_right", ctypes.c_int64),
+        ("activation_min", ctypes.c_float), ("activation_max", ctypes.c_float),
+    ]
+
+
+def random_pattern_conv(out_channels: int, in_channels: int, ratio: float, rng: np.random.Generator, *,
+                        num_patterns: int = 8, bias: bool = True, strides=(1, 1), pads=(1, 1, 1, 1),
+                        activation=(-math.inf, math.inf)) -> PatternConvLayer:
+    """A layer compressed `ratio` times against the dense 3x3 weight: 4-of-9 patterns (2.25x) and, beyond that,
+    whole kernels removed by a layer-wide ranking (so filters keep uneven counts, some possibly none)."""
+    o, c = out_channels, in_channels
+    kept = int(round(o * c * min(1.0, 2.25 / ratio)))
+    scores = rng.random(o * c)
+    keep = np.zeros(o * c, dtype=bool)
+    keep[np.argsort(-scores)[:kept]] = True
+    keep = keep.reshape(o, c)
+    library = [t for p in DEFAULT_PATTERNS[:num_patterns] for t in p]
+    per_filter = []
+    for f in range(o):
+        channels = np.flatnonzero(keep[f])
+        pats = rng.integers(0, num_patterns, size=len(channels))
+        per_filter.append(sorted(zip(pats.tolist(), channels.tolist())))  # by pattern, then channel
+    order = sorted(range(o), key=lambda f: -len(per_filter[f]))  # stable: decreasing kernel count
+    filters, channels, patterns = [], [], []
+    for f in order:
+        for p, ch in per_filter[f]:
+            filters.append(f)
+            channels.append(ch)
+            patterns.append(p)
+    weights = rng.standard_normal((len(filters), 4)).astype(np.float32) / np.sqrt(max(1, 4 * kept / o))
+    b = rng.standard_normal(o).astype(np.float32) if bias else None
+    return PatternConvLayer((o, c, 3, 3), library, filters, channels, patterns, weights, b, tuple(strides),
+                            tuple(pads), float(activation[0]), float(activation[1]))
+
+
+def dense_weight(layer: PatternConvLayer) -> np.ndarray:
+    """The masked dense (O, C, 3, 3) weight the layer stands for."""
+    dense = np.zeros(layer.weight_shape, dtype=np.float32).reshape(layer.weight_shape[0], layer.weight_shape[1], 9)
+    for k, (f, c, p) in enumerate(zip(layer.kernel_filters, layer.kernel_channels, layer.kernel_patterns)):
+        dense[f, c, layer.patterns[4 * p: 4 * p + 4]] = layer.weights[k]
+    return dense.reshape(layer.weight_shape)
+
+
+def _digest(paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(pathlib.Path(p).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _sources():
+    cuda = CSRC / "cuda"
+    if not cuda.is_dir():
+        raise FileNotFoundError(f"kernel sources not found at {cuda}: the harness needs a source checkout")
+    return sorted(list(cuda.glob("*.h")) + list(cuda.glob("*.cuh")) + list(cuda.glob("*.cc")) + list(cuda.glob("*.cu")))
+
+
+def _build(out: pathlib.Path, command: list[str]) -> pathlib.Path:
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    log.info("building %s", out.name)
+    subprocess.run(command + ["-o", str(tmp)], check=True, capture_output=True, text=True)
+    os.replace(tmp, out)  # atomic: parallel test workers may build at once
+    return out
+
+
+def default_build_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("CTPRUNE_KERNEL_BUILD_DIR", tempfile.gettempdir())) / "ctprune-kernels"
+
+
+def build_emulator(build_dir: pathlib.Path | None = None) -> pathlib.Path:
+    """g++ build of the CPU emulation of the GPU kernel; cached by source digest."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        raise FileNotFoundError("no C++ compiler (g++) found")
+    out = (build_dir or default_build_dir()) / f"pattern_conv_emulate-{_digest(_sources())}.so"
+    return _build(out, [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{CSRC}",
+                        str(CSRC / "cuda" / "pattern_conv_emulate.cc")])
+
+
+def build_cuda_kernel(build_dir: pathlib.Path | None = None, arch: str | None = None) -> pathlib.Path:
+    """nvcc build of the GPU kernel as a standalone library; arch like 'sm_90' (default: the current GPU's)."""
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        raise FileNotFoundError("nvcc not found on PATH")
+    if arch is None:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"sm_{major}{minor}"
+    out = (build_dir or default_build_dir()) / f"pattern_conv_cuda-{arch}-{_digest(_sources())}.so"
+    return _build(out, [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch}", f"-I{CSRC}",
+                        str(CSRC / "cuda" / "pattern_conv_impl.cu"), "-lcudart"])
+
+
+def _error(status: int, lib, err: ctypes.Array | None = None) -> KernelCallError:
+    if status == INVALID_ATTRIBUTES and err is not None:
+        return KernelCallError(f"invalid PatternConv attributes: {err.value.decode()}")
+    if hasattr(lib, "ctprune_pattern_conv_cuda_status_string"):
+        return KernelCallError(f"PatternConv kernel status {status}: "
+                               f"{lib.ctprune_pattern_conv_cuda_status_string(status).decode()}")
+    return KernelCallError(f"PatternConv emulator status {status}")
+
+
+class EmulatedPatternConv:
+    """The GPU kernel's code run on the CPU (numpy in, numpy out)."""
+
+    def __init__(self, library: pathlib.Path | None = None):
+        self.lib = ctypes.CDLL(str(library or build_emulator()))
+        f = self.lib.ctprune_pattern_conv_emulate
+        f.restype = ctypes.c_int
+        f.argtypes = [ctypes.POINTER(_Desc)] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
+            ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_int]
+        self.lib.ctprune_fastdivmod_selftest.restype = ctypes.c_int64
+        self.lib.ctprune_fastdivmod_selftest.argtypes = [ctypes.c_uint32, ctypes.c_int64]
+
+    def __call__(self, layer: PatternConvLayer, x: np.ndarray, *, force_config: int = 0, num_sms: int = 132):
+        """Returns (y, plan) with plan = dict(ft, px, nimg, TR, TC, CC, blocks)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n, _, h, w = x.shape
+        oh, ow = layer.output_size(h, w)
+        y = np.full((n, layer.weight_shape[0], max(oh, 0), max(ow, 0)), np.nan, dtype=np.float32)
+        wts = np.ascontiguousarray(layer.weights, dtype=np.float32)
+        bias = None if layer.bias is None else np.ascontiguousarray(layer.bias, dtype=np.float32)
+        plan = (ctypes.c_int64 * 7)()
+        err = ctypes.create_string_buffer(512)
+        desc = layer.desc()
+        status = self.lib.ctprune_pattern_conv_emulate(
+            ctypes.byref(desc), x.ctypes.data, wts.ctypes.data, None if bias is None else bias.ctypes.data,
+            y.ctypes.data, n, h, w, num_sms, force_config, plan, err, len(err))
+        if status != 0:
+            raise _error(status, self.lib, err)
+        return y, dict(zip(("ft", "px", "nimg", "TR", "TC", "CC", "blocks"), list(plan)))
+
+    def divmod_mismatches(self, seed: int = 0, trials: int = 200_000) -> int:
+        return int(self.lib.ctprune_fastdivmod_selftest(seed, trials))
+
+
+class CudaPatternConv:
+    """The GPU kernel for one layer, prepared on the current CUDA device; call it on torch CUDA tensors."""
+
+    _lib = None
+
+    @classmethod
+    def library(cls, path: pathlib.Path | None = None):
+        if cls._lib is None:
+            lib = ctypes.CDLL(str(path or build_cuda_kernel()))
+            lib.ctprune_pattern_conv_cuda_prepare.restype = ctypes.c_int
+            lib.ctprune_pattern_conv_cuda_prepare.argtypes = [
+                ctypes.POINTER(_Desc), ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int]
+            lib.ctprune_pattern_conv_cuda.restype = ctypes.c_int
+            lib.ctprune_pattern_conv_cuda.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [
+                ctypes.c_void_p, ctypes.c_int]
+            lib.ctprune_pattern_conv_cuda_release.restype = None
+            lib.ctprune_pattern_conv_cuda_release.argtypes = [ctypes.c_void_p]
+            lib.ctprune_pattern_conv_cuda_status_string.restype = ctypes.c_char_p
+            lib.ctprune_pattern_conv_cuda_status_string.argtypes = [ctypes.c_int]
+            cls._lib = lib
+        return cls._lib
+
+    def __init__(self, layer: PatternConvLayer, library: pathlib.Path | None = None):
+        self.lib = self.library(library)
+        self.layer = layer
+        self.handle = ctypes.c_void_p()
+        err = ctypes.create_string_buffer(512)
+        desc = layer.desc()
+        status = self.lib.ctprune_pattern_conv_cuda_prepare(ctypes.byref(desc), ctypes.byref(self.handle), err, len(err))
+        if status != 0:
+            raise _error(status, self.lib, err)
+
+    def __call__(self, x, w, b=None, *, out=None, force_config: int = 0):
+        """x (N, C, H, W), w (K, 4), b (O,) or None: contiguous float32 torch CUDA tensors. Runs on the current
+        stream and returns y (N, O, OH, OW)."""
+        import torch
+
+        n, _, h, wd = x.shape
+        oh, ow = self.layer.output_size(h, wd)
+        if out is None:
+            out = torch.empty((n, self.layer.weight_shape[0], oh, ow), device=x.device, dtype=torch.float32)
+        status = self.lib.ctprune_pattern_conv_cuda(
+            self.handle, x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(), n, h, wd,
+            torch.cuda.current_stream().cuda_stream, force_config)
+        if status != 0:
+            raise _error(status, self.lib)
+        return out
+
+    def close(self):
+        if self.handle:
+            self.lib.ctprune_pattern_conv_cuda_release(self.handle)
+            self.handle = ctypes.c_void_p()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing left to free
+            pass
