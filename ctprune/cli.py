@@ -9,6 +9,7 @@ User errors (ctprune.errors.CtpruneError) print one paragraph and exit 2; no tra
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 
@@ -92,7 +93,11 @@ def prune_command(model, ratio, output, **options):
     from ctprune import api
     from ctprune.report import render_report
 
+    logging.basicConfig(level=logging.WARNING if options.get("quiet") else logging.INFO, format="ctprune: %(message)s")
     ratio_value = parse_ratio(ratio)
+    from ctprune.saving import default_output_path
+
+    output = output or str(default_output_path(model))
     result = api.prune(model, ratio=ratio_value, output=output, **options)
     if not options.get("quiet"):
         click.echo(render_report(result.report))

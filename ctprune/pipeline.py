@@ -1,0 +1,384 @@
+"""One ctprune run, left to right: load → lift → prune while fine-tuning / crop → write back → rewrite → report.
+
+`ctprune.prune()` (api.py) checks paths and saves; this module does the work. Each stage is one method, so the data
+path reads top to bottom in `run()`. Every check on the user's input (model, ops, ratio, data) runs before training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import shutil
+
+import numpy as np
+import onnx
+import torch
+
+from ctprune.errors import DataError, GraphError, RatioError
+
+log = logging.getLogger("ctprune")
+
+DEFAULT_EPOCHS = 3
+SYNTHETIC_SAMPLES = 512
+CALIBRATION_BATCHES = 8  # --epochs 0: importance from this many batches
+DEFAULT_LR = {"pretrained": 0.01, "scratch": 0.05}
+PATTERNS_ALONE = 9 / 4  # 4 of 9 taps kept: what pattern pruning alone removes
+
+
+@dataclasses.dataclass
+class Pipeline:
+    model: object
+    ratio: float
+    method: str = "pattern"
+    data: object = None
+    eval_data: object = None
+    epochs: int | None = None
+    batch_size: int = 64
+    lr: float | None = None
+    patterns: int = 8
+    device: str = "auto"
+    backend: str = "torch"
+    seed: int = 0
+    resume: bool = False
+    quiet: bool = False
+    pai: str = "synflow"
+    init: str = "pretrained"
+    channel_multiple: int = 8
+    input_size: object = None
+    mean: object = None
+    std: object = None
+    first_conv_dense: bool = True
+    latency_threads: int = 1
+    checkpoint_dir: object = None
+
+    # ---- the pass -------------------------------------------------------------------------------------------------
+    def run(self) -> tuple[onnx.ModelProto, dict]:
+        from ctprune.graph import check_supported, load_model
+
+        torch.manual_seed(self.seed)
+        self.notes: list[str] = []
+        self.original = load_model(self.model)
+        check_supported(self.original)  # every unsupported op, named, before any work
+        self.teacher = self._lift(self.original).eval()
+        self.input_shape = list(self.teacher.input_shapes[0])
+        self.num_classes = self._num_classes()
+        self.train_set, self.eval_set = self._load_data()
+        if self.method == "pattern":
+            pruned, plan_report = self._pattern(self.original, self.ratio)
+        elif self.method == "precrop":
+            pruned, plan_report = self._precrop()
+        else:
+            pruned, plan_report = self._both()
+        report = self._report(pruned, plan_report)
+        return pruned, report
+
+    def cleanup(self) -> None:
+        """A finished run needs no checkpoint: remove it so the next run starts fresh."""
+        if self.checkpoint_dir is not None and getattr(self, "_finished", False):
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+
+    # ---- stages ---------------------------------------------------------------------------------------------------
+    def _lift(self, model):
+        from ctprune.graph import lift
+
+        return lift(model)
+
+    def _num_classes(self) -> int | None:
+        """Class count from the first output's shape ((N, K) classifiers); None for anything else."""
+        sample = self._zeros_input(1)
+        if sample is None:
+            return None
+        with torch.no_grad():
+            out = self.teacher(sample)
+        out = out[0] if isinstance(out, tuple) else out
+        return int(out.shape[1]) if out.dim() == 2 else None
+
+    def _zeros_input(self, batch: int):
+        dims = self.input_shape[1:]
+        if not all(isinstance(d, int) and d > 0 for d in dims):
+            return None
+        return torch.zeros([batch, *dims])
+
+    def _load_data(self):
+        from ctprune.train import load_data, synthetic_data
+
+        kw = dict(num_classes=self.num_classes, input_size=_ints(self.input_size, "--input-size"),
+                  mean=_floats(self.mean, "--mean"), std=_floats(self.std, "--std"))
+        if self.data is not None:
+            train = load_data(self.data, self.input_shape, **kw)
+        else:
+            if self._zeros_input(1) is None:
+                raise DataError(f"the model's input shape {self.input_shape} has free dimensions besides the batch, "
+                                "so ctprune cannot make synthetic inputs: give --data.")
+            train = synthetic_data(self.input_shape, SYNTHETIC_SAMPLES, seed=self.seed)
+            self.notes.append(f"no --data: fine-tuned by distilling the dense model on {SYNTHETIC_SAMPLES} synthetic "
+                              "(random normal) inputs; accuracy was not measured")
+        evaluation = load_data(self.eval_data, self.input_shape, **kw) if self.eval_data is not None else None
+        return train, evaluation
+
+    def _epochs(self) -> int:
+        return DEFAULT_EPOCHS if self.epochs is None else int(self.epochs)
+
+    def _fine_tune(self, student, hooks=None, checkpoint_tag: str = "", lr: float | None = None):
+        from ctprune.train import fine_tune
+
+        ckpt = None
+        if self.checkpoint_dir is not None:
+            ckpt = self.checkpoint_dir / checkpoint_tag if checkpoint_tag else self.checkpoint_dir
+        return fine_tune(
+            student, self.teacher, self.train_set, self.eval_set, epochs=self._epochs(), batch_size=self.batch_size,
+            lr=lr or self.lr or DEFAULT_LR["pretrained"], device=self.device, hooks=hooks, seed=self.seed,
+            checkpoint_dir=ckpt, resume=self.resume, quiet=self.quiet, backend=self.backend,
+        )
+
+    def _pattern(self, model, ratio, checkpoint_tag: str = ""):
+        """ClickTrain: importance → pattern library → soft masks with group lasso → hard masks → PatternConv."""
+        from ctprune.graph import conv_layers, write_back
+        from ctprune.pruning import ClickTrainPruner, prunable_convs
+        from ctprune.rewrite import rewrite_model
+
+        student = self._lift(model)
+        layers = conv_layers(model)
+        weights, skipped, macs = prunable_convs(layers, student.onnx_parameters(), keep_first_dense=self.first_conv_dense)
+        if not weights:
+            reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:6])
+            raise GraphError("the model has no Conv that pattern pruning can take (3x3, group 1, dilation 1)"
+                             + (f" — {reasons}" if reasons else "") + ". Try --method precrop.")
+        pruner = ClickTrainPruner(weights, ratio=ratio, patterns=self.patterns, skipped=skipped, macs=macs)
+        if self._epochs() == 0:
+            self._calibrate(pruner, student)
+            plan = pruner.prune_now()
+            self.train_result = None
+        else:
+            self.train_result = self._fine_tune(student, hooks=pruner, checkpoint_tag=checkpoint_tag)
+            plan = pruner.final_plan()
+        plan.apply(weights)
+        self.student = student
+        trained = write_back(model, student)
+        pruned = rewrite_model(trained, plan.layer_patterns())
+        self._finished = True
+        return pruned, {"kind": "pattern", "plan": plan, "masked_dense": trained, "pattern_input": model}
+
+    def _calibrate(self, pruner, student) -> None:
+        from ctprune.train.distill import as_logits, combined_loss, looks_like_probabilities
+
+        x = torch.from_numpy(self.train_set.x[: self.batch_size * CALIBRATION_BATCHES])
+        batches = torch.split(x, self.batch_size)
+        student.eval()  # importance of the model as deployed; BN stats stay as they are
+
+        def loss(batch):
+            with torch.no_grad():
+                t = _first(self.teacher(batch))
+            s = _first(student(batch))
+            probs = looks_like_probabilities(t)
+            return combined_loss(as_logits(s, probs), as_logits(t, probs), None, 4.0)
+
+        pruner.calibrate(loss, batches)
+
+    def _precrop(self, ratio=None):
+        """PreCropping: PAI densities → channel groups → crop → fine-tune (or train from scratch)."""
+        from ctprune.graph import write_back
+        from ctprune.pruning.precrop import apply_crop, plan_crop
+
+        ratio = ratio or self.ratio
+        sample = self.train_set.x[: min(len(self.train_set), 64)]
+        plan = plan_crop(self.original, ratio, pai=self.pai, data=sample, channel_multiple=self.channel_multiple,
+                         pretrained=self.init == "pretrained", seed=self.seed)
+        cropped = apply_crop(self.original, plan)
+        student = self._lift(cropped)
+        if self.init == "scratch":
+            _reinitialise(student, self.seed)
+        self.train_result = None
+        if self._epochs() > 0:
+            self.train_result = self._fine_tune(student, checkpoint_tag="precrop" if self.method == "both" else "",
+                                                lr=self.lr or DEFAULT_LR[self.init])
+        self.student = student
+        trained = write_back(cropped, student)
+        self._finished = True
+        return trained, {"kind": "precrop", "plan": plan}
+
+    def _both(self):
+        """Crop channels first, then pattern-prune what remains; the two ratios multiply to the target."""
+        if self.ratio <= PATTERNS_ALONE:
+            raise RatioError(f"--method both needs a ratio above {PATTERNS_ALONE:.2f}x (patterns alone give that).")
+        crop_ratio = min(math.sqrt(self.ratio), self.ratio / PATTERNS_ALONE)
+        cropped, crop_report = self._precrop(ratio=crop_ratio)
+        before = _conv3x3_weights(self.original)
+        after_crop = _conv3x3_weights(cropped)
+        pattern_ratio = max(PATTERNS_ALONE, self.ratio * after_crop / before) if after_crop else PATTERNS_ALONE
+        self.notes.append(f"both: channels cropped {crop_report['plan'].ratio_achieved:.2f}x, then patterns "
+                          f"{pattern_ratio:.2f}x over the cropped 3x3 Convs")
+        pruned, pattern_report = self._pattern(cropped, pattern_ratio, checkpoint_tag="pattern")
+        pattern_report["crop_plan"] = crop_report["plan"]
+        pattern_report["kind"] = "both"
+        return pruned, pattern_report
+
+    # ---- report ---------------------------------------------------------------------------------------------------
+    def _report(self, pruned: onnx.ModelProto, plan_report: dict) -> dict:
+        from ctprune.bench import latency_ms
+        from ctprune.inspect import layer_table
+
+        kind = plan_report["kind"]
+        plan = plan_report["plan"]
+        _, totals_before = layer_table(self.original)
+        if kind == "precrop":
+            _, totals_after = layer_table(pruned)
+            layers = plan.report_layers()
+            before = _conv_weights(self.original)
+            after = _conv_weights(pruned)
+            conv_weights = {"before": before, "after": after}
+            macs_after = totals_after["macs"]
+            ratio_achieved = before / after
+        else:
+            totals = plan.totals()
+            layers = plan.layer_report()
+            conv_weights = dict(totals["conv_weights"])
+            if kind == "both":
+                conv_weights["before"] = sum(l["weights_before"] for l in plan_report["crop_plan"].report_layers()
+                                             if tuple(l.get("kernel", (3, 3))) == (3, 3)) or conv_weights["before"]
+            macs_after = _pattern_macs(plan_report["pattern_input"], plan)
+            ratio_achieved = conv_weights["before"] / conv_weights["after"]
+            dense = totals.get("dense_layers") or {}
+            if dense:
+                self.notes.append("kept dense: " + "; ".join(f"{k} ({v})" for k, v in list(dense.items())[:8])
+                                  + (f" and {len(dense) - 8} more" if len(dense) > 8 else ""))
+        accuracy, agreement = self._evaluate(pruned, plan_report)
+        report = {
+            "ratio_target": self.ratio,
+            "ratio_achieved": ratio_achieved,
+            "method": self.method,
+            "conv_weights": conv_weights,
+            "params": {"before": _model_params(self.original), "after": _model_params(pruned)},
+            "macs": {"before": totals_before["macs"], "after": macs_after},
+            "accuracy": accuracy,
+            "agreement": agreement,
+            "latency_ms": latency_ms(self.original, pruned, threads=self.latency_threads, batch=1),
+            "train": self._train_report(),
+            "layers": layers,
+            "notes": self.notes,
+        }
+        if kind in ("pattern", "both"):
+            report["patterns"] = plan.library.to_list() if hasattr(plan.library, "to_list") else None
+        if kind in ("precrop",):
+            report["pai"] = self.pai
+            report["init"] = self.init
+        return report
+
+    def _evaluate(self, pruned: onnx.ModelProto, plan_report: dict):
+        """Accuracy before/after and top-1 agreement on eval data, with the pruned model run in onnxruntime."""
+        from ctprune.runtime import InferenceSession
+        from ctprune.train import evaluate
+
+        session = InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = self.eval_set.x if self.eval_set is not None else self.train_set.x[:256]
+        outputs = []
+        for i in range(0, len(x), 256):
+            outputs.append(session.run(None, {session.get_inputs()[0].name: x[i:i + 256]})[0])
+        pruned_out = np.concatenate(outputs)
+        # The deployed model must be the trained one: its outputs equal the lifted student's.
+        with torch.no_grad():
+            self.student.eval()
+            ref = _first(self.student(torch.from_numpy(x[:64]))).cpu().numpy()
+        err = float(np.abs(pruned_out[:64] - ref).max() / max(np.abs(ref).max(), 1e-12))
+        if err > 1e-3:
+            raise RuntimeError(f"internal error: the pruned ONNX model disagrees with the trained module ({err:.2e})")
+        if self.eval_set is None:
+            return None, None
+        dense = evaluate(self.teacher, self.eval_set)
+        with torch.no_grad():
+            t_pred = []
+            for i in range(0, len(x), 256):
+                t_pred.append(_first(self.teacher(torch.from_numpy(x[i:i + 256]))).argmax(1).numpy())
+        t_pred = np.concatenate(t_pred)
+        p_pred = pruned_out.reshape(len(x), -1).argmax(1)
+        agreement = float((t_pred == p_pred).mean())
+        if self.eval_set.y is not None:
+            return {"before": dense["accuracy"], "after": float((p_pred == self.eval_set.y).mean())}, agreement
+        return None, agreement
+
+    def _train_report(self) -> dict:
+        from ctprune.train import resolve_device
+
+        if self.train_result is not None:
+            return self.train_result.report()
+        return {"epochs": 0, "seconds": 0.0, "backend": self.backend, "device": str(resolve_device(self.device))}
+
+
+# ---- small helpers ----------------------------------------------------------------------------------------------------
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _ints(text, what):
+    if text is None or isinstance(text, (tuple, list)):
+        return text
+    try:
+        return tuple(int(v) for v in str(text).split(","))
+    except ValueError:
+        raise DataError(f"{what} {text!r} is not a comma-separated list of integers (e.g. 224,224).") from None
+
+
+def _floats(text, what):
+    if text is None or isinstance(text, (tuple, list)):
+        return text
+    try:
+        return tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise DataError(f"{what} {text!r} is not a comma-separated list of numbers (e.g. 0.485,0.456,0.406).") from None
+
+
+def _float_constants(model: onnx.ModelProto):
+    for t in model.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT:
+            yield t.name, list(t.dims)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT:
+                    yield node.output[0], list(a.t.dims)
+
+
+def _model_params(model: onnx.ModelProto) -> int:
+    """Stored float parameters (initializers and Constant-node tensors); placeholder-computed weights count as 0."""
+    return int(sum(math.prod(dims) for _, dims in _float_constants(model)))
+
+
+def _conv_weights(model: onnx.ModelProto, only_3x3: bool = False) -> int:
+    dims = dict(_float_constants(model))
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in dims:
+            shape = dims[node.input[1]]
+            if only_3x3 and (len(shape) != 4 or shape[2:] != [3, 3]):
+                continue
+            total += math.prod(shape)
+    return total
+
+
+def _conv3x3_weights(model: onnx.ModelProto) -> int:
+    return _conv_weights(model, only_3x3=True)
+
+
+def _pattern_macs(model: onnx.ModelProto, plan) -> int:
+    """Whole-model MACs per sample after pattern pruning `model`: pruned Convs scale with their kept weights."""
+    from ctprune.graph import conv_layers
+    from ctprune.inspect import layer_table
+
+    _, totals = layer_table(model)
+    macs = {layer.node_name: layer.macs or 0 for layer in conv_layers(model)}
+    saved = sum(macs.get(row["name"], 0) * (1 - row["weights_after"] / row["weights_before"])
+                for row in plan.layer_report())
+    return int(round(totals["macs"] - saved))
+
+
+def _reinitialise(module: torch.nn.Module, seed: int) -> None:
+    """--init scratch: fresh Kaiming weights for Conv/Gemm, BN at identity (the paper's from-scratch setting)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.onnx_parameters().items():
+            if p.dim() >= 2:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=g) * math.sqrt(2.0 / fan_in))
+            elif p.dim() == 1:
+                pass  # biases and BN affine keep their values; BN statistics are re-estimated in training
