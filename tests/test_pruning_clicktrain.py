@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ctprune.errors import GraphError, RatioError
-from ctprune.pruning import ClickTrainPruner, OneShotPruner, PruningSchedule, prunable_convs
+from ctprune.pruning import ClickTrainPruner, OneShotPruner, PruningSchedule, one_shot_plan, prunable_convs
 
 
 @pytest.fixture(autouse=True)
@@ -246,3 +246,20 @@ def test_prunable_convs_skips_first_and_unsupported_convs():
     assert macs == {"a": 1000, "b": 1000}
     weights, skipped, _ = prunable_convs(layers, params, keep_first_dense=False)
     assert "stem" in weights and "stem" not in skipped
+
+
+def test_all_zero_gradients_fall_back_to_magnitude():
+    net, _, pruner = fresh()
+    reference = one_shot_plan({n: w.detach().clone() for n, w in net.prunable().items()}, ratio=6.0, patterns=6)
+    # a loss at its optimum (distilling a student equal to its teacher) has zero gradient everywhere
+    used = pruner.calibrate(lambda b: (net(b[0]) * 0.0).sum(), make_batches(2))
+    assert used == 2
+    plan = pruner.prune_now()
+    assert plan.importance == "magnitude"
+    assert plan.to_dict() == reference.to_dict()
+
+
+def test_pruner_is_a_train_hooks():
+    from ctprune.train.hooks import TrainHooks
+
+    assert isinstance(fresh()[2], TrainHooks)

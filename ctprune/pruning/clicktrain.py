@@ -25,6 +25,7 @@ from ctprune.pruning.patterns import TAPS
 from ctprune.pruning.plan import PruningPlan
 from ctprune.pruning.schedule import PruningSchedule
 from ctprune.pruning.selection import select_plan
+from ctprune.train.hooks import TrainHooks
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def check_prunable(weights: Mapping[str, torch.Tensor]) -> None:
             raise GraphError(f"Conv {name!r}: pattern pruning needs a (O, C, 3, 3) weight, got {tuple(w.shape)}.")
 
 
-class ClickTrainPruner:
+class ClickTrainPruner(TrainHooks):
     """Prunes {conv name: weight Parameter} to `ratio` (over these layers' weights) during training.
 
     patterns: library size K. spread: per-layer kept-kernel fraction stays within [u/spread, u*spread] of the mean u
@@ -205,11 +206,7 @@ class ClickTrainPruner:
     # -- internals ----------------------------------------------------------------------------------------------------
 
     def _select(self, final: bool) -> None:
-        if self.meter.batches > 0:
-            importance, kind = self.meter.importance(), "gradient"
-        else:
-            log.info("no gradient seen yet: choosing patterns and kernels by weight magnitude")
-            importance, kind = magnitude_importance(self.weights), "magnitude"
+        importance, kind = self._importance()
         self.plan = select_plan(
             importance,
             {n: tuple(w.shape) for n, w in self.weights.items()},
@@ -226,6 +223,23 @@ class ClickTrainPruner:
             self.hard = True
             self._mask_weights()
             log.info("hard masks on: %.2fx over %d layers (%s importance)", self.plan.ratio_achieved, len(self.plan.layers), kind)
+
+    def _importance(self) -> tuple[dict[str, torch.Tensor], str]:
+        """Accumulated (w * grad)^2; weight magnitude where no gradient was seen or it was all zero (a loss at its
+        optimum, e.g. distilling a student still equal to its teacher, has zero gradient)."""
+        magnitude = magnitude_importance(self.weights)
+        if self.meter.batches == 0:
+            log.info("no gradient seen yet: choosing patterns and kernels by weight magnitude")
+            return magnitude, "magnitude"
+        importance = self.meter.importance()
+        flat = [n for n, imp in importance.items() if not torch.any(imp > 0)]
+        if len(flat) == len(importance):
+            log.warning("the gradients seen were all zero: choosing patterns and kernels by weight magnitude instead")
+            return magnitude, "magnitude"
+        if flat:
+            log.warning("zero gradient importance in %d layer(s) (%s): weight magnitude used there", len(flat), ", ".join(flat[:4]))
+            importance.update({n: magnitude[n] for n in flat})
+        return importance, "gradient"
 
     def _install_masks(self) -> None:
         self._masks = {n: self.plan.layer_mask(n, w.device, w.dtype) for n, w in self.weights.items()}
