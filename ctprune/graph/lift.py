@@ -83,7 +83,8 @@ class TrainableGraph(nn.Module):
         self._static: dict[str, torch.Tensor] = {}
         taken: set[str] = set()
         for init in graph.initializer:
-            value = torch.from_numpy(np.array(onnx.numpy_helper.to_array(init)))
+            array = onnx.numpy_helper.to_array(init)
+            value = torch.from_numpy(array if array.flags.writeable else array.copy())
             name = init.name
             if name in weights and value.is_floating_point():
                 attr = _attr_name("p_", name, taken)

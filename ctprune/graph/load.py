@@ -24,12 +24,13 @@ def load_model(source, input_shape=None) -> onnx.ModelProto:
     External data next to a path is loaded too. ``input_shape`` (optional) is only validated here; normalize() applies it.
     The returned proto is the user's model, untouched, the base for write_back().
     """
-    label = "<bytes>"
+    label, raw = "<bytes>", None
     if isinstance(source, onnx.ModelProto):
         model, label = onnx.ModelProto(), "<ModelProto>"
         model.CopyFrom(source)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        model = _parse(bytes(source), label)
+        raw = bytes(source)
+        model = _parse(raw, label)
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         label = str(path)
@@ -37,15 +38,17 @@ def load_model(source, input_shape=None) -> onnx.ModelProto:
             raise ModelLoadError(f"{label}: no such file")
         if path.is_dir():
             raise ModelLoadError(f"{label}: is a directory, not an ONNX file")
-        model = _parse(path.read_bytes(), label)
+        raw = path.read_bytes()
+        model = _parse(raw, label)
         if _uses_external_data(model):
+            raw = path  # the checker resolves external data itself
             try:
                 onnx.load_external_data_for_model(model, str(path.parent))
             except (OSError, ValueError) as e:
                 raise ModelLoadError(f"{label}: its external weight data could not be read ({e})") from None
     else:
         raise ModelLoadError(f"cannot load a model from a {type(source).__name__}; give a path or bytes")
-    _check(model, label)
+    _check(model, label, raw)
     if input_shape is not None and len(model.graph.input) == 0:
         raise ModelLoadError(f"{label}: the graph has no inputs to give the shape {input_shape} to")
     log.debug("loaded %s: %d nodes, opset %s", label, len(model.graph.node), default_opset(model))
@@ -75,15 +78,13 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def _check(model: onnx.ModelProto, label: str) -> None:
+def _check(model: onnx.ModelProto, label: str, raw=None) -> None:
     opset = default_opset(model)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ModelLoadError(f"{label}: opset {opset} is not supported (ctprune reads opsets {MIN_OPSET} to {MAX_OPSET})")
     try:
-        if model.ByteSize() > 2**31 - 1:
-            onnx.checker.check_model(model, full_check=False)  # the checker can't take >2GB protos in one piece
-        else:
-            onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as e:
+        # The bytes we already hold (or the path) spare re-serialising hundreds of MB of weights.
+        onnx.checker.check_model(raw if raw is not None else model)
+    except (onnx.checker.ValidationError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise ModelLoadError(f"{label}: the ONNX checker rejects the model: {first}") from None

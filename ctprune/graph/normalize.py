@@ -39,6 +39,7 @@ WEIGHT_SLOTS = {
     "PRelu": (1,),
 }
 BN_STAT_SLOTS = {"BatchNormalization": (3, 4)}
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 PASS_THROUGH = {"Identity", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Cast", "Flatten"}
 
 
@@ -58,12 +59,46 @@ def normalize(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
     return out
 
 
+SMALL_CONSTANT = 4096  # elements; larger initializers are weights, whose values shape inference never needs
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with inferred value_info (in place, returned).
+
+    Inference runs on a weightless skeleton (large initializers become typed graph inputs): serialising hundreds of MB
+    of weights to the C++ inference and back would dominate the time otherwise.
+    """
+    skeleton = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "domain", "model_version"):
+        setattr(skeleton, field, getattr(model, field))
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    g, src = skeleton.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    declared = {i.name for i in src.input}
+    for t in src.initializer:
+        if int(np.prod(t.dims)) <= SMALL_CONSTANT or t.data_type not in FLOAT_TYPES:
+            g.initializer.append(t)
+        elif t.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    if skeleton.ir_version < 4:
+        skeleton.ir_version = 4  # so the initializers need not be repeated as inputs
     try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception as e:  # inference is a help, not a requirement: the interpreter runs without it
         log.warning("shape inference failed (%s); continuing without inferred shapes", str(e).splitlines()[0])
         return model
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    outputs = {o.name: o for o in inferred.graph.output}
+    for o in model.graph.output:
+        if o.name in outputs:
+            o.CopyFrom(outputs[o.name])
+    return model
 
 
 def _drop_initializer_inputs(model):
