@@ -82,7 +82,9 @@ def render_report(report: dict) -> str:
     if train:
         summary.append(["fine-tune", f"{train.get('epochs')} epoch(s), {train.get('seconds', 0):.1f} s, "
                                      f"{train.get('backend')} on {train.get('device')}"])
-    for note in report.get("notes", []):
-        summary.append(["note", note])
-    parts.append(render_table(["", ""], summary, align="ll"))
+    width = max(len(k) for k, _ in summary)
+    parts.append("\n".join(f"{k.ljust(width)}  {v}" for k, v in summary))
+    notes = report.get("notes", [])
+    if notes:
+        parts.append("\n".join(f"note: {n}" for n in notes))
     return "\n\n".join(parts)
