@@ -87,7 +87,7 @@ def _global_keep(scores: dict[str, torch.Tensor], density: float, keep_largest: 
 def _lift(model):
     from ctprune.graph import lift  # torch interpreter of the ONNX graph (lazy: heavy import)
 
-    return lift.lift(model)
+    return lift(model)
 
 
 def _inputs(tg, data, seed) -> torch.Tensor:
@@ -107,13 +107,13 @@ def _pai_scores(model, weights, pai, ratio, data, seed, iterations) -> dict[str,
     torch.manual_seed(seed)
     if pai == "synflow":
         return _synflow(model, weights, ratio, iterations)
-    tg = _lift(model).double()
+    tg = _lift(model)
     tg.eval()
     params = tg.onnx_parameters()
     missing = [w for w in weights if w not in params]
     if missing:
         raise GraphError(f"Conv weights {missing[:5]} are not trainable parameters of the lifted graph")
-    x = _inputs(tg, data, seed).double()
+    x = _inputs(tg, data, seed)
     ws = [params[w] for w in weights]
     out = tg(x)
     out = (out[0] if isinstance(out, tuple) else out).reshape(len(x), -1)
@@ -158,7 +158,7 @@ def _make_positive(tg, model: onnx.ModelProto) -> None:
 
 
 def _synflow(model, weights, ratio, iterations) -> dict[str, torch.Tensor]:
-    tg = _lift(_linearize(model)).double()
+    tg = _lift(_linearize(model))
     tg.eval()
     _make_positive(tg, model)
     params = tg.onnx_parameters()
@@ -176,7 +176,7 @@ def _synflow(model, weights, ratio, iterations) -> dict[str, torch.Tensor]:
     shape = tg.input_shapes[0]
     if not shape or any(d in (None, 0) for d in shape[1:]):
         raise DataError(f"input {tg.input_names[0]!r} has no static shape {shape}; SynFlow needs one")
-    ones = torch.ones((1, *shape[1:]), dtype=torch.float64)
+    ones = torch.ones((1, *shape[1:]))
     scores = {}
     for it in range(1, iterations + 1):
         with torch.no_grad():

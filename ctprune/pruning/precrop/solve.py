@@ -43,9 +43,11 @@ class WeightModel:
     def weights(self, k: np.ndarray) -> np.ndarray:
         return self.coef * (self.a_in @ k + self.c_in) * (self.a_out @ k)
 
-    def weights_torch(self, k: torch.Tensor) -> torch.Tensor:
-        t = {n: torch.as_tensor(getattr(self, n), dtype=torch.float64) for n in ("a_in", "c_in", "a_out", "coef")}
-        return t["coef"] * (t["a_in"] @ k + t["c_in"]) * (t["a_out"] @ k)
+    def torch_weights(self):
+        """w(k) as a torch function (for the continuous solve)."""
+        a_in, c_in, a_out, coef = (torch.as_tensor(getattr(self, n), dtype=torch.float64)
+                                   for n in ("a_in", "c_in", "a_out", "coef"))
+        return lambda k: coef * (a_in @ k + c_in) * (a_out @ k)
 
 
 def weight_model(cg: ChannelGraph) -> WeightModel:
@@ -132,9 +134,10 @@ def _continuous(wm: WeightModel, log_target, log_budget, lo, steps) -> np.ndarra
     x = torch.maximum(torch.full_like(lo_t, 0.5 * (log_budget - np.log(wm.weights(wm.sizes).sum()))), lo_t)
     x = x.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=0.05)
+    weights = wm.torch_weights()
     for step in range(steps):
         mu = BUDGET_WEIGHT * min(1.0, (step + 1) / (steps / 2))  # ease the budget in: fit the shape first
-        w = wm.weights_torch(sizes * torch.exp(x))
+        w = weights(sizes * torch.exp(x))
         loss = torch.mean((torch.log(w) - tgt) ** 2) + mu * (torch.log(w.sum()) - log_budget) ** 2
         opt.zero_grad()
         loss.backward()
