@@ -37,6 +37,7 @@ class PruneResult:
     model: onnx.ModelProto
     report: dict
     output_path: pathlib.Path | None = None
+    masked_dense: onnx.ModelProto | None = None  # pattern methods: the same weights as plain Convs with zeros
 
     def save(self, path: str | os.PathLike) -> pathlib.Path:
         self.output_path = save_model_atomic(self.model, check_output_path(path, None))
@@ -105,7 +106,7 @@ def prune(
         checkpoint_dir=_checkpoint_dir(out_path, model_path),
     )
     pruned, report = pipeline.run()
-    result = PruneResult(model=pruned, report=report)
+    result = PruneResult(model=pruned, report=report, masked_dense=pipeline.masked_dense)
     if out_path is not None:
         result.save(out_path)
     if report_path is not None:

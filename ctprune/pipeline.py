@@ -58,6 +58,7 @@ class Pipeline:
 
         torch.manual_seed(self.seed)
         self.notes: list[str] = []
+        self.masked_dense = None
         self.original = load_model(self.model)
         check_supported(self.original)  # every unsupported op, named, before any work
         self.teacher = self._lift(self.original).eval()
@@ -156,6 +157,7 @@ class Pipeline:
         plan.apply(weights)
         self.student = student
         trained = write_back(model, student)
+        self.masked_dense = trained
         pruned = rewrite_model(trained, plan.layer_patterns())
         self._finished = True
         return pruned, {"kind": "pattern", "plan": plan, "masked_dense": trained, "pattern_input": model}
