@@ -84,8 +84,13 @@ def prune(
     std=None,
     first_conv_dense: bool = True,
     latency_threads: int = 1,
+    schedule: str = "clicktrain",
 ) -> PruneResult:
-    """Prune an ONNX CNN; see contract.md. `output` (a path) saves the model there atomically; `report_path` the JSON."""
+    """Prune an ONNX CNN; see contract.md. `output` (a path) saves the model there atomically; `report_path` the JSON.
+
+    `schedule="oneshot"` is the prune-after baseline (magnitude masks chosen once, then the same fine-tune), kept for
+    comparisons; ClickTrain's prune-during-fine-tuning is the default.
+    """
     from ctprune.pipeline import Pipeline
 
     ratio_value = _ratio_value(ratio)
@@ -102,7 +107,7 @@ def prune(
         model=model, ratio=ratio_value, method=method, data=data, eval_data=eval_data, epochs=epochs,
         batch_size=batch_size, lr=lr, patterns=patterns, device=device, backend=backend, seed=seed, resume=resume,
         quiet=quiet, pai=pai, init=init, channel_multiple=channel_multiple, input_size=input_size, mean=mean, std=std,
-        first_conv_dense=first_conv_dense, latency_threads=latency_threads,
+        first_conv_dense=first_conv_dense, latency_threads=latency_threads, schedule=schedule,
         checkpoint_dir=_checkpoint_dir(out_path, model_path),
     )
     pruned, report = pipeline.run()

@@ -51,6 +51,7 @@ class Pipeline:
     first_conv_dense: bool = True
     latency_threads: int = 1
     checkpoint_dir: object = None
+    schedule: str = "clicktrain"  # "oneshot": the prune-after baseline (magnitude masks fixed before fine-tuning)
 
     # ---- the pass -------------------------------------------------------------------------------------------------
     def run(self) -> tuple[onnx.ModelProto, dict]:
@@ -136,7 +137,7 @@ class Pipeline:
     def _pattern(self, model, ratio, checkpoint_tag: str = ""):
         """ClickTrain: importance → pattern library → soft masks with group lasso → hard masks → PatternConv."""
         from ctprune.graph import conv_layers, write_back
-        from ctprune.pruning import ClickTrainPruner, prunable_convs
+        from ctprune.pruning import ClickTrainPruner, OneShotPruner, prunable_convs
         from ctprune.rewrite import rewrite_model
 
         student = self._lift(model)
@@ -146,7 +147,8 @@ class Pipeline:
             reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:6])
             raise GraphError("the model has no Conv that pattern pruning can take (3x3, group 1, dilation 1)"
                              + (f" — {reasons}" if reasons else "") + ". Try --method precrop.")
-        pruner = ClickTrainPruner(weights, ratio=ratio, patterns=self.patterns, skipped=skipped, macs=macs)
+        pruner_class = OneShotPruner if self.schedule == "oneshot" else ClickTrainPruner
+        pruner = pruner_class(weights, ratio=ratio, patterns=self.patterns, skipped=skipped, macs=macs)
         if self._epochs() == 0:
             self._calibrate(pruner, student)
             plan = pruner.prune_now()
