@@ -40,6 +40,9 @@ def save_checkpoint(directory, state: dict) -> pathlib.Path:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)

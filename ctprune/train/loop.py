@@ -283,13 +283,13 @@ def fine_tune(student: nn.Module, teacher: nn.Module | None = None, train=None, 
             log.info("resuming from %s at epoch %d, step %d", checkpoint_path(checkpoint_dir), start_epoch + 1,
                      start_step)
 
-    def save(epoch: int, step_in_epoch: int) -> None:
+    def save(epoch: int, step_in_epoch: int, rng: dict | None = None) -> None:
         if checkpoint_dir is None or not main:
             return
         save_checkpoint(checkpoint_dir, {
             "config": config, "epoch": epoch, "step_in_epoch": step_in_epoch, "history": history,
             "model": student.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "hooks": hooks.state_dict(), "rng": rng_state()})
+            "scheduler": scheduler.state_dict(), "hooks": hooks.state_dict(), "rng": rng or rng_state()})
 
     teacher_out = _TeacherOutputs(teacher, train, dev, eval_batch_size, quiet or not main) if epochs else None
     eval_reference = None
@@ -314,6 +314,7 @@ def fine_tune(student: nn.Module, teacher: nn.Module | None = None, train=None, 
                 step = epoch * steps_per_epoch + s
                 idx = order[s * rank_batch: (s + 1) * rank_batch]
                 x = x_all[idx].to(dev, non_blocking=True)
+                step_rng = rng_state()  # so a checkpoint taken inside this step replays it exactly
                 try:
                     out = _first(model(x))
                     probabilities = teacher_out.probabilities if teacher is not None else looks_like_probabilities(out)
@@ -332,7 +333,7 @@ def fine_tune(student: nn.Module, teacher: nn.Module | None = None, train=None, 
                 except KeyboardInterrupt:
                     # Raised inside the step (not via our signal handler): the step may be half done.
                     log.warning("interrupted inside step %d: the checkpoint resumes at this step", step)
-                    save(epoch, s)
+                    save(epoch, s, step_rng)
                     bar.close()
                     raise
                 loss_sum += loss.item()
