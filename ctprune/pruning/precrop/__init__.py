@@ -73,10 +73,14 @@ class CropPlan:
                 after = layer.kernel * k_in * k_out // layer.group
             else:
                 before, after = c_in * c_out, k_in * k_out
+            target = self.densities.get(layer.name)
+            note = f"channels {c_in}->{k_in} in, {c_out}->{k_out} out; density " + (
+                f"{target:.2f} asked, " if target is not None else "") + f"{after / before:.2f} kept"
             rows.append({
-                "name": layer.name, "op": layer.op, "in_channels": [c_in, k_in], "out_channels": [c_out, k_out],
-                "weights_before": before, "weights_after": after,
-                "density_target": self.densities.get(layer.name), "density_achieved": after / before,
+                "name": layer.name, "op": layer.op, "kernel": list(layer.kernel_shape),
+                "in_channels": k_in, "out_channels": k_out, "in_channels_before": c_in, "out_channels_before": c_out,
+                "weights_before": before, "weights_after": after, "pattern_count": None,
+                "density_target": target, "density_achieved": after / before, "note": note,
             })
         return rows
 
@@ -103,6 +107,7 @@ def plan_crop(model: onnx.ModelProto, ratio: float, pai: str = "synflow", data: 
         raise RatioError(f"--channel-multiple must be a positive integer, got {channel_multiple!r}")
     if not ratio > 1:
         raise RatioError(f"the compression ratio must be a number > 1, got {ratio!r}")
+    model = _with_constant_weights(model)
     cg = channel_graph(model)
     frozen = [g for g in cg.groups.values() if g.frozen]
     notes = [f"{g.describe()} kept whole: {g.frozen}" for g in frozen]
@@ -125,7 +130,23 @@ def plan_crop(model: onnx.ModelProto, ratio: float, pai: str = "synflow", data: 
 
 def apply_crop(model: onnx.ModelProto, plan: CropPlan) -> onnx.ModelProto:
     """A new model with only the planned channels: smaller standard Conv/BN/Gemm constants, same graph inputs/outputs."""
+    model = _with_constant_weights(model)
     return crop_model(model, plan.keep, channel_graph(model))
+
+
+def _with_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model itself, or, when some Conv/Gemm weight is computed by the graph (e.g. ConstantOfShape placeholders
+    in the onnx backend-test models), its constant-folded form (ctprune.graph.normalize) — cropping needs constants."""
+    consts = ConstantTable(model.graph)
+    computed = [n.input[1] for n in model.graph.node
+                if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1] not in consts]
+    if not computed:
+        return model
+    from ctprune.graph import normalize
+
+    log.info("precrop: %d weights (e.g. %r) are computed by the graph; folding constants first", len(computed),
+             computed[0])
+    return normalize(model)
 
 
 def _channel_importance(model: onnx.ModelProto, cg: ChannelGraph, dens: Densities) -> dict[str, np.ndarray]:

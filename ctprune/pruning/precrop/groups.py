@@ -100,6 +100,7 @@ class Layer:
     depthwise: bool = False
     group: int = 1
     weight_count: int = 0
+    kernel_shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -371,7 +372,7 @@ class _Walker:
             self.slices.append(Slice(label, 2, bias, 0, out_layout))
         self.layouts[node.output[0]] = out_layout
         self.layers.append(Layer(label, "Conv", w, kernel, in_layout, out_layout, depthwise, group,
-                                 int(np.prod(wshape))))
+                                 int(np.prod(wshape)), tuple(wshape[2:])))
 
     def dense(self, node, label) -> None:
         a, b = node.input[0], node.input[1]
