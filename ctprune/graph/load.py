@@ -44,7 +44,7 @@ def load_model(source, input_shape=None) -> onnx.ModelProto:
             raw = path  # the checker resolves external data itself
             try:
                 onnx.load_external_data_for_model(model, str(path.parent))
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, onnx.checker.ValidationError) as e:
                 raise ModelLoadError(f"{label}: its external weight data could not be read ({e})") from None
     else:
         raise ModelLoadError(f"cannot load a model from a {type(source).__name__}; give a path or bytes")
