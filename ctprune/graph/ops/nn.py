@@ -87,7 +87,7 @@ def conv_transpose(node, inputs, ctx):
     if output_shape or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         target = list(output_shape)[-n:] if output_shape else [i * s for i, s in zip(x.shape[2:], strides)]
         totals = [f + op - t for f, op, t in zip(full, out_pad, target)]
-        upper = auto_pad != "SAME_LOWER"
+        upper = auto_pad == "SAME_UPPER"  # NOTSET with output_shape puts the odd pad at the start, like SAME_LOWER
         begins = [t // 2 if upper else t - t // 2 for t in totals]
         pads = begins + [t - bg for t, bg in zip(totals, begins)]
     elif auto_pad == "VALID":
