@@ -22,10 +22,16 @@ from ctprune.errors import CtpruneError
 
 LIBRARY_DIR = pathlib.Path(__file__).resolve().parent / "_lib"
 LIBRARY_STEM = "libctprune_ops"
+LIBRARY_ENV = "CTPRUNE_KERNEL_LIBRARY"  # use this library file instead of the package's own (e.g. a custom build)
 
 
 def kernel_library_path() -> str:
-    """Absolute path of the compiled custom-op library inside the installed package."""
+    """Absolute path of the compiled custom-op library: $CTPRUNE_KERNEL_LIBRARY if set, else the one in the package."""
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        if not os.path.isfile(override):
+            raise CtpruneError(f"{LIBRARY_ENV}={override} is not a file")
+        return os.path.abspath(override)
     found = sorted(p for p in LIBRARY_DIR.glob(LIBRARY_STEM + "*") if p.suffix in (".so", ".dylib", ".dll"))
     if not found:
         raise CtpruneError(

@@ -45,6 +45,7 @@ def executed_ops(model: onnx.ModelProto, feeds, tmp_path, options: ort.SessionOp
 
 def test_missing_library_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "LIBRARY_DIR", tmp_path)
+    monkeypatch.delenv(runtime.LIBRARY_ENV, raising=False)
     with pytest.raises(CtpruneError, match="not built"):
         runtime.kernel_library_path()
     with pytest.raises(CtpruneError, match="not built"):
@@ -137,3 +138,12 @@ def test_bench_refuses_a_wrong_fixed_batch(tmp_path):
     _, dense_model, _ = pattern_and_dense_models(rng, random_layer_patterns(rng, 2, 2, 1.0, 2), [1, 2, 5, 5])
     with pytest.raises(CtpruneError, match="fixed batch of 1"):
         bench_models([dense_model], batch=4, repeats=3, progress=False)
+
+
+def test_library_override_must_exist(tmp_path, monkeypatch):
+    monkeypatch.setenv(runtime.LIBRARY_ENV, str(tmp_path / "nope.so"))
+    with pytest.raises(CtpruneError, match="not a file"):
+        runtime.kernel_library_path()
+    (tmp_path / "custom.so").write_bytes(b"")
+    monkeypatch.setenv(runtime.LIBRARY_ENV, str(tmp_path / "custom.so"))
+    assert runtime.kernel_library_path() == str(tmp_path / "custom.so")
