@@ -1,0 +1,152 @@
+"""`ctprune inspect`: a per-layer table of a model's compute layers, at the model's input shape.
+
+    rows, totals = layer_table(load_model("model.onnx"))
+    print(render_table(rows, totals))
+
+Shapes come from shape inference alone (weights are never materialised), so this is fast even on big models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import onnx
+
+from ctprune.errors import UnsupportedOpsError
+from ctprune.graph.layers import _constant_dims, conv_layers, shaped_model
+from ctprune.graph.lift import check_supported
+from ctprune.graph.normalize import FLOAT_TYPES, static_shapes
+
+__all__ = ["LayerRow", "layer_table", "render_table", "count_parameters"]
+
+
+@dataclass
+class LayerRow:
+    name: str
+    op: str
+    kernel: str  # "3x3", or "" for dense layers
+    in_channels: int
+    out_channels: int
+    groups: int
+    params: int
+    macs: int | None  # per sample
+    prunable: bool  # by pattern: a 3x3 group-1 Conv
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements of every stored float tensor: initializers, Constant nodes and ConstantOfShape placeholders."""
+    total = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
+    shape_values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+                    if t.data_type == onnx.TensorProto.INT64 and len(t.dims) == 1}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in FLOAT_TYPES:
+                    total += math.prod(a.t.dims)
+        elif node.op_type == "ConstantOfShape" and node.input[0] in shape_values:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is None or value.data_type in FLOAT_TYPES:
+                total += int(math.prod(int(d) for d in shape_values[node.input[0]]))
+    return total
+
+
+def _dense_rows(model: onnx.ModelProto, input_shape) -> list[LayerRow]:
+    """Gemm, MatMul with a stored weight, and ConvTranspose."""
+    m = shaped_model(model, input_shape)
+    stored = _constant_dims(m)
+    shapes = static_shapes(m)
+    shapes.update(stored)
+    rows = []
+    for node in m.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm":
+            w = shapes.get(node.input[1])
+            if not w or None in w:
+                continue
+            k, n = (w[1], w[0]) if attrs.get("transB", 0) else (w[0], w[1])
+            bias = math.prod(shapes.get(node.input[2]) or [0]) if len(node.input) > 2 and node.input[2] else 0
+            rows.append(LayerRow(node.name, "Gemm", "", k, n, 1, k * n + bias, k * n, False))
+        elif node.op_type == "MatMul":
+            a, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+            if node.input[1] not in stored or len(w) != 2:  # activation x activation: not a layer
+                continue
+            rows_per_sample = math.prod(a[1:-1]) if a and None not in a[1:-1] else 1
+            rows.append(LayerRow(node.name, "MatMul", "", w[0], w[1], 1, w[0] * w[1], rows_per_sample * w[0] * w[1], False))
+        elif node.op_type == "ConvTranspose":
+            w, x = shapes.get(node.input[1]), shapes.get(node.input[0])
+            if not w or None in w:
+                continue
+            group = int(attrs.get("group", 1))
+            kernel = w[2:]
+            macs = w[0] * w[1] * math.prod(kernel) * math.prod(x[2:]) if x and None not in x[2:] else None
+            bias = w[1] * group if len(node.input) > 2 and node.input[2] else 0
+            rows.append(LayerRow(node.name, "ConvTranspose", "x".join(map(str, kernel)), w[0], w[1] * group, group,
+                                 math.prod(w) + bias, macs, False))
+    return rows
+
+
+def layer_table(model: onnx.ModelProto, input_shape=None) -> tuple[list[LayerRow], dict]:
+    """(rows in graph order, totals). Totals: params (whole model), macs (listed layers, per sample), layer and
+    prunable counts, prunable params, the input shape used, and unsupported ops ({op: [nodes]}, empty if none)."""
+    convs = conv_layers(model, input_shape)
+    rows_by_name = {}
+    for c in convs:
+        rows_by_name[c.node_name] = LayerRow(
+            c.node_name, "Conv", "x".join(map(str, c.kernel_shape)), c.in_channels, c.out_channels, c.group,
+            c.params, c.macs, c.is_pattern_prunable,
+        )
+    for r in _dense_rows(model, input_shape):
+        rows_by_name[r.name] = r
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    rows = sorted(rows_by_name.values(), key=lambda r: order.get(r.name, 0))
+    try:
+        check_supported(model)
+        unsupported = {}
+    except UnsupportedOpsError as e:
+        unsupported = e.unsupported
+    m = shaped_model(model, input_shape)
+    inits = {t.name for t in m.graph.initializer}
+    data_inputs = [i for i in m.graph.input if i.name not in inits]
+    in_shape = static_shapes(m).get(data_inputs[0].name) if data_inputs else None
+    totals = {
+        "params": count_parameters(model),
+        "macs": sum(r.macs or 0 for r in rows),
+        "layers": len(rows),
+        "prunable_layers": sum(r.prunable for r in rows),
+        "prunable_params": sum(r.params for r in rows if r.prunable),
+        "input_shape": in_shape,
+        "unsupported": unsupported,
+    }
+    return rows, totals
+
+
+def _num(n) -> str:
+    return "?" if n is None else f"{n:,}"
+
+
+def render_table(rows: list[LayerRow], totals: dict) -> str:
+    name_w = min(max([len(r.name) for r in rows] + [5]), 48)
+    head = f"{'layer':<{name_w}}  {'op':<13} {'kernel':>6} {'in':>6} {'out':>6} {'groups':>6} {'params':>13} " \
+           f"{'MACs':>15}  prunable"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        name = r.name if len(r.name) <= name_w else "..." + r.name[-(name_w - 3):]
+        lines.append(
+            f"{name:<{name_w}}  {r.op:<13} {r.kernel:>6} {r.in_channels:>6} {r.out_channels:>6} {r.groups:>6} "
+            f"{_num(r.params):>13} {_num(r.macs):>15}  {'yes' if r.prunable else ''}"
+        )
+    lines.append("-" * len(head))
+    shape = "x".join("N" if d in (None, 1) and i == 0 else str(d) for i, d in enumerate(totals["input_shape"] or []))
+    lines.append(
+        f"total: {totals['layers']} layers ({totals['prunable_layers']} prunable 3x3 convs holding "
+        f"{_num(totals['prunable_params'])} params); model params {_num(totals['params'])}; "
+        f"{totals['macs'] / 1e9:.2f} G MACs per sample at input {shape or '?'}"
+    )
+    if totals["unsupported"]:
+        lines.append(str(UnsupportedOpsError(totals["unsupported"])))
+    return "\n".join(lines)
+
+
+def rows_as_dicts(rows: list[LayerRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
