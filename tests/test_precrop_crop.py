@@ -36,6 +36,7 @@ def masked_model(model: onnx.ModelProto, plan) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {t.name: t for t in out.graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in out.graph.node if n.op_type == "Identity"}
     nodes = {n.name: n for n in out.graph.node}
     cg = plan.channels
     for layer in cg.layers:
@@ -43,13 +44,20 @@ def masked_model(model: onnx.ModelProto, plan) -> onnx.ModelProto:
             continue
         node = nodes[layer.name]
         axis = 1 if layer.op == "Conv" or any(a.name == "transB" and a.i for a in node.attribute) else 0
-        w = numpy_helper.to_array(inits[layer.weight]).copy()
+        source = layer.weight
+        while source in alias:
+            source = alias[source]
+        w = numpy_helper.to_array(inits[source]).copy()
         kept = cg.kept_features(layer.in_layout, plan.keep)
         dropped = np.setdiff1d(np.arange(w.shape[axis]), kept)
         index = [slice(None)] * w.ndim
         index[axis] = dropped
         w[tuple(index)] = 0
-        inits[layer.weight].CopyFrom(numpy_helper.from_array(w, layer.weight))
+        # a private copy per layer: a shared weight may be masked differently by each reader
+        out.graph.initializer.append(numpy_helper.from_array(w, f"{layer.name}.masked_weight"))
+        node.input[1] = f"{layer.name}.masked_weight"
+        if out.ir_version < 4:
+            out.graph.input.append(helper.make_tensor_value_info(f"{layer.name}.masked_weight", 1, list(w.shape)))
     return out
 
 
@@ -125,7 +133,11 @@ def test_shared_initializers_are_copied_before_slicing():
             node.input.append(shared)
     twin = b.op("Conv", [x, left + ".weight", shared], kernel_shape=[3, 3], pads=[1] * 4)
     b.channels[twin] = 32
-    mixed = b.relu(b.op("Add", [left, twin]))
+    # exporters also read deduplicated weights through Identity nodes
+    alias = b.op("Identity", [shared])
+    third = b.op("Conv", [b.relu(twin), b.op("Identity", [left + ".weight"]), alias], kernel_shape=[3, 3], pads=[1] * 4)
+    b.channels[third] = 32
+    mixed = b.relu(b.op("Add", [left, third]))
     out = b.op("Concat", [mixed, b.relu(right)], axis=1)
     b.channels[out] = 48
     b.head(out)

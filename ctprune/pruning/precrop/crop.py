@@ -104,14 +104,14 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
                 for axis, idx in cuts[site]:
                     v = np.take(v, idx, axis=axis)
             values.append(v)
-        shared = uses[name] > len(sites) or any(not np.array_equal(values[0], v) or v.shape != values[0].shape
-                                                for v in values[1:])
+        differ = any(v.shape != values[0].shape or not np.array_equal(values[0], v) for v in values[1:])
+        shared = name in consts.aliases or uses[name] > len(sites) or differ
         if not shared:
             consts.set(name, values[0])
             continue
         log.info("constant %r is shared by %d consumers: copying it before cropping", name, uses[name])
         first = 0
-        if uses[name] == len(sites):  # every reader is cut: the first keeps the original name
+        if uses[name] == len(sites) and name not in consts.aliases:  # every reader is cut: the first keeps the name
             consts.set(name, values[0])
             first = 1
         for site, v in list(zip(sites, values))[first:]:
@@ -126,6 +126,7 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
             if attr.name == "group":
                 attr.i = channels
 
+    _drop_dead_constants(graph, before=uses)
     _sync_graph_inputs(out)
     del graph.value_info[:]
     try:
@@ -134,6 +135,29 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
     except Exception as exc:  # a model onnx cannot infer is still valid; onnxruntime infers at load time
         log.warning("shape inference on the cropped model failed: %s", exc)
     return out
+
+
+def _drop_dead_constants(graph: onnx.GraphProto, before: dict[str, int]) -> None:
+    """Remove what cropping left unread: Identity aliases of copied weights, then initializers only they read
+    (and, IR 3 style, their graph-input entries). Anything unread before cropping stays as it was."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        uses = _uses(graph)
+        dead = [n for n in graph.node if n.op_type == "Identity" and n.output[0] not in outputs
+                and uses.get(n.output[0], 0) == 0 and before.get(n.output[0], 0) > 0]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    uses = _uses(graph)
+    unread = {t.name for t in graph.initializer if uses.get(t.name, 0) == 0 and before.get(t.name, 0) > 0}
+    if unread:
+        kept = [t for t in graph.initializer if t.name not in unread]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        inputs = [i for i in graph.input if i.name not in unread]
+        del graph.input[:]
+        graph.input.extend(inputs)
 
 
 def _sync_graph_inputs(model: onnx.ModelProto) -> None:

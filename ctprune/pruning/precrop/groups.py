@@ -132,31 +132,39 @@ class ChannelGraph:
 
 
 class ConstantTable:
-    """Constant tensors of a graph by name: initializers and Constant nodes."""
+    """Constant tensors of a graph by name: initializers, Constant nodes, and Identity outputs of those (aliases:
+    exporters deduplicate equal weights into one initializer read through Identity nodes)."""
 
     def __init__(self, graph: onnx.GraphProto):
         self.initializers = {t.name: t for t in graph.initializer}
         self.constant_nodes = {}
+        self.aliases: dict[str, str] = {}
         for node in graph.node:
             if node.op_type == "Constant" and node.output:
                 for attr in node.attribute:
                     if attr.name == "value":
                         self.constant_nodes[node.output[0]] = (node, attr)
+            elif node.op_type == "Identity" and node.input and node.output and node.input[0] in self:
+                self.aliases[node.output[0]] = self.aliases.get(node.input[0], node.input[0])
 
     def __contains__(self, name: str) -> bool:
-        return name in self.initializers or name in self.constant_nodes
+        return name in self.initializers or name in self.constant_nodes or name in self.aliases
 
     def get(self, name: str) -> np.ndarray:
+        name = self.aliases.get(name, name)
         if name in self.initializers:
             return numpy_helper.to_array(self.initializers[name])
         return numpy_helper.to_array(self.constant_nodes[name][1].t)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        name = self.aliases.get(name, name)
         if name in self.initializers:
             return tuple(self.initializers[name].dims)
         return tuple(self.constant_nodes[name][1].t.dims)
 
     def set(self, name: str, value: np.ndarray) -> None:
+        if name in self.aliases:
+            raise KeyError(f"{name!r} is an alias of {self.aliases[name]!r}; copy it instead of setting it")
         tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
         if name in self.initializers:
             self.initializers[name].CopyFrom(tensor)
@@ -355,6 +363,9 @@ class _Walker:
             in_layout = Layout(((self.new_space(c_in_per_group * group, f"{label}:in", f"input of {label!r}"),
                                  c_in_per_group * group),))
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias and bias not in self.consts:
+            raise GraphError(f"Conv node {label!r}: its bias {bias!r} is computed by the graph, not a constant; "
+                             "fold constants first (ctprune.graph.normalize)")
         depthwise = group > 1 and c_in_per_group == 1 and c_out == group == in_layout.channels
         if group == 1:
             out_layout = Layout(((self.new_space(c_out, label), c_out),))

@@ -1,0 +1,197 @@
+"""PreCropping results: the accuracy table of issue 5 and the onnxruntime speed of cropped models.
+
+    OMP_NUM_THREADS=1 nice .venv/bin/python examples/precrop_results.py accuracy --epochs 3 --train-subset 20000
+    OMP_NUM_THREADS=1 nice .venv/bin/python examples/precrop_results.py speed
+
+accuracy: Fashion-MNIST, the examples' ResNet-20, trained from scratch for the same epochs at 4x fewer conv weights by
+  1. PreCropping with SynFlow densities (channels cropped, a smaller dense net),
+  2. uniform channel scaling (the same cropping with uniform densities: every group keeps ~1/2 of its channels),
+  3. unstructured SynFlow masking (the dense net with SynFlow's weight mask held fixed during training),
+  and the dense net itself for reference. Every arm gets the same fresh initialisation scheme, data, epochs, seed.
+speed: onnxruntime latency (1 thread, batch 1, median) of dense vs 2x/4x-cropped nets.
+Both write markdown tables to stdout (examples/RESULTS_precrop.md holds the committed ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+import numpy as np
+import onnx
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from ctprune.graph import lift  # noqa: E402
+from ctprune.pruning.precrop import apply_crop, channel_graph, plan_crop  # noqa: E402
+from ctprune.pruning.precrop.densities import _global_keep, _synflow  # noqa: E402
+from ctprune.train import Dataset, TrainHooks, fine_tune  # noqa: E402
+
+log = logging.getLogger("precrop_results")
+
+
+# ---- models ---------------------------------------------------------------------------------------------------------
+def resnet20_onnx(seed: int) -> onnx.ModelProto:
+    """A freshly initialised ResNet-20 (examples/fmnist.py) as ONNX: the graph PreCropping plans on."""
+    from examples.fmnist import ResNet20
+
+    torch.manual_seed(seed)
+    net = ResNet20().eval()
+    buf = io.BytesIO()
+    torch.onnx.export(net, (torch.zeros(1, 1, 28, 28),), buf, dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def fresh_init(module, seed: int) -> None:
+    """Kaiming-normal Conv/Gemm weights (fan-in), zero biases, BN at identity: the same for every arm."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.onnx_parameters().values():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * math.sqrt(2.0 / math.prod(p.shape[1:])))
+        for name, p in module.onnx_parameters().items():
+            if p.dim() == 1:
+                p.fill_(1.0 if "weight" in name or "scale" in name else 0.0)
+
+
+def conv_weights(model: onnx.ModelProto) -> int:
+    inits = {t.name: t for t in model.graph.initializer}
+    return sum(math.prod(inits[n.input[1]].dims) for n in model.graph.node if n.op_type == "Conv")
+
+
+class HoldMask(TrainHooks):
+    """Unstructured pruning: multiply the weights by their fixed mask after every optimizer step."""
+
+    def __init__(self, params: dict, masks: dict):
+        self.pairs = [(params[n], m) for n, m in masks.items()]
+        self.begin(0, 0)
+
+    def begin(self, total_steps, steps_per_epoch):
+        with torch.no_grad():
+            for p, m in self.pairs:
+                p.mul_(m.to(p.device, p.dtype))
+
+    def after_step(self, step):
+        self.begin(0, 0)
+
+
+# ---- accuracy table -------------------------------------------------------------------------------------------------
+def accuracy(args) -> str:
+    from examples.fmnist import load_fmnist
+
+    x, y = load_fmnist("train")
+    xt, yt = load_fmnist("test")
+    rng = np.random.default_rng(args.seed)
+    pick = rng.permutation(len(x))[: args.train_subset]
+    train = Dataset(x[pick], y[pick], source=f"fmnist train ({len(pick)})")
+    test = Dataset(xt[: args.test_subset], yt[: args.test_subset], source="fmnist test")
+    dense = resnet20_onnx(args.seed)
+    arms = {}
+    for label, pai in (("PreCropping + SynFlow", "synflow"), ("uniform channel scaling", "uniform")):
+        plan = plan_crop(dense, args.ratio, pai=pai, pretrained=False, seed=args.seed)
+        cropped = apply_crop(dense, plan)
+        arms[label] = (cropped, None, conv_weights(dense) / conv_weights(cropped))
+    # Unstructured SynFlow: the dense graph with SynFlow's mask at the same ratio, held during training.
+    convs = [l.weight for l in channel_graph(dense).layers if l.op == "Conv"]
+    masks = _global_keep(_synflow(dense, convs, args.ratio, 20), 1.0 / args.ratio, keep_largest=True)
+    kept = sum(int(m.sum()) for m in masks.values())
+    arms["unstructured SynFlow mask"] = (dense, masks, conv_weights(dense) / kept)
+    if not args.skip_dense:
+        arms["dense (reference)"] = (dense, None, 1.0)
+
+    rows = []
+    for label, (model, mask, ratio) in arms.items():
+        module = lift(model)
+        fresh_init(module, args.seed)
+        hooks = HoldMask(module.onnx_parameters(), mask) if mask else None
+        t0 = time.time()
+        result = fine_tune(module, None, train=train, eval=test, epochs=args.epochs, batch_size=args.batch_size,
+                           lr=args.lr, seed=args.seed, device="cpu", hooks=hooks, quiet=args.quiet)
+        seconds = time.time() - t0
+        rows.append((label, ratio, 100 * result.accuracy, seconds))
+        log.info("%s: %.2fx, accuracy %.2f%%, %.0f s", label, ratio, 100 * result.accuracy, seconds)
+    lines = [f"Fashion-MNIST, ResNet-20 from scratch, {args.epochs} epoch(s) on {len(pick)} training images, "
+             f"test on {len(test)}; batch {args.batch_size}, lr {args.lr}, seed {args.seed}.", "",
+             "| method | conv-weight ratio | test accuracy | train time |", "|---|---:|---:|---:|"]
+    lines += [f"| {l} | {r:.2f}x | {a:.2f}% | {s:.0f} s |" for l, r, a, s in rows]
+    return "\n".join(lines)
+
+
+# ---- speed ----------------------------------------------------------------------------------------------------------
+def latency_ms(model: onnx.ModelProto, x: np.ndarray, repeats: int) -> float:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: x}
+    for _ in range(5):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def speed(args) -> str:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_precrop_nets import densenet, mobilenet_v2, resnet, se_net
+
+    nets = {
+        "ResNet-style (64-256 ch, 64x64)": (lambda: resnet(width=64, size=64), 64),
+        "MobileNetV2-style (96x96)": (lambda: mobilenet_v2(size=96, width=32), 96),
+        "DenseNet-style (Concat, 64x64)": (lambda: densenet(size=64, growth=32, layers=(4, 4)), 64),
+        "squeeze-excite (64x64)": (lambda: se_net(size=64, width=64, blocks=4), 64),
+    }
+    lines = ["onnxruntime CPU, 1 thread, batch 1, median of %d runs; PreCropping with %s densities." % (
+        args.repeats, args.pai), "", "| net | dense ms | 2x ms (speed-up) | 4x ms (speed-up) |", "|---|---:|---:|---:|"]
+    for name, (build, size) in nets.items():
+        model = build()
+        x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
+        base = latency_ms(model, x, args.repeats)
+        cells = []
+        for ratio in (2, 4):
+            cropped = apply_crop(model, plan_crop(model, ratio, pai=args.pai))
+            t = latency_ms(cropped, x, args.repeats)
+            cells.append(f"{t:.2f} ({base / t:.2f}x)")
+        lines.append(f"| {name} | {base:.2f} | {cells[0]} | {cells[1]} |")
+        log.info(lines[-1])
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    acc = sub.add_parser("accuracy")
+    acc.add_argument("--ratio", type=float, default=4.0)
+    acc.add_argument("--epochs", type=int, default=3)
+    acc.add_argument("--train-subset", type=int, default=20000)
+    acc.add_argument("--test-subset", type=int, default=10000)
+    acc.add_argument("--batch-size", type=int, default=128)
+    acc.add_argument("--lr", type=float, default=0.1)
+    acc.add_argument("--seed", type=int, default=0)
+    acc.add_argument("--skip-dense", action="store_true")
+    acc.add_argument("--quiet", action="store_true")
+    spd = sub.add_parser("speed")
+    spd.add_argument("--repeats", type=int, default=50)
+    spd.add_argument("--pai", default="erk")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(1)
+    print(accuracy(args) if args.what == "accuracy" else speed(args))
+
+
+if __name__ == "__main__":
+    main()
