@@ -44,8 +44,15 @@ def check_supported(model: onnx.ModelProto) -> None:
         raise UnsupportedOpsError(missing)
 
 
-def lift(model: onnx.ModelProto, input_shape=None) -> "TrainableGraph":
-    """A TrainableGraph for ``model`` (a loaded ModelProto; it is not modified)."""
+def lift(model, input_shape=None) -> "TrainableGraph":
+    """A TrainableGraph for ``model``: a ModelProto (not modified), or a path/bytes given to load_model.
+
+    ``input_shape`` fixes the data input's shape (None entries stay dynamic), e.g. for models whose H/W are symbolic.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        from ctprune.graph.load import load_model
+
+        model = load_model(model)
     check_supported(model)
     return TrainableGraph(normalize(model, input_shape))
 
