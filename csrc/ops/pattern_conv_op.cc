@@ -1,0 +1,213 @@
+#include "ops/pattern_conv_op.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace ctprune {
+namespace ops {
+namespace {
+
+std::vector<int64_t> IntsOr(const Ort::ConstKernelInfo& info, const char* name, std::vector<int64_t> fallback) {
+  try {
+    return info.GetAttributes<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;  // attribute absent: the spec's default
+  }
+}
+
+std::vector<int64_t> RequiredInts(const Ort::ConstKernelInfo& info, const char* name) {
+  try {
+    return info.GetAttributes<int64_t>(name);
+  } catch (const Ort::Exception&) {
+    throw cpu::InvalidNode(std::string("required attribute '") + name + "' is missing or not a list of ints");
+  }
+}
+
+template <typename T>
+T ScalarOr(const Ort::ConstKernelInfo& info, const char* name, T fallback) {
+  try {
+    return info.GetAttribute<T>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;
+  }
+}
+
+std::string ShapeStr(const std::vector<int64_t>& v) {
+  std::string s = "(";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + (v.size() == 1 ? ",)" : ")");
+}
+
+// The packed input of every image, reused across calls on the same thread (no per-call allocation once grown).
+float* Workspace(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats + 16) buffer.resize(floats + 16);
+  auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return reinterpret_cast<float*>((address + 63) & ~static_cast<uintptr_t>(63));
+}
+
+struct PackWork {
+  const cpu::ConvGeometry* g;
+  const float* x;
+  float* packed;
+  int channels_per_item;
+  int items_per_image;
+};
+
+void PackItem(void* data, size_t item) {
+  const PackWork& w = *static_cast<const PackWork*>(data);
+  const int n = static_cast<int>(item / w.items_per_image);
+  const int c0 = static_cast<int>(item % w.items_per_image) * w.channels_per_item;
+  const int c1 = std::min(w.g->C, c0 + w.channels_per_item);
+  const size_t in_plane = static_cast<size_t>(w.g->H) * w.g->W;
+  for (int c = c0; c < c1; ++c) {
+    const size_t nc = static_cast<size_t>(n) * w.g->C + c;
+    cpu::PackChannel(*w.g, w.x + nc * in_plane, w.packed + nc * w.g->plane);
+  }
+}
+
+struct ConvWork {
+  const cpu::ConvGeometry* g;
+  cpu::FilterTilesFn tiles;
+  cpu::ImageJob job;  // image 0; others offset by their index
+  const cpu::FilterPlan* filters;
+  int filter_count;
+  int filters_per_item;
+  int filter_items;
+  int tiles_per_item;
+  int tile_items;
+};
+
+void ConvItem(void* data, size_t item) {
+  const ConvWork& w = *static_cast<const ConvWork*>(data);
+  const size_t per_image = static_cast<size_t>(w.filter_items) * w.tile_items;
+  const int n = static_cast<int>(item / per_image);
+  const int rest = static_cast<int>(item % per_image);
+  const int f0 = (rest / w.tile_items) * w.filters_per_item;
+  const int t0 = (rest % w.tile_items) * w.tiles_per_item;
+  cpu::ImageJob job = w.job;
+  job.packed += static_cast<size_t>(n) * w.g->C * w.g->plane;
+  job.out += static_cast<size_t>(n) * w.g->O * w.g->OH * w.g->OW;
+  w.tiles(*w.g, job, w.filters + f0, std::min(w.filters_per_item, w.filter_count - f0), t0,
+          std::min(w.g->row_tiles, t0 + w.tiles_per_item));
+}
+
+}  // namespace
+
+PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
+  Ort::ConstKernelInfo ki(info);
+  node_ = "PatternConv node '" + ki.GetNodeName() + "'";
+  cpu::PatternConvAttributes a;
+  a.weight_shape = RequiredInts(ki, "weight_shape");
+  a.patterns = RequiredInts(ki, "patterns");
+  a.kernel_filters = RequiredInts(ki, "kernel_filters");
+  a.kernel_channels = RequiredInts(ki, "kernel_channels");
+  a.kernel_patterns = RequiredInts(ki, "kernel_patterns");
+  a.strides = IntsOr(ki, "strides", {1, 1});
+  a.pads = IntsOr(ki, "pads", {0, 0, 0, 0});
+  a.dilations = IntsOr(ki, "dilations", {1, 1});
+  a.group = ScalarOr<int64_t>(ki, "group", 1);
+  a.activation_min = ScalarOr<float>(ki, "activation_min", -std::numeric_limits<float>::infinity());
+  a.activation_max = ScalarOr<float>(ki, "activation_max", std::numeric_limits<float>::infinity());
+  plan_ = cpu::BuildPlan(a);
+
+  std::string isa_error;
+  kernels_ = cpu::Kernels(&isa_error);
+  if (!isa_error.empty()) throw cpu::InvalidNode(isa_error);
+  const char* poison = std::getenv("CTPRUNE_POISON_OUTPUT");
+  poison_output_ = poison != nullptr && std::strcmp(poison, "1") == 0;
+}
+
+OrtStatusPtr PatternConvKernel::ComputeV2(OrtKernelContext* context) {
+  try {
+    Compute(context);
+    return nullptr;
+  } catch (const cpu::InvalidNode& e) {
+    return api_.CreateStatus(ORT_INVALID_ARGUMENT, (node_ + ": " + e.what()).c_str());
+  } catch (const Ort::Exception& e) {
+    return api_.CreateStatus(e.GetOrtErrorCode(), (node_ + ": " + e.what()).c_str());
+  } catch (const std::exception& e) {
+    return api_.CreateStatus(ORT_FAIL, (node_ + ": " + e.what()).c_str());
+  }
+}
+
+void PatternConvKernel::Compute(OrtKernelContext* context) {
+  Ort::KernelContext ctx(context);
+  const size_t input_count = ctx.GetInputCount();
+  Ort::ConstValue x = ctx.GetInput(0);
+  Ort::ConstValue w = ctx.GetInput(1);
+  Ort::ConstValue b = input_count > 2 ? ctx.GetInput(2) : Ort::ConstValue{nullptr};
+
+  // Shapes first, before anything is allocated.
+  const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
+  if (xs.size() != 4) throw cpu::InvalidNode("X must be 4-D (N, C, H, W), got shape " + ShapeStr(xs));
+  if (xs[1] != plan_.C)
+    throw cpu::InvalidNode("X has " + std::to_string(xs[1]) + " channels but weight_shape says " +
+                           std::to_string(plan_.C) + " (X shape " + ShapeStr(xs) + ")");
+  const std::vector<int64_t> ws = w.GetTensorTypeAndShapeInfo().GetShape();
+  if (ws.size() != 2 || ws[0] != plan_.K || ws[1] != 4)
+    throw cpu::InvalidNode("W must have shape (" + std::to_string(plan_.K) + ", 4) (one row per kept kernel), got " +
+                           ShapeStr(ws));
+  const float* bias = nullptr;
+  if (b) {
+    const std::vector<int64_t> bs = b.GetTensorTypeAndShapeInfo().GetShape();
+    if (bs.size() != 1 || bs[0] != plan_.O)
+      throw cpu::InvalidNode("B must have shape (" + std::to_string(plan_.O) + ",), got " + ShapeStr(bs));
+    bias = b.GetTensorData<float>();
+  }
+  const int64_t N = xs[0];
+  const cpu::ConvGeometry g = cpu::MakeGeometry(plan_, xs[2], xs[3]);
+  const cpu::FilterTilesFn tiles = kernels_.select_tiles(g.rows_per_tile, g.stride, g.OW);
+  if (tiles == nullptr) throw cpu::InvalidNode("no kernel for this geometry");
+
+  Ort::UnownedValue y = ctx.GetOutput(0, {N, static_cast<int64_t>(plan_.O), g.OH, g.OW});
+  float* out = y.GetTensorMutableData<float>();
+  const size_t out_size = static_cast<size_t>(N) * plan_.O * g.OH * g.OW;
+  if (poison_output_) std::fill(out, out + out_size, std::numeric_limits<float>::quiet_NaN());
+  if (N == 0) return;
+
+  // 1. Pack every input channel into its zero-padded plane, in parallel.
+  float* packed = Workspace(static_cast<size_t>(N) * g.C * g.plane);
+  PackWork pack{&g, x.GetTensorData<float>(), packed, 1, 0};
+  pack.channels_per_item = static_cast<int>(std::max<size_t>(1, 16384 / g.plane));
+  pack.items_per_image = (g.C + pack.channels_per_item - 1) / pack.channels_per_item;
+  ctx.ParallelFor(&PackItem, static_cast<size_t>(N) * pack.items_per_image, 0, &pack);
+
+  // 2. Convolve. A work item is a run of consecutive filters (filters come sorted by decreasing work, so items that
+  // start first are the heaviest) over a range of row tiles; about 16 items per image keep 2+ threads busy.
+  ConvWork work{};
+  work.g = &g;
+  work.tiles = tiles;
+  work.job = cpu::ImageJob{packed,           w.GetTensorData<float>(), plan_.channels.data(), plan_.runs.data(),
+                           bias,             plan_.act_min,            plan_.act_max,          plan_.clamp,
+                           out};
+  work.filters = plan_.filters.data();
+  work.filter_count = plan_.O;
+  work.filters_per_item = std::max(1, std::min(16, plan_.O / 16));
+  work.filter_items = (plan_.O + work.filters_per_item - 1) / work.filters_per_item;
+  const int tile_items_wanted = work.filter_items >= 16 ? 1 : (16 + work.filter_items - 1) / work.filter_items;
+  work.tiles_per_item = std::max(1, g.row_tiles / tile_items_wanted);
+  work.tile_items = (g.row_tiles + work.tiles_per_item - 1) / work.tiles_per_item;
+  ctx.ParallelFor(&ConvItem, static_cast<size_t>(N) * work.filter_items * work.tile_items, 0, &work);
+}
+
+OrtStatusPtr PatternConvOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+  std::string node = "PatternConv node";
+  try {
+    node = "PatternConv node '" + Ort::ConstKernelInfo(info).GetNodeName() + "'";
+    *kernel = new PatternConvKernel(api, info);
+    return nullptr;
+  } catch (const cpu::InvalidNode& e) {
+    return api.CreateStatus(ORT_INVALID_ARGUMENT, (node + ": " + e.what()).c_str());
+  } catch (const Ort::Exception& e) {
+    return api.CreateStatus(e.GetOrtErrorCode(), (node + ": " + e.what()).c_str());
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_FAIL, (node + ": " + e.what()).c_str());
+  }
+}
+
+}  // namespace ops
+}  // namespace ctprune

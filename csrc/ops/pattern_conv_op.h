@@ -1,0 +1,50 @@
+// ai.ctprune.PatternConv (version 1) on the CPU execution provider; the operator is specified in ops/PatternConv.md.
+// It computes clip(Conv(X, W_dense, B, strides, pads), activation_min, activation_max), the same as this standard-ONNX
+// composition (what the model-local function in ctprune/ops does):
+//     W_dense = ScatterND(zeros(O*C*9), flat indices of each kept kernel's 4 taps, W) reshaped to (O, C, 3, 3)
+//     Y = Clip(Conv(X, W_dense, B, strides=strides, pads=pads), activation_min, activation_max)
+#pragma once
+
+#include <string>
+
+#include "cpu/dispatch.h"
+#include "cpu/pattern_conv_plan.h"
+#include "ops/ort_api.h"
+
+namespace ctprune {
+namespace ops {
+
+constexpr const char* kDomain = "ai.ctprune";
+constexpr const char* kPatternConvName = "PatternConv";
+
+class PatternConvKernel {
+ public:
+  // Reads and validates the attributes; throws cpu::InvalidNode or Ort::Exception on a malformed node.
+  PatternConvKernel(const OrtApi& api, const OrtKernelInfo* info);
+  OrtStatusPtr ComputeV2(OrtKernelContext* context);
+
+ private:
+  void Compute(OrtKernelContext* context);
+
+  const OrtApi& api_;
+  std::string node_;  // "PatternConv node 'name'" for error messages
+  cpu::PatternConvPlan plan_;
+  cpu::KernelTable kernels_;
+  bool poison_output_;  // CTPRUNE_POISON_OUTPUT=1: fill Y with NaN first, so unwritten elements show in tests
+};
+
+struct PatternConvOp : Ort::CustomOpBase<PatternConvOp, PatternConvKernel, /*WithStatus=*/true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+  const char* GetName() const { return kPatternConvName; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace ops
+}  // namespace ctprune
