@@ -8,6 +8,8 @@ them from Debian's libonnxruntime-dev on first build).
 
 import os
 import pathlib
+import shlex
+import shutil
 import subprocess
 
 from setuptools import Extension, find_packages, setup
@@ -37,13 +39,73 @@ class BuildKernels(build_ext):
 
     def build_extensions(self):
         include = ort_include_dir()
+        cuda = cuda_toolkit()
         for ext in self.extensions:
             ext.include_dirs = [include, os.path.dirname(include), str(ROOT / "csrc")] + list(ext.include_dirs)
+            if cuda:
+                add_cuda(ext, cuda, pathlib.Path(self.build_temp), [include, str(ROOT / "csrc")])
         super().build_extensions()
 
     def get_export_symbols(self, ext):
         # A custom-op library, not a Python extension module: it exports RegisterCustomOps, not PyInit_*.
         return []
+
+
+# --- CUDA (csrc/cuda/): off unless CTPRUNE_CUDA=1; then nvcc must be found, and the library links cudart. ---
+# CTPRUNE_CUDA_ARCHS: semicolon-separated SM versions (default 80;86;89;90, plus PTX of the last for newer GPUs).
+CUDA_SOURCES = ["csrc/cuda/pattern_conv_impl.cu"]  # nvcc
+CUDA_HOST_SOURCES = ["csrc/cuda/pattern_conv_cuda_op.cc"]  # the onnxruntime op, g++ against the CUDA headers
+
+
+def cuda_toolkit():
+    """{nvcc, include, lib} when CTPRUNE_CUDA=1, None when it is unset or 0; a clear error if nvcc is missing."""
+    flag = os.environ.get("CTPRUNE_CUDA", "0").strip().lower()
+    if flag in ("", "0", "off", "no", "false"):
+        return None
+    if flag not in ("1", "on", "yes", "true"):
+        raise SystemExit(f"CTPRUNE_CUDA={flag!r}: use 1 to build the CUDA kernels or 0 to leave them out")
+    nvcc = shutil.which(os.environ.get("NVCC") or "nvcc")
+    if not nvcc:
+        raise SystemExit("CTPRUNE_CUDA=1 but nvcc was not found (PATH, or NVCC=/path/to/nvcc): install the CUDA toolkit "
+                         "or build without CTPRUNE_CUDA")
+    # nvcc --dryrun names its own include and library dirs (nvcc may be a wrapper script outside the toolkit).
+    dry = subprocess.run([nvcc, "--dryrun", "-shared", "-o", "x.so", "x.cu"], capture_output=True, text=True)
+    lines = (dry.stdout + dry.stderr).splitlines()
+    found = {}
+    for line in lines:
+        for key in ("INCLUDES=", "LIBRARIES="):
+            if line.startswith("#$ " + key):
+                found[key] = [a[2:] for a in shlex.split(line.split(key, 1)[1]) if a[:2] in ("-I", "-L")]
+    includes = [d for d in found.get("INCLUDES=", []) if os.path.isdir(d)]
+    libs = [d for d in found.get("LIBRARIES=", []) if os.path.isdir(d) and not d.rstrip("/").endswith("stubs")]
+    if not includes or not libs:
+        raise SystemExit(f"CTPRUNE_CUDA=1: could not find the CUDA include/lib dirs from `{nvcc} --dryrun`")
+    return {"nvcc": nvcc, "include": includes[0], "lib": libs[0]}
+
+
+def cuda_arch_flags():
+    archs = [a.strip() for a in os.environ.get("CTPRUNE_CUDA_ARCHS", "80;86;89;90").replace(",", ";").split(";")]
+    archs = [a.removeprefix("sm_") for a in archs if a]
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return flags + [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+
+
+def add_cuda(ext, cuda, build_temp, include_dirs):
+    """Compile the .cu files with nvcc into objects for ext, and build ext with CTPRUNE_WITH_CUDA against cudart."""
+    build_temp.mkdir(parents=True, exist_ok=True)
+    for src in CUDA_SOURCES:
+        obj = build_temp / (pathlib.Path(src).stem + ".cu.o")
+        cmd = [cuda["nvcc"], "-c", str(ROOT / src), "-o", str(obj), "-O3", "-std=c++17", "-Xcompiler", "-fPIC",
+               "-Xcompiler", "-fvisibility=hidden"] + [f"-I{d}" for d in include_dirs] + cuda_arch_flags()
+        print(" ".join(cmd))
+        subprocess.run(cmd, check=True)
+        ext.extra_objects.append(str(obj))
+    ext.sources = list(ext.sources) + [s for s in CUDA_HOST_SOURCES if s not in ext.sources]
+    ext.define_macros.append(("CTPRUNE_WITH_CUDA", "1"))
+    ext.include_dirs.append(cuda["include"])
+    ext.library_dirs.append(cuda["lib"])
+    ext.runtime_library_dirs.append(cuda["lib"])
+    ext.libraries.append("cudart")
 
 
 def kernel_sources():

@@ -6,8 +6,8 @@ Two builds of the same kernel code (csrc/cuda/):
 - ``build_emulator``: g++ compiles ``pattern_conv_emulate.cc``, which runs the kernel's own block/thread steps on the
   CPU with guard zones, so the kernel's indexing is tested on machines without a GPU (``EmulatedPatternConv``).
 
-``random_pattern_conv`` makes a pruned layer in the operator's storage order (ops/PatternConv.md) and
-``dense_weight`` rebuilds the masked dense weight it stands for, the reference for every check.
+``layer_from_compact`` / ``random_layer`` make a pruned layer in the operator's storage order (ops/PatternConv.md)
+and ``dense_weight`` rebuilds the masked dense weight it stands for, the reference for every check.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import numpy as np
 __all__ = [
     "CSRC",
     "PatternConvLayer",
-    "random_pattern_conv",
+    "layer_from_compact",
+    "random_layer",
     "dense_weight",
     "build_emulator",
     "build_cuda_kernel",
@@ -43,12 +44,6 @@ log = logging.getLogger(__name__)
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 KERNEL_CONFIGS = (11, 12, 14, 21, 22, 24, 41, 42, 44)  # 10 * filters per thread + pixels per thread
 INVALID_ATTRIBUTES, INVALID_SHAPE = -1, -2
-
-# Twelve 4-of-9 patterns (taps ky * 3 + kx), each keeping the centre like ClickTrain's libraries.
-DEFAULT_PATTERNS = (
-    (1, 3, 4, 5), (1, 4, 5, 7), (3, 4, 5, 7), (1, 3, 4, 7), (0, 1, 3, 4), (1, 2, 4, 5),
-    (3, 4, 6, 7), (4, 5, 7, 8), (0, 3, 4, 6), (2, 4, 5, 8), (0, 1, 2, 4), (4, 6, 7, 8),
-)
 
 
 class KernelCallError(RuntimeError):
@@ -102,34 +97,29 @@ class _Desc(ctypes.Structure):
     ]
 
 
-def random_pattern_conv(out_channels: int, in_channels: int, ratio: float, rng: np.random.Generator, *,
-                        num_patterns: int = 8, bias: bool = True, strides=(1, 1), pads=(1, 1, 1, 1),
-                        activation=(-math.inf, math.inf)) -> PatternConvLayer:
-    """A layer compressed `ratio` times against the dense 3x3 weight: 4-of-9 patterns (2.25x) and, beyond that,
-    whole kernels removed by a layer-wide ranking (so filters keep uneven counts, some possibly none)."""
-    o, c = out_channels, in_channels
-    kept = int(round(o * c * min(1.0, 2.25 / ratio)))
-    scores = rng.random(o * c)
-    keep = np.zeros(o * c, dtype=bool)
-    keep[np.argsort(-scores)[:kept]] = True
-    keep = keep.reshape(o, c)
-    library = [t for p in DEFAULT_PATTERNS[:num_patterns] for t in p]
-    per_filter = []
-    for f in range(o):
-        channels = np.flatnonzero(keep[f])
-        pats = rng.integers(0, num_patterns, size=len(channels))
-        per_filter.append(sorted(zip(pats.tolist(), channels.tolist())))  # by pattern, then channel
-    order = sorted(range(o), key=lambda f: -len(per_filter[f]))  # stable: decreasing kernel count
-    filters, channels, patterns = [], [], []
-    for f in order:
-        for p, ch in per_filter[f]:
-            filters.append(f)
-            channels.append(ch)
-            patterns.append(p)
-    weights = rng.standard_normal((len(filters), 4)).astype(np.float32) / np.sqrt(max(1, 4 * kept / o))
-    b = rng.standard_normal(o).astype(np.float32) if bias else None
-    return PatternConvLayer((o, c, 3, 3), library, filters, channels, patterns, weights, b, tuple(strides),
-                            tuple(pads), float(activation[0]), float(activation[1]))
+def layer_from_compact(compact, bias=None, strides=(1, 1), pads=(0, 0, 0, 0),
+                       activation=(-math.inf, math.inf)) -> PatternConvLayer:
+    """A layer from ctprune.rewrite.pattern_conv.CompactPatternWeights (already in the operator's storage order)."""
+    return PatternConvLayer(
+        tuple(int(v) for v in compact.weight_shape), [int(v) for v in np.asarray(compact.patterns).ravel()],
+        [int(v) for v in compact.kernel_filters], [int(v) for v in compact.kernel_channels],
+        [int(v) for v in compact.kernel_patterns], np.ascontiguousarray(compact.weights, dtype=np.float32).reshape(-1, 4),
+        None if bias is None else np.ascontiguousarray(bias, dtype=np.float32), tuple(int(v) for v in strides),
+        tuple(int(v) for v in pads), float(activation[0]), float(activation[1]))
+
+
+def random_layer(out_channels: int, in_channels: int, ratio: float, rng: np.random.Generator, *, library: int = 8,
+                 bias: bool = True, strides=(1, 1), pads=(1, 1, 1, 1), activation=(-math.inf, math.inf),
+                 empty_filters: int = 0) -> PatternConvLayer:
+    """A layer compressed `ratio` times against the dense 3x3 weight (4-of-9 patterns give 2.25x; beyond that whole
+    kernels go), drawn as the CPU tests draw theirs (ctprune.rewrite.layer_model)."""
+    from ctprune.rewrite.layer_model import masked_weight, random_layer_patterns
+    from ctprune.rewrite.pattern_conv import compact_from_dense
+
+    patterns = random_layer_patterns(rng, out_channels, in_channels, min(1.0, 2.25 / ratio), library, empty_filters)
+    weight = masked_weight(rng, patterns)
+    b = rng.standard_normal(out_channels).astype(np.float32) if bias else None
+    return layer_from_compact(compact_from_dense(weight, patterns), b, strides, pads, activation)
 
 
 def dense_weight(layer: PatternConvLayer) -> np.ndarray:

@@ -129,9 +129,12 @@ inline bool PlanTile(PatternConvParams& p, int ft, int px, const PackedPatternCo
   } else if (p.OW <= npt) {
     TC = p.OW;
     TR = npt / p.OW;
+    const int row_tiles = (p.OH + TR - 1) / TR;
+    TR = (p.OH + row_tiles - 1) / row_tiles;  // same tile count, rows spread evenly
   } else {
     TR = 1;
-    TC = npt;
+    const int col_tiles = (p.OW + npt - 1) / npt;
+    TC = (p.OW + col_tiles - 1) / col_tiles;  // e.g. 56 columns as 2 x 28, not 32 + 24
   }
   // Large strides make the halo big: shrink the tile until one channel fits the budget.
   for (;;) {
@@ -208,7 +211,7 @@ inline bool PlanLaunch(PatternConvParams& p, const PackedPatternConv& packed, in
   for (int i = 0; i < 9; ++i) {
     if (!PlanTile(p, kConfigs[i][0], kConfigs[i][1], packed)) continue;
     if (p.blocks >= 2LL * num_sms) return true;
-    if (p.blocks > best_blocks) {
+    if (p.blocks >= best_blocks) {  // ties: the later, smaller config wastes fewer pixel slots
       best_blocks = p.blocks;
       best = i;
     }
@@ -237,7 +240,8 @@ struct ThreadState {
   int next[FT], end[FT], filter[FT];  // kernel-list cursor, end and output channel (-1: no filter) per owned slot
   int pixel_smem[PX];                 // offset of each owned pixel's top-left tap in a channel's staged tile
   long long pixel_out[PX];            // offset of each owned pixel in Y for filter 0, or -1 outside the output
-  float acc[FT][PX];
+  static constexpr int kSplit = FT * PX <= 4 ? 2 : 1;  // accumulator sets (summed at the end)
+  float acc[kSplit][FT][PX];
 };
 
 template <int FT, int PX>
@@ -255,7 +259,7 @@ CTP_UNROLL
       st.next[i] = st.end[i] = 0;
     }
 CTP_UNROLL
-    for (int j = 0; j < PX; ++j) st.acc[i][j] = 0.0f;
+    for (int j = 0; j < PX; ++j) st.acc[0][i][j] = st.acc[ThreadState<FT, PX>::kSplit - 1][i][j] = 0.0f;
   }
   const int tile_pixels = p.TR * p.TC;
   const long long out_plane = static_cast<long long>(p.OH) * p.OW;
@@ -294,33 +298,50 @@ CTP_HD void StageChunk(const PatternConvParams& p, const BlockCoord& bc, int c0,
   }
 }
 
-// Applies every owned filter's kernels on channels [c0, c1) (all staged in smem) to the owned pixels.
+// Applies every owned filter's kernels on channels [c0, c1) (all staged in smem) to the owned pixels. The kernel
+// list is software-pipelined: entry k + 2's (meta, row) and entry k + 1's weights are in flight while entry k
+// computes, so a warp does not wait on two dependent loads per kernel (matters at batch 1, where few warps run).
+// Loads past the chunk's last entry are harmless (the list continues or a sentinel ends it) and are redone later.
 template <int FT, int PX>
 CTP_HD void ComputeChunk(ThreadState<FT, PX>& st, const PatternConvParams& p, int c0, int c1, const float* smem) {
+  constexpr int kSentinel = 0x7fffffff;  // channel 2^23 - 1 >= any c1
+  constexpr int S = ThreadState<FT, PX>::kSplit;
 CTP_UNROLL
   for (int i = 0; i < FT; ++i) {
     int k = st.next[i];
     const int end = st.end[i];
-    while (k < end) {
-      const int meta = load_int(p.entries + 2 * k);
-      const int c = meta >> 8;
-      if (c >= c1) break;  // lists are channel-sorted: the rest belongs to later chunks
+    if (k >= end) continue;
+    int meta = load_int(p.entries + 2 * k);
+    Quad w = load_quad(p.w + 4 * static_cast<long long>(load_int(p.entries + 2 * k + 1)));
+    int next_meta = kSentinel, next_row = 0;
+    if (k + 1 < end) {
+      next_meta = load_int(p.entries + 2 * k + 2);
+      next_row = load_int(p.entries + 2 * k + 3);
+    }
+    while ((meta >> 8) < c1) {  // lists are channel-sorted: the rest belongs to later chunks
+      Quad next_w = Quad{0.0f, 0.0f, 0.0f, 0.0f};
+      if (k + 1 < end) next_w = load_quad(p.w + 4 * static_cast<long long>(next_row));
+      int after_meta = kSentinel, after_row = 0;
+      if (k + 2 < end) {
+        after_meta = load_int(p.entries + 2 * k + 4);
+        after_row = load_int(p.entries + 2 * k + 5);
+      }
       const int pattern = meta & 0xff;
-      const Quad w = load_quad(p.w + 4 * static_cast<long long>(load_int(p.entries + 2 * k + 1)));
-      const float* s = smem + (c - c0) * p.chan_stride;
+      const float* s = smem + ((meta >> 8) - c0) * p.chan_stride;
       const int o0 = p.tap_offset[4 * pattern], o1 = p.tap_offset[4 * pattern + 1];
       const int o2 = p.tap_offset[4 * pattern + 2], o3 = p.tap_offset[4 * pattern + 3];
 CTP_UNROLL
       for (int j = 0; j < PX; ++j) {
         const float* sp = s + st.pixel_smem[j];
-        float a = st.acc[i][j];
-        a = fmaf(w.x, sp[o0], a);
-        a = fmaf(w.y, sp[o1], a);
-        a = fmaf(w.z, sp[o2], a);
-        a = fmaf(w.w, sp[o3], a);
-        st.acc[i][j] = a;
+        // Two accumulators per output when a thread owns few outputs: shorter FMA chains (latency, accuracy).
+        st.acc[0][i][j] = fmaf(w.y, sp[o1], fmaf(w.x, sp[o0], st.acc[0][i][j]));
+        st.acc[S - 1][i][j] = fmaf(w.w, sp[o3], fmaf(w.z, sp[o2], st.acc[S - 1][i][j]));
       }
       ++k;
+      meta = next_meta;
+      w = next_w;
+      next_meta = after_meta;
+      next_row = after_row;
     }
     st.next[i] = k;
   }
@@ -337,7 +358,9 @@ CTP_UNROLL
 CTP_UNROLL
     for (int j = 0; j < PX; ++j) {
       if (st.pixel_out[j] < 0) continue;
-      float v = st.acc[i][j] + bias;
+      float v = st.acc[0][i][j];
+      if (ThreadState<FT, PX>::kSplit > 1) v += st.acc[ThreadState<FT, PX>::kSplit - 1][i][j];
+      v += bias;
       if (p.has_activation) {
         v = v < p.activation_min ? p.activation_min : v;
         v = v > p.activation_max ? p.activation_max : v;

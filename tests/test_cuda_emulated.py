@@ -1,0 +1,115 @@
+"""The PatternConv GPU kernel's own code, run on the CPU (csrc/cuda/pattern_conv_emulate.cc), against torch's conv2d.
+
+Machines without a GPU still check the GPU kernel's indexing this way: the emulator runs the kernel's block and
+thread steps exactly as the CUDA kernel composes them, refilling shared memory with NaN before every chunk and
+framing every buffer with NaN guard zones, so a read of an unstaged or out-of-range element shows as NaN and a write
+outside the output fails the call. Cases: the CPU kernel's randomized matrix (tests/test_patternconv_matrix.py),
+every tile configuration forced on odd shapes, and the benchmark's layer shapes."""
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ctprune.cuda_harness import KERNEL_CONFIGS, EmulatedPatternConv, KernelCallError, dense_weight, layer_from_compact, random_layer
+
+from test_patternconv_matrix import ACTIVATIONS, CASES, SEED, _ids, build
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    return EmulatedPatternConv()
+
+
+def reference(layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 torch conv2d on the masked dense weight: (clamped by the fused activation, before the clamp)."""
+    top, left, bottom, right = layer.pads
+    xp = torch.nn.functional.pad(torch.from_numpy(x).double(), (left, right, top, bottom))
+    b = None if layer.bias is None else torch.from_numpy(layer.bias).double()
+    y = torch.nn.functional.conv2d(xp, torch.from_numpy(dense_weight(layer)).double(), b, stride=layer.strides)
+    return y.clamp(layer.activation_min, layer.activation_max).numpy(), y.numpy()
+
+
+def rel_err(a, b, scale) -> float:
+    """max|a - b| / max|scale|: the project's measure, scaled by the pre-activation output (the float32 sums' size;
+    a clamp to (-0.3, 0.4) must not turn the same rounding into a larger relative error)."""
+    return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(scale).max(), 1e-30))
+
+
+def check(emulator, layer, x, where, **kw):
+    y, plan = emulator(layer, x, **kw)
+    ref, unclamped = reference(layer, x)
+    assert y.shape == ref.shape, where
+    assert not np.isnan(y).any(), f"{int(np.isnan(y).sum())} outputs unwritten or read from unstaged memory: {where}, plan {plan}"
+    err = rel_err(y, ref, unclamped)
+    assert err <= 1e-5, f"rel err {err:.2e}: {where}, plan {plan}"
+    return plan
+
+
+def test_fast_division_is_exact(emulator):
+    assert emulator.divmod_mismatches(seed=SEED % 2**32, trials=300_000) == 0
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=_ids(CASES))
+def test_matrix_case(emulator, index):
+    case = CASES[index]
+    _, _, compact, x = build(case, SEED + index)
+    rng = np.random.default_rng(SEED + index)
+    bias = rng.standard_normal(case["O"]).astype(np.float32) if case["bias"] else None
+    layer = layer_from_compact(compact, bias, (case["stride"],) * 2, (case["pad"],) * 4, ACTIVATIONS[case["activation"]])
+    check(emulator, layer, x, f"seed {SEED + index} (CTPRUNE_TEST_SEED={SEED}), case {case}")
+
+
+@pytest.mark.parametrize("config", KERNEL_CONFIGS)
+def test_every_tile_config(emulator, config):
+    # Shapes that leave partial tiles in every dimension, O not a multiple of any filter group, asymmetric pads.
+    rng = np.random.default_rng(SEED + config)
+    shapes = [
+        (3, 13, 20, 11, 10, (1, 1), (1, 1, 1, 1), (-math.inf, math.inf)),
+        (2, 9, 37, 7, 7, (1, 1), (1, 1, 1, 1), (0.0, math.inf)),
+        (5, 6, 10, 9, 40, (2, 1), (0, 2, 1, 0), (0.0, 6.0)),
+        (1, 17, 9, 70, 3, (1, 2), (2, 0, 0, 1), (-0.3, 0.4)),
+        (2, 5, 33, 1, 1, (1, 1), (1, 1, 1, 1), (-math.inf, math.inf)),
+    ]
+    for n, c, o, h, w, strides, pads, act in shapes:
+        layer = random_layer(o, c, 4.0, rng, strides=strides, pads=pads, activation=act, empty_filters=o // 5)
+        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        plan = check(emulator, layer, x, f"config {config}, shape {(n, c, o, h, w, strides, pads)}", force_config=config)
+        assert plan["ft"] * 10 + plan["px"] == config
+
+
+@pytest.mark.parametrize("channels,size", [(64, 56), (128, 28), (256, 14)])  # 512 x 4 and 511 x 7 are in the matrix
+def test_benchmark_layers_at_8x(emulator, channels, size):
+    rng = np.random.default_rng(SEED + channels + size)
+    layer = random_layer(channels, channels, 8.0, rng)
+    x = rng.standard_normal((1, channels, size, size)).astype(np.float32)
+    check(emulator, layer, x, f"{channels} channels, {size}x{size}")
+
+
+def test_planner_prefers_work_per_thread_when_the_grid_is_full(emulator):
+    rng = np.random.default_rng(SEED)
+    layer = random_layer(64, 16, 8.0, rng)
+    big = rng.standard_normal((32, 16, 32, 32)).astype(np.float32)
+    _, plan = emulator(layer, big)
+    assert (plan["ft"], plan["px"]) == (4, 4) and plan["blocks"] >= 264
+    small = rng.standard_normal((1, 16, 4, 4)).astype(np.float32)
+    _, plan = emulator(layer, small)
+    assert (plan["ft"], plan["px"]) == (1, 1)
+
+
+def test_invalid_attributes_are_named(emulator):
+    rng = np.random.default_rng(SEED)
+    layer = random_layer(8, 4, 4.0, rng)
+    layer.kernel_patterns = list(layer.kernel_patterns)
+    layer.kernel_patterns[0] = 99
+    x = rng.standard_normal((1, 4, 5, 5)).astype(np.float32)
+    with pytest.raises(KernelCallError, match="pattern out of range"):
+        emulator(layer, x)
+    layer = random_layer(8, 4, 4.0, rng)
+    layer.kernel_filters = list(reversed(layer.kernel_filters))
+    with pytest.raises(KernelCallError, match="invalid PatternConv attributes"):
+        emulator(layer, x)
