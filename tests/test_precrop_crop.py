@@ -56,8 +56,14 @@ def masked_model(model: onnx.ModelProto, plan) -> onnx.ModelProto:
         # a private copy per layer: a shared weight may be masked differently by each reader
         out.graph.initializer.append(numpy_helper.from_array(w, f"{layer.name}.masked_weight"))
         node.input[1] = f"{layer.name}.masked_weight"
-        if out.ir_version < 4:
+        if any(i.name == source for i in out.graph.input):  # IR 3 style: initializers listed as inputs
             out.graph.input.append(helper.make_tensor_value_info(f"{layer.name}.masked_weight", 1, list(w.shape)))
+    read = {i for n in out.graph.node for i in n.input}
+    unread = [t for t in out.graph.initializer if t.name not in read]
+    for t in unread:  # an IR-3 model may not keep initializers that are neither read nor listed as inputs
+        out.graph.initializer.remove(t)
+        for i in [i for i in out.graph.input if i.name == t.name]:
+            out.graph.input.remove(i)
     return out
 
 
