@@ -43,14 +43,14 @@ class ImportanceMeter:
             else:
                 keep, new = self.decay, 1.0 - self.decay
             for name, w in self.weights.items():
-                if w.grad is None:
+                if keep != 1.0:
+                    self._sums[name].mul_(keep)  # every layer ages alike, so one bias correction fits all
+                if w.grad is None:  # no gradient reached this layer in this batch: it scores zero
                     continue
                 g = w.grad
                 if grad_correction is not None and name in grad_correction:
                     g = g - grad_correction[name]
                 score = (w.detach() * g).float().square_().reshape(self._sums[name].shape)
-                if keep != 1.0:
-                    self._sums[name].mul_(keep)
                 self._sums[name].add_(score, alpha=new)
             self._weight_total = self._weight_total * keep + new
             self.batches += 1

@@ -126,6 +126,9 @@ class PruningPlan:
                     "kept_kernel_fraction": round(layer.kept_fraction, 6),
                 }
             )
+            if layer.macs is not None:  # multiply-adds scale with the weights kept
+                rows[-1]["macs_before"] = int(layer.macs)
+                rows[-1]["macs_after"] = int(round(layer.macs * layer.weights_after / layer.weights_before))
         return rows
 
     def totals(self) -> dict:
