@@ -87,6 +87,49 @@ def test_onnxruntime_op_compiles_against_cuda_headers(tmp_path):
                        check=True, capture_output=True, text=True)
 
 
+@needs_nvcc
+@needs_ort_headers
+def test_cuda_enabled_library_links_and_loads(kernel_object, tmp_path):
+    # The CUDA build's link, without recompiling the CPU kernels: the CPU objects of the last `pip install -e .`,
+    # register.cc with CTPRUNE_WITH_CUDA, the CUDA op and the nvcc object. It must link with no undefined symbol,
+    # export only RegisterCustomOps, need libcudart, and load into (CPU) onnxruntime, whose PatternConv still works.
+    import sysconfig
+
+    temp = REPO / "build" / f"temp.{sysconfig.get_platform()}-cpython-{sys.version_info.major}{sys.version_info.minor}"
+    cpu_objects = sorted((temp / "csrc" / "cpu").glob("*.o")) + [temp / "csrc" / "ops" / "pattern_conv_op.o"]
+    if not all(p.exists() for p in cpu_objects) or len(cpu_objects) < 2:
+        pytest.skip(f"no CPU objects from a previous build in {temp}")
+    inc = cuda_include()
+    flags = ["-O1", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-DCTPRUNE_WITH_CUDA", f"-I{CSRC}", f"-I{ORT_INCLUDE}",
+             f"-I{ORT_INCLUDE.parent}", f"-I{inc}"]
+    objs = []
+    for src in (CSRC / "ops" / "register.cc", CSRC / "cuda" / "pattern_conv_cuda_op.cc"):
+        obj = tmp_path / (src.stem + ".o")
+        subprocess.run(["g++", "-c", str(src), "-o", str(obj)] + flags, check=True, capture_output=True, text=True)
+        objs.append(obj)
+    lib_dir = str(Path(inc).parent / "lib")
+    lib = tmp_path / "libctprune_ops_cuda.so"
+    subprocess.run(["g++", "-shared", "-o", str(lib)] + [str(p) for p in cpu_objects + objs + [kernel_object[0]]] +
+                   [f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}", "-lcudart", "-Wl,--no-undefined",
+                    f"-Wl,--version-script={CSRC / 'ops' / 'exports.lds'}"], check=True, capture_output=True, text=True)
+    exported = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+    assert [l.split()[-1] for l in exported.splitlines() if " T " in l] == ["RegisterCustomOps"]
+    assert "libcudart" in subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from test_patternconv_matrix import CORNERS, build, plain_run
+
+    pattern_model, dense_model, _, x = build(CORNERS[2], 7)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(lib))
+    y = ort.InferenceSession(pattern_model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+        None, {"X": x})[0]
+    dense = plain_run(dense_model, x, 1)
+    assert np.abs(y - dense).max() / np.abs(dense).max() <= 1e-5
+
+
 def test_cuda_stays_off_unless_asked(tmp_path):
     # CTPRUNE_CUDA=1 without nvcc must fail with a clear message (before compiling anything) ...
     env = dict(os.environ, CTPRUNE_CUDA="1", PATH="/usr/bin:/bin", NVCC="")
