@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import weakref
 from typing import Optional, Sequence, Union
 
 import onnx
@@ -46,8 +47,14 @@ def kernel_library_path() -> str:
     return str(found[-1])
 
 
+# options ctprune already registered its library in: onnxruntime refuses a session whose options load it twice
+_registered: "weakref.WeakSet[ort.SessionOptions]" = weakref.WeakSet()
+
+
 def register_kernels(options: ort.SessionOptions) -> ort.SessionOptions:
-    """Register ctprune's custom-op library in `options` (in place) and return it."""
+    """Register ctprune's custom-op library in `options` (in place, once) and return it."""
+    if options in _registered:
+        return options
     path = kernel_library_path()
     try:
         options.register_custom_ops_library(path)
@@ -56,6 +63,7 @@ def register_kernels(options: ort.SessionOptions) -> ort.SessionOptions:
             f"onnxruntime {ort.__version__} could not load ctprune's kernel library {path}: {err}. "
             "It needs onnxruntime >= 1.21 (the version of the headers it was built against)."
         ) from err
+    _registered.add(options)
     return options
 
 
@@ -79,7 +87,7 @@ class InferenceSession(ort.InferenceSession):
     """An onnxruntime.InferenceSession with ctprune's kernels registered.
 
     `path_or_bytes`: a file path, serialized model bytes or an onnx.ModelProto. `sess_options`: your own options, in
-    which the library is registered (in place); default: fresh options. `providers`: default CUDA (if present), CPU.
+    which the library is registered (in place, unless ctprune.runtime already did); default: fresh options. `providers`: default CUDA (if present), CPU.
     Everything else goes to onnxruntime.InferenceSession unchanged.
     """
 
@@ -95,4 +103,12 @@ class InferenceSession(ort.InferenceSession):
         elif isinstance(path_or_bytes, os.PathLike):
             path_or_bytes = os.fspath(path_or_bytes)
         options = register_kernels(sess_options if sess_options is not None else ort.SessionOptions())
-        super().__init__(path_or_bytes, sess_options=options, providers=providers or default_providers(), **kwargs)
+        try:
+            super().__init__(path_or_bytes, sess_options=options, providers=providers or default_providers(), **kwargs)
+        except Exception as err:
+            if "Domain already set" in str(err):
+                raise CtpruneError(
+                    "these SessionOptions already had ctprune's kernel library registered by hand; pass them to "
+                    "onnxruntime.InferenceSession directly, or let ctprune.InferenceSession register it"
+                ) from err
+            raise

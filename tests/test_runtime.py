@@ -147,3 +147,15 @@ def test_library_override_must_exist(tmp_path, monkeypatch):
     (tmp_path / "custom.so").write_bytes(b"")
     monkeypatch.setenv(runtime.LIBRARY_ENV, str(tmp_path / "custom.so"))
     assert runtime.kernel_library_path() == str(tmp_path / "custom.so")
+
+
+@needs_library
+def test_options_registered_twice(tmp_path):
+    rng = np.random.default_rng(0)
+    pattern_model, _, _ = pattern_and_dense_models(rng, random_layer_patterns(rng, 2, 2, 1.0, 2), [1, 2, 5, 5])
+    ours = runtime.session_options(threads=1)
+    ctprune.InferenceSession(pattern_model, sess_options=ours)  # already registered by ctprune: not registered again
+    by_hand = ort.SessionOptions()
+    by_hand.register_custom_ops_library(runtime.kernel_library_path())
+    with pytest.raises(CtpruneError, match="already had ctprune's kernel library"):
+        ctprune.InferenceSession(pattern_model, sess_options=by_hand)
