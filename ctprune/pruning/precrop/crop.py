@@ -109,7 +109,8 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
         if not shared:
             consts.set(name, values[0])
             continue
-        log.info("constant %r is shared by %d consumers: copying it before cropping", name, uses[name])
+        log.debug("constant %r has %d reader(s)%s: a copy per differing cut", name, uses[name],
+                  " behind an Identity" if name in consts.aliases else "")
         first = 0
         if uses[name] == len(sites) and name not in consts.aliases:  # every reader is cut: the first keeps the name
             consts.set(name, values[0])
