@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 DEPS := .deps
-KERNEL_SOURCES := $(shell find csrc -name '*.cc' -o -name '*.h' -o -name '*.lds' 2>/dev/null)
+KERNEL_SOURCES := $(shell find csrc -name '*.cc' -o -name '*.h' -o -name '*.lds' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
 .PHONY: all setup test demo bench clean
 

@@ -113,3 +113,15 @@ def test_invalid_attributes_are_named(emulator):
     layer.kernel_filters = list(reversed(layer.kernel_filters))
     with pytest.raises(KernelCallError, match="invalid PatternConv attributes"):
         emulator(layer, x)
+
+
+def test_no_kernel_left_and_no_pattern_gives_bias_then_activation(emulator):
+    from ctprune.cuda_harness import PatternConvLayer
+
+    rng = np.random.default_rng(SEED)
+    bias = rng.standard_normal(11).astype(np.float32)
+    layer = PatternConvLayer((11, 3, 3, 3), [], [], [], [], np.zeros((0, 4), np.float32), bias, (1, 1), (1, 1, 1, 1),
+                             -0.5, 0.5)
+    x = rng.standard_normal((2, 3, 5, 6)).astype(np.float32)
+    y, _ = emulator(layer, x)
+    np.testing.assert_array_equal(y, np.broadcast_to(np.clip(bias, -0.5, 0.5)[None, :, None, None], y.shape))

@@ -46,7 +46,7 @@ inline std::string PackPatternConv(const CtprunePatternConvDesc& d, PackedPatter
   const int64_t O = d.out_channels, C = d.in_channels, P = d.num_patterns, K = d.num_kernels;
   if (O <= 0 || C <= 0) return "weight_shape must be [O, C, 3, 3] with O, C > 0";
   if (C >= kMaxChannels) return "the GPU kernel supports fewer than 8388608 input channels";
-  if (P <= 0 || P > kMaxPatterns) return "patterns must hold 1 to 128 patterns of 4 taps, got " + std::to_string(P);
+  if (P < 0 || P > kMaxPatterns) return "patterns must hold at most 128 patterns of 4 taps, got " + std::to_string(P);
   if (K < 0) return "kernel_filters must not be negative in length";
   if (K > 0 && (!d.kernel_filters || !d.kernel_channels || !d.kernel_patterns))
     return "kernel_filters, kernel_channels and kernel_patterns are required";
