@@ -50,11 +50,13 @@ class BenchRow:
     runs: int
 
 
-def _load(source: ModelSource) -> tuple[str, onnx.ModelProto]:
+def _load(source: ModelSource, index: int) -> tuple[str, onnx.ModelProto]:
+    """(label, model): a file's path, or for in-memory models its position and graph name."""
     if isinstance(source, onnx.ModelProto):
-        return source.graph.name or "model", source
+        return f"#{index} {source.graph.name or 'model'}", source
     if isinstance(source, bytes):
-        return "model", onnx.load_from_string(source)
+        model = onnx.load_from_string(source)
+        return f"#{index} {model.graph.name or 'model'}", model
     path = os.fspath(source)
     if not os.path.isfile(path):
         raise ModelLoadError(f"{path}: no such model file")
@@ -109,8 +111,8 @@ def bench_models(
         log.debug("kernel library not available: %s", err)
 
     names, sessions, feeds, runs_with = [], [], [], []
-    for source in models:
-        name, model = _load(source)
+    for index, source in enumerate(models, 1):
+        name, model = _load(source, index)
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
