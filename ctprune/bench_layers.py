@@ -82,7 +82,7 @@ def kept_per_filter_for_ratio(in_channels: int, ratio: float) -> int:
 
 def _model(nodes, initializers, x_shape, opsets) -> onnx.ModelProto:
     graph = helper.make_graph(
-        nodes, "layer", [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(x_shape))],
+        nodes, "layer", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None if x_shape is None else list(x_shape))],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
     model.ir_version = 8
@@ -103,7 +103,10 @@ def pattern_conv_model(layer: PatternLayer, x_shape, bias=None, strides=(1, 1), 
     if bias is not None:
         inits.append(onnx.numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
         inputs.append("B")
-    node = helper.make_node("PatternConv", inputs, ["Y"], domain=DOMAIN, **attrs)
+    node = helper.make_node("PatternConv", inputs, ["Y"], domain=DOMAIN)
+    for key, value in attrs.items():  # typed explicitly: a filter list may be empty (every kernel removed)
+        kind = onnx.AttributeProto.INTS if isinstance(value, list) else None
+        node.attribute.append(helper.make_attribute(key, value, attr_type=kind))
     return _model([node], inits, x_shape, [("", 17), (DOMAIN, 1)])
 
 

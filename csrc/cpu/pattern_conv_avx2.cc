@@ -30,6 +30,7 @@ struct Avx2 {
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V Max(V a, V b) { return _mm256_max_ps(a, b); }
   static V Min(V a, V b) { return _mm256_min_ps(a, b); }
+  static void Pin(V& v) { __asm__("" : "+x"(v)); }
   static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void StoreFirst(float* p, V v, int n) {
     _mm256_maskstore_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTailMask + 8 - n)), v);

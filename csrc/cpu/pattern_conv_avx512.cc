@@ -23,11 +23,12 @@ struct Zmm {
   using V = __m512;
   static constexpr int L = 16;
   static V Set1(float x) { return _mm512_set1_ps(x); }
-  static V Broadcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V Broadcast(const float* p) { return _mm512_broadcastss_ps(_mm_load_ss(p)); }
   static V Load(const float* p) { return _mm512_loadu_ps(p); }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }
   static V Min(V a, V b) { return _mm512_min_ps(a, b); }
+  static void Pin(V& v) { __asm__("" : "+v"(v)); }
   static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void StoreFirst(float* p, V v, int n) {
     _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), v);
@@ -38,11 +39,12 @@ struct Ymm {
   using V = __m256;
   static constexpr int L = 8;
   static V Set1(float x) { return _mm256_set1_ps(x); }
-  static V Broadcast(const float* p) { return _mm256_set1_ps(*p); }
+  static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V Load(const float* p) { return _mm256_loadu_ps(p); }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V Max(V a, V b) { return _mm256_max_ps(a, b); }
   static V Min(V a, V b) { return _mm256_min_ps(a, b); }
+  static void Pin(V& v) { __asm__("" : "+v"(v)); }
   static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void StoreFirst(float* p, V v, int n) {
     _mm256_mask_storeu_ps(p, static_cast<__mmask8>((1u << n) - 1u), v);

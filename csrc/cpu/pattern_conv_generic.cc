@@ -44,6 +44,7 @@ struct Lanes {
     for (int i = 0; i < N; ++i) a.v[i] = a.v[i] < b.v[i] ? a.v[i] : b.v[i];
     return a;
   }
+  static void Pin(V&) {}
   static void Store(float* p, V v) { std::memcpy(p, v.v, sizeof(v.v)); }
   static void StoreFirst(float* p, V v, int n) { std::memcpy(p, v.v, sizeof(float) * n); }
 };
