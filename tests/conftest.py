@@ -21,38 +21,36 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def run_ort(model: onnx.ModelProto, *inputs: np.ndarray, threads: int = 1) -> list[np.ndarray]:
+def run_ort(model, *inputs: np.ndarray, threads: int = 1) -> list[np.ndarray]:
+    """Outputs of onnxruntime (CPU) for a ModelProto or its serialized bytes."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     return sess.run(None, dict(zip(names, inputs)))
 
 
-def randomize_placeholders(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+def randomize_placeholders(model: onnx.ModelProto, seed: int = 0, inplace: bool = False) -> onnx.ModelProto:
     """The onnx wheel's light_* models compute their weights with ConstantOfShape (placeholders); replace each by a
     random initializer of that shape (He-scaled for kernels, in [0.5, 1.5] for 1-D tensors so BN variances stay
     positive). IR 3 is kept, so the new initializers are also listed as graph inputs."""
     rng = np.random.default_rng(seed)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    if inplace:
+        m = model
+    else:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
     g = m.graph
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer}
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in g.initializer if t.data_type == onnx.TensorProto.INT64}
     keep, new = [], []
     for node in g.node:
         if node.op_type == "ConstantOfShape" and node.input[0] in inits:
             shape = [int(d) for d in inits[node.input[0]]]
-            if len(shape) >= 2:
-                fan_in = int(np.prod(shape[1:]))
-                # A random block tiled to size: drawing 100M+ normals for VGG's fc6 would take longer than the test.
-                block = rng.standard_normal(min(int(np.prod(shape)), 1 << 18), dtype=np.float32)
-                value = np.resize(block, shape) * np.float32(np.sqrt(2.0 / fan_in))
-            else:
-                value = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-            new.append(onnx.numpy_helper.from_array(value, node.output[0]))
+            new.append((node.output[0], shape, _random_bytes(rng, shape)))
             continue
         keep.append(node)
     del g.node[:]
@@ -63,12 +61,24 @@ def randomize_placeholders(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelP
         g.initializer.remove(t)
     for vi in [vi for vi in g.input if vi.name in dead]:
         g.input.remove(vi)
-    g.initializer.extend(new)
-    if m.ir_version < 4:
-        g.input.extend(
-            onnx.helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, list(t.dims)) for t in new
-        )
+    for name, shape, raw in new:
+        t = g.initializer.add()  # filled in place: no copy of the (up to 400 MB) tensor
+        t.name, t.data_type, t.raw_data = name, onnx.TensorProto.FLOAT, raw
+        t.dims.extend(shape)
+        if m.ir_version < 4:
+            g.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
     return m
+
+
+def _random_bytes(rng, shape) -> bytes:
+    n = int(np.prod(shape))
+    if len(shape) < 2:
+        return rng.uniform(0.5, 1.5, n).astype(np.float32).tobytes()
+    # A random block repeated to size: drawing 100M+ normals for VGG's fc6 would take longer than the test.
+    block = (rng.standard_normal(min(n, 1 << 16), dtype=np.float32) * np.float32(np.sqrt(2.0 / np.prod(shape[1:]))))
+    raw = block.tobytes()
+    reps, rest = divmod(n, block.size)
+    return raw * reps + raw[: rest * 4]
 
 
 def light_model_path(name: str) -> Path:

@@ -172,8 +172,15 @@ def _weight_feeders(model) -> set[str]:
 def _fold_constants(model) -> int:
     graph = model.graph
     opset = default_opset(model)
-    consts = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    stored = {name for name, v in consts.items() if v.dtype.kind == "f"}
+    protos = {t.name: t for t in graph.initializer}
+    consts: dict[str, np.ndarray] = {}  # values, converted only when a fold needs them (weights rarely are)
+    stored = {t.name for t in graph.initializer if t.data_type in FLOAT_TYPES}
+
+    def value_of(name):
+        if name not in consts:
+            consts[name] = onnx.numpy_helper.to_array(protos[name])
+        return consts[name]
+
     feeders = _weight_feeders(model)
     shapes = static_shapes(model)
     outputs = {o.name for o in graph.output}
@@ -195,9 +202,9 @@ def _fold_constants(model) -> int:
                 op = OpNode.from_proto(node, opset)
                 start, end = op.attr("start", 0), op.attr("end", len(dims))
                 value = [np.array(dims[start:end], dtype=np.int64)]
-        elif foldable and present and all(n in consts for n in present):
+        elif foldable and present and all(n in consts or n in protos for n in present):
             op = OpNode.from_proto(node, opset)
-            args = [None if not n else torch.from_numpy(np.array(consts[n])) for n in node.input]
+            args = [None if not n else torch.from_numpy(np.array(value_of(n))) for n in node.input]
             try:
                 result = OPS[op_key(node.op_type)](op, args, ctx)
             except Exception as e:  # leave it to run at lift time, where errors name the node
