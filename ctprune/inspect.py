@@ -73,6 +73,8 @@ def _dense_rows(model: onnx.ModelProto, input_shape) -> list[LayerRow]:
                 continue
             rows_per_sample = math.prod(a[1:-1]) if a and None not in a[1:-1] else 1
             rows.append(LayerRow(node.name, "MatMul", "", w[0], w[1], 1, w[0] * w[1], rows_per_sample * w[0] * w[1], False))
+        elif node.op_type == "PatternConv" and node.domain == "ai.ctprune":
+            rows.append(_pattern_conv_row(node, attrs, shapes))
         elif node.op_type == "ConvTranspose":
             w, x = shapes.get(node.input[1]), shapes.get(node.input[0])
             if not w or None in w:
@@ -84,6 +86,21 @@ def _dense_rows(model: onnx.ModelProto, input_shape) -> list[LayerRow]:
             rows.append(LayerRow(node.name, "ConvTranspose", "x".join(map(str, kernel)), w[0], w[1] * group, group,
                                  math.prod(w) + bias, macs, False))
     return rows
+
+
+def _pattern_conv_row(node, attrs, shapes) -> LayerRow:
+    """ctprune's own pruned 3x3 conv (ops/PatternConv.md): K kept kernels of 4 taps each."""
+    out_ch, in_ch = list(attrs["weight_shape"])[:2]
+    kept = len(attrs.get("kernel_filters", []))
+    bias = out_ch if len(node.input) > 2 and node.input[2] else 0
+    x = shapes.get(node.input[0])
+    macs = None
+    if x and len(x) == 4 and None not in x[2:]:
+        top, left, bottom, right = list(attrs.get("pads", [0, 0, 0, 0]))
+        sh, sw = list(attrs.get("strides", [1, 1]))
+        oh, ow = (x[2] + top + bottom - 3) // sh + 1, (x[3] + left + right - 3) // sw + 1
+        macs = kept * 4 * oh * ow
+    return LayerRow(node.name, "PatternConv", "3x3", in_ch, out_ch, 1, kept * 4 + bias, macs, False)
 
 
 def layer_table(model: onnx.ModelProto, input_shape=None) -> tuple[list[LayerRow], dict]:
@@ -103,8 +120,8 @@ def layer_table(model: onnx.ModelProto, input_shape=None) -> tuple[list[LayerRow
     try:
         check_supported(model)
         unsupported = {}
-    except UnsupportedOpsError as e:
-        unsupported = e.unsupported
+    except UnsupportedOpsError as e:  # ctprune's own ops are not a problem for inspect
+        unsupported = {op: nodes for op, nodes in e.unsupported.items() if not op.startswith("ai.ctprune.")}
     m = shaped_model(model, input_shape)
     inits = {t.name for t in m.graph.initializer}
     data_inputs = [i for i in m.graph.input if i.name not in inits]

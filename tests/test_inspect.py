@@ -88,3 +88,24 @@ def test_inspect_lists_unsupported_ops():
     rows, totals = layer_table(model)
     assert totals["unsupported"] == {"TopK": ["topk"]}
     assert "TopK" in render_table(rows, totals)
+
+
+def test_pattern_conv_rows():
+    """A pruned model's PatternConv nodes are layers of the table (kept kernels x 4 taps), not unsupported ops."""
+    model = _model()
+    node = model.graph.node[0]  # conv1: 8 filters x 3 channels, 3x3, stride 2, pads 1
+    kept = 5
+    model.graph.initializer.append(numpy_helper.from_array(np.ones((kept, 4), np.float32), "w1c"))
+    pattern = helper.make_node(
+        "PatternConv", ["x", "w1c", "b1"], ["c1"], name="conv1", domain="ai.ctprune",
+        weight_shape=[8, 3, 3, 3], patterns=[0, 1, 3, 4], kernel_filters=[0, 0, 1, 2, 3],
+        kernel_channels=[0, 1, 0, 2, 1], kernel_patterns=[0] * kept, strides=[2, 2], pads=[1, 1, 1, 1],
+    )
+    model.graph.node.remove(node)
+    model.graph.node.insert(0, pattern)
+    model.opset_import.append(helper.make_opsetid("ai.ctprune", 1))
+    rows, totals = layer_table(model)
+    row = rows[0]
+    assert (row.name, row.op, row.in_channels, row.out_channels) == ("conv1", "PatternConv", 3, 8)
+    assert row.params == kept * 4 + 8 and row.macs == kept * 4 * 8 * 8
+    assert totals["unsupported"] == {}
