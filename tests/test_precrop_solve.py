@@ -110,3 +110,16 @@ def test_solver_respects_the_channel_multiple_and_budget():
         assert k == cg.groups[key].size or k % 16 == 0
     with pytest.raises(RatioError, match="largest reachable ratio"):
         solve_keep_counts(cg, {}, 500.0, multiple=16)
+
+
+def test_plan_summary_is_json_ready():
+    import json
+
+    from ctprune.pruning.precrop import plan_crop
+
+    plan = plan_crop(se_net(blocks=1), 2, pai="erk")
+    summary = json.loads(json.dumps(plan.to_dict()))
+    assert summary["ratio_achieved"] == pytest.approx(plan.ratio_achieved)
+    assert summary["conv_weights"]["before"] / summary["conv_weights"]["after"] == pytest.approx(plan.ratio_achieved)
+    assert any(g["frozen"] for g in summary["groups"]) and any(not g["frozen"] for g in summary["groups"])
+    assert all(0 < row["density_achieved"] <= 1 for row in summary["layers"])
