@@ -100,3 +100,27 @@ def test_opset_out_of_range():
     model.opset_import[0].version = 3
     with pytest.raises(ModelLoadError, match="opset 3"):
         load_model(model.SerializeToString())
+
+
+@pytest.mark.parametrize("problem", ["missing", "not_onnx", "truncated", "unsupported"])
+def test_cli_reports_one_message_no_traceback(problem, tmp_path, capsys):
+    from ctprune.cli import run
+
+    path = tmp_path / "m.onnx"
+    if problem == "not_onnx":
+        path.write_bytes(b"PK\x03\x04 definitely a zip file, not a model" * 10)
+    elif problem == "truncated":
+        data = small_model().SerializeToString()
+        path.write_bytes(data[: len(data) // 2])
+    elif problem == "unsupported":
+        model = small_model()
+        model.graph.node.append(helper.make_node("NonZero", ["z"], ["nz"], name="nz_node"))
+        model.graph.node.append(helper.make_node("Einsum", ["z", "z"], ["e"], name="einsum_node", equation="i,i"))
+        onnx.save(model, path)
+    code = run(["inspect", str(path)]) if problem != "unsupported" else run([str(path), "--ratio", "8", "--epochs", "0"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert "m.onnx" in err or problem == "unsupported"
+    if problem == "unsupported":
+        assert "NonZero" in err and "nz_node" in err and "Einsum" in err and "einsum_node" in err

@@ -67,7 +67,7 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as e:
-        raise ModelLoadError(f"{label}: not an ONNX model (the bytes do not parse as one: {e})") from None
+        raise ModelLoadError(f"{label}: not an ONNX model, or a truncated one (the bytes do not parse: {e})") from None
     if not model.graph.node and not model.graph.output:
         # Protobuf accepts many random byte strings as a message with no known fields.
         raise ModelLoadError(f"{label}: not an ONNX model (it parses to an empty graph)")
