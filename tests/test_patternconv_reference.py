@@ -87,12 +87,13 @@ def test_function_matches_conv_on_masked_dense_weights(case):
         if t.name == "B":
             B = onnx.numpy_helper.to_array(t)
     attrs = compact.attributes()
-    numpy_ref = pattern_conv_numpy(
-        X, compact.weights, B, attrs["weight_shape"], attrs["patterns"], attrs["kernel_filters"],
-        attrs["kernel_channels"], attrs["kernel_patterns"], (stride, stride), pads, *activation,
-    )
+    args = (X, compact.weights, B, attrs["weight_shape"], attrs["patterns"], attrs["kernel_filters"],
+            attrs["kernel_channels"], attrs["kernel_patterns"], (stride, stride), pads)
+    numpy_ref = pattern_conv_numpy(*args, *activation)
     assert numpy_ref.shape == got.shape
-    assert rel_err(got, numpy_ref) <= 1e-5, f"seed {seed}"
+    # float32 vs float64: the error scales with the Conv output before a (narrow) activation clips it
+    scale = np.abs(pattern_conv_numpy(*args)).max()
+    assert np.abs(got - numpy_ref).max() <= 1e-5 * scale, f"seed {seed}"
 
 
 @pytest.mark.parametrize("opset", [13, 15, 17, 18, 19, 20, 21])
