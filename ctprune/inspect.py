@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import onnx
 
 from ctprune.errors import UnsupportedOpsError
-from ctprune.graph.layers import _constant_dims, conv_layers, shaped_model
+from ctprune.graph.layers import constant_dims, conv_layers, shaped_model
 from ctprune.graph.lift import check_supported
 from ctprune.graph.normalize import FLOAT_TYPES, static_shapes
 
@@ -54,7 +54,7 @@ def count_parameters(model: onnx.ModelProto) -> int:
 def _dense_rows(model: onnx.ModelProto, input_shape) -> list[LayerRow]:
     """Gemm, MatMul with a stored weight, and ConvTranspose."""
     m = shaped_model(model, input_shape)
-    stored = _constant_dims(m)
+    stored = constant_dims(m)
     shapes = static_shapes(m)
     shapes.update(stored)
     rows = []

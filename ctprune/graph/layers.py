@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import onnx
 
 from ctprune.errors import GraphError
-from ctprune.graph.normalize import infer_shapes, static_shapes
+from ctprune.graph.normalize import drop_initializer_inputs, infer_shapes, set_input_shapes, static_shapes
 from ctprune.graph.ops.nn import same_pads
 
-__all__ = ["ConvLayer", "conv_layers", "shaped_model"]
+__all__ = ["ConvLayer", "conv_layers", "shaped_model", "constant_dims"]
 
 
 @dataclass
@@ -52,13 +52,11 @@ class ConvLayer:
 
 def shaped_model(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
     """A copy with the input shape applied, batch fixed to 1 where dynamic, and shapes inferred."""
-    from ctprune.graph.normalize import _drop_initializer_inputs, _set_input_shapes
-
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    _drop_initializer_inputs(m)
+    drop_initializer_inputs(m)
     if input_shape is not None:
-        _set_input_shapes(m, input_shape)
+        set_input_shapes(m, input_shape)
     for vi in m.graph.input:  # per-sample numbers: a dynamic batch counts as 1
         dims = vi.type.tensor_type.shape.dim
         if len(dims) > 0 and not dims[0].HasField("dim_value"):
@@ -68,7 +66,7 @@ def shaped_model(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
     return infer_shapes(m)
 
 
-def _constant_dims(model) -> dict[str, list[int]]:
+def constant_dims(model) -> dict[str, list[int]]:
     dims = {t.name: list(t.dims) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
@@ -82,7 +80,7 @@ def conv_layers(model: onnx.ModelProto, input_shape=None) -> list[ConvLayer]:
     """Every Conv node of ``model`` in graph order."""
     m = shaped_model(model, input_shape)
     shapes = static_shapes(m)
-    shapes.update(_constant_dims(m))
+    shapes.update(constant_dims(m))
     consumers: dict[str, list[str]] = {}
     for node in m.graph.node:
         for name in node.input:

@@ -47,9 +47,9 @@ def normalize(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
     """A lifting-ready copy of ``model`` (the argument is not modified)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    _drop_initializer_inputs(out)
+    drop_initializer_inputs(out)
     if input_shape is not None:
-        _set_input_shapes(out, input_shape)
+        set_input_shapes(out, input_shape)
     _constants_to_initializers(out)
     out = infer_shapes(out)
     folded = _fold_constants(out)
@@ -101,7 +101,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _drop_initializer_inputs(model):
+def drop_initializer_inputs(model):
     names = {t.name for t in model.graph.initializer}
     keep = [i for i in model.graph.input if i.name not in names]
     if len(keep) != len(model.graph.input):
@@ -109,7 +109,7 @@ def _drop_initializer_inputs(model):
         model.graph.input.extend(keep)
 
 
-def _set_input_shapes(model, input_shape):
+def set_input_shapes(model, input_shape):
     if isinstance(input_shape, dict):
         shapes = input_shape
     else:
