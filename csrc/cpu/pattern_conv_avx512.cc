@@ -13,6 +13,10 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx2,fma")
+// GCC 12's avx512fintrin.h seeds broadcasts with _mm512_undefined_ps(), which -Wmaybe-uninitialized misreports.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace ctprune {
 namespace cpu {
@@ -65,4 +69,5 @@ FilterTilesFn SelectFilterTiles(int rows_per_tile, int stride, int out_width) {
 }  // namespace cpu
 }  // namespace ctprune
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
