@@ -37,12 +37,14 @@ __all__ = [
     "CudaPatternConv",
     "KernelCallError",
     "KERNEL_CONFIGS",
+    "SPLIT_CONFIGS",
 ]
 
 log = logging.getLogger(__name__)
 
 CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
 KERNEL_CONFIGS = (11, 12, 14, 21, 22, 24, 41, 42, 44)  # 10 * filters per thread + pixels per thread
+SPLIT_CONFIGS = (211, 344, 811, 524)  # 100 * channel splits + the above
 INVALID_ATTRIBUTES, INVALID_SHAPE = -1, -2
 
 
@@ -206,14 +208,14 @@ class EmulatedPatternConv:
         self.lib.ctprune_fastdivmod_selftest.argtypes = [ctypes.c_uint32, ctypes.c_int64]
 
     def __call__(self, layer: PatternConvLayer, x: np.ndarray, *, force_config: int = 0, num_sms: int = 132):
-        """Returns (y, plan) with plan = dict(ft, px, nimg, TR, TC, CC, blocks)."""
+        """Returns (y, plan) with plan = dict(ft, px, nimg, TR, TC, CC, blocks, splits)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         n, _, h, w = x.shape
         oh, ow = layer.output_size(h, w)
         y = np.full((n, layer.weight_shape[0], max(oh, 0), max(ow, 0)), np.nan, dtype=np.float32)
         wts = np.ascontiguousarray(layer.weights, dtype=np.float32)
         bias = None if layer.bias is None else np.ascontiguousarray(layer.bias, dtype=np.float32)
-        plan = (ctypes.c_int64 * 7)()
+        plan = (ctypes.c_int64 * 8)()
         err = ctypes.create_string_buffer(512)
         desc = layer.desc()
         status = self.lib.ctprune_pattern_conv_emulate(
@@ -221,7 +223,7 @@ class EmulatedPatternConv:
             y.ctypes.data, n, h, w, num_sms, force_config, plan, err, len(err))
         if status != 0:
             raise _error(status, self.lib, err)
-        return y, dict(zip(("ft", "px", "nimg", "TR", "TC", "CC", "blocks"), list(plan)))
+        return y, dict(zip(("ft", "px", "nimg", "TR", "TC", "CC", "blocks", "splits"), list(plan)))
 
     def divmod_mismatches(self, seed: int = 0, trials: int = 200_000) -> int:
         return int(self.lib.ctprune_fastdivmod_selftest(seed, trials))

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctprune.cuda_harness import KERNEL_CONFIGS, EmulatedPatternConv, KernelCallError, dense_weight, layer_from_compact, random_layer
+from ctprune.cuda_harness import (KERNEL_CONFIGS, SPLIT_CONFIGS, EmulatedPatternConv, KernelCallError, dense_weight,
+                                  layer_from_compact, random_layer)
 
 from test_patternconv_matrix import ACTIVATIONS, CASES, SEED, _ids, build
 
@@ -80,6 +81,30 @@ def test_every_tile_config(emulator, config):
         x = rng.standard_normal((n, c, h, w)).astype(np.float32)
         plan = check(emulator, layer, x, f"config {config}, shape {(n, c, o, h, w, strides, pads)}", force_config=config)
         assert plan["ft"] * 10 + plan["px"] == config
+
+
+@pytest.mark.parametrize("config", SPLIT_CONFIGS)
+def test_channel_splits(emulator, config):
+    # Splits that do not divide C, splits with fewer channels than a chunk, and one with more splits than channels
+    # (empty splits are dropped); every output tile's partial sums are reduced once, and tickets end at zero.
+    rng = np.random.default_rng(SEED + config)
+    for n, c, o, h, w in [(1, 70, 40, 7, 7), (2, 13, 9, 5, 11), (1, 3, 17, 4, 4), (3, 100, 33, 2, 9)]:
+        layer = random_layer(o, c, 8.0, rng, activation=(0.0, 6.0), empty_filters=o // 6)
+        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        plan = check(emulator, layer, x, f"config {config}, shape {(n, c, o, h, w)}", force_config=config)
+        wanted = config // 100
+        assert plan["splits"] == -(-c // -(-c // wanted)), plan  # ceil(C / ceil(C / wanted))
+
+
+def test_planner_splits_channels_of_deep_layers_at_batch_1(emulator):
+    rng = np.random.default_rng(SEED)
+    layer = random_layer(512, 512, 8.0, rng)
+    x = rng.standard_normal((1, 512, 7, 7)).astype(np.float32)
+    plan = check(emulator, layer, x, "512 channels, 7x7, batch 1")
+    assert plan["splits"] > 1 and plan["blocks"] >= 264, plan
+    wide = random_layer(64, 64, 8.0, rng)
+    _, plan = emulator(wide, rng.standard_normal((4, 64, 56, 56)).astype(np.float32))
+    assert plan["splits"] == 1, plan
 
 
 @pytest.mark.parametrize("channels,size", [(64, 56), (128, 28), (256, 14)])  # 512 x 4 and 511 x 7 are in the matrix

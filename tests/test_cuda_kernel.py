@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctprune.cuda_harness import (KERNEL_CONFIGS, CudaPatternConv, KernelCallError, build_cuda_kernel, dense_weight,
+from ctprune.cuda_harness import (KERNEL_CONFIGS, SPLIT_CONFIGS, CudaPatternConv, KernelCallError, build_cuda_kernel, dense_weight,
                                   layer_from_compact, random_layer)
 
 from test_patternconv_matrix import ACTIVATIONS, CASES, SEED, _ids, build
@@ -104,6 +104,31 @@ def test_every_tile_config(library, config):
         layer = random_layer(o, c, 4.0, rng, strides=strides, pads=pads, activation=act, empty_filters=o // 5)
         x = rng.standard_normal((n, c, h, w)).astype(np.float32)
         check(layer, x, library, f"config {config}, shape {(n, c, o, h, w, strides, pads)}", force_config=config)
+
+
+@pytest.mark.parametrize("config", SPLIT_CONFIGS)
+def test_channel_splits(library, config):
+    # Partial sums reduced by the last-arriving block of each tile; run twice so a ticket left non-zero would show.
+    rng = np.random.default_rng(SEED + config)
+    for n, c, o, h, w in [(1, 70, 40, 7, 7), (2, 13, 9, 5, 11), (1, 3, 17, 4, 4), (1, 512, 512, 7, 7)]:
+        layer = random_layer(o, c, 8.0, rng, activation=(0.0, 6.0), empty_filters=o // 6)
+        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+        for attempt in range(2):
+            check(layer, x, library, f"config {config}, shape {(n, c, o, h, w)}, run {attempt}", force_config=config)
+
+
+def test_repeated_split_launches_on_one_stream(library):
+    rng = np.random.default_rng(SEED)
+    layer = random_layer(512, 512, 8.0, rng)
+    kernel = CudaPatternConv(layer, library)
+    w, b = torch.from_numpy(layer.weights).cuda(), torch.from_numpy(layer.bias).cuda()
+    xs = [torch.from_numpy(rng.standard_normal((1, 512, 7, 7)).astype(np.float32)).cuda() for _ in range(3)]
+    ys = [kernel(x, w, b, force_config=511).clone() for x in xs for _ in range(5)]
+    torch.cuda.synchronize()
+    for i, x in enumerate(xs):
+        ref32, _, unclamped = references(layer, x)
+        for y in ys[5 * i: 5 * i + 5]:
+            assert float((y - ref32).abs().max()) / float(unclamped.abs().max()) <= 1e-5
 
 
 @pytest.mark.parametrize("batch", [1, 32])

@@ -39,7 +39,8 @@ int ctprune_pattern_conv_cuda_prepare(const CtprunePatternConvDesc* desc, Ctprun
                                       int err_len);
 
 /* Launches the kernel on stream (a cudaStream_t; NULL = legacy default stream). force_config = 0 lets the launcher
- * choose the tile shape; 10 * filters_per_thread + pixels_per_thread (each 1, 2 or 4) forces one (tests).
+ * choose the tile shape; 100 * channel_splits + 10 * filters_per_thread + pixels_per_thread (each 1, 2 or 4;
+ * splits 0 = 1) forces one (tests). Channel-split launches keep partial sums in scratch owned by gpu, per stream.
  * Returns cudaGetLastError() after the launch, or CTPRUNE_CUDA_INVALID_SHAPE (bad n/h/w or output size < 1). */
 int ctprune_pattern_conv_cuda(const CtprunePatternConvGpu* gpu, const float* x, const float* w, const float* b, float* y,
                               int64_t n, int64_t h, int64_t width, void* stream, int force_config);

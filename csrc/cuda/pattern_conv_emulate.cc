@@ -28,18 +28,28 @@ void RunBlocks(const PatternConvParams& p) {
   std::vector<float> smem_buffer(tile + 2 * kGuard);
   float* smem = smem_buffer.data() + kGuard;
   std::vector<ThreadState<FT, PX>> threads(kBlockThreads);
-  for (long long block = 0; block < p.blocks; ++block) {
+  // Blocks run in reverse order, so a tile's last-arriving split is its first one, not its last.
+  for (long long block = p.blocks - 1; block >= 0; --block) {
     const BlockCoord bc = DecodeBlock(p, block);
     for (int t = 0; t < kBlockThreads; ++t) InitThread(threads[t], p, bc, t);
-    for (int c0 = 0; c0 < p.C; c0 += p.CC) {
-      const int c1 = c0 + p.CC < p.C ? c0 + p.CC : p.C;
+    for (int c0 = bc.c_begin; c0 < bc.c_end; c0 += p.CC) {
+      const int c1 = c0 + p.CC < bc.c_end ? c0 + p.CC : bc.c_end;
       std::fill(smem_buffer.begin(), smem_buffer.end(), kNaN);
       for (int t = 0; t < kBlockThreads; ++t) StageChunk(p, bc, c0, c1 - c0, t, kBlockThreads, smem);
       // __syncthreads()
       for (int t = 0; t < kBlockThreads; ++t) ComputeChunk(threads[t], p, c0, c1, smem);
       // __syncthreads()
     }
-    for (int t = 0; t < kBlockThreads; ++t) FinishThread(threads[t], p);
+    if (p.splits == 1) {
+      for (int t = 0; t < kBlockThreads; ++t) FinishThread(threads[t], p);
+      continue;
+    }
+    for (int t = 0; t < kBlockThreads; ++t) StorePartial(threads[t], p, bc.split);
+    const int arrived = p.tickets[bc.ticket]++;
+    if (arrived == p.splits - 1) {
+      p.tickets[bc.ticket] = 0;
+      for (int t = 0; t < kBlockThreads; ++t) ReducePartials(threads[t], p);
+    }
   }
 }
 
@@ -75,8 +85,9 @@ bool GuardsIntact(const std::vector<float>& v) {
 extern "C" {
 
 // Same inputs as ctprune_pattern_conv_cuda, on host memory. plan_out (may be null) receives
-// {ft, px, nimg, TR, TC, CC, blocks}. Returns 0, CTPRUNE_CUDA_INVALID_ATTRIBUTES (reason in err),
-// CTPRUNE_CUDA_INVALID_SHAPE, 3 for an unknown force_config, or 4 when the kernel wrote outside the output.
+// {ft, px, nimg, TR, TC, CC, blocks, splits}. Returns 0, CTPRUNE_CUDA_INVALID_ATTRIBUTES (reason in err),
+// CTPRUNE_CUDA_INVALID_SHAPE, 3 for an unknown force_config, 4 when the kernel wrote outside the output or the
+// partial sums, 5 when a channel-split launch left a ticket non-zero.
 __attribute__((visibility("default"))) int ctprune_pattern_conv_emulate(
     const CtprunePatternConvDesc* desc, const float* x, const float* w, const float* b, float* y, int64_t n, int64_t h,
     int64_t width, int num_sms, int force_config, int64_t* plan_out, char* err, int err_len) {
@@ -100,12 +111,18 @@ __attribute__((visibility("default"))) int ctprune_pattern_conv_emulate(
   p.entries = packed.entries.data();
   p.filter_begin = packed.filter_begin.data();
   p.slot_filter = packed.slot_filter.data();
+  std::vector<float> partial = Guarded(nullptr, p.splits > 1 ? static_cast<size_t>(p.splits) * y_count : 0);
+  std::vector<int> tickets(p.splits > 1 ? static_cast<size_t>(p.blocks / p.splits) : 0, 0);
+  p.partial = partial.data() + kGuard;
+  p.tickets = tickets.data();
   if (plan_out) {
-    const int64_t plan[7] = {p.ft, p.px, p.nimg, p.TR, p.TC, p.CC, p.blocks};
+    const int64_t plan[8] = {p.ft, p.px, p.nimg, p.TR, p.TC, p.CC, p.blocks, p.splits};
     std::memcpy(plan_out, plan, sizeof(plan));
   }
   if (!Dispatch(p)) return 3;
-  if (!GuardsIntact(gy)) return 4;
+  if (!GuardsIntact(gy) || !GuardsIntact(partial)) return 4;
+  for (int t : tickets)
+    if (t != 0) return 5;  // a ticket left behind would break the next launch
   std::memcpy(y, gy.data() + kGuard, y_count * sizeof(float));
   return 0;
 }

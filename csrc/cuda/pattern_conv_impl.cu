@@ -4,8 +4,10 @@
 
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "cuda/pattern_conv_cuda.h"
 #include "cuda/pattern_conv_impl.cuh"
@@ -14,20 +16,39 @@ namespace ctprune {
 namespace cuda {
 namespace {
 
+// At least 3 blocks per SM (<= 85 registers): without it ptxas settles at 64 registers and spills a few.
 template <int FT, int PX>
-__global__ void __launch_bounds__(kBlockThreads) PatternConvKernel(const __grid_constant__ PatternConvParams p) {
+__global__ void __launch_bounds__(kBlockThreads, 3) PatternConvKernel(const __grid_constant__ PatternConvParams p) {
   extern __shared__ float smem[];
+  __shared__ int last_arrival;
   const BlockCoord bc = DecodeBlock(p, blockIdx.x);
   ThreadState<FT, PX> st;
   InitThread(st, p, bc, threadIdx.x);
-  for (int c0 = 0; c0 < p.C; c0 += p.CC) {
-    const int c1 = min(c0 + p.CC, p.C);
+  for (int c0 = bc.c_begin; c0 < bc.c_end; c0 += p.CC) {
+    const int c1 = min(c0 + p.CC, bc.c_end);
     StageChunk(p, bc, c0, c1 - c0, threadIdx.x, kBlockThreads, smem);
     __syncthreads();
     ComputeChunk(st, p, c0, c1, smem);
     __syncthreads();  // before the next chunk overwrites the tile
   }
-  FinishThread(st, p);
+  if (p.splits == 1) {
+    FinishThread(st, p);
+    return;
+  }
+  // Split over channels: publish the partial sums, take a ticket; the tile's last block reduces.
+  StorePartial(st, p, bc.split);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int arrived = atomicAdd(p.tickets + bc.ticket, 1);
+    last_arrival = arrived == p.splits - 1;
+    if (last_arrival) p.tickets[bc.ticket] = 0;  // every split has arrived: ready for the next launch
+  }
+  __syncthreads();
+  if (last_arrival) {
+    __threadfence();
+    ReducePartials(st, p);
+  }
 }
 
 template <int FT, int PX>
@@ -67,6 +88,15 @@ int SmCount(int device) {
 }  // namespace cuda
 }  // namespace ctprune
 
+// Partial sums and tickets of channel-split launches, one set per stream (launches on one stream never overlap).
+struct SplitScratch {
+  cudaStream_t stream = nullptr;
+  float* partial = nullptr;
+  size_t partial_floats = 0;
+  int* tickets = nullptr;
+  size_t ticket_count = 0;
+};
+
 struct CtprunePatternConvGpu {
   ctprune::cuda::PackedPatternConv packed;  // host copy: plans read the taps and shapes
   int device = -1;
@@ -74,7 +104,47 @@ struct CtprunePatternConvGpu {
   const int* entries = nullptr;
   const int* filter_begin = nullptr;
   const int* slot_filter = nullptr;
+  mutable std::mutex scratch_mutex;
+  mutable std::vector<SplitScratch> scratch;
 };
+
+namespace {
+
+// Grows the stream's scratch to hold `partial_floats` and `tickets` (new tickets zeroed on that stream).
+cudaError_t ScratchFor(const CtprunePatternConvGpu* gpu, cudaStream_t stream, size_t partial_floats, size_t tickets,
+                       SplitScratch* out) {
+  std::lock_guard<std::mutex> lock(gpu->scratch_mutex);
+  SplitScratch* s = nullptr;
+  for (auto& candidate : gpu->scratch)
+    if (candidate.stream == stream) s = &candidate;
+  if (!s) {
+    gpu->scratch.push_back(SplitScratch{});
+    s = &gpu->scratch.back();
+    s->stream = stream;
+  }
+  cudaError_t status = cudaSuccess;
+  if (s->partial_floats < partial_floats) {
+    if (s->partial) cudaFree(s->partial);  // cudaFree waits for kernels still using it
+    s->partial = nullptr;
+    s->partial_floats = 0;
+    status = cudaMalloc(&s->partial, partial_floats * sizeof(float));
+    if (status != cudaSuccess) return status;
+    s->partial_floats = partial_floats;
+  }
+  if (s->ticket_count < tickets) {
+    if (s->tickets) cudaFree(s->tickets);
+    s->tickets = nullptr;
+    s->ticket_count = 0;
+    status = cudaMalloc(&s->tickets, tickets * sizeof(int));
+    if (status == cudaSuccess) status = cudaMemsetAsync(s->tickets, 0, tickets * sizeof(int), stream);
+    if (status != cudaSuccess) return status;
+    s->ticket_count = tickets;
+  }
+  *out = *s;
+  return cudaSuccess;
+}
+
+}  // namespace
 
 extern "C" int ctprune_pattern_conv_cuda_prepare(const CtprunePatternConvDesc* desc, CtprunePatternConvGpu** out,
                                                  char* err, int err_len) {
@@ -143,18 +213,30 @@ extern "C" int ctprune_pattern_conv_cuda(const CtprunePatternConvGpu* gpu, const
   p.slot_filter = gpu->slot_filter;
   if (!PlanLaunch(p, gpu->packed, SmCount(gpu->device), force_config)) return static_cast<int>(cudaErrorInvalidValue);
   if (p.blocks < 1 || p.blocks > 0x7fffffffLL) return CTPRUNE_CUDA_INVALID_SHAPE;
+  if (p.splits > 1) {
+    SplitScratch scratch;
+    const cudaError_t status = ScratchFor(gpu, static_cast<cudaStream_t>(stream),
+                                          static_cast<size_t>(p.splits) * p.y_size,
+                                          static_cast<size_t>(p.blocks / p.splits), &scratch);
+    if (status != cudaSuccess) return static_cast<int>(status);
+    p.partial = scratch.partial;
+    p.tickets = scratch.tickets;
+  }
   return static_cast<int>(Dispatch(p, static_cast<cudaStream_t>(stream)));
 }
 
 extern "C" void ctprune_pattern_conv_cuda_release(CtprunePatternConvGpu* gpu) {
   if (!gpu) return;
-  if (gpu->buffer) {
-    int current = -1;
-    const bool switched = cudaGetDevice(&current) == cudaSuccess && current != gpu->device &&
-                          cudaSetDevice(gpu->device) == cudaSuccess;
-    cudaFree(gpu->buffer);  // an error here (driver shutting down) leaves nothing to do
-    if (switched) cudaSetDevice(current);
+  int current = -1;
+  const bool switched = cudaGetDevice(&current) == cudaSuccess && current != gpu->device &&
+                        cudaSetDevice(gpu->device) == cudaSuccess;
+  // Errors here (driver shutting down) leave nothing to do.
+  if (gpu->buffer) cudaFree(gpu->buffer);
+  for (auto& s : gpu->scratch) {
+    if (s.partial) cudaFree(s.partial);
+    if (s.tickets) cudaFree(s.tickets);
   }
+  if (switched) cudaSetDevice(current);
   delete gpu;
 }
 

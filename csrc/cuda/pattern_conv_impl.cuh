@@ -90,6 +90,14 @@ CTP_HD float load_float(const float* p) {
 #endif
 }
 
+CTP_HD float load_coherent(const float* p) {  // written by other blocks of this launch: skip L1
+#ifdef __CUDA_ARCH__
+  return __ldcg(p);
+#else
+  return *p;
+#endif
+}
+
 // One launch's parameters, passed by value (__grid_constant__: read through the constant cache, never copied).
 struct PatternConvParams {
   const float* x;
@@ -111,7 +119,14 @@ struct PatternConvParams {
   int CC;                   // channels per staged chunk
   int filter_groups;        // ceil(O / (8 * ft))
   int tiles_w, tiles_per_group;  // ceil(OW / TC), ceil(OH / TR) * tiles_w
-  long long blocks;         // filter_groups * tiles
+  long long blocks;         // filter_groups * tiles * splits
+  // Split over input channels (small grids, e.g. batch 1 with 512 channels): split s of `splits` blocks per output
+  // tile takes channels [s * split_channels, (s + 1) * split_channels), stores its partial sums, and the block that
+  // arrives last (a ticket per output tile) adds them up in split order (deterministic), then bias and activation.
+  int splits, split_channels;
+  long long y_size;         // N * O * OH * OW
+  float* partial;           // [splits][y_size] (splits > 1)
+  int* tickets;             // [filter_groups * tiles], zero between launches (splits > 1)
   FastDivmod div_iws, div_ir, div_nimg;
   int tap_offset[kMaxPatterns * 4];  // ky * IWs + kx for each pattern's taps
 };
@@ -163,6 +178,8 @@ inline bool PlanTile(PatternConvParams& p, int ft, int px, const PackedPatternCo
   p.tiles_per_group = ((p.OH + TR - 1) / TR) * p.tiles_w;
   const long long image_groups = (p.N + nimg - 1) / nimg;
   p.blocks = static_cast<long long>(p.filter_groups) * image_groups * p.tiles_per_group;
+  p.splits = 1;
+  p.split_channels = p.C;
   p.div_iws = FastDivmod(static_cast<uint32_t>(p.IWs));
   p.div_ir = FastDivmod(static_cast<uint32_t>(p.IR));
   p.div_nimg = FastDivmod(static_cast<uint32_t>(nimg));
@@ -197,37 +214,87 @@ inline bool PlanShape(PatternConvParams& p, const PackedPatternConv& packed, lon
   return true;
 }
 
-// Picks the largest per-thread work that still gives every SM at least two blocks (small layers at batch 1 need
-// parallelism more than reuse); force_config = 10 * ft + px pins one. Returns false for an unknown config.
+// Splits the input channels so that a small grid still gives every SM two blocks (at most 8 splits of >= 32
+// channels each, and a bounded partial-sum buffer); updates blocks.
+inline void PlanSplits(PatternConvParams& p, int splits) {
+  const long long tiles = p.blocks / p.splits;
+  while (splits > 1 && static_cast<long long>(splits) * p.y_size > (64LL << 20)) --splits;
+  p.split_channels = (p.C + splits - 1) / splits;
+  p.splits = (p.C + p.split_channels - 1) / p.split_channels;  // no empty split
+  p.blocks = tiles * p.splits;
+}
+
+inline int WantedSplits(const PatternConvParams& p, int num_sms) {
+  if (p.blocks >= 2LL * num_sms) return 1;
+  const long long wanted = (2LL * num_sms + p.blocks - 1) / p.blocks;
+  const int most = p.C / 32 < 1 ? 1 : (p.C / 32 > 8 ? 8 : p.C / 32);
+  return static_cast<int>(wanted < most ? wanted : most);
+}
+
+// Picks the largest per-thread work that gives every SM at least two blocks, splitting input channels when the
+// grid is smaller than one block per SM (batch 1 needs parallelism, batch 32 reuse); a config that splits must use
+// half its pixel slots. The thresholds are a first guess, to be tuned on a GPU (python -m ctprune.bench_cuda).
+// force_config = 100 * splits + 10 * ft + px pins one (splits 0 means 1). Returns false for an unknown config.
 inline bool PlanLaunch(PatternConvParams& p, const PackedPatternConv& packed, int num_sms, int force_config) {
   static const int kConfigs[9][2] = {{4, 4}, {4, 2}, {2, 4}, {2, 2}, {4, 1}, {1, 4}, {2, 1}, {1, 2}, {1, 1}};
+  p.y_size = static_cast<long long>(p.N) * p.O * p.OH * p.OW;
   if (force_config != 0) {
-    const int ft = force_config / 10, px = force_config % 10;
-    if ((ft != 1 && ft != 2 && ft != 4) || (px != 1 && px != 2 && px != 4)) return false;
-    return PlanTile(p, ft, px, packed);
+    const int splits = force_config / 100, ft = force_config / 10 % 10, px = force_config % 10;
+    if ((ft != 1 && ft != 2 && ft != 4) || (px != 1 && px != 2 && px != 4) || splits > 64) return false;
+    if (!PlanTile(p, ft, px, packed)) return false;
+    PlanSplits(p, splits < 1 ? 1 : splits);
+    return true;
   }
-  long long best_blocks = -1;
-  int best = 8;
+  // First without splitting (partial sums cost a round trip): the first config with two blocks per SM, else the
+  // one with the most blocks if that still gives every SM one; only smaller grids split.
+  long long unsplit_blocks = -1;
+  int unsplit = 8;
   for (int i = 0; i < 9; ++i) {
     if (!PlanTile(p, kConfigs[i][0], kConfigs[i][1], packed)) continue;
     if (p.blocks >= 2LL * num_sms) return true;
-    if (p.blocks >= best_blocks) {  // ties: the later, smaller config wastes fewer pixel slots
-      best_blocks = p.blocks;
-      best = i;
+    if (p.blocks >= unsplit_blocks) {
+      unsplit_blocks = p.blocks;
+      unsplit = i;
     }
   }
-  return PlanTile(p, kConfigs[best][0], kConfigs[best][1], packed);
+  if (unsplit_blocks >= num_sms) return PlanTile(p, kConfigs[unsplit][0], kConfigs[unsplit][1], packed);
+  long long best_blocks = -1;
+  int best = 8, best_splits = 1;
+  for (int i = 0; i < 9; ++i) {
+    if (!PlanTile(p, kConfigs[i][0], kConfigs[i][1], packed)) continue;
+    const int splits = WantedSplits(p, num_sms);
+    const bool dense_tile = 2 * p.nimg * p.TR * p.TC >= 32 * p.px;
+    if (p.blocks * splits >= 2LL * num_sms && dense_tile) {
+      PlanSplits(p, splits);
+      return true;
+    }
+    if (p.blocks * splits >= best_blocks) {  // ties: the later, smaller config wastes fewer pixel slots
+      best_blocks = p.blocks * splits;
+      best = i;
+      best_splits = splits;
+    }
+  }
+  if (!PlanTile(p, kConfigs[best][0], kConfigs[best][1], packed)) return false;
+  PlanSplits(p, best_splits);
+  return true;
 }
 
 // Which tile and filter group a block computes.
 struct BlockCoord {
   int filter_group, n0, oy0, ox0;
+  int split, c_begin, c_end;  // input channels of this block's split
+  long long ticket;           // index of this block's output tile in p.tickets
 };
 
 CTP_HD BlockCoord DecodeBlock(const PatternConvParams& p, long long block) {
   BlockCoord bc;
   bc.filter_group = static_cast<int>(block % p.filter_groups);  // neighbouring blocks share the input tile (L2)
-  const long long tile = block / p.filter_groups;
+  const long long rest = block / p.filter_groups;
+  bc.split = static_cast<int>(rest % p.splits);
+  const long long tile = rest / p.splits;
+  bc.ticket = tile * p.filter_groups + bc.filter_group;
+  bc.c_begin = bc.split * p.split_channels;
+  bc.c_end = bc.c_begin + p.split_channels < p.C ? bc.c_begin + p.split_channels : p.C;
   const int in_group = static_cast<int>(tile % p.tiles_per_group);
   bc.n0 = static_cast<int>(tile / p.tiles_per_group) * p.nimg;
   bc.oy0 = (in_group / p.tiles_w) * p.TR;
@@ -252,14 +319,23 @@ CTP_UNROLL
     const int slot = bc.filter_group * (kWarps * FT) + warp + kWarps * i;
     if (slot < p.O) {
       st.filter[i] = load_int(p.slot_filter + slot);
-      st.next[i] = load_int(p.filter_begin + slot);
-      st.end[i] = load_int(p.filter_begin + slot + 1);
+      int lo = load_int(p.filter_begin + slot), hi = load_int(p.filter_begin + slot + 1);
+      st.end[i] = hi;
+      while (lo < hi) {  // first kernel on a channel >= c_begin (lists are channel-sorted)
+        const int mid = (lo + hi) / 2;
+        if ((load_int(p.entries + 2 * mid) >> 8) < bc.c_begin) lo = mid + 1;
+        else hi = mid;
+      }
+      st.next[i] = lo;
     } else {
       st.filter[i] = -1;
       st.next[i] = st.end[i] = 0;
     }
 CTP_UNROLL
-    for (int j = 0; j < PX; ++j) st.acc[0][i][j] = st.acc[ThreadState<FT, PX>::kSplit - 1][i][j] = 0.0f;
+    for (int j = 0; j < PX; ++j) {
+      st.acc[0][i][j] = 0.0f;
+      st.acc[ThreadState<FT, PX>::kSplit - 1][i][j] = 0.0f;
+    }
   }
   const int tile_pixels = p.TR * p.TC;
   const long long out_plane = static_cast<long long>(p.OH) * p.OW;
@@ -347,7 +423,24 @@ CTP_UNROLL
   }
 }
 
-// Bias, activation (clamp that keeps NaN, like Clip), and the store.
+// Bias, activation (clamp that keeps NaN, like Clip).
+CTP_HD float Epilogue(const PatternConvParams& p, float v, float bias) {
+  v += bias;
+  if (p.has_activation) {
+    v = v < p.activation_min ? p.activation_min : v;
+    v = v > p.activation_max ? p.activation_max : v;
+  }
+  return v;
+}
+
+template <int FT, int PX>
+CTP_HD float Total(const ThreadState<FT, PX>& st, int i, int j) {
+  float v = st.acc[0][i][j];
+  if (ThreadState<FT, PX>::kSplit > 1) v += st.acc[ThreadState<FT, PX>::kSplit - 1][i][j];
+  return v;
+}
+
+// splits == 1: the finished outputs.
 template <int FT, int PX>
 CTP_HD void FinishThread(const ThreadState<FT, PX>& st, const PatternConvParams& p) {
   const long long out_plane = static_cast<long long>(p.OH) * p.OW;
@@ -358,14 +451,40 @@ CTP_UNROLL
 CTP_UNROLL
     for (int j = 0; j < PX; ++j) {
       if (st.pixel_out[j] < 0) continue;
-      float v = st.acc[0][i][j];
-      if (ThreadState<FT, PX>::kSplit > 1) v += st.acc[ThreadState<FT, PX>::kSplit - 1][i][j];
-      v += bias;
-      if (p.has_activation) {
-        v = v < p.activation_min ? p.activation_min : v;
-        v = v > p.activation_max ? p.activation_max : v;
-      }
-      p.y[st.pixel_out[j] + st.filter[i] * out_plane] = v;
+      p.y[st.pixel_out[j] + st.filter[i] * out_plane] = Epilogue(p, Total(st, i, j), bias);
+    }
+  }
+}
+
+// splits > 1, every block: its partial sums, laid out like Y in the split's slice of p.partial.
+template <int FT, int PX>
+CTP_HD void StorePartial(const ThreadState<FT, PX>& st, const PatternConvParams& p, int split) {
+  const long long out_plane = static_cast<long long>(p.OH) * p.OW;
+  float* slice = p.partial + split * p.y_size;
+CTP_UNROLL
+  for (int i = 0; i < FT; ++i) {
+    if (st.filter[i] < 0) continue;
+CTP_UNROLL
+    for (int j = 0; j < PX; ++j)
+      if (st.pixel_out[j] >= 0) slice[st.pixel_out[j] + st.filter[i] * out_plane] = Total(st, i, j);
+  }
+}
+
+// splits > 1, the tile's last block: sums every split's partial (in split order), then bias, activation, store.
+template <int FT, int PX>
+CTP_HD void ReducePartials(const ThreadState<FT, PX>& st, const PatternConvParams& p) {
+  const long long out_plane = static_cast<long long>(p.OH) * p.OW;
+CTP_UNROLL
+  for (int i = 0; i < FT; ++i) {
+    if (st.filter[i] < 0) continue;
+    const float bias = p.b ? load_float(p.b + st.filter[i]) : 0.0f;
+CTP_UNROLL
+    for (int j = 0; j < PX; ++j) {
+      if (st.pixel_out[j] < 0) continue;
+      const long long at = st.pixel_out[j] + st.filter[i] * out_plane;
+      float v = 0.0f;
+      for (int s = 0; s < p.splits; ++s) v += load_coherent(p.partial + s * p.y_size + at);
+      p.y[at] = Epilogue(p, v, bias);
     }
   }
 }
