@@ -183,7 +183,7 @@ def build_cuda_kernel(build_dir: pathlib.Path | None = None, arch: str | None = 
         arch = f"sm_{major}{minor}"
     out = (build_dir or default_build_dir()) / f"pattern_conv_cuda-{arch}-{_digest(_sources())}.so"
     return _build(out, [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch}", f"-I{CSRC}",
-                        str(CSRC / "cuda" / "pattern_conv_impl.cu"), "-lcudart"])
+                        str(CSRC / "cuda" / "pattern_conv_impl.cu")])  # cudart linked statically (nvcc default)
 
 
 def _error(status: int, lib, err: ctypes.Array | None = None) -> KernelCallError:

@@ -72,6 +72,32 @@ def test_kernel_keeps_accumulators_in_registers(kernel_object):
 
 
 @needs_nvcc
+def test_c_abi_loads_and_reports_errors_without_crashing(kernel_object, tmp_path):
+    # The harness library (static cudart): it loads anywhere; without a GPU, prepare fails with a CUDA error message
+    # instead of crashing, and bad attributes are named before any CUDA call.
+    import numpy as np
+
+    from ctprune.cuda_harness import CudaPatternConv, KernelCallError, random_layer
+
+    lib = tmp_path / "libpattern_conv_cuda.so"
+    subprocess.run([NVCC, "-shared", "-o", str(lib), str(kernel_object[0])], check=True, capture_output=True, text=True)
+    CudaPatternConv._lib = None
+    try:
+        layer = random_layer(8, 4, 4.0, np.random.default_rng(0))
+        bad = random_layer(8, 4, 4.0, np.random.default_rng(0))
+        bad.kernel_filters = list(reversed(bad.kernel_filters))
+        with pytest.raises(KernelCallError, match="invalid PatternConv attributes"):
+            CudaPatternConv(bad, lib)
+        import torch
+
+        if not torch.cuda.is_available():
+            with pytest.raises(KernelCallError, match="PatternConv kernel status"):
+                CudaPatternConv(layer, lib)
+    finally:
+        CudaPatternConv._lib = None
+
+
+@needs_nvcc
 @needs_ort_headers
 def test_onnxruntime_op_compiles_against_cuda_headers(tmp_path):
     flags = ["-std=c++17", "-Wall", "-Werror", "-fPIC", "-DCTPRUNE_WITH_CUDA", f"-I{CSRC}", f"-I{ORT_INCLUDE}",
