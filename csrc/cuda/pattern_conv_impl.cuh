@@ -321,7 +321,7 @@ CTP_UNROLL
       st.filter[i] = load_int(p.slot_filter + slot);
       int lo = load_int(p.filter_begin + slot), hi = load_int(p.filter_begin + slot + 1);
       st.end[i] = hi;
-      while (lo < hi) {  // first kernel on a channel >= c_begin (lists are channel-sorted)
+      while (bc.c_begin > 0 && lo < hi) {  // first kernel on a channel >= c_begin (lists are channel-sorted)
         const int mid = (lo + hi) / 2;
         if ((load_int(p.entries + 2 * mid) >> 8) < bc.c_begin) lo = mid + 1;
         else hi = mid;
