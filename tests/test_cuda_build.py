@@ -125,6 +125,9 @@ def test_cuda_enabled_library_links_and_loads(kernel_object, tmp_path):
     cpu_objects = sorted((temp / "csrc" / "cpu").glob("*.o")) + [temp / "csrc" / "ops" / "pattern_conv_op.o"]
     if not all(p.exists() for p in cpu_objects) or len(cpu_objects) < 2:
         pytest.skip(f"no CPU objects from a previous build in {temp}")
+    sources = [p for p in CSRC.rglob("*") if p.suffix in (".cc", ".h", ".inc") and "cuda" not in p.parts]
+    if max(p.stat().st_mtime for p in sources) > min(p.stat().st_mtime for p in cpu_objects):
+        pytest.skip("the CPU objects are older than csrc/: rebuild (pip install -e .) first")
     inc = cuda_include()
     flags = ["-O1", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-DCTPRUNE_WITH_CUDA", f"-I{CSRC}", f"-I{ORT_INCLUDE}",
              f"-I{ORT_INCLUDE.parent}", f"-I{inc}"]
@@ -135,9 +138,10 @@ def test_cuda_enabled_library_links_and_loads(kernel_object, tmp_path):
         objs.append(obj)
     lib_dir = str(Path(inc).parent / "lib")
     lib = tmp_path / "libctprune_ops_cuda.so"
-    subprocess.run(["g++", "-shared", "-o", str(lib)] + [str(p) for p in cpu_objects + objs + [kernel_object[0]]] +
-                   [f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}", "-lcudart", "-Wl,--no-undefined",
-                    f"-Wl,--version-script={CSRC / 'ops' / 'exports.lds'}"], check=True, capture_output=True, text=True)
+    linked = subprocess.run(["g++", "-shared", "-o", str(lib)] + [str(p) for p in cpu_objects + objs + [kernel_object[0]]] +
+                            [f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}", "-lcudart", "-Wl,--no-undefined",
+                             f"-Wl,--version-script={CSRC / 'ops' / 'exports.lds'}"], capture_output=True, text=True)
+    assert linked.returncode == 0, linked.stderr
     exported = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
     assert [l.split()[-1] for l in exported.splitlines() if " T " in l] == ["RegisterCustomOps"]
     assert "libcudart" in subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True).stdout
