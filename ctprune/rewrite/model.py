@@ -10,7 +10,8 @@ they were. Per listed Conv (3x3, group 1, dilation 1, weight from an initializer
   for IR-3 style models, from the graph inputs too.
 The model gains the `ai.ctprune` opset import (version 1) and the model-local PatternConv function, stamped with the
 model's default-domain opset. A model below opset 13 is first upgraded with onnx.version_converter (the function
-needs opset >= 13), and a model below IR version 8 is raised to 8 (model-local functions need it).
+needs opset >= 13), and a model below IR version 8 is raised to 8 (model-local functions need it); an IR-3 model's
+initializers leave the graph inputs then (IR 3 required them there; from IR 4 on they would read as overridable).
 
 Layers are keyed by Conv node name; for graphs whose nodes have no names, a key may also be the Conv's output name.
 """
@@ -41,19 +42,65 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise GraphError("the model imports no default-domain (ai.onnx) opset")
 
 
+_DETACHED = "ctprune-detached-weight"
+_DETACH_MIN_ELEMENTS = 1024  # weights above this size skip the converter's serialization round trip
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy every set field of a protobuf message but one (target.CopyFrom(source) without the big part)."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """onnx.version_converter run on the graph with its large weights detached: the converter serializes the whole
+    model both ways (for VGG-19, 13 of 14 seconds), and its adapters do not read weight values."""
+    light = onnx.ModelProto()
+    _copy_fields(model, light, skip="graph")
+    _copy_fields(model.graph, light.graph, skip="initializer")
+    weights = {}
+    for tensor in model.graph.initializer:
+        if int(np.prod(tensor.dims)) > _DETACH_MIN_ELEMENTS and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            weights[tensor.name] = tensor
+            placeholder = light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            placeholder.data_location = onnx.TensorProto.EXTERNAL
+            placeholder.external_data.add(key="location", value=_DETACHED)
+        else:
+            light.graph.initializer.append(tensor)
+    converted = onnx.version_converter.convert_version(light, opset)
+    for tensor in converted.graph.initializer:
+        if any(entry.value == _DETACHED for entry in tensor.external_data):
+            tensor.CopyFrom(weights[tensor.name])
+    return converted
+
+
 def _upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy at opset >= 13 and IR version >= 8."""
     opset = default_opset(model)
     if opset < MIN_OPSET:
         log.info("upgrading the model from opset %d to %d for the PatternConv function", opset, MIN_OPSET)
         try:
-            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+            model = _convert_opset(model, MIN_OPSET)
         except Exception as err:  # the converter raises bare RuntimeErrors naming the op
             raise GraphError(f"could not upgrade the model from opset {opset} to {MIN_OPSET}: {err}") from err
     else:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         model = copy
+    if model.ir_version < 4:
+        # IR 3 had to list every initializer as a graph input; from IR 4 on such an input means "a default the
+        # caller may override", which blocks constant folding. Dropping them keeps the IR-3 meaning.
+        initializers = {t.name for t in model.graph.initializer}
+        real_inputs = [v for v in model.graph.input if v.name not in initializers]
+        del model.graph.input[:]
+        model.graph.input.extend(real_inputs)
     model.ir_version = max(model.ir_version, MIN_IR_VERSION)
     return model
 
@@ -184,9 +231,8 @@ def _drop_unread(graph: onnx.GraphProto, names: set) -> None:
     gone = {name for name in names if reads[name] == 0}
     if not gone:
         return
-    keep = [t for t in graph.initializer if t.name not in gone]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    for i in reversed([i for i, t in enumerate(graph.initializer) if t.name in gone]):
+        del graph.initializer[i]  # by index: rebuilding the list would copy every weight
     for field in (graph.input, graph.value_info):
         keep = [v for v in field if v.name not in gone]
         del field[:]

@@ -55,10 +55,10 @@ class CompactPatternWeights:
         """The spec's index attributes, as plain int lists ready for onnx.helper.make_node."""
         return {
             "weight_shape": [int(v) for v in self.weight_shape],
-            "patterns": [int(v) for v in self.patterns.ravel()],
-            "kernel_filters": [int(v) for v in self.kernel_filters],
-            "kernel_channels": [int(v) for v in self.kernel_channels],
-            "kernel_patterns": [int(v) for v in self.kernel_patterns],
+            "patterns": np.asarray(self.patterns, dtype=np.int64).ravel().tolist(),
+            "kernel_filters": np.asarray(self.kernel_filters, dtype=np.int64).tolist(),
+            "kernel_channels": np.asarray(self.kernel_channels, dtype=np.int64).tolist(),
+            "kernel_patterns": np.asarray(self.kernel_patterns, dtype=np.int64).tolist(),
         }
 
 
