@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import random
 import signal
 import threading
 import time
@@ -237,6 +238,7 @@ def fine_tune(student: nn.Module, teacher: nn.Module | None = None, train=None, 
     world, main = dist_util.world_size(), dist_util.is_main_process()
     torch.manual_seed(seed + dist_util.rank())
     np.random.seed(seed + dist_util.rank())
+    random.seed(seed + dist_util.rank())
 
     # Steps: DistributedSampler(drop_last) gives each rank len // world samples; each rank takes batch // world.
     per_rank = len(train) // world
