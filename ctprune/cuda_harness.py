@@ -266,6 +266,9 @@ class CudaPatternConv:
         stream and returns y (N, O, OH, OW)."""
         import torch
 
+        for name, t in (("x", x), ("w", w), ("b", b), ("out", out)):
+            if t is not None and (t.dtype != torch.float32 or not t.is_cuda or not t.is_contiguous()):
+                raise ValueError(f"{name} must be a contiguous float32 CUDA tensor, got {t.dtype} on {t.device}")
         n, _, h, wd = x.shape
         oh, ow = self.layer.output_size(h, wd)
         if out is None:
