@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cuda/pattern_conv_impl.cuh"
+#include "cuda/pattern_conv_plan.h"
 
 namespace {
 

@@ -11,6 +11,7 @@
 
 #include "cuda/pattern_conv_cuda.h"
 #include "cuda/pattern_conv_impl.cuh"
+#include "cuda/pattern_conv_plan.h"
 
 namespace ctprune {
 namespace cuda {
