@@ -113,7 +113,10 @@ def test_ir3_model_write_back():
     path = light_model_path("squeezenet")
     if not path.exists():
         pytest.skip("light_squeezenet is not in this onnx wheel")
-    original = load_model(randomize_placeholders(onnx.load(path), seed=3))
+    from test_graph_parity import without_final_squash
+
+    # logits, not the final Softmax: with random weights it is near one-hot and a near-tie flips it
+    original = load_model(without_final_squash(randomize_placeholders(onnx.load(path), seed=3)))
     assert original.ir_version == 3
     tg = lift(original).eval()
     with torch.no_grad():
