@@ -112,6 +112,10 @@ def prune(
     )
     pruned, report = pipeline.run()
     result = PruneResult(model=pruned, report=report, masked_dense=pipeline.masked_dense)
+    from ctprune.train.distributed import is_main_process
+
+    if not is_main_process():  # torchrun: the other ranks trained alongside; rank 0 writes
+        return result
     if out_path is not None:
         result.save(out_path)
     if report_path is not None:

@@ -99,7 +99,7 @@ def prune_command(model, ratio, output, **options):
 
     output = output or str(default_output_path(model))
     result = api.prune(model, ratio=ratio_value, output=output, **options)
-    if not options.get("quiet"):
+    if not options.get("quiet") and result.report:  # empty on torchrun's other ranks
         click.echo(render_report(result.report))
         click.echo(f"wrote {result.output_path}")
 

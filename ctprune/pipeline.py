@@ -72,6 +72,10 @@ class Pipeline:
             pruned, plan_report = self._precrop()
         else:
             pruned, plan_report = self._both()
+        from ctprune.train.distributed import is_main_process
+
+        if not is_main_process():  # under torchrun only rank 0 evaluates, reports and writes
+            return pruned, {}
         report = self._report(pruned, plan_report)
         return pruned, report
 
