@@ -60,19 +60,24 @@ def fresh(seed=0, **knobs):
     torch.manual_seed(seed)
     net = SmallNet()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    knobs = {"warmup": 0.1, "soft": 0.4, **knobs}  # long phases: room to stop mid-phase in 40 steps
     return net, opt, ClickTrainPruner(net.prunable(), ratio=6.0, patterns=6, **knobs)
 
 
 def test_schedule_defaults_and_phases():
-    s = PruningSchedule.from_run(100)
-    assert (s.warmup_end, s.hard_start, s.reselect_every) == (10, 50, 5)
-    assert [s.phase(i) for i in (0, 9, 10, 49, 50, 99)] == ["warmup"] * 2 + ["soft"] * 2 + ["hard"] * 2
-    assert [i for i in range(100) if s.selects_after(i)] == [9, 14, 19, 24, 29, 34, 39, 44]
-    assert s.lasso_lambda == pytest.approx(2e-4 * 100)  # scale capped at 100x for a 40-step soft phase
+    s = PruningSchedule.from_run(200)
+    assert (s.warmup_end, s.hard_start, s.reselect_every) == (10, 60, 6)
+    assert [s.phase(i) for i in (0, 9, 10, 59, 60, 199)] == ["warmup"] * 2 + ["soft"] * 2 + ["hard"] * 2
+    assert [i for i in range(200) if s.selects_after(i)] == [9, 15, 21, 27, 33, 39, 45, 51, 57]
+    assert s.lasso_lambda == pytest.approx(2e-4 * 100)  # scale capped at 100x for a 50-step soft phase
+    long = PruningSchedule.from_run(200_000, warmup=0.1, soft=0.4)
+    assert long.lasso_lambda == pytest.approx(2e-4)  # the paper's lambda over a paper-length soft phase
     one = PruningSchedule.from_run(1)
     assert (one.warmup_end, one.hard_start) == (1, 1)
     with pytest.raises(ValueError):
         PruningSchedule.from_run(0)
+    with pytest.raises(ValueError):
+        PruningSchedule.from_run(10, warmup=0.6, soft=0.6)
 
 
 def test_training_goes_warmup_soft_hard_and_meets_the_ratio():
