@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 DEPS := .deps
-KERNEL_SOURCES := $(shell find csrc -name '*.cc' -o -name '*.h' -o -name '*.lds' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+KERNEL_SOURCES := $(shell find csrc -name '*.cc' -o -name '*.h' -o -name '*.inc' -o -name '*.lds' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
 .PHONY: all setup test demo bench clean
 
@@ -43,8 +43,17 @@ setup: $(VENV)/.installed $(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz $(DEPS
 test: setup
 	$(PY) -m pytest -q tests
 
-demo: setup
+# The demo's short fine-tune: 12,000 training images (a fixed random subset), one epoch.
+$(DEPS)/fashion-mnist/train_12k.npz: $(DEPS)/fashion-mnist/train.npz
+	$(PY) -c "import numpy as np; d = np.load('$<'); i = np.random.default_rng(0).permutation(len(d['x']))[:12000]; np.savez('$@', x=d['x'][i], y=d['y'][i])"
+
+DEMO_OUT := out
+demo: setup $(DEPS)/fashion-mnist/train_12k.npz
+	@mkdir -p $(DEMO_OUT)
 	$(VENV)/bin/ctprune inspect examples/models/resnet20_fmnist.onnx
+	$(VENV)/bin/ctprune examples/models/resnet20_fmnist.onnx --ratio 8x \
+		--data $(DEPS)/fashion-mnist/train_12k.npz --eval-data $(DEPS)/fashion-mnist/test.npz --epochs 1 \
+		-o $(DEMO_OUT)/resnet20_fmnist.8x.onnx --report $(DEMO_OUT)/resnet20_fmnist.8x.json
 
 bench: setup
 	$(PY) -m ctprune.bench_layers
