@@ -21,7 +21,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from ctprune.errors import CtpruneError, ModelLoadError
-from ctprune.ops.reference import DOMAIN
+from ctprune.ops.names import DOMAIN
 from ctprune.runtime import kernel_library_path, register_kernels
 
 log = logging.getLogger(__name__)

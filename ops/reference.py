@@ -23,10 +23,8 @@ from onnxscript import FLOAT, script
 from onnxscript import opset13 as op
 from onnxscript.values import Opset
 
-DOMAIN = "ai.ctprune"
-OP_TYPE = "PatternConv"
-VERSION = 1
-MIN_OPSET = 13  # the oldest default-domain opset the function is written for (Clip min/max as inputs)
+from ctprune.ops.names import DOMAIN, MIN_OPSET, OP_TYPE, VERSION
+
 
 ctprune_opset = Opset(DOMAIN, VERSION)
 

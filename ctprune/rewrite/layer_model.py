@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ctprune.ops.reference import DOMAIN, VERSION, pattern_conv_function
+from ctprune.ops.names import DOMAIN, VERSION
+from ctprune.ops.reference import pattern_conv_function
 from ctprune.rewrite.model import MIN_IR_VERSION
 from ctprune.rewrite.pattern_conv import CompactPatternWeights, LayerPatterns, compact_from_dense
 

@@ -27,7 +27,8 @@ import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
 from ctprune.errors import GraphError
-from ctprune.ops.reference import DOMAIN, MIN_OPSET, OP_TYPE, VERSION, pattern_conv_function
+from ctprune.ops.names import DOMAIN, MIN_OPSET, OP_TYPE, VERSION
+from ctprune.ops.reference import pattern_conv_function
 from ctprune.rewrite.pattern_conv import CompactPatternWeights, LayerPatterns, compact_from_dense
 
 log = logging.getLogger(__name__)
