@@ -284,10 +284,7 @@ class Pipeline:
 
         session = _session(pruned)
         x = self.eval_set.x if self.eval_set is not None else self.train_set.x[:256]
-        outputs = []
-        for i in range(0, len(x), 256):
-            outputs.append(session.run(None, {session.get_inputs()[0].name: x[i:i + 256]})[0])
-        pruned_out = np.concatenate(outputs)
+        pruned_out = _run_batched(session, x)
         # The deployed model must be the trained one: its outputs equal the lifted student's.
         with torch.no_grad():
             self.student.eval()
@@ -318,6 +315,22 @@ class Pipeline:
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------------------
+def _run_batched(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """First output over all of x, in batches (of the model's own batch size when that is fixed)."""
+    first = session.get_inputs()[0]
+    fixed = first.shape[0] if first.shape and isinstance(first.shape[0], int) and first.shape[0] > 0 else None
+    step = fixed or batch
+    outputs = []
+    for i in range(0, len(x), step):
+        chunk = x[i:i + step]
+        if fixed and len(chunk) < fixed:  # pad the last chunk up to the fixed batch, then drop the padding
+            pad = np.zeros((fixed - len(chunk), *chunk.shape[1:]), dtype=chunk.dtype)
+            outputs.append(session.run(None, {first.name: np.concatenate([chunk, pad])})[0][: len(chunk)])
+        else:
+            outputs.append(session.run(None, {first.name: chunk})[0])
+    return np.concatenate(outputs)
+
+
 def _session(model: onnx.ModelProto):
     """onnxruntime session with ctprune's kernels when the library is built, else the model's reference functions."""
     import onnxruntime as ort
