@@ -160,6 +160,7 @@ class Pipeline:
         else:
             self.train_result = self._fine_tune(student, hooks=pruner, checkpoint_tag=checkpoint_tag)
             plan = pruner.final_plan()
+        student.cpu()  # trained on CUDA perhaps; everything after runs on the CPU
         plan.apply(weights)
         self.student = student
         trained = write_back(model, student)
@@ -206,6 +207,7 @@ class Pipeline:
         if self._epochs() > 0:
             self.train_result = self._fine_tune(student, checkpoint_tag="precrop" if self.method == "both" else "",
                                                 lr=self.lr or DEFAULT_LR[self.init])
+        student.cpu()
         self.student = student
         trained = write_back(cropped, student)
         self._finished = True
