@@ -47,19 +47,31 @@ struct ConvGeometry {
 };
 
 // Everything one image needs, read-only for the kernels except `out`.
+//
+// The kernels walk a channel-blocked schedule (BlockSchedule in pattern_conv_plan.h): input channels are cut into
+// `blocks` blocks small enough that one row tile of a block stays in L1 while every filter uses it; filter position fi
+// (in `filters` order) has the runs [segments[fi*(blocks+1)+b], segments[fi*(blocks+1)+b+1]) in block b, and keeps
+// its partial sums in `out` between blocks. first_block/last_block[fi] say where a filter's sums start (bias) and end
+// (activation); -1 for a filter without kernels.
 struct ImageJob {
   const float* packed;          // C packed planes of this image
-  const float* weights;         // (K, 4): the kept kernels' taps in ascending tap order
-  const int32_t* channels;      // (K): input channel of each kernel
-  const KernelRun* runs;
+  const float* weights;         // (K, 4): the kept kernels' taps in ascending tap order, in storage order
+  const int32_t* channels;      // per scheduled kernel: its input channel
+  const int32_t* weight_offset; // per scheduled kernel: offset of its 4 weights in `weights`
+  const KernelRun* runs;        // begin/count index the scheduled kernels
+  const FilterPlan* filters;    // every output channel (FilterPlan::filter), in schedule order
+  const int32_t* segments;
+  const int32_t* first_block;
+  const int32_t* last_block;
+  int blocks;
   const float* bias;            // (O) or nullptr
   float act_min, act_max;
   bool clamp;                   // apply [act_min, act_max]
   float* out;                   // (O, OH, OW) of this image
 };
 
-// Computes output row tiles [tile_begin, tile_end) of the given filters.
-using FilterTilesFn = void (*)(const ConvGeometry& g, const ImageJob& job, const FilterPlan* filters, int filter_count,
+// Computes output row tiles [tile_begin, tile_end) of filter positions [filter_begin, filter_end).
+using FilterTilesFn = void (*)(const ConvGeometry& g, const ImageJob& job, int filter_begin, int filter_end,
                                int tile_begin, int tile_end);
 
 // The slack floats after every packed plane: vectors of the last tile may read up to two vector widths past a row.

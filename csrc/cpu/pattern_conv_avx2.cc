@@ -27,6 +27,9 @@ struct Avx2 {
   static V Set1(float x) { return _mm256_set1_ps(x); }
   static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V Load(const float* p) { return _mm256_loadu_ps(p); }
+  static V LoadFirst(const float* p, int n) {
+    return _mm256_maskload_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kTailMask + 8 - n)));
+  }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V Max(V a, V b) { return _mm256_max_ps(a, b); }
   static V Min(V a, V b) { return _mm256_min_ps(a, b); }

@@ -29,6 +29,9 @@ struct Zmm {
   static V Set1(float x) { return _mm512_set1_ps(x); }
   static V Broadcast(const float* p) { return _mm512_broadcastss_ps(_mm_load_ss(p)); }
   static V Load(const float* p) { return _mm512_loadu_ps(p); }
+  static V LoadFirst(const float* p, int n) {
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
+  }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }
   static V Min(V a, V b) { return _mm512_min_ps(a, b); }
@@ -45,6 +48,9 @@ struct Ymm {
   static V Set1(float x) { return _mm256_set1_ps(x); }
   static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V Load(const float* p) { return _mm256_loadu_ps(p); }
+  static V LoadFirst(const float* p, int n) {
+    return _mm256_maskz_loadu_ps(static_cast<__mmask8>((1u << n) - 1u), p);
+  }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V Max(V a, V b) { return _mm256_max_ps(a, b); }
   static V Min(V a, V b) { return _mm256_min_ps(a, b); }

@@ -32,6 +32,11 @@ struct Lanes {
     std::memcpy(r.v, p, sizeof(r.v));
     return r;
   }
+  static V LoadFirst(const float* p, int n) {
+    V r = Set1(0.0f);
+    std::memcpy(r.v, p, sizeof(float) * n);
+    return r;
+  }
   static V Fma(V a, V b, V c) {
     for (int i = 0; i < N; ++i) c.v[i] += a.v[i] * b.v[i];
     return c;

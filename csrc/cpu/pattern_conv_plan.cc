@@ -85,6 +85,7 @@ PatternConvPlan BuildPlan(const PatternConvAttributes& a) {
           "more kept kernels (" + std::to_string(K) + ") than O*C");
   p.K = static_cast<int>(K);
   p.channels.resize(K);
+  p.shapes.resize(K);
 
   // Storage order: filter by filter (contiguous), filters by non-increasing kernel count, inside a filter by
   // (pattern, channel) strictly increasing, no input channel twice in one filter.
@@ -122,6 +123,7 @@ PatternConvPlan BuildPlan(const PatternConvAttributes& a) {
                                                    " must be ordered by pattern id, then input channel");
       }
       p.channels[i] = static_cast<int32_t>(c);
+      p.shapes[i] = shape[q];
       // Runs are split by tap shape (two library patterns with the same taps may share one run).
       if (p.runs.size() > static_cast<size_t>(fp.run_begin) && p.runs.back().shape == shape[q]) {
         ++p.runs.back().count;
@@ -184,6 +186,63 @@ ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W) {
   const size_t plane = static_cast<size_t>(g.plane_rows) * g.row + kPlaneSlack;
   g.plane = (plane + 15) / 16 * 16;  // keep every plane 64-byte aligned
   return g;
+}
+
+int ChooseBlockChannels(const ConvGeometry& g, int budget_bytes) {
+  const long per_channel = static_cast<long>(g.stride * (g.rows_per_tile - 1) + 3) * g.row * sizeof(float);
+  long wanted = std::max<long>(1, budget_bytes / std::max<long>(1, per_channel));
+  if (wanted >= g.C) return g.C;
+  const long blocks = (g.C + wanted - 1) / wanted;
+  return static_cast<int>((g.C + blocks - 1) / blocks);
+}
+
+BlockSchedule MakeSchedule(const PatternConvPlan& p, int block_channels) {
+  BlockSchedule s;
+  s.block_channels = std::max(1, std::min(block_channels, p.C));
+  s.blocks = (p.C + s.block_channels - 1) / s.block_channels;
+  const int B = s.blocks;
+  s.channels.reserve(p.K);
+  s.weight_offset.reserve(p.K);
+  s.segments.reserve(p.filters.size() * (B + 1));
+  std::vector<int32_t> order;
+  for (const FilterPlan& f : p.filters) {
+    // The plan's kernels of this filter, in storage order.
+    order.clear();
+    for (int r = f.run_begin; r < f.run_end; ++r) {
+      for (int k = p.runs[r].begin; k < p.runs[r].begin + p.runs[r].count; ++k) order.push_back(k);
+    }
+    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+      const int ba = p.channels[a] / s.block_channels, bb = p.channels[b] / s.block_channels;
+      if (ba != bb) return ba < bb;
+      if (p.shapes[a] != p.shapes[b]) return p.shapes[a] < p.shapes[b];
+      return p.channels[a] < p.channels[b];
+    });
+    int first = -1, last = -1;
+    size_t i = 0;
+    for (int b = 0; b < B; ++b) {
+      s.segments.push_back(static_cast<int32_t>(s.runs.size()));
+      const size_t run_start = s.runs.size();
+      for (; i < order.size() && p.channels[order[i]] / s.block_channels == b; ++i) {
+        const int32_t k = order[i];
+        const int32_t at = static_cast<int32_t>(s.channels.size());
+        s.channels.push_back(p.channels[k]);
+        s.weight_offset.push_back(4 * k);
+        if (s.runs.size() > run_start && s.runs.back().shape == p.shapes[k]) {
+          ++s.runs.back().count;
+        } else {
+          s.runs.push_back(MakeRun(p.shapes[k], at));
+        }
+      }
+      if (s.runs.size() > run_start) {
+        if (first < 0) first = b;
+        last = b;
+      }
+    }
+    s.segments.push_back(static_cast<int32_t>(s.runs.size()));
+    s.first_block.push_back(first);
+    s.last_block.push_back(last);
+  }
+  return s;
 }
 
 void PackChannel(const ConvGeometry& g, const float* x, float* packed) {

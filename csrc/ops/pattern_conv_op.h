@@ -5,7 +5,10 @@
 //     Y = Clip(Conv(X, W_dense, B, strides=strides, pads=pads), activation_min, activation_max)
 #pragma once
 
+#include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "cpu/dispatch.h"
 #include "cpu/pattern_conv_plan.h"
@@ -25,11 +28,16 @@ class PatternConvKernel {
 
  private:
   void Compute(OrtKernelContext* context);
+  // The kernels re-ordered for a channel block size, made on first use and kept (a model sees few input sizes).
+  const cpu::BlockSchedule& Schedule(int block_channels);
 
   const OrtApi& api_;
   std::string node_;  // "PatternConv node 'name'" for error messages
   cpu::PatternConvPlan plan_;
   cpu::KernelTable kernels_;
+  std::mutex schedules_mutex_;
+  std::vector<std::unique_ptr<cpu::BlockSchedule>> schedules_;
+  int block_budget_bytes_;  // L1 bytes one channel block's row tile may take; 0: no blocking (CTPRUNE_BLOCK_BYTES)
   bool poison_output_;  // CTPRUNE_POISON_OUTPUT=1: fill Y with NaN first, so unwritten elements show in tests
 };
 
