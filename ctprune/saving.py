@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import tempfile
@@ -35,31 +36,29 @@ def check_output_path(output: str | os.PathLike, model_path: str | os.PathLike |
     return out
 
 
-def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike) -> pathlib.Path:
+@contextlib.contextmanager
+def _atomic(output: str | os.PathLike):
+    """Yield a temporary path beside `output`; on success it replaces `output`, on any failure it is removed."""
     out = pathlib.Path(output)
     fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent) or ".")
     os.close(fd)
     try:
-        if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
-            raise CtpruneError(f"the pruned model is over {_EXTERNAL_DATA_THRESHOLD} bytes; external data is not supported yet.")
-        onnx.save_model(model, tmp)
+        yield tmp
         os.replace(tmp, out)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
-    return out
+
+
+def save_model_atomic(model: onnx.ModelProto, output: str | os.PathLike) -> pathlib.Path:
+    if model.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
+        raise CtpruneError(f"the pruned model is over {_EXTERNAL_DATA_THRESHOLD} bytes; external data is not supported yet.")
+    with _atomic(output) as tmp:
+        onnx.save_model(model, tmp)
+    return pathlib.Path(output)
 
 
 def write_json_atomic(data: str, output: str | os.PathLike) -> pathlib.Path:
-    out = pathlib.Path(output)
-    fd, tmp = tempfile.mkstemp(prefix="." + out.name + ".", suffix=".tmp", dir=str(out.parent) or ".")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out
+    with _atomic(output) as tmp:
+        pathlib.Path(tmp).write_text(data)
+    return pathlib.Path(output)
