@@ -22,7 +22,7 @@ log = logging.getLogger("ctprune")
 DEFAULT_EPOCHS = 3
 SYNTHETIC_SAMPLES = 512
 CALIBRATION_BATCHES = 8  # --epochs 0: importance from this many batches
-DEFAULT_LR = {"pretrained": 0.01, "scratch": 0.05}
+DEFAULT_LR = {"pretrained": 0.003, "scratch": 0.05}  # 0.01 diverges on BN-folded exports (measured on the example ResNet)
 PATTERNS_ALONE = 9 / 4  # 4 of 9 taps kept: what pattern pruning alone removes
 
 

@@ -38,6 +38,8 @@ from ctprune.train.hooks import TrainHooks
 __all__ = ["TrainResult", "fine_tune", "evaluate", "resolve_device"]
 
 log = logging.getLogger(__name__)
+# Gradient-norm clip: keeps fine-tuning of BN-folded exports (no normalisation left to absorb a large step) stable.
+GRAD_CLIP_NORM = 5.0
 # Teacher outputs for the whole training set are computed once when they fit in this many bytes.
 TEACHER_CACHE_BYTES = 1 << 30
 
@@ -260,6 +262,7 @@ def fine_tune(student: nn.Module, teacher: nn.Module | None = None, train=None, 
     if distributed:
         model = dist_util.wrap_ddp(model, dev)
     optimizer = _optimizer(student, lr, momentum, weight_decay)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total_steps))
     sampler = DistributedSampler(train, num_replicas=world, rank=dist_util.rank(), shuffle=True, seed=seed,
                                  drop_last=True)
@@ -324,11 +327,17 @@ def fine_tune(student: nn.Module, teacher: nn.Module | None = None, train=None, 
                     target = teacher_out(idx, x)
                     labels = y_all[idx].to(dev) if y_all is not None else None
                     loss = combined_loss(logits, target, labels, temperature, alpha)
+                    if not torch.isfinite(loss):
+                        raise DataError(
+                            f"training diverged at step {step} (the loss is {loss.item()}): lower the learning rate "
+                            f"(--lr, now {lr:g}); models whose BatchNormalization was folded at export need a small one."
+                        )
                     extra = hooks.extra_loss(step)
                     total = loss + extra if extra is not None else loss
                     optimizer.zero_grad(set_to_none=True)
                     total.backward()
-                    hooks.after_backward(step)
+                    hooks.after_backward(step)  # importance sees the raw gradient, before clipping
+                    torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP_NORM)
                     optimizer.step()
                     scheduler.step()
                     hooks.after_step(step)
