@@ -48,6 +48,11 @@ FilterTilesFn SelectFilterTiles(int rows_per_tile, int stride, int /*out_width*/
   return SelectFilterTilesFor<Avx2>(rows_per_tile, stride);
 }
 
+FilterTilesFn SelectWideFilterTiles(int rows_per_tile, int stride) {
+  static_assert(kMaxRowsWide == kWideMaxRows, "dispatch.h and the tile kernels disagree on wide rows");
+  return SelectWideFilterTilesFor<Avx2>(rows_per_tile, stride);
+}
+
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace ctprune

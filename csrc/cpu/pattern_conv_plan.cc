@@ -20,10 +20,10 @@ void Require(bool ok, const std::string& message) {
 
 // Rows per register tile: fewest "loads" counting the garbage rows of the last tile and the 2 extra input rows a
 // 3-row kernel needs per tile (about S*R + 2.5 vector loads per tap column per tile).
-int ChooseRowsPerTile(int out_height, int stride) {
+int ChooseRowsPerTile(int out_height, int stride, int max_rows) {
   int best = 1;
   double best_cost = 1e300;
-  for (int r = 1; r <= kMaxRowsPerTile; ++r) {
+  for (int r = 1; r <= max_rows; ++r) {
     const int tiles = (out_height + r - 1) / r;
     const double cost = tiles * (stride * r + 2.5);
     if (cost <= best_cost) best = r, best_cost = cost;
@@ -163,7 +163,11 @@ PatternConvPlan BuildPlan(const PatternConvAttributes& a) {
   return p;
 }
 
-ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W) {
+int64_t OutputWidth(const PatternConvPlan& p, int64_t W) {
+  return (W + p.pad_left + p.pad_right - 3) / p.stride + 1;
+}
+
+ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int max_rows) {
   const int64_t Hp = H + p.pad_top + p.pad_bottom, Wp = W + p.pad_left + p.pad_right;
   Require(H >= 1 && W >= 1 && Hp >= 3 && Wp >= 3,
           "input height and width plus pads must be at least 3, got " + std::to_string(H) + "x" + std::to_string(W));
@@ -180,7 +184,7 @@ ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W) {
   g.pad_left = p.pad_left;
   g.row = static_cast<int>(Wp);
   g.odd = p.stride == 2 ? static_cast<int>((Wp + 1) / 2) : 0;
-  g.rows_per_tile = ChooseRowsPerTile(g.OH, p.stride);
+  g.rows_per_tile = ChooseRowsPerTile(g.OH, p.stride, std::max(1, std::min(max_rows, kMaxRowsPerTile)));
   g.row_tiles = (g.OH + g.rows_per_tile - 1) / g.rows_per_tile;
   g.plane_rows = p.stride * (g.row_tiles * g.rows_per_tile - 1) + 3;
   const size_t plane = static_cast<size_t>(g.plane_rows) * g.row + kPlaneSlack;

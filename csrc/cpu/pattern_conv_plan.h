@@ -51,8 +51,12 @@ struct BlockSchedule {
 // Checks every invariant of ops/PatternConv.md and builds the plan; throws InvalidNode.
 PatternConvPlan BuildPlan(const PatternConvAttributes& attrs);
 
-// Geometry of a call with input height H and width W; throws InvalidNode when the padded input is smaller than 3x3.
-ConvGeometry MakeGeometry(const PatternConvPlan& plan, int64_t H, int64_t W);
+// Output width of a call (what the kernel table needs before the geometry is made).
+int64_t OutputWidth(const PatternConvPlan& plan, int64_t W);
+
+// Geometry of a call with input height H and width W, register tiles of at most max_rows rows; throws InvalidNode
+// when the padded input is smaller than 3x3.
+ConvGeometry MakeGeometry(const PatternConvPlan& plan, int64_t H, int64_t W, int max_rows = kMaxRowsPerTile);
 
 // Channels per block so that one row tile of a block (g.stride*(R-1)+3 packed rows per channel) fits in about
 // `budget_bytes`; at least 1, at most C, blocks balanced.

@@ -124,6 +124,8 @@ PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* inf
   if (!isa_error.empty()) throw cpu::InvalidNode(isa_error);
   const char* poison = std::getenv("CTPRUNE_POISON_OUTPUT");
   poison_output_ = poison != nullptr && std::strcmp(poison, "1") == 0;
+  const char* wide = std::getenv("CTPRUNE_WIDE");
+  wide_enabled_ = wide == nullptr || std::strcmp(wide, "0") != 0;
   const char* budget = std::getenv("CTPRUNE_BLOCK_BYTES");
   block_budget_bytes_ = budget != nullptr && std::atoi(budget) >= 0 ? std::atoi(budget) : kBlockBudgetBytes;
 }
@@ -175,8 +177,13 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
     bias = b.GetTensorData<float>();
   }
   const int64_t N = xs[0];
-  const cpu::ConvGeometry g = cpu::MakeGeometry(plan_, xs[2], xs[3]);
-  const cpu::FilterTilesFn tiles = kernels_.select_tiles(g.rows_per_tile, g.stride, g.OW);
+  // Wide rows: the tier's two-vector kernel when it has one (its tiles have at most kWideMaxRows rows).
+  const bool wide = wide_enabled_ && kernels_.select_wide != nullptr && kernels_.wide_min_width > 0 &&
+                    cpu::OutputWidth(plan_, xs[3]) >= kernels_.wide_min_width;
+  const cpu::ConvGeometry g =
+      cpu::MakeGeometry(plan_, xs[2], xs[3], wide ? cpu::kWideMaxRows : cpu::kMaxRowsPerTile);
+  const cpu::FilterTilesFn tiles = wide ? kernels_.select_wide(g.rows_per_tile, g.stride)
+                                        : kernels_.select_tiles(g.rows_per_tile, g.stride, g.OW);
   if (tiles == nullptr) throw cpu::InvalidNode("no kernel for this geometry");
 
   Ort::UnownedValue y = ctx.GetOutput(0, {N, static_cast<int64_t>(plan_.O), g.OH, g.OW});

@@ -38,6 +38,7 @@ class PatternConvKernel {
   std::mutex schedules_mutex_;
   std::vector<std::unique_ptr<cpu::BlockSchedule>> schedules_;
   int block_budget_bytes_;  // L1 bytes one channel block's row tile may take; 0: no blocking (CTPRUNE_BLOCK_BYTES)
+  bool wide_enabled_;   // two-vector kernels where the tier has them (CTPRUNE_WIDE=0 turns them off)
   bool poison_output_;  // CTPRUNE_POISON_OUTPUT=1: fill Y with NaN first, so unwritten elements show in tests
 };
 
