@@ -22,7 +22,7 @@ log = logging.getLogger("ctprune")
 DEFAULT_EPOCHS = 3
 SYNTHETIC_SAMPLES = 512
 CALIBRATION_BATCHES = 8  # --epochs 0: importance from this many batches
-DEFAULT_LR = {"pretrained": 0.003, "scratch": 0.05}  # 0.01 diverges on BN-folded exports (measured on the example ResNet)
+DEFAULT_LR = {"pretrained": 0.01, "scratch": 0.05}
 PATTERNS_ALONE = 9 / 4  # 4 of 9 taps kept: what pattern pruning alone removes
 
 
@@ -158,9 +158,12 @@ class Pipeline:
             plan = pruner.prune_now()
             self.train_result = None
         else:
+            recalibration = self._recalibration(model, layers, weights, student)
             self.train_result = self._fine_tune(student, hooks=pruner, checkpoint_tag=checkpoint_tag)
             plan = pruner.final_plan()
-        student.cpu()  # trained on CUDA perhaps; everything after runs on the CPU
+            student.cpu()  # trained on CUDA perhaps; everything after runs on the CPU
+            recalibration.fold()
+        student.cpu()
         plan.apply(weights)
         self.student = student
         trained = write_back(model, student)
@@ -168,6 +171,22 @@ class Pipeline:
         pruned = rewrite_model(trained, plan.layer_patterns())
         self._finished = True
         return pruned, {"kind": "pattern", "plan": plan, "masked_dense": trained, "pattern_input": model}
+
+    def _recalibration(self, model, layers, weights, student):
+        """Training-time BatchNorm after each pruned Conv whose BN was folded at export (see recalibrate.py)."""
+        from ctprune.pruning.recalibrate import FoldedBNRecalibration
+
+        op_of = {n.name: n.op_type for n in model.graph.node}
+        params = student.onnx_parameters()
+        convs = {}
+        for layer in layers:
+            if layer.node_name not in weights or not layer.bias_name or layer.bias_name not in params:
+                continue
+            if any(op_of.get(c) == "BatchNormalization" for c in layer.consumers):
+                continue
+            convs[layer.node_name] = (weights[layer.node_name], params[layer.bias_name])
+        x = torch.from_numpy(self.train_set.x[: self.batch_size * 4])
+        return FoldedBNRecalibration(student, convs, torch.split(x, self.batch_size))
 
     def _calibrate(self, pruner, student) -> None:
         """--epochs 0: importance (w * dL/dw)^2 from a few batches. L is cross-entropy against the labels, else

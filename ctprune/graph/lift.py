@@ -109,6 +109,9 @@ class TrainableGraph(nn.Module):
                 continue
             self._attr_of[name] = attr
         self._last_use = self._last_uses()
+        # Optional modules applied to a node's first output (e.g. training-time normalisation after a pruned Conv).
+        self.output_modules = nn.ModuleDict()
+        self._output_module_of: dict[str, str] = {}
 
     @staticmethod
     def _weight_names(graph) -> tuple[set[str], set[str]]:
@@ -176,6 +179,8 @@ class TrainableGraph(nn.Module):
                     f"node {node.name!r} ({node.op_type}) failed on input shapes {shapes}: {e}"
                 ) from e
             results = result if isinstance(result, tuple) else (result,)
+            if node.name in self._output_module_of:
+                results = (self.output_modules[self._output_module_of[node.name]](results[0]), *results[1:])
             for name, value in zip(node.outputs, results):
                 if name:
                     env[name] = value
@@ -184,6 +189,16 @@ class TrainableGraph(nn.Module):
                     env.pop(name, None)
         outs = tuple(env[n] for n in self.output_names)
         return outs[0] if len(outs) == 1 else outs
+
+    def attach_output_module(self, node_name: str, module: nn.Module) -> None:
+        """Apply `module` to the first output of node `node_name` in every forward (None detaches)."""
+        key = _attr_name("m_", node_name, set(self.output_modules.keys()))
+        self.output_modules[key] = module
+        self._output_module_of[node_name] = key
+
+    def detach_output_modules(self) -> None:
+        self.output_modules = nn.ModuleDict()
+        self._output_module_of = {}
 
     def extra_repr(self) -> str:
         return (
