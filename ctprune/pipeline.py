@@ -301,30 +301,24 @@ class Pipeline:
 
     def _evaluate(self, pruned: onnx.ModelProto, plan_report: dict):
         """Accuracy before/after and top-1 agreement on eval data, with the pruned model run in onnxruntime."""
-        from ctprune.train import evaluate
-
         session = _session(pruned)
         x = self.eval_set.x if self.eval_set is not None else self.train_set.x[:256]
         pruned_out = _run_batched(session, x)
+        step = _fixed_batch(session) or 256
         # The deployed model must be the trained one: its outputs equal the lifted student's.
-        with torch.no_grad():
-            self.student.eval()
-            ref = _first(self.student(torch.from_numpy(x[:64]))).cpu().numpy()
-        err = float(np.abs(pruned_out[:64] - ref).max() / max(np.abs(ref).max(), 1e-12))
+        ref = _torch_batched(self.student, x[: max(step, 64)], step)
+        n = len(ref)
+        err = float(np.abs(pruned_out[:n] - ref).max() / max(np.abs(ref).max(), 1e-12))
         if err > 1e-3:
             raise RuntimeError(f"internal error: the pruned ONNX model disagrees with the trained module ({err:.2e})")
         if self.eval_set is None:
             return None, None
-        dense = evaluate(self.teacher, self.eval_set)
-        with torch.no_grad():
-            t_pred = []
-            for i in range(0, len(x), 256):
-                t_pred.append(_first(self.teacher(torch.from_numpy(x[i:i + 256]))).argmax(1).numpy())
-        t_pred = np.concatenate(t_pred)
+        t_pred = _torch_batched(self.teacher, x, step).reshape(len(x), -1).argmax(1)
         p_pred = pruned_out.reshape(len(x), -1).argmax(1)
         agreement = float((t_pred == p_pred).mean())
         if self.eval_set.y is not None:
-            return {"before": dense["accuracy"], "after": float((p_pred == self.eval_set.y).mean())}, agreement
+            y = self.eval_set.y
+            return {"before": float((t_pred == y).mean()), "after": float((p_pred == y).mean())}, agreement
         return None, agreement
 
     def _train_report(self) -> dict:
@@ -336,10 +330,27 @@ class Pipeline:
 
 
 # ---- small helpers ----------------------------------------------------------------------------------------------------
+def _fixed_batch(session) -> int | None:
+    shape = session.get_inputs()[0].shape
+    return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
+
+
+def _torch_batched(module, x: np.ndarray, step: int) -> np.ndarray:
+    """First output of the lifted `module` (eval mode, no grad) over x in chunks of `step` (padded to a full chunk)."""
+    module.eval()
+    outputs = []
+    with torch.no_grad():
+        for i in range(0, len(x), step):
+            chunk = x[i:i + step]
+            padded = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            outputs.append(_first(module(torch.from_numpy(padded))).cpu().numpy()[: len(chunk)])
+    return np.concatenate(outputs)
+
+
 def _run_batched(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
     """First output over all of x, in batches (of the model's own batch size when that is fixed)."""
     first = session.get_inputs()[0]
-    fixed = first.shape[0] if first.shape and isinstance(first.shape[0], int) and first.shape[0] > 0 else None
+    fixed = _fixed_batch(session)
     step = fixed or batch
     outputs = []
     for i in range(0, len(x), step):
