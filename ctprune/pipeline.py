@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from ctprune.errors import DataError, GraphError, RatioError
+from ctprune.train.loop import first_output as _first
 
 log = logging.getLogger("ctprune")
 
@@ -251,7 +252,7 @@ class Pipeline:
     # ---- report ---------------------------------------------------------------------------------------------------
     def _report(self, pruned: onnx.ModelProto, plan_report: dict) -> dict:
         from ctprune.bench import latency_ms
-        from ctprune.inspect import layer_table
+        from ctprune.inspect import count_parameters, layer_table
 
         kind = plan_report["kind"]
         plan = plan_report["plan"]
@@ -271,7 +272,8 @@ class Pipeline:
             if kind == "both":
                 conv_weights["before"] = sum(l["weights_before"] for l in plan_report["crop_plan"].report_layers()
                                              if tuple(l.get("kernel", (3, 3))) == (3, 3)) or conv_weights["before"]
-            macs_after = _pattern_macs(plan_report["pattern_input"], plan)
+            source = plan_report["pattern_input"]
+            macs_after = _pattern_macs(source, plan, None if source is not self.original else totals_before)
             ratio_achieved = conv_weights["before"] / conv_weights["after"]
             dense = totals.get("dense_layers") or {}
             if dense:
@@ -283,7 +285,7 @@ class Pipeline:
             "ratio_achieved": ratio_achieved,
             "method": self.method,
             "conv_weights": conv_weights,
-            "params": {"before": _model_params(self.original), "after": _model_params(pruned)},
+            "params": {"before": count_parameters(self.original), "after": count_parameters(pruned)},
             "macs": {"before": totals_before["macs"], "after": macs_after},
             "accuracy": accuracy,
             "agreement": agreement,
@@ -377,10 +379,6 @@ def _session(model: onnx.ModelProto):
         return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def _ints(text, what):
     if text is None or isinstance(text, (tuple, list)):
         return text
@@ -410,11 +408,6 @@ def _float_constants(model: onnx.ModelProto):
                     yield node.output[0], list(a.t.dims)
 
 
-def _model_params(model: onnx.ModelProto) -> int:
-    """Stored float parameters (initializers and Constant-node tensors); placeholder-computed weights count as 0."""
-    return int(sum(math.prod(dims) for _, dims in _float_constants(model)))
-
-
 def _conv_weights(model: onnx.ModelProto, only_3x3: bool = False) -> int:
     dims = dict(_float_constants(model))
     total = 0
@@ -431,12 +424,13 @@ def _conv3x3_weights(model: onnx.ModelProto) -> int:
     return _conv_weights(model, only_3x3=True)
 
 
-def _pattern_macs(model: onnx.ModelProto, plan) -> int:
+def _pattern_macs(model: onnx.ModelProto, plan, totals: dict | None = None) -> int:
     """Whole-model MACs per sample after pattern pruning `model`: pruned Convs scale with their kept weights."""
     from ctprune.graph import conv_layers
     from ctprune.inspect import layer_table
 
-    _, totals = layer_table(model)
+    if totals is None:
+        _, totals = layer_table(model)
     macs = {layer.node_name: layer.macs or 0 for layer in conv_layers(model)}
     saved = sum(macs.get(row["name"], 0) * (1 - row["weights_after"] / row["weights_before"])
                 for row in plan.layer_report())

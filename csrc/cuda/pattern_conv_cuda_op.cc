@@ -15,10 +15,14 @@
 #include "cuda/cuda_ops.h"
 #include "cuda/pattern_conv_cuda.h"
 #include "cuda/pattern_conv_layout.h"
+#include "ops/node_attributes.h"
 
 namespace ctprune {
 namespace cuda {
 namespace {
+
+using ops::ScalarOr;
+using ops::ShapeStr;
 
 // A malformed node or input: reported as ORT_INVALID_ARGUMENT naming the node.
 struct InvalidNode : std::runtime_error {
@@ -32,21 +36,6 @@ std::vector<int64_t> Ints(const Ort::ConstKernelInfo& info, const char* name, co
     if (fallback) return *fallback;  // attribute absent: the spec's default
     throw InvalidNode(std::string("required attribute '") + name + "' is missing or not a list of ints");
   }
-}
-
-template <typename T>
-T ScalarOr(const Ort::ConstKernelInfo& info, const char* name, T fallback) {
-  try {
-    return info.GetAttribute<T>(name);
-  } catch (const Ort::Exception&) {
-    return fallback;
-  }
-}
-
-std::string ShapeStr(const std::vector<int64_t>& v) {
-  std::string s = "(";
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-  return s + (v.size() == 1 ? ",)" : ")");
 }
 
 class PatternConvCudaKernel {

@@ -1,4 +1,5 @@
 #include "ops/pattern_conv_op.h"
+#include "ops/node_attributes.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -24,21 +25,6 @@ std::vector<int64_t> RequiredInts(const Ort::ConstKernelInfo& info, const char* 
   } catch (const Ort::Exception&) {
     throw cpu::InvalidNode(std::string("required attribute '") + name + "' is missing or not a list of ints");
   }
-}
-
-template <typename T>
-T ScalarOr(const Ort::ConstKernelInfo& info, const char* name, T fallback) {
-  try {
-    return info.GetAttribute<T>(name);
-  } catch (const Ort::Exception&) {
-    return fallback;
-  }
-}
-
-std::string ShapeStr(const std::vector<int64_t>& v) {
-  std::string s = "(";
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-  return s + (v.size() == 1 ? ",)" : ")");
 }
 
 // L1 bytes for one channel block's input rows of a row tile; 0: no channel blocking (one block of all C channels).

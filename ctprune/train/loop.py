@@ -92,7 +92,7 @@ def _as_dataset(data, what: str) -> Dataset:
     raise DataError(f"{what} data must be a ctprune Dataset, an (x, y) pair or an array; got {type(data).__name__}.")
 
 
-def _first(output):
+def first_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -122,12 +122,12 @@ def evaluate(module: nn.Module, data, batch_size: int = 256, agreement_with=None
     for start in range(0, len(indices), batch_size):
         idx = indices[start: start + batch_size]
         x = torch.from_numpy(data.x[idx]).to(dev)
-        pred = _predictions(_first(module(x)))
+        pred = _predictions(first_output(module(x)))
         if data.y is not None and pred.ndim == 1:
             correct += (pred.cpu() == torch.from_numpy(data.y[idx])).sum().item()
             labelled += len(idx)
         if agreement_with is not None:
-            ref = (_predictions(_first(reference_model(x))) if reference_model is not None
+            ref = (_predictions(first_output(reference_model(x))) if reference_model is not None
                    else torch.as_tensor(agreement_with)[torch.from_numpy(idx)])
             agree += (pred.cpu() == ref.cpu()).sum().item()
             positions += pred.numel()
@@ -177,7 +177,7 @@ class _TeacherOutputs:
             return
         teacher.eval()
         with torch.no_grad():
-            probe = _first(teacher(torch.from_numpy(data.x[:2]).to(device)))
+            probe = first_output(teacher(torch.from_numpy(data.x[:2]).to(device)))
         self.probabilities = looks_like_probabilities(probe)
         if self.probabilities:
             log.info("the model outputs probabilities (ends in Softmax): distilling on their logarithms")
@@ -188,7 +188,7 @@ class _TeacherOutputs:
         with torch.no_grad():
             for start in tqdm(chunks, desc="teacher outputs", unit="batch", disable=quiet, leave=False):
                 x = torch.from_numpy(data.x[start: start + batch_size]).to(device)
-                parts.append(as_logits(_first(teacher(x)), self.probabilities).cpu())
+                parts.append(as_logits(first_output(teacher(x)), self.probabilities).cpu())
         self.cache = torch.cat(parts)
 
     def __call__(self, idx: torch.Tensor, x: torch.Tensor):
@@ -197,7 +197,7 @@ class _TeacherOutputs:
         if self.cache is not None:
             return self.cache[idx].to(self.device, non_blocking=True)
         with torch.no_grad():
-            return as_logits(_first(self.teacher(x)), self.probabilities)
+            return as_logits(first_output(self.teacher(x)), self.probabilities)
 
 
 def _optimizer(student: nn.Module, lr: float, momentum: float, weight_decay: float):
@@ -321,7 +321,7 @@ def fine_tune(student: nn.Module, teacher: nn.Module | None = None, train=None, 
                 x = x_all[idx].to(dev, non_blocking=True)
                 step_rng = rng_state()  # so a checkpoint taken inside this step replays it exactly
                 try:
-                    out = _first(model(x))
+                    out = first_output(model(x))
                     probabilities = teacher_out.probabilities if teacher is not None else looks_like_probabilities(out)
                     logits = as_logits(out, probabilities)
                     target = teacher_out(idx, x)
@@ -395,6 +395,6 @@ def fine_tune(student: nn.Module, teacher: nn.Module | None = None, train=None, 
 @torch.no_grad()
 def _eval_predictions(model: nn.Module, data: Dataset, batch_size: int, device) -> torch.Tensor:
     model.eval()
-    preds = [_predictions(_first(model(torch.from_numpy(data.x[i: i + batch_size]).to(device)))).cpu()
+    preds = [_predictions(first_output(model(torch.from_numpy(data.x[i: i + batch_size]).to(device)))).cpu()
              for i in range(0, len(data), batch_size)]
     return torch.cat(preds)
