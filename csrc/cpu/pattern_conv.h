@@ -1,8 +1,20 @@
-// PatternConv on the CPU: the data the driver (pattern_conv.cc) hands to the ISA kernels (pattern_conv_{generic,avx2,
-// avx512}.cc). Plain structs and pointers only: the ISA files are compiled with other target flags and must not share
-// inline code with the rest of the library.
+// PatternConv on the CPU: the data the driver (ops/pattern_conv_op.cc) hands to the ISA kernels (pattern_conv_{generic,
+// avx2,avx512}.cc). Plain structs and pointers only: the ISA files are compiled with other target flags and must not
+// share inline code with the rest of the library.
 //
 // Shapes: X (N, C, H, W), Y (N, O, OH, OW), compact weights (K, 4), NCHW float32.
+//
+// The "flat" layout. Each input channel is packed once per call into a zero-padded plane whose rows are `flat_row`
+// floats apart, and the output of a filter is computed over the flat index p = y * flat_row + x, x < flat_row: the
+// columns x >= OW are garbage and never stored. Every tap (ky, kx) of every output pixel then reads the packed plane
+// at p + tap_offset[ky*3+kx], one constant per tap, for stride 1 and 2 alike:
+// - stride 1: the plane is the padded image (flat_row = padded width), tap offset ky * flat_row + kx;
+// - stride 2: the plane holds four phase planes, padded[2i+py][2j+px] at phase (py, px), so output (y, x) reads
+//   phase (ky&1, kx&1) at (y + ky/2, x + kx/2): tap offset = phase_index * phase + (ky>>1) * flat_row + (kx>>1).
+// A register tile is `vectors` consecutive vectors of that flat index; every vector lane is useful except the few
+// garbage columns, whatever the width (no per-row tails), and a kept kernel costs one weight broadcast per tap and
+// one fused load-multiply-add per tap and vector. The offset of each kept kernel's tap in the packed input of an image
+// (channel * plane + tap offset) is precomputed per input size, so the inner loop does no address arithmetic.
 #pragma once
 
 #include <cstddef>
@@ -11,73 +23,41 @@
 namespace ctprune {
 namespace cpu {
 
-// Kernels [begin, begin + count) of one filter that share one tap shape (a 9-bit mask, bit ky*3+kx). The kernels
-// walk a shape column by column: `column[kx]` is the set of rows ky (bit ky) the shape keeps in column kx, and
-// `weight[ky*3+kx]` the position of that tap among the kernel's 4 weights (taps are stored in ascending order).
-struct KernelRun {
-  int32_t shape;
-  int32_t begin;
-  int32_t count;
-  uint8_t column[3];
-  uint8_t weight[9];
-};
-
-// One output channel: its runs of kernels (a filter with no kernel left has none: its output is bias then activation).
-struct FilterPlan {
-  int32_t filter;
-  int32_t run_begin;
-  int32_t run_end;
-};
-
-// Geometry of one call, including the layout of the packed input ("workspace") the driver builds per image:
-// each input channel becomes a zero-padded plane of `plane_rows` rows of `row` floats (+ slack), so every tap is a
-// plain vector load at a fixed offset. For stride 2 each padded row is split into its even columns followed by its odd
-// columns (at `odd`), which turns the stride-2 access into contiguous loads.
 struct ConvGeometry {
   int C, O, H, W;
   int OH, OW;
   int stride;          // 1 or 2
   int pad_top, pad_left;
-  int row;             // floats between packed rows
-  int odd;             // stride 2: offset of the odd-column phase inside a packed row
-  int plane_rows;      // packed rows per channel, enough for every row tile including its garbage rows
-  size_t plane;        // floats per packed channel (plane_rows * row + slack)
-  int rows_per_tile;   // R: output rows a register tile covers
-  int row_tiles;       // ceil(OH / R)
+  int padded_height, padded_width;
+  int flat_row;        // floats between output rows in the flat index (and between packed rows of a plane/phase)
+  int phase_rows;      // stride 2: rows of each phase plane
+  size_t phase;        // stride 2: floats per phase plane
+  size_t plane;        // floats per packed channel, enough for every tile's reads (a multiple of 16)
+  int tap_offset[9];   // tap ky*3+kx: offset of its read from the output's flat index
+  int vectors;         // vectors per register tile
+  int tiles;           // tiles per filter: tiles * vectors * lanes >= OH * flat_row
 };
 
-// Everything one image needs, read-only for the kernels except `out`.
-//
-// The kernels walk a channel-blocked schedule (BlockSchedule in pattern_conv_plan.h): input channels are cut into
-// `blocks` blocks small enough that one row tile of a block stays in L1 while every filter uses it; filter position fi
-// (in `filters` order) has the runs [segments[fi*(blocks+1)+b], segments[fi*(blocks+1)+b+1]) in block b, and keeps
-// its partial sums in `out` between blocks. first_block/last_block[fi] say where a filter's sums start (bias) and end
-// (activation); -1 for a filter without kernels.
+// Everything one image needs, read-only for the kernels except `out`. Filter positions index `filters`; position f
+// owns the kept kernels [kernel_begin[f], kernel_begin[f + 1]) in storage order (empty filters last).
 struct ImageJob {
   const float* packed;          // C packed planes of this image
-  const float* weights;         // (K, 4): the kept kernels' taps in ascending tap order, in storage order
-  const int32_t* channels;      // per scheduled kernel: its input channel
-  const int32_t* weight_offset; // per scheduled kernel: offset of its 4 weights in `weights`
-  const KernelRun* runs;        // begin/count index the scheduled kernels
-  const FilterPlan* filters;    // every output channel (FilterPlan::filter), in schedule order
-  const int32_t* segments;
-  const int32_t* first_block;
-  const int32_t* last_block;
-  int blocks;
+  const int32_t* offsets;       // (K, 4): channel * plane + tap offset of each kept kernel's taps
+  const float* weights;         // (K, 4): the kept kernels' taps in ascending tap order
+  const int32_t* kernel_begin;  // (O + 1)
+  const int32_t* filters;       // (O): output channel of each filter position
   const float* bias;            // (O) or nullptr
   float act_min, act_max;
   bool clamp;                   // apply [act_min, act_max]
   float* out;                   // (O, OH, OW) of this image
 };
 
-// Computes output row tiles [tile_begin, tile_end) of filter positions [filter_begin, filter_end).
+// Computes tiles [tile_begin, tile_end) of filter positions [filter_begin, filter_end).
 using FilterTilesFn = void (*)(const ConvGeometry& g, const ImageJob& job, int filter_begin, int filter_end,
                                int tile_begin, int tile_end);
 
-// The slack floats after every packed plane: vectors of the last tile may read up to two vector widths past a row.
-constexpr int kPlaneSlack = 80;
-// Largest number of output rows a register tile holds.
-constexpr int kMaxRowsPerTile = 8;
+// Largest number of vectors a register tile may have in any tier (the AVX-512 tier's).
+constexpr int kMaxTileVectors = 24;
 
 }  // namespace cpu
 }  // namespace ctprune

@@ -1,10 +1,10 @@
-// AVX-512 tier of the PatternConv tile kernel (AVX-512F/VL, 32 vector registers, lane masks for tails). Rows of at
-// most 8 outputs use 256-bit vectors (a 16-lane vector would be mostly empty); wider rows use 512-bit vectors.
+// AVX-512 tier of the PatternConv tile kernel (AVX-512F, 16 lanes, 32 vector registers, so tiles of up to 24 vectors).
 // Compiled for that ISA by the pragma below only; dispatch.cc calls it only when CPUID and XCR0 say it can run.
 #include <immintrin.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -26,50 +26,23 @@ namespace {
 struct Zmm {
   using V = __m512;
   static constexpr int L = 16;
+  static constexpr int kAccumulators = 24;
+  static constexpr int kMaxVectors = 24;
   static V Set1(float x) { return _mm512_set1_ps(x); }
   static V Broadcast(const float* p) { return _mm512_broadcastss_ps(_mm_load_ss(p)); }
   static V Load(const float* p) { return _mm512_loadu_ps(p); }
-  static V LoadFirst(const float* p, int n) {
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p);
-  }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V Add(V a, V b) { return _mm512_add_ps(a, b); }
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }
   static V Min(V a, V b) { return _mm512_min_ps(a, b); }
-  static void Pin(V& v) { __asm__("" : "+v"(v)); }
-  static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static void StoreFirst(float* p, V v, int n) {
-    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1u), v);
-  }
-};
-
-struct Ymm {
-  using V = __m256;
-  static constexpr int L = 8;
-  static V Set1(float x) { return _mm256_set1_ps(x); }
-  static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static V Load(const float* p) { return _mm256_loadu_ps(p); }
-  static V LoadFirst(const float* p, int n) {
-    return _mm256_maskz_loadu_ps(static_cast<__mmask8>((1u << n) - 1u), p);
-  }
-  static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V Max(V a, V b) { return _mm256_max_ps(a, b); }
-  static V Min(V a, V b) { return _mm256_min_ps(a, b); }
-  static void Pin(V& v) { __asm__("" : "+v"(v)); }
-  static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static void StoreFirst(float* p, V v, int n) {
-    _mm256_mask_storeu_ps(p, static_cast<__mmask8>((1u << n) - 1u), v);
-  }
+  static void Store(float* p, V v) { _mm512_store_ps(p, v); }
 };
 
 #include "cpu/pattern_conv_tiles.inc"
 
 }  // namespace
 
-FilterTilesFn SelectFilterTiles(int rows_per_tile, int stride, int out_width) {
-  // 16 lanes waste more than they gain when a row holds 8 outputs or fewer, or fills one 8-lane vector exactly.
-  if (out_width <= 8) return SelectFilterTilesFor<Ymm>(rows_per_tile, stride);
-  return SelectFilterTilesFor<Zmm>(rows_per_tile, stride);
-}
+FilterTilesFn SelectFilterTiles(int vectors) { return SelectFilterTilesFor<Zmm>(vectors); }
 
 }  // namespace avx512
 }  // namespace cpu

@@ -1,6 +1,6 @@
-// Portable tier of the PatternConv tile kernel: the same register-tile code as the SIMD tiers over a plain array of
-// lanes, which the compiler vectorises with whatever the baseline target allows. Also instantiated at 16 lanes so the
-// tests can check the AVX-512 tiling logic on machines without AVX-512.
+// Portable tier of the PatternConv tile kernel: the same tile code as the SIMD tiers over a plain array of lanes, which
+// the compiler vectorises with whatever the baseline target allows. Also instantiated at 16 lanes and 24-vector tiles
+// so the tests can check the AVX-512 tiling logic on machines without AVX-512.
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -15,12 +15,14 @@ namespace cpu {
 namespace generic {
 namespace {
 
-template <int N>
+template <int N, int kTileVectors>
 struct Lanes {
   struct V {
     float v[N];
   };
   static constexpr int L = N;
+  static constexpr int kAccumulators = kTileVectors;
+  static constexpr int kMaxVectors = kTileVectors;
   static V Set1(float x) {
     V r;
     for (int i = 0; i < N; ++i) r.v[i] = x;
@@ -32,14 +34,13 @@ struct Lanes {
     std::memcpy(r.v, p, sizeof(r.v));
     return r;
   }
-  static V LoadFirst(const float* p, int n) {
-    V r = Set1(0.0f);
-    std::memcpy(r.v, p, sizeof(float) * n);
-    return r;
-  }
   static V Fma(V a, V b, V c) {
     for (int i = 0; i < N; ++i) c.v[i] += a.v[i] * b.v[i];
     return c;
+  }
+  static V Add(V a, V b) {
+    for (int i = 0; i < N; ++i) a.v[i] += b.v[i];
+    return a;
   }
   static V Max(V a, V b) {
     for (int i = 0; i < N; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
@@ -49,22 +50,16 @@ struct Lanes {
     for (int i = 0; i < N; ++i) a.v[i] = a.v[i] < b.v[i] ? a.v[i] : b.v[i];
     return a;
   }
-  static void Pin(V&) {}
   static void Store(float* p, V v) { std::memcpy(p, v.v, sizeof(v.v)); }
-  static void StoreFirst(float* p, V v, int n) { std::memcpy(p, v.v, sizeof(float) * n); }
 };
 
 #include "cpu/pattern_conv_tiles.inc"
 
 }  // namespace
 
-FilterTilesFn SelectFilterTiles(int rows_per_tile, int stride, int /*out_width*/) {
-  return SelectFilterTilesFor<Lanes<8>>(rows_per_tile, stride);
-}
+FilterTilesFn SelectFilterTiles(int vectors) { return SelectFilterTilesFor<Lanes<8, 8>>(vectors); }
 
-FilterTilesFn SelectFilterTiles16(int rows_per_tile, int stride, int /*out_width*/) {
-  return SelectFilterTilesFor<Lanes<16>>(rows_per_tile, stride);
-}
+FilterTilesFn SelectFilterTiles16(int vectors) { return SelectFilterTilesFor<Lanes<16, 24>>(vectors); }
 
 }  // namespace generic
 }  // namespace cpu

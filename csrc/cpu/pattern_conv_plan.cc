@@ -18,33 +18,6 @@ void Require(bool ok, const std::string& message) {
   if (!ok) throw InvalidNode(message);
 }
 
-// Rows per register tile: fewest "loads" counting the garbage rows of the last tile and the 2 extra input rows a
-// 3-row kernel needs per tile (about S*R + 2.5 vector loads per tap column per tile).
-int ChooseRowsPerTile(int out_height, int stride, int max_rows) {
-  int best = 1;
-  double best_cost = 1e300;
-  for (int r = 1; r <= max_rows; ++r) {
-    const int tiles = (out_height + r - 1) / r;
-    const double cost = tiles * (stride * r + 2.5);
-    if (cost <= best_cost) best = r, best_cost = cost;
-  }
-  return best;
-}
-
-KernelRun MakeRun(int shape, int32_t begin) {
-  KernelRun run{};
-  run.shape = shape;
-  run.begin = begin;
-  run.count = 1;
-  int position = 0;
-  for (int tap = 0; tap < 9; ++tap) {
-    if (!((shape >> tap) & 1)) continue;
-    run.column[tap % 3] |= static_cast<uint8_t>(1 << (tap / 3));
-    run.weight[tap] = static_cast<uint8_t>(position++);
-  }
-  return run;
-}
-
 }  // namespace
 
 PatternConvPlan BuildPlan(const PatternConvAttributes& a) {
@@ -107,7 +80,8 @@ PatternConvPlan BuildPlan(const PatternConvAttributes& a) {
                 " kernels, more than the filter before it (filters must be ordered by decreasing kernel count)");
     previous_count = count;
 
-    FilterPlan fp{static_cast<int32_t>(f), static_cast<int32_t>(p.runs.size()), 0};
+    p.filters.push_back(static_cast<int32_t>(f));
+    p.kernel_begin.push_back(static_cast<int32_t>(k));
     for (size_t i = k; i < end; ++i) {
       const int64_t c = a.kernel_channels[i], q = a.kernel_patterns[i];
       Require(c >= 0 && c < p.C, "kernel " + std::to_string(i) + " has input channel " + std::to_string(c) +
@@ -124,21 +98,16 @@ PatternConvPlan BuildPlan(const PatternConvAttributes& a) {
       }
       p.channels[i] = static_cast<int32_t>(c);
       p.shapes[i] = shape[q];
-      // Runs are split by tap shape (two library patterns with the same taps may share one run).
-      if (p.runs.size() > static_cast<size_t>(fp.run_begin) && p.runs.back().shape == shape[q]) {
-        ++p.runs.back().count;
-      } else {
-        p.runs.push_back(MakeRun(shape[q], static_cast<int32_t>(i)));
-      }
     }
     for (size_t i = k; i < end; ++i) channel_used[a.kernel_channels[i]] = 0;
-    fp.run_end = static_cast<int32_t>(p.runs.size());
-    p.filters.push_back(fp);
     k = end;
   }
   for (int f = 0; f < p.O; ++f) {
-    if (!filter_seen[f]) p.filters.push_back({f, 0, 0});
+    if (filter_seen[f]) continue;
+    p.filters.push_back(f);
+    p.kernel_begin.push_back(static_cast<int32_t>(K));
   }
+  p.kernel_begin.push_back(static_cast<int32_t>(K));
 
   Require(a.strides.size() == 2, "strides must have 2 values, got " + Str(a.strides));
   Require(a.strides[0] == a.strides[1] && (a.strides[0] == 1 || a.strides[0] == 2),
@@ -167,114 +136,99 @@ int64_t OutputWidth(const PatternConvPlan& p, int64_t W) {
   return (W + p.pad_left + p.pad_right - 3) / p.stride + 1;
 }
 
-ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int max_rows) {
+ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int lanes, int max_vectors) {
   const int64_t Hp = H + p.pad_top + p.pad_bottom, Wp = W + p.pad_left + p.pad_right;
   Require(H >= 1 && W >= 1 && Hp >= 3 && Wp >= 3,
           "input height and width plus pads must be at least 3, got " + std::to_string(H) + "x" + std::to_string(W));
-  Require(H < (1 << 20) && W < (1 << 20), "input is too large");
   ConvGeometry g{};
   g.C = p.C;
   g.O = p.O;
-  g.H = static_cast<int>(H);
-  g.W = static_cast<int>(W);
+  g.H = static_cast<int>(std::min<int64_t>(H, 1 << 30));
+  g.W = static_cast<int>(std::min<int64_t>(W, 1 << 30));
   g.stride = p.stride;
-  g.OH = static_cast<int>((Hp - 3) / p.stride + 1);
-  g.OW = static_cast<int>((Wp - 3) / p.stride + 1);
+  const int64_t OH = (Hp - 3) / p.stride + 1, OW = (Wp - 3) / p.stride + 1;
   g.pad_top = p.pad_top;
   g.pad_left = p.pad_left;
-  g.row = static_cast<int>(Wp);
-  g.odd = p.stride == 2 ? static_cast<int>((Wp + 1) / 2) : 0;
-  g.rows_per_tile = ChooseRowsPerTile(g.OH, p.stride, std::max(1, std::min(max_rows, kMaxRowsPerTile)));
-  g.row_tiles = (g.OH + g.rows_per_tile - 1) / g.rows_per_tile;
-  g.plane_rows = p.stride * (g.row_tiles * g.rows_per_tile - 1) + 3;
-  const size_t plane = static_cast<size_t>(g.plane_rows) * g.row + kPlaneSlack;
-  g.plane = (plane + 15) / 16 * 16;  // keep every plane 64-byte aligned
+  g.padded_height = static_cast<int>(std::min<int64_t>(Hp, 1 << 30));
+  g.padded_width = static_cast<int>(std::min<int64_t>(Wp, 1 << 30));
+  // Stride 1: rows of the padded image. Stride 2: OW + 1 columns and OH + 1 rows per phase cover every tap.
+  const int64_t flat_row = p.stride == 1 ? Wp : OW + 1;
+  const int64_t phase_rows = p.stride == 1 ? Hp : OH + 1;
+
+  // Tiles: as few as the largest tile allows, then as small as that many tiles allow (least garbage).
+  const int64_t total_vectors = (OH * flat_row + lanes - 1) / lanes;
+  const int64_t tiles = (total_vectors + max_vectors - 1) / max_vectors;
+  const int64_t vectors = (total_vectors + tiles - 1) / tiles;
+  const int64_t covered = tiles * vectors * lanes;  // flat outputs computed, garbage included
+
+  // Every read of a tile is at most covered + the largest tap offset inside one plane (stride 1) or the last phase
+  // (stride 2); the slack keeps the garbage lanes of the last tile inside the buffer.
+  const int64_t reach = covered + 2 * flat_row + 2 + lanes;
+  int64_t phase = 0, plane = 0;
+  if (p.stride == 1) {
+    plane = std::max(Hp * Wp, reach);
+  } else {
+    phase = (phase_rows * flat_row + 15) / 16 * 16;
+    plane = 3 * phase + std::max(phase, reach);
+  }
+  plane = (plane + 15) / 16 * 16;  // keep every plane 64-byte aligned
+  // Tap offsets and per-image addresses are 32-bit.
+  Require(static_cast<double>(plane) * p.C < 2.0e9,
+          "input is too large for the kernel (" + std::to_string(p.C) + " channels of " + std::to_string(H) + "x" +
+              std::to_string(W) + ")");
+  g.OH = static_cast<int>(OH);
+  g.OW = static_cast<int>(OW);
+  g.flat_row = static_cast<int>(flat_row);
+  g.phase_rows = static_cast<int>(phase_rows);
+  g.phase = static_cast<size_t>(phase);
+  g.plane = static_cast<size_t>(plane);
+  g.vectors = static_cast<int>(vectors);
+  g.tiles = static_cast<int>(tiles);
+  for (int ky = 0; ky < 3; ++ky) {
+    for (int kx = 0; kx < 3; ++kx) {
+      g.tap_offset[ky * 3 + kx] =
+          p.stride == 1 ? ky * g.flat_row + kx
+                        : static_cast<int>(((ky & 1) * 2 + (kx & 1)) * phase) + (ky >> 1) * g.flat_row + (kx >> 1);
+    }
+  }
   return g;
 }
 
-int ChooseBlockChannels(const ConvGeometry& g, int budget_bytes) {
-  const long per_channel = static_cast<long>(g.stride * (g.rows_per_tile - 1) + 3) * g.row * sizeof(float);
-  long wanted = std::max<long>(1, budget_bytes / std::max<long>(1, per_channel));
-  if (wanted >= g.C) return g.C;
-  const long blocks = (g.C + wanted - 1) / wanted;
-  return static_cast<int>((g.C + blocks - 1) / blocks);
-}
-
-BlockSchedule MakeSchedule(const PatternConvPlan& p, int block_channels) {
-  BlockSchedule s;
-  s.block_channels = std::max(1, std::min(block_channels, p.C));
-  s.blocks = (p.C + s.block_channels - 1) / s.block_channels;
-  const int B = s.blocks;
-  s.channels.reserve(p.K);
-  s.weight_offset.reserve(p.K);
-  s.segments.reserve(p.filters.size() * (B + 1));
-  std::vector<int32_t> order;
-  for (const FilterPlan& f : p.filters) {
-    // The plan's kernels of this filter, in storage order.
-    order.clear();
-    for (int r = f.run_begin; r < f.run_end; ++r) {
-      for (int k = p.runs[r].begin; k < p.runs[r].begin + p.runs[r].count; ++k) order.push_back(k);
+std::vector<int32_t> TapOffsets(const PatternConvPlan& p, const ConvGeometry& g) {
+  std::vector<int32_t> offsets(static_cast<size_t>(p.K) * 4);
+  for (int k = 0; k < p.K; ++k) {
+    const int32_t channel = static_cast<int32_t>(static_cast<int64_t>(p.channels[k]) * g.plane);
+    int j = 0;
+    for (int tap = 0; tap < 9; ++tap) {
+      if ((p.shapes[k] >> tap) & 1) offsets[4 * static_cast<size_t>(k) + j++] = channel + g.tap_offset[tap];
     }
-    std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
-      const int ba = p.channels[a] / s.block_channels, bb = p.channels[b] / s.block_channels;
-      if (ba != bb) return ba < bb;
-      if (p.shapes[a] != p.shapes[b]) return p.shapes[a] < p.shapes[b];
-      return p.channels[a] < p.channels[b];
-    });
-    int first = -1, last = -1;
-    size_t i = 0;
-    for (int b = 0; b < B; ++b) {
-      s.segments.push_back(static_cast<int32_t>(s.runs.size()));
-      const size_t run_start = s.runs.size();
-      for (; i < order.size() && p.channels[order[i]] / s.block_channels == b; ++i) {
-        const int32_t k = order[i];
-        const int32_t at = static_cast<int32_t>(s.channels.size());
-        s.channels.push_back(p.channels[k]);
-        s.weight_offset.push_back(4 * k);
-        if (s.runs.size() > run_start && s.runs.back().shape == p.shapes[k]) {
-          ++s.runs.back().count;
-        } else {
-          s.runs.push_back(MakeRun(p.shapes[k], at));
-        }
-      }
-      if (s.runs.size() > run_start) {
-        if (first < 0) first = b;
-        last = b;
-      }
-    }
-    s.segments.push_back(static_cast<int32_t>(s.runs.size()));
-    s.first_block.push_back(first);
-    s.last_block.push_back(last);
   }
-  return s;
+  return offsets;
 }
 
 void PackChannel(const ConvGeometry& g, const float* x, float* packed) {
-  const int W = g.W;
-  for (int r = 0; r < g.plane_rows; ++r) {
-    float* dst = packed + static_cast<size_t>(r) * g.row;
-    const int iy = r - g.pad_top;
-    if (iy < 0 || iy >= g.H) {
-      std::memset(dst, 0, sizeof(float) * g.row);
-      continue;
+  const int H = g.H, W = g.W;
+  std::memset(packed, 0, sizeof(float) * g.plane);
+  if (g.stride == 1) {
+    for (int iy = 0; iy < H; ++iy) {
+      std::memcpy(packed + static_cast<size_t>(iy + g.pad_top) * g.flat_row + g.pad_left,
+                  x + static_cast<size_t>(iy) * W, sizeof(float) * W);
     }
+    return;
+  }
+  // Padded pixel (r, c) goes to phase (r&1, c&1) at row r/2, column c/2 (pixels past the phase grid are never read).
+  for (int iy = 0; iy < H; ++iy) {
+    const int r = iy + g.pad_top;
+    if ((r >> 1) >= g.phase_rows) break;
     const float* src = x + static_cast<size_t>(iy) * W;
-    if (g.stride == 1) {
-      const int right = g.row - g.pad_left - W;  // may be negative only if pads are negative, which are rejected
-      std::memset(dst, 0, sizeof(float) * g.pad_left);
-      std::memcpy(dst + g.pad_left, src, sizeof(float) * W);
-      if (right > 0) std::memset(dst + g.pad_left + W, 0, sizeof(float) * right);
-    } else {
-      // Padded column c goes to the even phase at c/2 or to the odd phase at odd + c/2.
-      for (int c = 0; c < g.row; ++c) {
-        const int ix = c - g.pad_left;
-        const float v = (ix >= 0 && ix < W) ? src[ix] : 0.0f;
-        dst[(c & 1) ? g.odd + (c >> 1) : (c >> 1)] = v;
-      }
+    float* even = packed + ((r & 1) * 2) * g.phase + static_cast<size_t>(r >> 1) * g.flat_row;
+    float* odd = even + g.phase;
+    for (int ix = 0; ix < W; ++ix) {
+      const int c = ix + g.pad_left;
+      if ((c >> 1) >= g.flat_row) break;
+      ((c & 1) ? odd : even)[c >> 1] = src[ix];
     }
   }
-  const size_t used = static_cast<size_t>(g.plane_rows) * g.row;
-  std::memset(packed + used, 0, sizeof(float) * (g.plane - used));
 }
 
 }  // namespace cpu

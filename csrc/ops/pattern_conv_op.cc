@@ -27,12 +27,6 @@ std::vector<int64_t> RequiredInts(const Ort::ConstKernelInfo& info, const char* 
   }
 }
 
-// L1 bytes for one channel block's input rows of a row tile; 0: no channel blocking (one block of all C channels).
-// Measured on the AVX2 (AMD EPYC, 32 KiB L1, 512 KiB L2) development machine, blocking to fit L1 was slower at every
-// budget tried (16 KiB: 1.4-2.4x slower at 8x; 40 KiB: equal or 20% slower): the extra partial-sum passes and shorter
-// pattern runs cost more than the L2 reads they save. Kept for CPUs with weaker L2 bandwidth (CTPRUNE_BLOCK_BYTES).
-constexpr int kBlockBudgetBytes = 0;
-
 // The packed input of every image, reused across calls on the same thread (no per-call allocation once grown).
 float* Workspace(size_t floats) {
   thread_local std::vector<float> buffer;
@@ -83,7 +77,7 @@ void ConvItem(void* data, size_t item) {
   job.packed += static_cast<size_t>(n) * w.g->C * w.g->plane;
   job.out += static_cast<size_t>(n) * w.g->O * w.g->OH * w.g->OW;
   w.tiles(*w.g, job, f0, std::min(w.filter_count, f0 + w.filters_per_item), t0,
-          std::min(w.g->row_tiles, t0 + w.tiles_per_item));
+          std::min(w.g->tiles, t0 + w.tiles_per_item));
 }
 
 }  // namespace
@@ -110,19 +104,17 @@ PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* inf
   if (!isa_error.empty()) throw cpu::InvalidNode(isa_error);
   const char* poison = std::getenv("CTPRUNE_POISON_OUTPUT");
   poison_output_ = poison != nullptr && std::strcmp(poison, "1") == 0;
-  const char* wide = std::getenv("CTPRUNE_WIDE");
-  wide_enabled_ = wide == nullptr || std::strcmp(wide, "0") != 0;
-  const char* budget = std::getenv("CTPRUNE_BLOCK_BYTES");
-  block_budget_bytes_ = budget != nullptr && std::atoi(budget) >= 0 ? std::atoi(budget) : kBlockBudgetBytes;
 }
 
-const cpu::BlockSchedule& PatternConvKernel::Schedule(int block_channels) {
-  std::lock_guard<std::mutex> lock(schedules_mutex_);
-  for (const auto& s : schedules_) {
-    if (s->block_channels == block_channels) return *s;
+std::shared_ptr<const std::vector<int32_t>> PatternConvKernel::Offsets(const cpu::ConvGeometry& g) {
+  std::lock_guard<std::mutex> lock(offsets_mutex_);
+  for (const OffsetsFor& o : offsets_) {
+    if (o.H == g.H && o.W == g.W) return o.offsets;
   }
-  schedules_.push_back(std::make_unique<cpu::BlockSchedule>(cpu::MakeSchedule(plan_, block_channels)));
-  return *schedules_.back();
+  constexpr size_t kKeptSizes = 4;
+  if (offsets_.size() == kKeptSizes) offsets_.erase(offsets_.begin());
+  offsets_.push_back({g.H, g.W, std::make_shared<const std::vector<int32_t>>(cpu::TapOffsets(plan_, g))});
+  return offsets_.back().offsets;
 }
 
 OrtStatusPtr PatternConvKernel::ComputeV2(OrtKernelContext* context) {
@@ -163,13 +155,8 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
     bias = b.GetTensorData<float>();
   }
   const int64_t N = xs[0];
-  // Wide rows: the tier's two-vector kernel when it has one (its tiles have at most kWideMaxRows rows).
-  const bool wide = wide_enabled_ && kernels_.select_wide != nullptr && kernels_.wide_min_width > 0 &&
-                    cpu::OutputWidth(plan_, xs[3]) >= kernels_.wide_min_width;
-  const cpu::ConvGeometry g =
-      cpu::MakeGeometry(plan_, xs[2], xs[3], wide ? cpu::kWideMaxRows : cpu::kMaxRowsPerTile);
-  const cpu::FilterTilesFn tiles = wide ? kernels_.select_wide(g.rows_per_tile, g.stride)
-                                        : kernels_.select_tiles(g.rows_per_tile, g.stride, g.OW);
+  const cpu::ConvGeometry g = cpu::MakeGeometry(plan_, xs[2], xs[3], kernels_.lanes, kernels_.max_vectors);
+  const cpu::FilterTilesFn tiles = kernels_.select_tiles(g.vectors);
   if (tiles == nullptr) throw cpu::InvalidNode("no kernel for this geometry");
 
   Ort::UnownedValue y = ctx.GetOutput(0, {N, static_cast<int64_t>(plan_.O), g.OH, g.OW});
@@ -186,33 +173,21 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   ctx.ParallelFor(&PackItem, static_cast<size_t>(N) * pack.items_per_image, 0, &pack);
 
   // 2. Convolve. A work item is a run of consecutive filters (filters come sorted by decreasing work, so items that
-  // start first are the heaviest) over a range of row tiles; about 16 items per image keep 2+ threads busy.
+  // start first are the heaviest) over a run of tiles, walked filter by filter so consecutive tiles of one kernel
+  // share their overlapping input rows in L1; about 16 items per image keep 2+ threads busy.
+  const std::shared_ptr<const std::vector<int32_t>> offsets = Offsets(g);
   ConvWork work{};
   work.g = &g;
   work.tiles = tiles;
-  const cpu::BlockSchedule& schedule =
-      Schedule(block_budget_bytes_ > 0 ? cpu::ChooseBlockChannels(g, block_budget_bytes_) : plan_.C);
-  work.job = cpu::ImageJob{packed,
-                           w.GetTensorData<float>(),
-                           schedule.channels.data(),
-                           schedule.weight_offset.data(),
-                           schedule.runs.data(),
-                           plan_.filters.data(),
-                           schedule.segments.data(),
-                           schedule.first_block.data(),
-                           schedule.last_block.data(),
-                           schedule.blocks,
-                           bias,
-                           plan_.act_min,
-                           plan_.act_max,
-                           plan_.clamp,
-                           out};
+  work.job = cpu::ImageJob{packed,          offsets->data(), w.GetTensorData<float>(), plan_.kernel_begin.data(),
+                           plan_.filters.data(), bias,       plan_.act_min,          plan_.act_max,
+                           plan_.clamp,     out};
   work.filter_count = plan_.O;
   work.filters_per_item = std::max(1, std::min(16, plan_.O / 16));
   work.filter_items = (plan_.O + work.filters_per_item - 1) / work.filters_per_item;
   const int tile_items_wanted = work.filter_items >= 16 ? 1 : (16 + work.filter_items - 1) / work.filter_items;
-  work.tiles_per_item = std::max(1, g.row_tiles / tile_items_wanted);
-  work.tile_items = (g.row_tiles + work.tiles_per_item - 1) / work.tiles_per_item;
+  work.tiles_per_item = std::max(1, g.tiles / tile_items_wanted);
+  work.tile_items = (g.tiles + work.tiles_per_item - 1) / work.tiles_per_item;
   ctx.ParallelFor(&ConvItem, static_cast<size_t>(N) * work.filter_items * work.tile_items, 0, &work);
 }
 

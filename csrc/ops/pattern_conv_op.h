@@ -28,17 +28,19 @@ class PatternConvKernel {
 
  private:
   void Compute(OrtKernelContext* context);
-  // The kernels re-ordered for a channel block size, made on first use and kept (a model sees few input sizes).
-  const cpu::BlockSchedule& Schedule(int block_channels);
+  // The kept kernels' tap offsets for an input size, made on first use and kept (a model sees few input sizes).
+  std::shared_ptr<const std::vector<int32_t>> Offsets(const cpu::ConvGeometry& g);
 
   const OrtApi& api_;
   std::string node_;  // "PatternConv node 'name'" for error messages
   cpu::PatternConvPlan plan_;
   cpu::KernelTable kernels_;
-  std::mutex schedules_mutex_;
-  std::vector<std::unique_ptr<cpu::BlockSchedule>> schedules_;
-  int block_budget_bytes_;  // L1 bytes one channel block's row tile may take; 0: no blocking (CTPRUNE_BLOCK_BYTES)
-  bool wide_enabled_;   // two-vector kernels where the tier has them (CTPRUNE_WIDE=0 turns them off)
+  std::mutex offsets_mutex_;
+  struct OffsetsFor {
+    int H, W;
+    std::shared_ptr<const std::vector<int32_t>> offsets;
+  };
+  std::vector<OffsetsFor> offsets_;  // a few recent input sizes
   bool poison_output_;  // CTPRUNE_POISON_OUTPUT=1: fill Y with NaN first, so unwritten elements show in tests
 };
 
