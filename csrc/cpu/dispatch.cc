@@ -46,7 +46,7 @@ Selection Select() {
   static const CpuFeatures cpu = DetectCpu();
   const KernelTable generic_table{"generic", 8, 8, &generic::SelectFilterTiles};
   const KernelTable generic16_table{"generic16", 16, 24, &generic::SelectFilterTiles16};
-  const KernelTable avx2_table{"avx2", 8, 12, &avx2::SelectFilterTiles};
+  const KernelTable avx2_table{"avx2", 8, 14, &avx2::SelectFilterTiles};
   const KernelTable avx512_table{"avx512", 16, 24, &avx512::SelectFilterTiles};
   const KernelTable best = cpu.avx512 ? avx512_table : cpu.avx2 ? avx2_table : generic_table;
 

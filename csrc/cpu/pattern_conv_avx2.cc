@@ -23,8 +23,8 @@ struct Avx2 {
   using V = __m256;
   static constexpr int L = 8;
   // 12 sums + the broadcast weight; the tap loads are fused into the multiply-adds and need no register.
-  static constexpr int kAccumulators = 12;
-  static constexpr int kMaxVectors = 12;
+  static constexpr int kAccumulators = 14;
+  static constexpr int kMaxVectors = 14;
   static V Set1(float x) { return _mm256_set1_ps(x); }
   static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V Load(const float* p) { return _mm256_loadu_ps(p); }
