@@ -53,6 +53,7 @@ class Pipeline:
     latency_threads: int = 1
     checkpoint_dir: object = None
     schedule: str = "clicktrain"  # "oneshot": the prune-after baseline (magnitude masks fixed before fine-tuning)
+    pruner_options: dict | None = None  # extra ClickTrainPruner knobs (warmup, soft, lasso_lambda, ...), for experiments
 
     # ---- the pass -------------------------------------------------------------------------------------------------
     def run(self) -> tuple[onnx.ModelProto, dict]:
@@ -153,9 +154,11 @@ class Pipeline:
             raise GraphError("the model has no Conv that pattern pruning can take (3x3, group 1, dilation 1)"
                              + (f" — {reasons}" if reasons else "") + ". Try --method precrop.")
         pruner_class = OneShotPruner if self.schedule == "oneshot" else ClickTrainPruner
-        pruner = pruner_class(weights, ratio=ratio, patterns=self.patterns, skipped=skipped, macs=macs)
+        pruner = pruner_class(weights, ratio=ratio, patterns=self.patterns, skipped=skipped, macs=macs,
+                              **(self.pruner_options or {}))
         if self._epochs() == 0:
-            self._calibrate(pruner, student)
+            if pruner.importance_kind != "magnitude":  # gradient importance needs a few batches first
+                self._calibrate(pruner, student)
             plan = pruner.prune_now()
             self.train_result = None
         else:

@@ -60,12 +60,15 @@ def fresh(seed=0, **knobs):
     torch.manual_seed(seed)
     net = SmallNet()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    knobs = {"warmup": 0.1, "soft": 0.4, **knobs}  # long phases: room to stop mid-phase in 40 steps
+    # long phases: room to stop mid-phase in 40 steps; gradient importance and the lasso penalty unless asked otherwise
+    knobs = {"warmup": 0.1, "soft": 0.4, "importance": "gradient", "lasso": "penalty", **knobs}
     return net, opt, ClickTrainPruner(net.prunable(), ratio=6.0, patterns=6, **knobs)
 
 
 def test_schedule_defaults_and_phases():
-    s = PruningSchedule.from_run(200)
+    default = PruningSchedule.from_run(200)  # no warm-up (magnitude needs none), 20% soft, 80% hard
+    assert (default.warmup_end, default.hard_start) == (1, 40)
+    s = PruningSchedule.from_run(200, warmup=0.05, soft=0.25)
     assert (s.warmup_end, s.hard_start, s.reselect_every) == (10, 60, 6)
     assert [s.phase(i) for i in (0, 9, 10, 59, 60, 199)] == ["warmup"] * 2 + ["soft"] * 2 + ["hard"] * 2
     assert [i for i in range(200) if s.selects_after(i)] == [9, 15, 21, 27, 33, 39, 45, 51, 57]
@@ -121,7 +124,7 @@ def test_hard_masks_keep_zeros_after_optimizer_steps(optimizer):
 def test_group_lasso_value_and_gradient_match_a_direct_computation():
     torch.manual_seed(3)
     w = torch.nn.Parameter(torch.randn(4, 3, 3, 3, dtype=torch.float64))
-    pruner = ClickTrainPruner({"l": w}, ratio=3.0, patterns=2, warmup=0.1, soft=0.8, lasso_lambda=0.37)
+    pruner = ClickTrainPruner({"l": w}, ratio=3.0, patterns=2, warmup=0.1, soft=0.8, lasso_lambda=0.37, lasso="penalty")
     pruner.begin(10)
     pruner.after_step(0)  # first selection (by magnitude: no gradient yet); soft phase begins
     assert pruner.plan is not None and not pruner.hard
@@ -150,14 +153,15 @@ def test_group_lasso_value_and_gradient_match_a_direct_computation():
 
 
 # stop mid soft phase (between re-selections) or in the hard phase; the loop may call begin() before or after loading
-@pytest.mark.parametrize("stop, begin_after_load", [(13, True), (27, False)])
-def test_resume_continues_exactly(stop, begin_after_load):
+@pytest.mark.parametrize("stop, begin_after_load, lasso", [(13, True, "penalty"), (27, False, "penalty"),
+                                                           (13, False, "proximal")])
+def test_resume_continues_exactly(stop, begin_after_load, lasso):
     batches = make_batches(40, seed=2)
-    net_a, opt_a, pr_a = fresh(seed=5)
+    net_a, opt_a, pr_a = fresh(seed=5, lasso=lasso)
     pr_a.begin(40, 10)
     train(net_a, opt_a, pr_a, batches, range(40))
 
-    net_b, opt_b, pr_b = fresh(seed=5)
+    net_b, opt_b, pr_b = fresh(seed=5, lasso=lasso)
     pr_b.begin(40, 10)
     train(net_b, opt_b, pr_b, batches, range(stop))
     buf = io.BytesIO()
@@ -165,7 +169,7 @@ def test_resume_continues_exactly(stop, begin_after_load):
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=False)
 
-    net_c, opt_c, pr_c = fresh(seed=99)  # different init: everything must come from the checkpoint
+    net_c, opt_c, pr_c = fresh(seed=99, lasso=lasso)  # different init: everything must come from the checkpoint
     net_c.load_state_dict(ckpt["net"])
     opt_c.load_state_dict(ckpt["opt"])
     if not begin_after_load:
@@ -268,3 +272,53 @@ def test_pruner_is_a_train_hooks():
     from ctprune.train.hooks import TrainHooks
 
     assert isinstance(fresh()[2], TrainHooks)
+
+
+def test_default_selects_by_magnitude_first_then_shrinks_pruned_groups_to_zero():
+    # The defaults: first selection by magnitude after the first step (the one-shot baseline's plan, since the
+    # weights have not moved: lr 0), then proximal group-lasso steps that take each to-be-pruned group's norm down by
+    # its layer's step: the median group is exactly zero when the hard masks come on, the kept taps never move.
+    torch.manual_seed(4)
+    net = SmallNet()
+    dense = {n: w.detach().clone() for n, w in net.prunable().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    pruner = ClickTrainPruner(net.prunable(), ratio=6.0, patterns=6)
+    pruner.begin(50, 10)
+    s = pruner.schedule
+    assert (s.warmup_end, s.hard_start) == (1, 10)
+    batches = make_batches(50)
+    train(net, opt, pruner, batches, range(1))
+    reference = one_shot_plan(dict(dense), ratio=6.0, patterns=6, apply=False)
+    assert pruner.plan.importance == "magnitude" and pruner.plan.to_dict() == reference.to_dict()
+    assert pruner.meter.batches == 0  # magnitude needs no gradient statistics
+    train(net, opt, pruner, batches, range(1, s.hard_start - 1))  # the soft phase but its last step
+    soft_steps = s.hard_start - s.warmup_end
+    for name, w in net.prunable().items():
+        keep = reference.layer_mask(name).reshape(w.shape[0], w.shape[1], 9)
+        before = dense[name].reshape(keep.shape)
+        after = w.detach().reshape(keep.shape)
+        assert torch.equal(after * keep, before * keep)
+        norms = torch.linalg.vector_norm(before * (1 - keep), dim=-1)
+        step = float(norms[norms > 0].median()) / soft_steps
+        shrunk = (norms - step * (soft_steps - 1)).clamp_min(0)  # one soft step still to come
+        expected = before * (1 - keep) * (shrunk / norms.clamp_min(1e-30)).unsqueeze(-1)
+        assert torch.allclose(after * (1 - keep), expected, atol=1e-6)
+    train(net, opt, pruner, batches, range(s.hard_start - 1, 50))
+    assert pruner.hard  # the masks held: shrinking only what they remove leaves magnitude choosing the same weights
+    for name in net.prunable():
+        assert torch.equal(pruner.final_plan().layer_mask(name), reference.layer_mask(name))
+
+
+@pytest.mark.parametrize("kind", ["gradient", "blend"])
+def test_gradient_and_blend_importance_choose_from_the_meter(kind):
+    net, _, pruner = fresh(importance=kind)
+    pruner.calibrate(lambda b: F.cross_entropy(net(b[0]), b[1]), make_batches(3))
+    importance, used = pruner._importance()
+    assert used == kind
+    grad = pruner.meter.importance()
+    for name, w in net.prunable().items():
+        magnitude = w.detach().square().reshape(grad[name].shape)
+        expected = grad[name] if kind == "gradient" else grad[name] / grad[name].mean() + magnitude / magnitude.mean()
+        assert torch.allclose(importance[name], expected)
+    with pytest.raises(ValueError, match="importance"):
+        ClickTrainPruner(net.prunable(), ratio=6.0, importance="taylor")

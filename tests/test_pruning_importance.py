@@ -48,3 +48,17 @@ def test_correction_layers_without_grad_and_state_round_trip():
 def test_magnitude_importance_is_w_squared_per_tap():
     w = torch.arange(18.0).reshape(2, 1, 3, 3)
     assert torch.equal(magnitude_importance({"l": w})["l"], w.square().reshape(2, 1, 9))
+
+
+def test_gradient_average_squares_the_mean_first_order_term():
+    g = torch.Generator().manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64))
+    grads = [torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64) for _ in range(4)]
+    meter = ImportanceMeter({"l": w}, average="gradient")
+    for grad in grads:
+        w.grad = grad
+        meter.update()
+    expected = (w.detach() * sum(grads) / 4).square().reshape(2, 2, 9)
+    assert torch.allclose(meter.importance()["l"].double(), expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="average"):
+        ImportanceMeter({"l": w}, average="median")

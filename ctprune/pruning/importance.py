@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import torch
 
+# "score": the mean of per-batch (w * g)^2; "gradient": (w * mean g)^2, the square of the averaged first-order term.
+AVERAGES = ("score", "gradient")
 
 class ImportanceMeter:
     """Per-layer running estimate of (w * grad)^2.
@@ -22,11 +24,14 @@ class ImportanceMeter:
     4.0
     """
 
-    def __init__(self, weights: Mapping[str, torch.nn.Parameter], decay: float | None = None):
+    def __init__(self, weights: Mapping[str, torch.nn.Parameter], decay: float | None = None, average: str = "score"):
         if decay is not None and not 0.0 <= decay < 1.0:
             raise ValueError(f"importance decay must be in [0, 1) or None, got {decay}")
+        if average not in AVERAGES:
+            raise ValueError(f"importance average must be one of {', '.join(AVERAGES)}, got {average!r}")
         self.weights = dict(weights)
         self.decay = decay
+        self.average = average
         self.reset()
 
     def reset(self) -> None:
@@ -50,7 +55,9 @@ class ImportanceMeter:
                 g = w.grad
                 if grad_correction is not None and name in grad_correction:
                     g = g - grad_correction[name]
-                score = (w.detach() * g).float().square_().reshape(self._sums[name].shape)
+                score = (w.detach() * g).float().reshape(self._sums[name].shape)
+                if self.average == "score":
+                    score = score.square_()
                 self._sums[name].add_(score, alpha=new)
             self._weight_total = self._weight_total * keep + new
             self.batches += 1
@@ -58,6 +65,8 @@ class ImportanceMeter:
     def importance(self) -> dict[str, torch.Tensor]:
         """{layer: (O, C, 9)} mean (decay=None) or bias-corrected EMA; zeros before the first update."""
         scale = 1.0 / self._weight_total if self._weight_total > 0 else 0.0
+        if self.average == "gradient":
+            return {name: (s * scale).square() for name, s in self._sums.items()}
         return {name: s * scale for name, s in self._sums.items()}
 
     def state_dict(self) -> dict:
@@ -65,6 +74,7 @@ class ImportanceMeter:
             "batches": self.batches,
             "weight_total": self._weight_total,
             "decay": self.decay,
+            "average": self.average,
             "sums": {name: s.detach().cpu().clone() for name, s in self._sums.items()},
         }
 
@@ -75,6 +85,7 @@ class ImportanceMeter:
         self.batches = int(state["batches"])
         self._weight_total = float(state["weight_total"])
         self.decay = state["decay"]
+        self.average = state.get("average", "score")
         for name, s in state["sums"].items():
             self._sums[name].copy_(s)
 

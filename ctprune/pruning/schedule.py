@@ -6,13 +6,15 @@
     at hard_start              final selection; weights are masked
     [hard_start, total)        hard masks after every optimizer step: fine-tuning of the pruned network
 
-Defaults from the run's length: warm-up 5%, soft 25%, hard masks for the last 70%; 8 re-selections in the soft phase.
-Short fine-tunes need most of their steps under the final masks: on a Fashion-MNIST VGG at 8x with 3 epochs, a
-10/40/50 split ended 0.6-0.7 points below this 5/25/70 one (noisy CPU run, 2,000 test images; tested by hand).
+Defaults from the run's length: no warm-up (the first selection scores weights by magnitude, which needs no gradient
+statistics; gradient importance wants a warm-up, e.g. warmup=0.05), soft 20%, hard masks for the last 80%; 8
+re-selections in the soft phase. Short fine-tunes need most of their steps under the final masks: on a Fashion-MNIST
+VGG at 8x with 3 epochs, a 10/40/50 split ended 0.6-0.7 points below a 5/25/70 one (noisy CPU run, 2,000 test images).
 
 Group-lasso strength. The authors' configs use lambda ~2e-4 (1.5e-4..2.5e-4) over soft phases of about 15,000 steps
 (40 CIFAR epochs). A group's norm shrinks by lr * lambda per step, so a short fine-tune gets lambda scaled by
-15,000 / soft steps (at most 100x) to push as far in its fewer steps; `lasso_lambda` sets it outright.
+15,000 / soft steps (at most 100x) to push as far in its fewer steps; `lasso_lambda` sets it outright. This lambda is
+for the penalty form (ClickTrainPruner(lasso="penalty")); the default proximal form sets its own per-layer step.
 """
 
 from __future__ import annotations
@@ -37,8 +39,8 @@ class PruningSchedule:
     def from_run(
         cls,
         total_steps: int,
-        warmup: float = 0.05,
-        soft: float = 0.25,
+        warmup: float = 0.0,
+        soft: float = 0.2,
         reselections: int = 8,
         lasso_lambda: float | None = None,
         importance_decay: float | None = None,
