@@ -119,6 +119,11 @@ def test_edges(library):
     check_case(library, rng, C=4, O=3, H=64, W=3, stride=1, pads=[1, 0, 1, 0], what="tall", **dict(base, N=8))
     # Large channel counts with few pixels (where filter-parallel threading matters).
     check_case(library, rng, C=512, O=512, H=4, W=4, stride=1, pads=[1, 1, 1, 1], what="512x4", **base)
+    # A large image: many flat tiles, cut into several tile blocks (work items) whose input fits L2.
+    check_case(library, rng, C=96, O=6, H=90, W=97, stride=1, pads=[1, 1, 1, 1], what="tile blocks", **base)
+    # Pads wider than one pixel, both strides (phase planes for stride 2).
+    check_case(library, rng, C=5, O=4, H=11, W=12, stride=2, pads=[2, 3, 2, 1], what="pads 2-3, stride 2", **base)
+    check_case(library, rng, C=5, O=4, H=9, W=10, stride=1, pads=[3, 2, 0, 2], what="pads 0-3, stride 1", **base)
 
 
 def test_threads_give_identical_results(library):
