@@ -96,44 +96,60 @@ class HoldMask(TrainHooks):
 
 
 # ---- accuracy table -------------------------------------------------------------------------------------------------
+ARMS = {
+    "synflow-macs": "PreCropping + SynFlow, MACs-bounded",
+    "synflow": "PreCropping + SynFlow",
+    "uniform": "uniform channel scaling",
+    "unstructured": "unstructured SynFlow mask",
+    "dense": "dense (reference)",
+}
+
+
+def build_arm(arm: str, dense: onnx.ModelProto, ratio: float, seed: int):
+    """(model to train, fixed weight mask or None, conv-weight ratio) for one arm."""
+    if arm == "dense":
+        return dense, None, 1.0
+    if arm == "unstructured":
+        # The dense graph with SynFlow's mask at the same ratio, held during training.
+        convs = [l.weight for l in channel_graph(dense).layers if l.op == "Conv"]
+        masks = _global_keep(_synflow(dense, convs, ratio, 20), 1.0 / ratio, keep_largest=True)
+        return dense, masks, conv_weights(dense) / sum(int(m.sum()) for m in masks.values())
+    cropped = apply_crop(dense, plan_crop(dense, ratio, pai=arm, pretrained=False, seed=seed))
+    return cropped, None, conv_weights(dense) / conv_weights(cropped)
+
+
 def accuracy(args) -> str:
     from examples.fmnist import load_fmnist
 
     x, y = load_fmnist("train")
     xt, yt = load_fmnist("test")
-    rng = np.random.default_rng(args.seed)
-    pick = rng.permutation(len(x))[: args.train_subset]
-    train = Dataset(x[pick], y[pick], source=f"fmnist train ({len(pick)})")
     test = Dataset(xt[: args.test_subset], yt[: args.test_subset], source="fmnist test")
-    dense = resnet20_onnx(args.seed)
-    arms = {}
-    for label, pai in (("PreCropping + SynFlow", "synflow"), ("uniform channel scaling", "uniform")):
-        plan = plan_crop(dense, args.ratio, pai=pai, pretrained=False, seed=args.seed)
-        cropped = apply_crop(dense, plan)
-        arms[label] = (cropped, None, conv_weights(dense) / conv_weights(cropped))
-    # Unstructured SynFlow: the dense graph with SynFlow's mask at the same ratio, held during training.
-    convs = [l.weight for l in channel_graph(dense).layers if l.op == "Conv"]
-    masks = _global_keep(_synflow(dense, convs, args.ratio, 20), 1.0 / args.ratio, keep_largest=True)
-    kept = sum(int(m.sum()) for m in masks.values())
-    arms["unstructured SynFlow mask"] = (dense, masks, conv_weights(dense) / kept)
-    if not args.skip_dense:
-        arms["dense (reference)"] = (dense, None, 1.0)
-
-    rows = []
-    for label, (model, mask, ratio) in arms.items():
-        module = lift(model)
-        fresh_init(module, args.seed)
-        hooks = HoldMask(module.onnx_parameters(), mask) if mask else None
-        t0 = time.time()
-        result = fine_tune(module, None, train=train, eval=test, epochs=args.epochs, batch_size=args.batch_size,
-                           lr=args.lr, seed=args.seed, device="cpu", hooks=hooks, quiet=args.quiet)
-        seconds = time.time() - t0
-        rows.append((label, ratio, 100 * result.accuracy, seconds))
-        log.info("%s: %.2fx, accuracy %.2f%%, %.0f s", label, ratio, 100 * result.accuracy, seconds)
-    lines = [f"Fashion-MNIST, ResNet-20 from scratch, {args.epochs} epoch(s) on {len(pick)} training images, "
-             f"test on {len(test)}; batch {args.batch_size}, lr {args.lr}, seed {args.seed}.", "",
-             "| method | conv-weight ratio | test accuracy | train time |", "|---|---:|---:|---:|"]
-    lines += [f"| {l} | {r:.2f}x | {a:.2f}% | {s:.0f} s |" for l, r, a, s in rows]
+    results = {arm: [] for arm in args.arms}  # arm → [(ratio, accuracy %, seconds)] per seed
+    for seed in args.seeds:
+        pick = np.random.default_rng(seed).permutation(len(x))[: args.train_subset]
+        train = Dataset(x[pick], y[pick], source=f"fmnist train ({len(pick)})")
+        dense = resnet20_onnx(seed)
+        for arm in args.arms:
+            model, mask, ratio = build_arm(arm, dense, args.ratio, seed)
+            module = lift(model)
+            fresh_init(module, seed)
+            hooks = HoldMask(module.onnx_parameters(), mask) if mask else None
+            t0 = time.time()
+            result = fine_tune(module, None, train=train, eval=test, epochs=args.epochs, batch_size=args.batch_size,
+                               lr=args.lr, seed=seed, device="cpu", hooks=hooks, quiet=args.quiet)
+            seconds = time.time() - t0
+            results[arm].append((ratio, 100 * result.accuracy, seconds))
+            log.info("seed %d, %s: %.2fx, accuracy %.2f%%, %.0f s", seed, ARMS[arm], ratio, 100 * result.accuracy,
+                     seconds)
+    seeds = ", ".join(map(str, args.seeds))
+    lines = [f"Fashion-MNIST, ResNet-20 from scratch, {args.epochs} epoch(s) on {args.train_subset} training images "
+             f"(a per-seed sample), test on {len(test)}; batch {args.batch_size}, lr {args.lr}, seeds {seeds}.", "",
+             "| method | conv-weight ratio | test accuracy per seed | mean | train time (mean) |",
+             "|---|---:|---:|---:|---:|"]
+    for arm, runs in results.items():
+        accs = [a for _, a, _ in runs]
+        lines.append(f"| {ARMS[arm]} | {runs[0][0]:.2f}x | {' / '.join(f'{a:.2f}%' for a in accs)} | "
+                     f"{statistics.mean(accs):.2f}% | {statistics.mean(s for _, _, s in runs):.0f} s |")
     return "\n".join(lines)
 
 
@@ -196,8 +212,9 @@ def main(argv=None):
     acc.add_argument("--test-subset", type=int, default=10000)
     acc.add_argument("--batch-size", type=int, default=128)
     acc.add_argument("--lr", type=float, default=0.1)
-    acc.add_argument("--seed", type=int, default=0)
-    acc.add_argument("--skip-dense", action="store_true")
+    acc.add_argument("--seeds", type=int, nargs="+", default=[0])
+    acc.add_argument("--arms", nargs="+", choices=list(ARMS), default=["synflow-macs", "synflow", "uniform",
+                                                                        "unstructured"])
     acc.add_argument("--quiet", action="store_true")
     spd = sub.add_parser("speed")
     spd.add_argument("--repeats", type=int, default=50)

@@ -6,6 +6,8 @@ per-layer fraction it would keep. Methods:
 
 - ``synflow`` (default): iterative synaptic flow (Tanaka et al. 2020); data-free. Abs weights, all-ones input, R = sum of
   outputs, score |w · dR/dw|, `iterations` rounds of exponentially shrinking density, masks re-applied each round.
+- ``synflow-macs``: SynFlow's densities, solved under a MACs bound (solve.py): MACs shrink at least as much as weights.
+  SynFlow alone keeps the early, high-resolution layers dense, so at 4x fewer weights MACs (and latency) drop far less.
 - ``snip``: |w · dL/dw| on a batch (Lee et al. 2019).
 - ``grasp``: -w · (H g), remove the largest (Wang et al. 2020); needs double backprop.
 - ``erk``: Erdős–Rényi-kernel densities ∝ (c_in + c_out + kh + kw) / (c_in · c_out · kh · kw); shape only.
@@ -30,7 +32,7 @@ from ctprune.pruning.precrop.groups import ChannelGraph, ConstantTable
 
 log = logging.getLogger(__name__)
 
-PAI_METHODS = ("synflow", "snip", "grasp", "erk", "uniform")
+PAI_METHODS = ("synflow", "synflow-macs", "snip", "grasp", "erk", "uniform")
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Densities:
     by_layer: dict[str, float]
     scores: dict[str, np.ndarray] | None = None
     notes: list[str] = field(default_factory=list)
+    macs_bound: bool = False  # the solver must also shrink MACs at least as much as weights
 
 
 def layer_densities(model: onnx.ModelProto, cg: ChannelGraph, ratio: float, pai: str = "synflow",
@@ -55,10 +58,11 @@ def layer_densities(model: onnx.ModelProto, cg: ChannelGraph, ratio: float, pai:
         consts = ConstantTable(model.graph)
         return Densities(pai, _erk({l.name: consts.shape(l.weight) for l in convs}, ratio))
     weight_of = {l.name: l.weight for l in convs}
-    scores = _pai_scores(model, list(weight_of.values()), pai, ratio, data, seed, iterations)
+    base = pai.removesuffix("-macs")
+    scores = _pai_scores(model, list(weight_of.values()), base, ratio, data, seed, iterations)
     keep = _global_keep(scores, 1.0 / ratio, keep_largest=True)
     by_layer = {name: float(keep[w].mean()) for name, w in weight_of.items()}
-    return Densities(pai, by_layer, {w: s.numpy() for w, s in scores.items()})
+    return Densities(pai, by_layer, {w: s.numpy() for w, s in scores.items()}, macs_bound=pai != base)
 
 
 def _erk(shapes: dict[str, tuple], ratio: float) -> dict[str, float]:

@@ -9,6 +9,11 @@ densities are equal. We minimise
 over kept counts k_g (t_l = d_l · W_l the layer's target, B = W / ratio the budget): first continuously (Adam on
 log-keep-ratios, box-constrained), then over the allowed counts (multiples of `channel_multiple`, or the whole group) by
 greedy ±1-step moves from the rounded solution, so the rounding is part of the optimisation, not an afterthought.
+
+With `macs_per_weight` (a Conv's multiply-adds per weight: its output's spatial size) a MACs bound is added: the kept
+fraction of MACs may not exceed the kept fraction of weights, i.e. MACs shrink at least as much as weights. Latency
+follows MACs, and PAI densities alone keep the early, high-resolution layers dense (few weights, many MACs each).
+The bound is a one-sided penalty  MACS_WEIGHT · max(0, log(M(k)/M) - log(w(k)/W))^2.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ctprune.pruning.precrop.groups import ChannelGraph, Layer
 log = logging.getLogger(__name__)
 
 BUDGET_WEIGHT = 1000.0  # mu: a 5% budget miss (0.05^2 · mu = 2.5) outweighs any per-layer fit gain
+MACS_WEIGHT = 1e5  # the MACs bound is meant to hold: a 1% excess (1e-4 · 1e5 = 10) outweighs any fit gain
 TOLERANCE = 0.05
 
 
@@ -79,8 +85,10 @@ def allowed_counts(size: int, multiple: int, frozen: bool) -> np.ndarray:
 
 
 def solve_keep_counts(cg: ChannelGraph, densities: dict[str, float], ratio: float, multiple: int = 8,
-                      steps: int = 400) -> dict[str, int]:
-    """Kept channels per group key so Conv weights ≈ densities and their total ≈ total / ratio."""
+                      steps: int = 400, macs_per_weight: dict[str, float] | None = None) -> dict[str, int]:
+    """Kept channels per group key so Conv weights ≈ densities and their total ≈ total / ratio.
+
+    `macs_per_weight` (Conv node → MACs per weight): also keep the MACs fraction at or below the weights fraction."""
     if ratio <= 1:
         raise RatioError(f"the compression ratio must be a number > 1, got {ratio}")
     wm = weight_model(cg)
@@ -95,12 +103,15 @@ def solve_keep_counts(cg: ChannelGraph, densities: dict[str, float], ratio: floa
 
     dens = np.array([min(1.0, max(densities.get(l.name, 1.0 / ratio), 1e-6)) for l in wm.layers])
     log_target = np.log(dens * full)
-    x = _continuous(wm, log_target, np.log(budget), np.log(lowest / wm.sizes), steps)
+    spatial = None if macs_per_weight is None else np.array([macs_per_weight[l.name] for l in wm.layers])
+    x = _continuous(wm, log_target, np.log(budget), np.log(lowest / wm.sizes), steps, spatial)
     choice = [int(np.argmin(np.abs(np.log(o) - np.log(wm.sizes[g] * np.exp(x[g]))))) for g, o in enumerate(options)]
-    choice = _greedy(wm, options, choice, log_target, np.log(budget))
+    choice = _greedy(wm, options, choice, log_target, np.log(budget), spatial)
     counts = np.array([options[g][c] for g, c in enumerate(choice)], dtype=np.float64)
     achieved = total / wm.weights(counts).sum()
     log.info("precrop solver: ratio target %.3gx, achieved %.3gx (channel multiple %d)", ratio, achieved, multiple)
+    if spatial is not None:
+        log.info("precrop solver: MACs ratio %.3gx", (full * spatial).sum() / (wm.weights(counts) * spatial).sum())
     return {k: int(c) for k, c in zip(wm.keys, counts)}
 
 
@@ -120,13 +131,18 @@ def _check_reachable(cg, wm: WeightModel, lowest, ratio, total, multiple) -> Non
     )
 
 
-def _objective_np(wm: WeightModel, counts: np.ndarray, log_target, log_budget) -> float:
+def _objective_np(wm: WeightModel, counts: np.ndarray, log_target, log_budget, spatial=None) -> float:
     w = wm.weights(counts)
     fit = np.mean((np.log(w) - log_target) ** 2)
-    return float(fit + BUDGET_WEIGHT * (np.log(w.sum()) - log_budget) ** 2)
+    score = fit + BUDGET_WEIGHT * (np.log(w.sum()) - log_budget) ** 2
+    if spatial is not None:
+        full = wm.weights(wm.sizes)
+        excess = np.log((w * spatial).sum() / (full * spatial).sum()) - np.log(w.sum() / full.sum())
+        score += MACS_WEIGHT * max(0.0, excess) ** 2
+    return float(score)
 
 
-def _continuous(wm: WeightModel, log_target, log_budget, lo, steps) -> np.ndarray:
+def _continuous(wm: WeightModel, log_target, log_budget, lo, steps, spatial=None) -> np.ndarray:
     """Box-constrained Adam on x = log(k / size) ∈ [lo, 0]; returns x."""
     lo_t = torch.as_tensor(lo, dtype=torch.float64)
     sizes = torch.as_tensor(wm.sizes, dtype=torch.float64)
@@ -135,10 +151,15 @@ def _continuous(wm: WeightModel, log_target, log_budget, lo, steps) -> np.ndarra
     x = x.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=0.05)
     weights = wm.torch_weights()
+    full = weights(sizes)
+    sp = None if spatial is None else torch.as_tensor(spatial, dtype=torch.float64)
     for step in range(steps):
-        mu = BUDGET_WEIGHT * min(1.0, (step + 1) / (steps / 2))  # ease the budget in: fit the shape first
+        ease = min(1.0, (step + 1) / (steps / 2))  # ease the budgets in: fit the shape first
         w = weights(sizes * torch.exp(x))
-        loss = torch.mean((torch.log(w) - tgt) ** 2) + mu * (torch.log(w.sum()) - log_budget) ** 2
+        loss = torch.mean((torch.log(w) - tgt) ** 2) + ease * BUDGET_WEIGHT * (torch.log(w.sum()) - log_budget) ** 2
+        if sp is not None:
+            excess = torch.log((w * sp).sum() / (full * sp).sum()) - torch.log(w.sum() / full.sum())
+            loss = loss + ease * MACS_WEIGHT * torch.clamp(excess, min=0) ** 2
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -147,11 +168,12 @@ def _continuous(wm: WeightModel, log_target, log_budget, lo, steps) -> np.ndarra
     return x.detach().numpy()
 
 
-def _greedy(wm: WeightModel, options, choice, log_target, log_budget, max_moves: int = 10000) -> list[int]:
+def _greedy(wm: WeightModel, options, choice, log_target, log_budget, spatial=None,
+            max_moves: int = 10000) -> list[int]:
     """Best single ±1-step move per round until none lowers the discrete objective."""
     choice = list(choice)
     counts = np.array([options[g][c] for g, c in enumerate(choice)], dtype=np.float64)
-    best = _objective_np(wm, counts, log_target, log_budget)
+    best = _objective_np(wm, counts, log_target, log_budget, spatial)
     movable = [g for g, o in enumerate(options) if len(o) > 1]
     for _ in range(max_moves):
         move, move_score = None, best
@@ -161,7 +183,7 @@ def _greedy(wm: WeightModel, options, choice, log_target, log_budget, max_moves:
                 if 0 <= c < len(options[g]):
                     old = counts[g]
                     counts[g] = options[g][c]
-                    score = _objective_np(wm, counts, log_target, log_budget)
+                    score = _objective_np(wm, counts, log_target, log_budget, spatial)
                     counts[g] = old
                     if score < move_score - 1e-12:
                         move, move_score = (g, c), score
