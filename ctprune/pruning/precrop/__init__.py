@@ -114,8 +114,7 @@ def plan_crop(model: onnx.ModelProto, ratio: float, pai: str = "synflow", data: 
     for note in notes:
         log.info("precrop: %s", note)
     dens = layer_densities(model, cg, ratio, pai, data, seed)
-    per_weight = _macs_per_weight(model, cg, dens.notes) if dens.macs_bound else None
-    counts = solve_keep_counts(cg, dens.by_layer, ratio, channel_multiple, macs_per_weight=per_weight)
+    counts = solve_keep_counts(cg, dens.by_layer, ratio, channel_multiple, macs_per_weight=dens.macs_per_weight)
     importance = _channel_importance(model, cg, dens) if pretrained else None
     keep = {}
     for key, group in cg.groups.items():
@@ -148,24 +147,6 @@ def _with_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     log.info("precrop: %d weights (e.g. %r) are computed by the graph; folding constants first", len(computed),
              computed[0])
     return normalize(model)
-
-
-def _macs_per_weight(model: onnx.ModelProto, cg: ChannelGraph, notes: list[str]) -> dict[str, float] | None:
-    """Conv node → multiply-adds per weight (its output's spatial size), from shape inference; None (and a note)
-    when some Conv's output shape is unknown: then the MACs bound cannot be set and only weights are budgeted."""
-    from ctprune.graph.layers import conv_layers
-
-    spatial = {}
-    for c in conv_layers(model):
-        if c.macs is not None:
-            spatial[c.weight_name] = c.macs / (c.out_channels * (c.in_channels // c.group) * np.prod(c.kernel_shape))
-    convs = [l for l in cg.layers if l.op == "Conv"]
-    unknown = [l.name for l in convs if l.weight not in spatial]
-    if unknown:
-        notes.append(f"MACs bound not applied: output shapes of Conv {', '.join(unknown[:3])} are unknown")
-        log.warning("precrop: %s", notes[-1])
-        return None
-    return {l.name: float(spatial[l.weight]) for l in convs}
 
 
 def _channel_importance(model: onnx.ModelProto, cg: ChannelGraph, dens: Densities) -> dict[str, np.ndarray]:

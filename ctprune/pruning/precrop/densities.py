@@ -6,8 +6,9 @@ per-layer fraction it would keep. Methods:
 
 - ``synflow`` (default): iterative synaptic flow (Tanaka et al. 2020); data-free. Abs weights, all-ones input, R = sum of
   outputs, score |w · dR/dw|, `iterations` rounds of exponentially shrinking density, masks re-applied each round.
-- ``synflow-macs``: SynFlow's densities, solved under a MACs bound (solve.py): MACs shrink at least as much as weights.
-  SynFlow alone keeps the early, high-resolution layers dense, so at 4x fewer weights MACs (and latency) drop far less.
+- ``synflow-macs``: SynFlow importance per multiply-add: scores divided by (MACs per weight)^alpha, alpha the smallest
+  that makes the global keep shrink MACs as much as weights; the solver then holds that bound (solve.py). SynFlow
+  alone keeps the early, high-resolution layers dense, so at 4x fewer weights MACs (and latency) drop far less.
 - ``snip``: |w · dL/dw| on a batch (Lee et al. 2019).
 - ``grasp``: -w · (H g), remove the largest (Wang et al. 2020); needs double backprop.
 - ``erk``: Erdős–Rényi-kernel densities ∝ (c_in + c_out + kh + kw) / (c_in · c_out · kh · kw); shape only.
@@ -43,7 +44,7 @@ class Densities:
     by_layer: dict[str, float]
     scores: dict[str, np.ndarray] | None = None
     notes: list[str] = field(default_factory=list)
-    macs_bound: bool = False  # the solver must also shrink MACs at least as much as weights
+    macs_per_weight: dict[str, float] | None = None  # set: the solver must shrink MACs at least as much as weights
 
 
 def layer_densities(model: onnx.ModelProto, cg: ChannelGraph, ratio: float, pai: str = "synflow",
@@ -60,9 +61,58 @@ def layer_densities(model: onnx.ModelProto, cg: ChannelGraph, ratio: float, pai:
     weight_of = {l.name: l.weight for l in convs}
     base = pai.removesuffix("-macs")
     scores = _pai_scores(model, list(weight_of.values()), base, ratio, data, seed, iterations)
-    keep = _global_keep(scores, 1.0 / ratio, keep_largest=True)
+    notes, per_weight = [], None
+    if pai != base:
+        per_weight = macs_per_weight(model, cg)
+        if per_weight is None:
+            notes.append("MACs bound not applied: some Conv output shapes are unknown; plain SynFlow densities used")
+            log.warning("precrop: %s", notes[-1])
+    if per_weight is None:
+        keep = _global_keep(scores, 1.0 / ratio, keep_largest=True)
+    else:
+        keep = _macs_balanced_keep(scores, {weight_of[n]: v for n, v in per_weight.items()}, ratio)
     by_layer = {name: float(keep[w].mean()) for name, w in weight_of.items()}
-    return Densities(pai, by_layer, {w: s.numpy() for w, s in scores.items()}, macs_bound=pai != base)
+    return Densities(pai, by_layer, {w: s.numpy() for w, s in scores.items()}, notes, per_weight)
+
+
+def macs_per_weight(model: onnx.ModelProto, cg: ChannelGraph) -> dict[str, float] | None:
+    """Conv node → multiply-adds per weight (its output's spatial size), from shape inference; None when some Conv's
+    output shape is unknown."""
+    from ctprune.graph.layers import conv_layers
+
+    spatial = {}
+    for c in conv_layers(model):
+        if c.macs is not None:
+            spatial[c.weight_name] = c.macs / (c.out_channels * (c.in_channels // c.group) * np.prod(c.kernel_shape))
+    convs = [l for l in cg.layers if l.op == "Conv"]
+    if any(l.weight not in spatial for l in convs):
+        return None
+    return {l.name: float(spatial[l.weight]) for l in convs}
+
+
+def _macs_balanced_keep(scores: dict[str, torch.Tensor], spatial: dict[str, float], ratio: float,
+                        steps: int = 30) -> dict[str, torch.Tensor]:
+    """Global keep of score / spatial^alpha, alpha found by bisection: the smallest that keeps at most 1/ratio of the
+    MACs (MACs of a weight = its layer's spatial size), i.e. the least departure from the PAI ranking."""
+    size = {w: s.numel() for w, s in scores.items()}
+    full_macs = sum(size[w] * spatial[w] for w in scores)
+
+    def keep_at(alpha):
+        adjusted = {w: s.double() / spatial[w] ** alpha for w, s in scores.items()}
+        keep = _global_keep(adjusted, 1.0 / ratio, keep_largest=True)
+        macs = sum(float(k.sum()) * spatial[w] for w, k in keep.items())
+        return keep, macs / full_macs
+
+    keep, fraction = keep_at(0.0)
+    if fraction <= 1.0 / ratio:
+        return keep
+    lo, hi = 0.0, 1.0
+    while keep_at(hi)[1] > 1.0 / ratio and hi < 16:
+        lo, hi = hi, 2 * hi
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if keep_at(mid)[1] > 1.0 / ratio else (lo, mid)
+    return keep_at(hi)[0]
 
 
 def _erk(shapes: dict[str, tuple], ratio: float) -> dict[str, float]:
