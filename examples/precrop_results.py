@@ -154,22 +154,31 @@ def accuracy(args) -> str:
 
 
 # ---- speed ----------------------------------------------------------------------------------------------------------
-def latency_ms(model: onnx.ModelProto, x: np.ndarray, repeats: int) -> float:
+def session(model: onnx.ModelProto):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x}
-    for _ in range(5):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def interleaved_latency_ms(models: list[onnx.ModelProto], x: np.ndarray, repeats: int) -> list[float]:
+    """Median latency of each model, the models run in turn within every repeat: on a shared machine a load spike
+    then hits all of them alike instead of whichever happened to be measured at the time."""
+    sessions = [session(m) for m in models]
+    feed = {sessions[0].get_inputs()[0].name: x}
+    for sess in sessions:
+        for _ in range(5):
+            sess.run(None, feed)
+    times = [[] for _ in sessions]
+    for r in range(repeats):
+        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+        for i in order:
+            t = time.perf_counter()
+            sessions[i].run(None, feed)
+            times[i].append(time.perf_counter() - t)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 def speed(args) -> str:
@@ -184,19 +193,17 @@ def speed(args) -> str:
     }
     from ctprune.inspect import layer_table
 
-    lines = ["onnxruntime CPU, 1 thread, batch 1, median of %d runs; PreCropping with %s densities; "
-             "conv-weight ratio 2x / 4x (MACs ratio in brackets)." % (args.repeats, args.pai), "",
+    lines = ["onnxruntime CPU, 1 thread, batch 1, median of %d runs (dense, 2x and 4x run in turn); PreCropping with %s "
+             "densities; conv-weight ratio 2x / 4x (MACs ratio in brackets)." % (args.repeats, args.pai), "",
              "| net | dense ms | 2x ms | 2x speed-up | 4x ms | 4x speed-up |", "|---|---:|---:|---:|---:|---:|"]
     for name, (build, size) in nets.items():
         model = build()
         x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
-        base = latency_ms(model, x, args.repeats)
         macs = layer_table(model)[1]["macs"]
-        cells = []
-        for ratio in (2, 4):
-            cropped = apply_crop(model, plan_crop(model, ratio, pai=args.pai))
-            t = latency_ms(cropped, x, args.repeats)
-            cells.append(f"{t:.2f} | {base / t:.2f}x ({macs / layer_table(cropped)[1]['macs']:.2f}x MACs)")
+        cropped = [apply_crop(model, plan_crop(model, ratio, pai=args.pai)) for ratio in (2, 4)]
+        base, *times = interleaved_latency_ms([model, *cropped], x, args.repeats)
+        cells = [f"{t:.2f} | {base / t:.2f}x ({macs / layer_table(c)[1]['macs']:.2f}x MACs)"
+                 for t, c in zip(times, cropped)]
         lines.append(f"| {name} | {base:.2f} | {cells[0]} | {cells[1]} |")
         log.info(lines[-1])
     return "\n".join(lines)
@@ -218,7 +225,7 @@ def main(argv=None):
     acc.add_argument("--quiet", action="store_true")
     spd = sub.add_parser("speed")
     spd.add_argument("--repeats", type=int, default=50)
-    spd.add_argument("--pai", default="erk")
+    spd.add_argument("--pai", default="synflow-macs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
