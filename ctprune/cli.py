@@ -79,7 +79,7 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bars or table.")
-@click.option("--pai", type=click.Choice(["synflow", "synflow-macs", "snip", "grasp", "erk", "uniform"]), default="synflow", show_default=True,
+@click.option("--pai", type=click.Choice(["synflow", "synflow-macs", "snip", "grasp", "erk", "uniform"]), default="synflow-macs", show_default=True,
               help="precrop: layer-wise densities from this pruning-at-initialization method "
                    "(synflow-macs: SynFlow's, with MACs cut at least as much as weights).")
 @click.option("--init", "init", type=click.Choice(["pretrained", "scratch"]), default="pretrained", show_default=True,

@@ -43,7 +43,7 @@ class Pipeline:
     seed: int = 0
     resume: bool = False
     quiet: bool = False
-    pai: str = "synflow"
+    pai: str = "synflow-macs"
     init: str = "pretrained"
     channel_multiple: int = 8
     input_size: object = None

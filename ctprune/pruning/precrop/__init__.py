@@ -1,8 +1,8 @@
 """PreCropping: crop whole channels to the layer-wise densities of pruning-at-initialization.
 
-    plan = plan_crop(model, ratio=4, pai="synflow")      # groups, densities, kept channels per group
+    plan = plan_crop(model, ratio=4, pai="synflow-macs")  # groups, densities, kept channels per group
     plan.ratio_achieved, plan.report_layers()
-    smaller = apply_crop(model, plan)                    # standard ONNX ops, smaller Conv/BN/Gemm constants
+    smaller = apply_crop(model, plan)                      # standard ONNX ops, smaller Conv/BN/Gemm constants
 
 Pieces, one job each: groups.py (channel groups on the ONNX graph), densities.py (PAI layer-wise densities),
 solve.py (joint kept-channel counts, rounded to a channel multiple), crop.py (the graph surgery).
@@ -95,7 +95,7 @@ class CropPlan:
         }
 
 
-def plan_crop(model: onnx.ModelProto, ratio: float, pai: str = "synflow", data: np.ndarray | None = None,
+def plan_crop(model: onnx.ModelProto, ratio: float, pai: str = "synflow-macs", data: np.ndarray | None = None,
               channel_multiple: int = 8, pretrained: bool = True, seed: int = 0) -> CropPlan:
     """Solve which channels to keep so the Conv weights shrink `ratio`-fold, layer by layer as `pai` would prune.
 

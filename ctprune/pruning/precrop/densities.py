@@ -4,9 +4,9 @@ PreCropping's premise: what a PAI method gets right is how dense each layer shou
 run the PAI method as if pruning weights to `1/ratio` of the Conv weights (one global threshold), and keep only the
 per-layer fraction it would keep. Methods:
 
-- ``synflow`` (default): iterative synaptic flow (Tanaka et al. 2020); data-free. Abs weights, all-ones input, R = sum of
+- ``synflow``: iterative synaptic flow (Tanaka et al. 2020); data-free. Abs weights, all-ones input, R = sum of
   outputs, score |w · dR/dw|, `iterations` rounds of exponentially shrinking density, masks re-applied each round.
-- ``synflow-macs``: SynFlow importance per multiply-add: scores divided by (MACs per weight)^alpha, alpha the smallest
+- ``synflow-macs`` (default): SynFlow importance per multiply-add: scores divided by (MACs per weight)^alpha, alpha the smallest
   that makes the global keep shrink MACs as much as weights; the solver then holds that bound (solve.py). SynFlow
   alone keeps the early, high-resolution layers dense, so at 4x fewer weights MACs (and latency) drop far less.
 - ``snip``: |w · dL/dw| on a batch (Lee et al. 2019).
