@@ -91,6 +91,12 @@ class HoldMask(TrainHooks):
             for p, m in self.pairs:
                 p.mul_(m.to(p.device, p.dtype))
 
+    def after_backward(self, step):
+        # Pruned weights get no gradient: no momentum for them, and they do not inflate the norm the loop clips by.
+        for p, m in self.pairs:
+            if p.grad is not None:
+                p.grad.mul_(m.to(p.grad.device, p.grad.dtype))
+
     def after_step(self, step):
         self.begin(0, 0)
 
