@@ -99,3 +99,34 @@ def test_select_plan_meets_ratio_and_uses_the_library():
         lib = plan.library
         best = lib.assign(imp[name]).numpy()
         assert np.array_equal(a[kept], best[kept])
+
+
+def _macs(shapes, pixels):
+    return {n: o * c * 9 * pixels[n] for n, (o, c) in shapes.items()}
+
+
+@pytest.mark.parametrize("ratio", [4.0, 8.0])
+def test_macs_allocation_prunes_high_resolution_layers_more(ratio):
+    # Same scores, same shapes; one layer works on 4x the pixels of the other.
+    shapes = {"wide_image": (32, 32), "small_image": (32, 32)}
+    g = torch.Generator().manual_seed(int(ratio))
+    s = torch.rand(32, 32, generator=g)
+    scores = {"wide_image": s.clone(), "small_image": s.clone()}
+    macs = _macs(shapes, {"wide_image": 56 * 56, "small_image": 28 * 28})
+    by_importance = allocate_kernels(scores, ratio)
+    by_macs = allocate_kernels(scores, ratio, allocation="macs", macs=macs)
+    assert int(by_importance["wide_image"].sum()) == int(by_importance["small_image"].sum())
+    assert int(by_macs["wide_image"].sum()) < int(by_macs["small_image"].sum())
+    assert ratio_of(by_macs, shapes) == pytest.approx(ratio, rel=0.01)
+    kept_macs = sum(macs[n] * float(k.float().mean()) for n, k in by_macs.items())
+    kept_macs_importance = sum(macs[n] * float(k.float().mean()) for n, k in by_importance.items())
+    assert kept_macs < kept_macs_importance
+
+
+def test_macs_allocation_without_macs_equals_importance_and_unknown_names_fail():
+    scores = random_scores(5)
+    plain = allocate_kernels(scores, 8.0)
+    no_macs = allocate_kernels(scores, 8.0, allocation="macs", macs=None)
+    assert all(torch.equal(plain[n], no_macs[n]) for n in NET)
+    with pytest.raises(ValueError, match="allocation"):
+        allocate_kernels(scores, 8.0, allocation="latency")

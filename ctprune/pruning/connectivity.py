@@ -12,6 +12,13 @@ removing it would actually cost, now that the other 5 taps go anyway). Scores ar
 carry less; then one global threshold picks the kept kernels, within per-layer bounds u/spread <= kept fraction <=
 min(1, u*spread) so no layer is gutted or spared by the threshold alone. The floor yields where one-kernel-per-filter
 already costs more than it. Per-layer work is vectorised; the only Python loop is over layers.
+
+Latency-aware allocation (`allocation="macs"`). The same, with each layer's normalised scores divided by the layer's
+multiply-adds per kernel (its output pixels) relative to the weighted mean: importance per multiply-add, the usual
+FLOPs-regularised criterion. A kernel of a 224x224 layer then has to matter 256 times more than one of a 14x14 layer
+to be kept, so the per-layer bounds decide most of the split: high-resolution layers go to their floor and the
+network's MACs shrink about as much as its weights, where the importance allocation keeps the early, wide-image layers
+(few channels, each carrying a lot) and often cuts MACs only half as much as weights.
 """
 
 from __future__ import annotations
@@ -71,11 +78,31 @@ def keep_bounds(shapes: Mapping[str, tuple[int, int]], target: int, spread: floa
     return {n: (floors[n], ceilings[n]) for n in shapes}
 
 
-def allocate_kernels(scores: Mapping[str, torch.Tensor], ratio: float, spread: float = 2.5) -> dict[str, torch.Tensor]:
-    """{layer: (O, C) kernel scores} -> {layer: (O, C) bool, True = kept} meeting `ratio` exactly (up to rounding)."""
+ALLOCATIONS = ("importance", "macs")
+
+
+def kernel_costs(shapes: Mapping[str, tuple[int, int]], macs: Mapping[str, int] | None) -> dict[str, float]:
+    """{layer: multiply-adds per kernel relative to the kernel-weighted mean}; 1.0 where a layer's MACs are unknown."""
+    per_kernel = {n: macs[n] / (o * c) for n, (o, c) in shapes.items() if macs and macs.get(n)}
+    if not per_kernel:
+        return {n: 1.0 for n in shapes}
+    known = sum(shapes[n][0] * shapes[n][1] for n in per_kernel)
+    mean = sum(per_kernel[n] * shapes[n][0] * shapes[n][1] for n in per_kernel) / known
+    return {n: per_kernel.get(n, mean) / mean for n in shapes}
+
+
+def allocate_kernels(scores: Mapping[str, torch.Tensor], ratio: float, spread: float = 2.5,
+                     allocation: str = "importance", macs: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """{layer: (O, C) kernel scores} -> {layer: (O, C) bool, True = kept} meeting `ratio` exactly (up to rounding).
+
+    allocation "importance": normalised importance; "macs": normalised importance per multiply-add (needs `macs`,
+    {layer: dense MACs per sample}; layers without it count as average)."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     shapes = {n: (s.shape[0], s.shape[1]) for n, s in scores.items()}
     target = kernel_budget(shapes, ratio)
     bounds = keep_bounds(shapes, target, spread)
+    costs = kernel_costs(shapes, macs) if allocation == "macs" else {n: 1.0 for n in shapes}
 
     keep, pools = {}, []
     for name, s in scores.items():
@@ -83,6 +110,7 @@ def allocate_kernels(scores: Mapping[str, torch.Tensor], ratio: float, spread: f
         norm = s.detach().float().reshape(-1)
         l2 = torch.linalg.vector_norm(norm)
         norm = norm / l2 if l2 > 0 else torch.full_like(norm, 1.0 / math.sqrt(norm.numel()))
+        norm = norm / costs[name]
         kept = torch.zeros(o * c, dtype=torch.bool, device=s.device)
         # Floor: each filter's best kernel, then the layer's best others up to the floor.
         best = torch.argmax(norm.reshape(o, c), dim=1) + torch.arange(o, device=s.device) * c

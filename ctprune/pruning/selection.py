@@ -25,15 +25,19 @@ def select_plan(
     skipped: Mapping[str, str] | None = None,
     importance_kind: str = "gradient",
     macs: Mapping[str, int] | None = None,
+    allocation: str = "importance",
 ) -> PruningPlan:
-    """importance {layer: (O, C, 9)} -> the plan meeting `ratio` over these layers (RatioError if it cannot)."""
+    """importance {layer: (O, C, 9)} -> the plan meeting `ratio` over these layers (RatioError if it cannot).
+
+    allocation: how kept kernels are split between layers ("importance", or "macs": importance per multiply-add,
+    see ctprune.pruning.connectivity)."""
     importance = {n: imp.detach().float() for n, imp in importance.items()}
     voters = None
     for _ in range(2):
         library = PatternLibrary.generate(importance, size=patterns, voters=voters)
         assignments = {n: library.assign(imp) for n, imp in importance.items()}
         scores = {n: library.kept_importance(importance[n], assignments[n]) for n in importance}
-        keep = allocate_kernels(scores, ratio, spread=spread)
+        keep = allocate_kernels(scores, ratio, spread=spread, allocation=allocation, macs=macs)
         voters = keep
     return PruningPlan.from_selection(
         library, assignments, keep, weight_shapes, ratio, skipped=skipped, importance=importance_kind, macs=macs
