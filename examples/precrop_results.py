@@ -4,10 +4,11 @@
     OMP_NUM_THREADS=1 nice .venv/bin/python examples/precrop_results.py speed
 
 accuracy: Fashion-MNIST, the examples' ResNet-20, trained from scratch for the same epochs at 4x fewer conv weights by
-  1. PreCropping with SynFlow densities (channels cropped, a smaller dense net),
-  2. uniform channel scaling (the same cropping with uniform densities: every group keeps ~1/2 of its channels),
-  3. unstructured SynFlow masking (the dense net with SynFlow's weight mask held fixed during training),
-  and the dense net itself for reference. Every arm gets the same fresh initialisation scheme, data, epochs, seed.
+  the arms (--arms, per --seeds):
+  synflow-macs / synflow: PreCropping with MACs-bounded / plain SynFlow densities (a smaller dense net),
+  uniform: the same cropping with uniform densities (every group keeps ~1/2 of its channels),
+  unstructured: the dense net with SynFlow's weight mask held fixed during training,
+  dense: the dense net itself for reference. Every arm gets the same fresh initialisation scheme, data, epochs, seed.
 speed: onnxruntime latency (1 thread, batch 1, median) of dense vs 2x/4x-cropped nets.
 Both write markdown tables to stdout (examples/RESULTS_precrop.md holds the committed ones).
 """
