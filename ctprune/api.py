@@ -70,6 +70,7 @@ def prune(
     batch_size: int = 64,
     lr: float | None = None,
     patterns: int = 8,
+    allocation: str = "importance",
     device: str = "auto",
     backend: str = "torch",
     report_path=None,
@@ -96,6 +97,8 @@ def prune(
     ratio_value = _ratio_value(ratio)
     if method not in ("pattern", "precrop", "both"):
         raise CtpruneError(f"method {method!r} is not one of pattern, precrop, both.")
+    if allocation not in ("importance", "macs"):
+        raise CtpruneError(f"allocation {allocation!r} is not one of importance, macs.")
     model_path = model if isinstance(model, (str, os.PathLike)) else None
     out_path = None
     if output is not None:
@@ -105,9 +108,9 @@ def prune(
 
     pipeline = Pipeline(
         model=model, ratio=ratio_value, method=method, data=data, eval_data=eval_data, epochs=epochs,
-        batch_size=batch_size, lr=lr, patterns=patterns, device=device, backend=backend, seed=seed, resume=resume,
-        quiet=quiet, pai=pai, init=init, channel_multiple=channel_multiple, input_size=input_size, mean=mean, std=std,
-        first_conv_dense=first_conv_dense, latency_threads=latency_threads, schedule=schedule,
+        batch_size=batch_size, lr=lr, patterns=patterns, allocation=allocation, device=device, backend=backend,
+        seed=seed, resume=resume, quiet=quiet, pai=pai, init=init, channel_multiple=channel_multiple,
+        input_size=input_size, mean=mean, std=std, first_conv_dense=first_conv_dense, latency_threads=latency_threads, schedule=schedule,
         checkpoint_dir=_checkpoint_dir(out_path, model_path),
     )
     pruned, report = pipeline.run()

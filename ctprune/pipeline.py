@@ -38,6 +38,7 @@ class Pipeline:
     batch_size: int = 64
     lr: float | None = None
     patterns: int = 8
+    allocation: str = "importance"  # how kept kernels are split between layers: "importance" or "macs" (per MAC)
     device: str = "auto"
     backend: str = "torch"
     seed: int = 0
@@ -155,7 +156,7 @@ class Pipeline:
                              + (f" — {reasons}" if reasons else "") + ". Try --method precrop.")
         pruner_class = OneShotPruner if self.schedule == "oneshot" else ClickTrainPruner
         pruner = pruner_class(weights, ratio=ratio, patterns=self.patterns, skipped=skipped, macs=macs,
-                              **(self.pruner_options or {}))
+                              allocation=self.allocation, **(self.pruner_options or {}))
         if self._epochs() == 0:
             if pruner.importance_kind != "magnitude":  # gradient importance needs a few batches first
                 self._calibrate(pruner, student)

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from ctprune.errors import GraphError
-from ctprune.pruning.connectivity import kernel_budget
+from ctprune.pruning.connectivity import ALLOCATIONS, kernel_budget
 from ctprune.pruning.importance import ImportanceMeter, magnitude_importance
 from ctprune.pruning.patterns import TAPS
 from ctprune.pruning.plan import PruningPlan
@@ -61,7 +61,9 @@ class ClickTrainPruner(TrainHooks):
     (connectivity.py). warmup / soft / reselections / lasso_lambda / importance_decay: schedule knobs (schedule.py).
     importance ("magnitude" | "gradient" | "blend"), average ("score" | "gradient"), lasso ("proximal" | "penalty"):
     see the module docstring.
-    skipped {conv name: reason} and macs {conv name: MACs} pass through to the plan for the report.
+    skipped {conv name: reason} and macs {conv name: MACs} pass through to the plan for the report; allocation
+    ("importance" | "macs") splits the kept kernels between layers by importance or by importance per multiply-add
+    (connectivity.py), the latter using `macs`.
     """
 
     def __init__(
@@ -81,8 +83,12 @@ class ClickTrainPruner(TrainHooks):
         lasso: str = "proximal",
         skipped: Mapping[str, str] | None = None,
         macs: Mapping[str, int] | None = None,
+        allocation: str = "importance",
     ):
         check_prunable(weights)
+        if allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+        self.allocation = allocation
         self.weights = dict(weights)
         self.ratio = float(ratio)
         kernel_budget({n: (w.shape[0], w.shape[1]) for n, w in self.weights.items()}, self.ratio)  # RatioError now, not later
@@ -251,6 +257,7 @@ class ClickTrainPruner(TrainHooks):
             skipped=self.skipped,
             importance_kind=kind,
             macs=self.macs,
+            allocation=self.allocation,
         )
         self.selections += 1
         if previous is not None:
