@@ -112,7 +112,7 @@ ARMS = {
 }
 
 
-def build_arm(arm: str, dense: onnx.ModelProto, ratio: float, seed: int):
+def build_arm(arm: str, dense: onnx.ModelProto, ratio: float, seed: int, channel_multiple: int = 8):
     """(model to train, fixed weight mask or None, conv-weight ratio) for one arm."""
     if arm == "dense":
         return dense, None, 1.0
@@ -121,7 +121,8 @@ def build_arm(arm: str, dense: onnx.ModelProto, ratio: float, seed: int):
         convs = [l.weight for l in channel_graph(dense).layers if l.op == "Conv"]
         masks = _global_keep(_synflow(dense, convs, ratio, 20), 1.0 / ratio, keep_largest=True)
         return dense, masks, conv_weights(dense) / sum(int(m.sum()) for m in masks.values())
-    cropped = apply_crop(dense, plan_crop(dense, ratio, pai=arm, pretrained=False, seed=seed))
+    cropped = apply_crop(dense, plan_crop(dense, ratio, pai=arm, pretrained=False, seed=seed,
+                                          channel_multiple=channel_multiple))
     return cropped, None, conv_weights(dense) / conv_weights(cropped)
 
 
@@ -137,7 +138,7 @@ def accuracy(args) -> str:
         train = Dataset(x[pick], y[pick], source=f"fmnist train ({len(pick)})")
         dense = resnet20_onnx(seed)
         for arm in args.arms:
-            model, mask, ratio = build_arm(arm, dense, args.ratio, seed)
+            model, mask, ratio = build_arm(arm, dense, args.ratio, seed, args.channel_multiple)
             module = lift(model)
             fresh_init(module, seed)
             hooks = HoldMask(module.onnx_parameters(), mask) if mask else None
@@ -150,7 +151,8 @@ def accuracy(args) -> str:
                      seconds)
     seeds = ", ".join(map(str, args.seeds))
     lines = [f"Fashion-MNIST, ResNet-20 from scratch, {args.epochs} epoch(s) on {args.train_subset} training images "
-             f"(a per-seed sample), test on {len(test)}; batch {args.batch_size}, lr {args.lr}, seeds {seeds}.", "",
+             f"(a per-seed sample), test on {len(test)}; batch {args.batch_size}, lr {args.lr}, seeds {seeds}, "
+             f"PreCropping channel multiple {args.channel_multiple}.", "",
              "| method | conv-weight ratio | test accuracy per seed | mean | train time (mean) |",
              "|---|---:|---:|---:|---:|"]
     for arm, runs in results.items():
@@ -229,6 +231,8 @@ def main(argv=None):
     acc.add_argument("--seeds", type=int, nargs="+", default=[0])
     acc.add_argument("--arms", nargs="+", choices=list(ARMS), default=["synflow-macs", "synflow", "uniform",
                                                                         "unstructured"])
+    acc.add_argument("--channel-multiple", type=int, default=8,
+                     help="PreCropping arms: kept channel counts rounded to a multiple of this (ctprune's default 8)")
     acc.add_argument("--quiet", action="store_true")
     spd = sub.add_parser("speed")
     spd.add_argument("--repeats", type=int, default=50)
