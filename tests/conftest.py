@@ -15,6 +15,18 @@ LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 REAL_MODELS_DIR = Path(os.environ.get("CTPRUNE_REAL_MODELS", REPO / ".deps" / "models"))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (tiny convs and batches: on a shared 2-core machine a second thread costs far
+    more than it saves); modules opt in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def rel_err(a, b) -> float:
     """max|a-b| / max|b|: the project's parity measure."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

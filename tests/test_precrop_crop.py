@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import helper, numpy_helper
 
 from ctprune.errors import GraphError, RatioError
@@ -16,13 +15,7 @@ from test_precrop_nets import NetBuilder, as_ir3, densenet, mobilenet_v2, resnet
 NETS = {"resnet": resnet, "mobilenet_v2": mobilenet_v2, "densenet": densenet, "se_net": se_net, "vgg": vgg}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # PAI scoring runs tiny batches; on a shared 2-core machine two torch threads are ~50x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def conv_weight_count(model: onnx.ModelProto) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from ctprune.graph.layers import conv_layers
 from ctprune.pruning.precrop import apply_crop, channel_graph, plan_crop
@@ -16,12 +15,7 @@ from test_precrop_nets import NetBuilder, densenet, mobilenet_v2, resnet, run, s
 NETS = {"resnet": resnet, "mobilenet_v2": mobilenet_v2, "densenet": densenet, "se_net": se_net}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def conv_totals(model: onnx.ModelProto) -> tuple[int, int]:

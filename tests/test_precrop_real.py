@@ -8,7 +8,6 @@ import os
 import numpy as np
 import onnx
 import pytest
-import torch
 from onnx import numpy_helper
 
 from ctprune.graph import normalize
@@ -17,15 +16,9 @@ from test_precrop_crop import conv_weight_count, masked_model, rel_err
 from test_precrop_nets import run
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", "light_densenet121.onnx")
-pytestmark = pytest.mark.skipif(not os.path.exists(LIGHT), reason="onnx wheel without backend-test models")
+pytestmark = [pytest.mark.skipif(not os.path.exists(LIGHT), reason="onnx wheel without backend-test models"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,7 @@ from ctprune.errors import GraphError, RatioError
 from ctprune.pruning import ClickTrainPruner, OneShotPruner, PruningSchedule, one_shot_plan, prunable_convs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny convs: thread start-up costs more than it saves, and the test machine is shared
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class SmallNet(torch.nn.Module):
