@@ -93,12 +93,13 @@ def prune(
     comparisons; ClickTrain's prune-during-fine-tuning is the default.
     """
     from ctprune.pipeline import Pipeline
+    from ctprune.pruning.connectivity import ALLOCATIONS
 
     ratio_value = _ratio_value(ratio)
     if method not in ("pattern", "precrop", "both"):
         raise CtpruneError(f"method {method!r} is not one of pattern, precrop, both.")
-    if allocation not in ("importance", "macs"):
-        raise CtpruneError(f"allocation {allocation!r} is not one of importance, macs.")
+    if allocation not in ALLOCATIONS:
+        raise CtpruneError(f"allocation {allocation!r} is not one of {', '.join(ALLOCATIONS)}.")
     model_path = model if isinstance(model, (str, os.PathLike)) else None
     out_path = None
     if output is not None:

@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from ctprune.bench_layers import LAYER_SET, kept_per_filter_for_ratio, random_pattern_layer
+from ctprune.bench_layers import LAYER_SET, kept_per_filter_for_ratio, median_summary, random_pattern_layer
 
 RATIOS = [2.25, 4.0, 8.0]
 BATCHES = [1, 32]
@@ -95,13 +95,8 @@ def render(rows) -> str:
 
 
 def summary(rows) -> str:
-    lines = ["| ratio | batch | median vs fp32 | min | max | median vs tf32 |", "|---|---|---|---|---|---|"]
-    for ratio, batch in sorted({(r["ratio"], r["batch"]) for r in rows}):
-        sel = [r for r in rows if (r["ratio"], r["batch"]) == (ratio, batch)]
-        s = [r["vs_fp32"] for r in sel]
-        lines.append(f"| {ratio:g}x | {batch} | {statistics.median(s):.2f}x | {min(s):.2f}x | {max(s):.2f}x | "
-                     f"{statistics.median(r['vs_tf32'] for r in sel):.2f}x |")
-    return "\n".join(lines)
+    return median_summary(rows, ["ratio", "batch"], "vs_fp32", "vs_tf32",
+                          ["ratio", "batch", "median vs fp32", "min", "max", "median vs tf32"])
 
 
 def main(argv=None) -> int:

@@ -182,16 +182,23 @@ def render(rows) -> str:
     return "\n".join(lines)
 
 
-def summary(rows) -> str:
-    lines = ["| ratio | batch | threads | median speedup | min | max | median best-of speedup |",
-             "|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["ratio"], r["batch"], r["threads"]) for r in rows})
-    for ratio, batch, threads in keys:
-        s = [r["speedup"] for r in rows if (r["ratio"], r["batch"], r["threads"]) == (ratio, batch, threads)]
-        best = [r["best_speedup"] for r in rows if (r["ratio"], r["batch"], r["threads"]) == (ratio, batch, threads)]
-        lines.append(f"| {ratio:g}x | {batch} | {threads} | {statistics.median(s):.2f}x | {min(s):.2f}x | {max(s):.2f}x | "
-                     f"{statistics.median(best):.2f}x |")
+def median_summary(rows, group_by: list[str], value: str, also: str, headers: list[str]) -> str:
+    """One markdown row per distinct `group_by` values: median, min and max of `value`, then the median of `also`.
+    `headers`: the group columns' headers, then the four statistics' headers."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for key in sorted({tuple(r[k] for k in group_by) for r in rows}):
+        sel = [r for r in rows if tuple(r[k] for k in group_by) == key]
+        v = [r[value] for r in sel]
+        cells = [f"{k:g}x" if name == "ratio" else str(k) for name, k in zip(group_by, key)]
+        cells += [f"{statistics.median(v):.2f}x", f"{min(v):.2f}x", f"{max(v):.2f}x",
+                  f"{statistics.median(r[also] for r in sel):.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summary(rows) -> str:
+    return median_summary(rows, ["ratio", "batch", "threads"], "speedup", "best_speedup",
+                          ["ratio", "batch", "threads", "median speedup", "min", "max", "median best-of speedup"])
 
 
 def main(argv=None) -> int:

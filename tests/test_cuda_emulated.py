@@ -6,7 +6,6 @@ framing every buffer with NaN guard zones, so a read of an unstaged or out-of-ra
 outside the output fails the call. Cases: the CPU kernel's randomized matrix (tests/test_patternconv_matrix.py),
 every tile configuration forced on odd shapes, and the benchmark's layer shapes."""
 
-import math
 import shutil
 
 import numpy as np
@@ -14,9 +13,10 @@ import pytest
 import torch
 
 from ctprune.cuda_harness import (KERNEL_CONFIGS, SPLIT_CONFIGS, EmulatedPatternConv, KernelCallError, dense_weight,
-                                  layer_from_compact, random_layer)
+                                  random_layer)
 
-from test_patternconv_matrix import ACTIVATIONS, CASES, SEED, _ids, build
+from cuda_cases import matrix_case, odd_tile_cases
+from test_patternconv_matrix import CASES, SEED, _ids
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
 
@@ -57,29 +57,13 @@ def test_fast_division_is_exact(emulator):
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=_ids(CASES))
 def test_matrix_case(emulator, index):
-    case = CASES[index]
-    _, _, compact, x = build(case, SEED + index)
-    rng = np.random.default_rng(SEED + index)
-    bias = rng.standard_normal(case["O"]).astype(np.float32) if case["bias"] else None
-    layer = layer_from_compact(compact, bias, (case["stride"],) * 2, (case["pad"],) * 4, ACTIVATIONS[case["activation"]])
-    check(emulator, layer, x, f"seed {SEED + index} (CTPRUNE_TEST_SEED={SEED}), case {case}")
+    check(emulator, *matrix_case(index))
 
 
 @pytest.mark.parametrize("config", KERNEL_CONFIGS)
 def test_every_tile_config(emulator, config):
-    # Shapes that leave partial tiles in every dimension, O not a multiple of any filter group, asymmetric pads.
-    rng = np.random.default_rng(SEED + config)
-    shapes = [
-        (3, 13, 20, 11, 10, (1, 1), (1, 1, 1, 1), (-math.inf, math.inf)),
-        (2, 9, 37, 7, 7, (1, 1), (1, 1, 1, 1), (0.0, math.inf)),
-        (5, 6, 10, 9, 40, (2, 1), (0, 2, 1, 0), (0.0, 6.0)),
-        (1, 17, 9, 70, 3, (1, 2), (2, 0, 0, 1), (-0.3, 0.4)),
-        (2, 5, 33, 1, 1, (1, 1), (1, 1, 1, 1), (-math.inf, math.inf)),
-    ]
-    for n, c, o, h, w, strides, pads, act in shapes:
-        layer = random_layer(o, c, 4.0, rng, strides=strides, pads=pads, activation=act, empty_filters=o // 5)
-        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-        plan = check(emulator, layer, x, f"config {config}, shape {(n, c, o, h, w, strides, pads)}", force_config=config)
+    for layer, x, where in odd_tile_cases(config):
+        plan = check(emulator, layer, x, where, force_config=config)
         assert plan["ft"] * 10 + plan["px"] == config
 
 

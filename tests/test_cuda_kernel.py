@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from ctprune.cuda_harness import (KERNEL_CONFIGS, SPLIT_CONFIGS, CudaPatternConv, KernelCallError, build_cuda_kernel, dense_weight,
-                                  layer_from_compact, random_layer)
+                                  random_layer)
 
-from test_patternconv_matrix import ACTIVATIONS, CASES, SEED, _ids, build
+from cuda_cases import ODD_TILE_SHAPES, matrix_case, odd_tile_cases
+from test_patternconv_matrix import CASES, SEED, _ids
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (torch.cuda.is_available() is False)"),
@@ -81,29 +82,15 @@ def check(layer, x_np, library, where, force_config=0):
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=_ids(CASES))
 def test_matrix_case(library, index):
-    case = CASES[index]
-    _, _, compact, x = build(case, SEED + index)
-    rng = np.random.default_rng(SEED + index)
-    bias = rng.standard_normal(case["O"]).astype(np.float32) if case["bias"] else None
-    layer = layer_from_compact(compact, bias, (case["stride"],) * 2, (case["pad"],) * 4, ACTIVATIONS[case["activation"]])
-    check(layer, x, library, f"seed {SEED + index} (CTPRUNE_TEST_SEED={SEED}), case {case}")
+    layer, x, where = matrix_case(index)
+    check(layer, x, library, where)
 
 
 @pytest.mark.parametrize("config", KERNEL_CONFIGS)
 def test_every_tile_config(library, config):
-    rng = np.random.default_rng(SEED + config)
-    shapes = [
-        (3, 13, 20, 11, 10, (1, 1), (1, 1, 1, 1), (-math.inf, math.inf)),
-        (2, 9, 37, 7, 7, (1, 1), (1, 1, 1, 1), (0.0, math.inf)),
-        (5, 6, 10, 9, 40, (2, 1), (0, 2, 1, 0), (0.0, 6.0)),
-        (1, 17, 9, 70, 3, (1, 2), (2, 0, 0, 1), (-0.3, 0.4)),
-        (2, 5, 33, 1, 1, (1, 1), (1, 1, 1, 1), (-math.inf, math.inf)),
-        (32, 64, 64, 56, 56, (1, 1), (1, 1, 1, 1), (0.0, math.inf)),
-    ]
-    for n, c, o, h, w, strides, pads, act in shapes:
-        layer = random_layer(o, c, 4.0, rng, strides=strides, pads=pads, activation=act, empty_filters=o // 5)
-        x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-        check(layer, x, library, f"config {config}, shape {(n, c, o, h, w, strides, pads)}", force_config=config)
+    shapes = ODD_TILE_SHAPES + [(32, 64, 64, 56, 56, (1, 1), (1, 1, 1, 1), (0.0, math.inf))]  # and a large batch
+    for layer, x, where in odd_tile_cases(config, shapes):
+        check(layer, x, library, where, force_config=config)
 
 
 @pytest.mark.parametrize("config", SPLIT_CONFIGS)

@@ -44,10 +44,10 @@ struct Selection {
 // The CPU is probed once; the override is read on every call so a process can pin a tier before creating a session.
 Selection Select() {
   static const CpuFeatures cpu = DetectCpu();
-  const KernelTable generic_table{"generic", 8, 8, &generic::SelectFilterTiles};
-  const KernelTable generic16_table{"generic16", 16, 24, &generic::SelectFilterTiles16};
-  const KernelTable avx2_table{"avx2", 8, 14, &avx2::SelectFilterTiles};
-  const KernelTable avx512_table{"avx512", 16, 24, &avx512::SelectFilterTiles};
+  const KernelTable generic_table = generic::Table();
+  const KernelTable generic16_table = generic::Table16();
+  const KernelTable avx2_table = avx2::Table();
+  const KernelTable avx512_table = avx512::Table();
   const KernelTable best = cpu.avx512 ? avx512_table : cpu.avx2 ? avx2_table : generic_table;
 
   const char* forced = std::getenv("CTPRUNE_FORCE_ISA");

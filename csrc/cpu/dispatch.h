@@ -25,16 +25,16 @@ struct KernelTable {
 // set (and the table is the best supported tier), so the caller can fail with a clear message instead of crashing.
 KernelTable Kernels(std::string* error);
 
-// Tier entry points (one per ISA file).
+// Tier entry points (one per ISA file): each tier's table, its lanes and tile size taken from its own traits.
 namespace generic {
-FilterTilesFn SelectFilterTiles(int vectors);
-FilterTilesFn SelectFilterTiles16(int vectors);
+KernelTable Table();
+KernelTable Table16();
 }  // namespace generic
 namespace avx2 {
-FilterTilesFn SelectFilterTiles(int vectors);
+KernelTable Table();
 }  // namespace avx2
 namespace avx512 {
-FilterTilesFn SelectFilterTiles(int vectors);
+KernelTable Table();
 }  // namespace avx512
 
 }  // namespace cpu

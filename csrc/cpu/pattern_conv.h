@@ -28,7 +28,6 @@ struct ConvGeometry {
   int OH, OW;
   int stride;          // 1 or 2
   int pad_top, pad_left;
-  int padded_height, padded_width;
   int flat_row;        // floats between output rows in the flat index (and between packed rows of a plane/phase)
   int phase_rows;      // stride 2: rows of each phase plane
   size_t phase;        // stride 2: floats per phase plane
@@ -55,9 +54,6 @@ struct ImageJob {
 // Computes tiles [tile_begin, tile_end) of filter positions [filter_begin, filter_end).
 using FilterTilesFn = void (*)(const ConvGeometry& g, const ImageJob& job, int filter_begin, int filter_end,
                                int tile_begin, int tile_end);
-
-// Largest number of vectors a register tile may have in any tier (the AVX-512 tier's).
-constexpr int kMaxTileVectors = 24;
 
 }  // namespace cpu
 }  // namespace ctprune

@@ -23,7 +23,6 @@ struct Avx2 {
   using V = __m256;
   static constexpr int L = 8;
   // 12 sums + the broadcast weight; the tap loads are fused into the multiply-adds and need no register.
-  static constexpr int kAccumulators = 14;
   static constexpr int kMaxVectors = 14;
   static V Set1(float x) { return _mm256_set1_ps(x); }
   static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
@@ -39,7 +38,7 @@ struct Avx2 {
 
 }  // namespace
 
-FilterTilesFn SelectFilterTiles(int vectors) { return SelectFilterTilesFor<Avx2>(vectors); }
+KernelTable Table() { return {"avx2", Avx2::L, Avx2::kMaxVectors, &SelectFilterTilesFor<Avx2>}; }
 
 }  // namespace avx2
 }  // namespace cpu

@@ -26,7 +26,6 @@ namespace {
 struct Zmm {
   using V = __m512;
   static constexpr int L = 16;
-  static constexpr int kAccumulators = 24;
   static constexpr int kMaxVectors = 24;
   static V Set1(float x) { return _mm512_set1_ps(x); }
   static V Broadcast(const float* p) { return _mm512_broadcastss_ps(_mm_load_ss(p)); }
@@ -42,7 +41,7 @@ struct Zmm {
 
 }  // namespace
 
-FilterTilesFn SelectFilterTiles(int vectors) { return SelectFilterTilesFor<Zmm>(vectors); }
+KernelTable Table() { return {"avx512", Zmm::L, Zmm::kMaxVectors, &SelectFilterTilesFor<Zmm>}; }
 
 }  // namespace avx512
 }  // namespace cpu

@@ -21,7 +21,6 @@ struct Lanes {
     float v[N];
   };
   static constexpr int L = N;
-  static constexpr int kAccumulators = kTileVectors;
   static constexpr int kMaxVectors = kTileVectors;
   static V Set1(float x) {
     V r;
@@ -57,9 +56,15 @@ struct Lanes {
 
 }  // namespace
 
-FilterTilesFn SelectFilterTiles(int vectors) { return SelectFilterTilesFor<Lanes<8, 8>>(vectors); }
+KernelTable Table() {
+  using T = Lanes<8, 8>;
+  return {"generic", T::L, T::kMaxVectors, &SelectFilterTilesFor<T>};
+}
 
-FilterTilesFn SelectFilterTiles16(int vectors) { return SelectFilterTilesFor<Lanes<16, 24>>(vectors); }
+KernelTable Table16() {
+  using T = Lanes<16, 24>;
+  return {"generic16", T::L, T::kMaxVectors, &SelectFilterTilesFor<T>};
+}
 
 }  // namespace generic
 }  // namespace cpu

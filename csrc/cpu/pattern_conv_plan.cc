@@ -132,10 +132,6 @@ PatternConvPlan BuildPlan(const PatternConvAttributes& a) {
   return p;
 }
 
-int64_t OutputWidth(const PatternConvPlan& p, int64_t W) {
-  return (W + p.pad_left + p.pad_right - 3) / p.stride + 1;
-}
-
 ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int lanes, int max_vectors) {
   const int64_t Hp = H + p.pad_top + p.pad_bottom, Wp = W + p.pad_left + p.pad_right;
   Require(H >= 1 && W >= 1 && Hp >= 3 && Wp >= 3,
@@ -149,8 +145,6 @@ ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int la
   const int64_t OH = (Hp - 3) / p.stride + 1, OW = (Wp - 3) / p.stride + 1;
   g.pad_top = p.pad_top;
   g.pad_left = p.pad_left;
-  g.padded_height = static_cast<int>(std::min<int64_t>(Hp, 1 << 30));
-  g.padded_width = static_cast<int>(std::min<int64_t>(Wp, 1 << 30));
   // Stride 1: rows of the padded image. Stride 2: OW + 1 columns and OH + 1 rows per phase cover every tap.
   const int64_t flat_row = p.stride == 1 ? Wp : OW + 1;
   const int64_t phase_rows = p.stride == 1 ? Hp : OH + 1;

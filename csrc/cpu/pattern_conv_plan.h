@@ -41,9 +41,6 @@ struct PatternConvPlan {
 // Checks every invariant of ops/PatternConv.md and builds the plan; throws InvalidNode.
 PatternConvPlan BuildPlan(const PatternConvAttributes& attrs);
 
-// Output width of a call (what the tile choice needs before the geometry is made).
-int64_t OutputWidth(const PatternConvPlan& plan, int64_t W);
-
 // Geometry of a call with input height H and width W for a tier with `lanes`-float vectors and tiles of at most
 // `max_vectors` vectors; throws InvalidNode when the padded input is smaller than 3x3 or too large to index.
 ConvGeometry MakeGeometry(const PatternConvPlan& plan, int64_t H, int64_t W, int lanes, int max_vectors);

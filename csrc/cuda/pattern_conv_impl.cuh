@@ -292,9 +292,10 @@ CTP_HD float Total(const ThreadState<FT, PX>& st, int i, int j) {
   return v;
 }
 
-// splits == 1: the finished outputs.
-template <int FT, int PX>
-CTP_HD void FinishThread(const ThreadState<FT, PX>& st, const PatternConvParams& p) {
+// Calls f(i, j, at, bias) for every output element this thread owns: filter slot i, pixel slot j, `at` its offset in
+// Y, `bias` its filter's bias (0 without B). The three ways a thread ends (below) differ only in what f stores.
+template <int FT, int PX, class F>
+CTP_HD void ForEachOutput(const ThreadState<FT, PX>& st, const PatternConvParams& p, F f) {
   const long long out_plane = static_cast<long long>(p.OH) * p.OW;
 CTP_UNROLL
   for (int i = 0; i < FT; ++i) {
@@ -302,43 +303,32 @@ CTP_UNROLL
     const float bias = p.b ? load_float(p.b + st.filter[i]) : 0.0f;
 CTP_UNROLL
     for (int j = 0; j < PX; ++j) {
-      if (st.pixel_out[j] < 0) continue;
-      p.y[st.pixel_out[j] + st.filter[i] * out_plane] = Epilogue(p, Total(st, i, j), bias);
+      if (st.pixel_out[j] >= 0) f(i, j, st.pixel_out[j] + st.filter[i] * out_plane, bias);
     }
   }
+}
+
+// splits == 1: the finished outputs.
+template <int FT, int PX>
+CTP_HD void FinishThread(const ThreadState<FT, PX>& st, const PatternConvParams& p) {
+  ForEachOutput(st, p, [&](int i, int j, long long at, float bias) { p.y[at] = Epilogue(p, Total(st, i, j), bias); });
 }
 
 // splits > 1, every block: its partial sums, laid out like Y in the split's slice of p.partial.
 template <int FT, int PX>
 CTP_HD void StorePartial(const ThreadState<FT, PX>& st, const PatternConvParams& p, int split) {
-  const long long out_plane = static_cast<long long>(p.OH) * p.OW;
   float* slice = p.partial + split * p.y_size;
-CTP_UNROLL
-  for (int i = 0; i < FT; ++i) {
-    if (st.filter[i] < 0) continue;
-CTP_UNROLL
-    for (int j = 0; j < PX; ++j)
-      if (st.pixel_out[j] >= 0) slice[st.pixel_out[j] + st.filter[i] * out_plane] = Total(st, i, j);
-  }
+  ForEachOutput(st, p, [&](int i, int j, long long at, float) { slice[at] = Total(st, i, j); });
 }
 
 // splits > 1, the tile's last block: sums every split's partial (in split order), then bias, activation, store.
 template <int FT, int PX>
 CTP_HD void ReducePartials(const ThreadState<FT, PX>& st, const PatternConvParams& p) {
-  const long long out_plane = static_cast<long long>(p.OH) * p.OW;
-CTP_UNROLL
-  for (int i = 0; i < FT; ++i) {
-    if (st.filter[i] < 0) continue;
-    const float bias = p.b ? load_float(p.b + st.filter[i]) : 0.0f;
-CTP_UNROLL
-    for (int j = 0; j < PX; ++j) {
-      if (st.pixel_out[j] < 0) continue;
-      const long long at = st.pixel_out[j] + st.filter[i] * out_plane;
-      float v = 0.0f;
-      for (int s = 0; s < p.splits; ++s) v += load_coherent(p.partial + s * p.y_size + at);
-      p.y[at] = Epilogue(p, v, bias);
-    }
-  }
+  ForEachOutput(st, p, [&](int, int, long long at, float bias) {
+    float v = 0.0f;
+    for (int s = 0; s < p.splits; ++s) v += load_coherent(p.partial + s * p.y_size + at);
+    p.y[at] = Epilogue(p, v, bias);
+  });
 }
 
 }  // namespace cuda

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from ctprune.errors import GraphError
-from ctprune.pruning.connectivity import ALLOCATIONS, kernel_budget
+from ctprune.pruning.connectivity import kernel_budget
 from ctprune.pruning.importance import ImportanceMeter, magnitude_importance
 from ctprune.pruning.patterns import TAPS
 from ctprune.pruning.plan import PruningPlan
@@ -86,9 +86,7 @@ class ClickTrainPruner(TrainHooks):
         allocation: str = "importance",
     ):
         check_prunable(weights)
-        if allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
-        self.allocation = allocation
+        self.allocation = allocation  # checked by allocate_kernels
         self.weights = dict(weights)
         self.ratio = float(ratio)
         kernel_budget({n: (w.shape[0], w.shape[1]) for n, w in self.weights.items()}, self.ratio)  # RatioError now, not later
