@@ -111,7 +111,8 @@ def prune(
         model=model, ratio=ratio_value, method=method, data=data, eval_data=eval_data, epochs=epochs,
         batch_size=batch_size, lr=lr, patterns=patterns, allocation=allocation, device=device, backend=backend,
         seed=seed, resume=resume, quiet=quiet, pai=pai, init=init, channel_multiple=channel_multiple,
-        input_size=input_size, mean=mean, std=std, first_conv_dense=first_conv_dense, latency_threads=latency_threads, schedule=schedule,
+        input_size=input_size, mean=mean, std=std, first_conv_dense=first_conv_dense, latency_threads=latency_threads,
+        schedule=schedule,
         checkpoint_dir=_checkpoint_dir(out_path, model_path),
     )
     pruned, report = pipeline.run()

@@ -8,6 +8,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from ctprune.errors import GraphError, RatioError
+from ctprune.graph.layers import conv_layers
 from ctprune.pruning.precrop import apply_crop, channel_graph, plan_crop
 from ctprune.pruning.precrop.crop import crop_model
 from test_precrop_nets import NetBuilder, as_ir3, densenet, mobilenet_v2, resnet, run, se_net, vgg
@@ -22,6 +23,11 @@ def conv_weight_count(model: onnx.ModelProto) -> int:
     """Conv weights counted from the model itself (not from the plan)."""
     inits = {t.name: t for t in model.graph.initializer}
     return sum(int(np.prod(inits[n.input[1]].dims)) for n in model.graph.node if n.op_type == "Conv")
+
+
+def conv_macs(model: onnx.ModelProto) -> int:
+    """Conv multiply-adds per sample, from the model's own shapes (not from the plan)."""
+    return sum(c.macs for c in conv_layers(model))
 
 
 def masked_model(model: onnx.ModelProto, plan) -> onnx.ModelProto:
@@ -70,14 +76,18 @@ def rel_err(a, b):
 
 @pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "densenet", "se_net"])
 @pytest.mark.parametrize("ratio", [2, 4])
-def test_ratio_within_5_percent_and_outputs_match_masked_model(name, ratio):
+@pytest.mark.parametrize("pai", ["synflow", "synflow-macs"])
+def test_ratio_within_5_percent_and_outputs_match_masked_model(name, ratio, pai):
     model = NETS[name](seed=ratio)
-    plan = plan_crop(model, ratio, pai="synflow")
+    plan = plan_crop(model, ratio, pai=pai)
     cropped = apply_crop(model, plan)
     onnx.checker.check_model(cropped, full_check=True)
     achieved = conv_weight_count(model) / conv_weight_count(cropped)
     assert abs(achieved / ratio - 1) <= 0.05, achieved
     assert achieved == pytest.approx(plan.ratio_achieved, rel=1e-9)
+    if pai == "synflow-macs":  # the MACs bound: MACs (latency) shrink at least as much as weights
+        macs_ratio = conv_macs(model) / conv_macs(cropped)
+        assert macs_ratio >= achieved, (macs_ratio, achieved)
     x = inputs(seed=ratio)
     y_crop, y_masked = run(cropped, x), run(masked_model(model, plan), x)
     assert y_crop.shape == (1, 10)

@@ -258,7 +258,7 @@ class ClickTrainPruner(TrainHooks):
             allocation=self.allocation,
         )
         self.selections += 1
-        if previous is not None:
+        if previous is not None and log.isEnabledFor(logging.DEBUG):  # comparing masks costs a pass over every layer
             log.debug("selection %d: %.1f%% of weight masks changed", self.selections, 100 * _changed(previous, self.plan))
         self._install_masks()
         if final:

@@ -107,12 +107,18 @@ def _macs_balanced_keep(scores: dict[str, torch.Tensor], spatial: dict[str, floa
     if fraction <= 1.0 / ratio:
         return keep
     lo, hi = 0.0, 1.0
-    while keep_at(hi)[1] > 1.0 / ratio and hi < 16:
+    keep_hi, fraction = keep_at(hi)
+    while fraction > 1.0 / ratio and hi < 16:
         lo, hi = hi, 2 * hi
-    for _ in range(steps):
+        keep_hi, fraction = keep_at(hi)
+    for _ in range(steps):  # keep_hi: the keep at hi, the smallest alpha known to meet the bound (or alpha = 16)
         mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if keep_at(mid)[1] > 1.0 / ratio else (lo, mid)
-    return keep_at(hi)[0]
+        keep_mid, fraction = keep_at(mid)
+        if fraction > 1.0 / ratio:
+            lo = mid
+        else:
+            hi, keep_hi = mid, keep_mid
+    return keep_hi
 
 
 def _erk(shapes: dict[str, tuple], ratio: float) -> dict[str, float]:

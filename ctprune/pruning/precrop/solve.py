@@ -103,7 +103,12 @@ def solve_keep_counts(cg: ChannelGraph, densities: dict[str, float], ratio: floa
 
     dens = np.array([min(1.0, max(densities.get(l.name, 1.0 / ratio), 1e-6)) for l in wm.layers])
     log_target = np.log(dens * full)
-    spatial = None if macs_per_weight is None else np.array([macs_per_weight[l.name] for l in wm.layers])
+    spatial = None
+    if macs_per_weight is not None:
+        # MACs per weight relative to the dense model's mean, so the bound's excess is log(mean of the kept weights')
+        # relative MACs): the full model's totals are folded in once, not in every objective evaluation.
+        spatial = np.array([macs_per_weight[l.name] for l in wm.layers], dtype=np.float64)
+        spatial = spatial / ((full * spatial).sum() / total)
     x = _continuous(wm, log_target, np.log(budget), np.log(lowest / wm.sizes), steps, spatial)
     choice = [int(np.argmin(np.abs(np.log(o) - np.log(wm.sizes[g] * np.exp(x[g]))))) for g, o in enumerate(options)]
     choice = _greedy(wm, options, choice, log_target, np.log(budget), spatial)
@@ -135,9 +140,8 @@ def _objective_np(wm: WeightModel, counts: np.ndarray, log_target, log_budget, s
     w = wm.weights(counts)
     fit = np.mean((np.log(w) - log_target) ** 2)
     score = fit + BUDGET_WEIGHT * (np.log(w.sum()) - log_budget) ** 2
-    if spatial is not None:
-        full = wm.weights(wm.sizes)
-        excess = np.log((w * spatial).sum() / (full * spatial).sum()) - np.log(w.sum() / full.sum())
+    if spatial is not None:  # kept MACs fraction over kept weights fraction, in logs (spatial: relative MACs)
+        excess = np.log((w * spatial).sum() / w.sum())
         score += MACS_WEIGHT * max(0.0, excess) ** 2
     return float(score)
 
@@ -151,14 +155,13 @@ def _continuous(wm: WeightModel, log_target, log_budget, lo, steps, spatial=None
     x = x.clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=0.05)
     weights = wm.torch_weights()
-    full = weights(sizes)
     sp = None if spatial is None else torch.as_tensor(spatial, dtype=torch.float64)
     for step in range(steps):
         ease = min(1.0, (step + 1) / (steps / 2))  # ease the budgets in: fit the shape first
         w = weights(sizes * torch.exp(x))
         loss = torch.mean((torch.log(w) - tgt) ** 2) + ease * BUDGET_WEIGHT * (torch.log(w.sum()) - log_budget) ** 2
         if sp is not None:
-            excess = torch.log((w * sp).sum() / (full * sp).sum()) - torch.log(w.sum() / full.sum())
+            excess = torch.log((w * sp).sum() / w.sum())
             loss = loss + ease * MACS_WEIGHT * torch.clamp(excess, min=0) ** 2
         opt.zero_grad()
         loss.backward()
