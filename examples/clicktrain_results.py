@@ -53,14 +53,14 @@ def _budget(epochs: int, train_limit: int) -> str:
     return f"{epochs} epoch(s) on {train_limit or 60000} images"
 
 
-def _run(net, ratio, schedule, epochs, train_limit, eval_limit, seed, tmp) -> dict:
+def _run(net, ratio, schedule, epochs, train_limit, eval_limit, seed, tmp, allocation="importance") -> dict:
     train = _subset(DATA / "train.npz", train_limit, seed, tmp)
     test = _subset(DATA / "test.npz", eval_limit, seed, tmp)
     start = time.perf_counter()
     result = ctprune.prune(str(MODELS[net]), ratio=ratio, data=str(train), eval_data=str(test), epochs=epochs,
-                           quiet=True, seed=seed, schedule=schedule)
+                           quiet=True, seed=seed, schedule=schedule, allocation=allocation)
     r = result.report
-    rec = {"net": net, "ratio": ratio, "schedule": schedule, "budget": _budget(epochs, train_limit),
+    rec = {"net": net, "ratio": ratio, "schedule": schedule, "allocation": allocation, "budget": _budget(epochs, train_limit),
            "steps": r["train"]["steps"], "eval_images": eval_limit or 10000, "acc_dense": r["accuracy"]["before"],
            "acc_pruned": r["accuracy"]["after"], "ratio_achieved": r["ratio_achieved"], "train_s": r["train"]["seconds"],
            "wall_s": time.perf_counter() - start, "lat_dense": r["latency_ms"]["dense"],
@@ -70,11 +70,13 @@ def _run(net, ratio, schedule, epochs, train_limit, eval_limit, seed, tmp) -> di
 
 
 def _key(rec: dict) -> tuple:
-    return rec["net"], rec["ratio"], rec["schedule"], rec["budget"]
+    return rec["net"], rec["ratio"], rec["schedule"], rec.get("allocation", "importance"), rec["budget"]
 
 
 def _row(rec: dict) -> list[str]:
-    return [rec["net"], f"{rec['ratio']:g}x", "ClickTrain (during)" if rec["schedule"] == "clicktrain" else "one-shot (after)",
+    pruning = "ClickTrain (during)" if rec["schedule"] == "clicktrain" else "one-shot (after)"
+    allocation = rec.get("allocation", "importance")
+    return [rec["net"], f"{rec['ratio']:g}x", pruning if allocation == "importance" else f"{pruning}, {allocation}",
             f"{rec['ratio_achieved']:.2f}x", f"{100 * rec['acc_dense']:.2f}", f"{100 * rec['acc_pruned']:.2f}",
             f"{100 * (rec['acc_pruned'] - rec['acc_dense']):+.2f}", f"{rec['train_s']:.0f}", f"{rec['wall_s']:.0f}",
             f"{rec['lat_dense']:.3f}", f"{rec['lat_pruned']:.3f}", f"{rec['lat_dense'] / rec['lat_pruned']:.2f}x"]
@@ -96,6 +98,7 @@ def main(argv=None):
     ap.add_argument("--eval-limit", type=int, default=5000, help="test images used (0: all 10,000)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--allocation", default="importance", help="how kept kernels are split between layers (ctprune --allocation)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -111,7 +114,7 @@ def main(argv=None):
                  for s in ("clicktrain", "oneshot")]
     with tempfile.TemporaryDirectory() as tmp:
         for net, ratio, schedule, epochs, limit in runs:
-            rec = _run(net, ratio, schedule, epochs, limit, args.eval_limit, args.seed, pathlib.Path(tmp))
+            rec = _run(net, ratio, schedule, epochs, limit, args.eval_limit, args.seed, pathlib.Path(tmp), args.allocation)
             records[_key(rec)] = rec
             store.write_text(json.dumps(list(records.values()), indent=1) + "\n")  # after each run: nothing is lost
 
@@ -121,7 +124,8 @@ def main(argv=None):
     for budget in sorted({r["budget"] for r in records.values()}, key=lambda b: -sum(
             1 for r in records.values() if r["budget"] == b)):
         rows = [r for r in records.values() if r["budget"] == budget]
-        rows.sort(key=lambda r: (r["net"] != "resnet20", r["net"], r["schedule"] != "clicktrain", r["ratio"]))
+        rows.sort(key=lambda r: (r["net"] != "resnet20", r["net"], r.get("allocation", "importance"),
+                                 r["schedule"] != "clicktrain", r["ratio"]))
         steps = rows[0]["steps"]
         table = render_table(HEADERS, [_row(r) for r in rows], align="lllrrrrrrrrr")
         sections.append(f"### Fine-tune: {budget}, batch 64 ({steps} steps)\n\n```\n{table}\n```\n")

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from ctprune.errors import RatioError
-from ctprune.pruning.connectivity import allocate_kernels, keep_bounds, kernel_budget, largest_ratio
+from ctprune.pruning.connectivity import (
+    ALLOCATIONS,
+    allocate_kernels,
+    keep_bounds,
+    kernel_budget,
+    kernel_costs,
+    largest_ratio,
+)
 from ctprune.pruning.selection import select_plan
 
 # A small ResNet-like stack of 3x3 convs (O, C): widths 16 -> 32 -> 64.
@@ -113,14 +120,31 @@ def test_macs_allocation_prunes_high_resolution_layers_more(ratio):
     s = torch.rand(32, 32, generator=g)
     scores = {"wide_image": s.clone(), "small_image": s.clone()}
     macs = _macs(shapes, {"wide_image": 56 * 56, "small_image": 28 * 28})
-    by_importance = allocate_kernels(scores, ratio)
-    by_macs = allocate_kernels(scores, ratio, allocation="macs", macs=macs)
-    assert int(by_importance["wide_image"].sum()) == int(by_importance["small_image"].sum())
-    assert int(by_macs["wide_image"].sum()) < int(by_macs["small_image"].sum())
-    assert ratio_of(by_macs, shapes) == pytest.approx(ratio, rel=0.01)
-    kept_macs = sum(macs[n] * float(k.float().mean()) for n, k in by_macs.items())
-    kept_macs_importance = sum(macs[n] * float(k.float().mean()) for n, k in by_importance.items())
-    assert kept_macs < kept_macs_importance
+    by = {a: allocate_kernels(scores, ratio, allocation=a, macs=macs) for a in ALLOCATIONS}
+    assert int(by["importance"]["wide_image"].sum()) == int(by["importance"]["small_image"].sum())
+    for allocation in ("balanced", "macs"):
+        assert int(by[allocation]["wide_image"].sum()) < int(by[allocation]["small_image"].sum())
+        assert ratio_of(by[allocation], shapes) == pytest.approx(ratio, rel=0.01)
+    kept_macs = {a: sum(macs[n] * float(k.float().mean()) for n, k in keep.items()) for a, keep in by.items()}
+    # The cost exponent orders them: importance (0) keeps the most MACs, balanced (1/2) fewer, macs (1) no more than
+    # balanced (at 8x both reach the wide layer's floor).
+    assert kept_macs["macs"] <= kept_macs["balanced"] < kept_macs["importance"]
+
+
+def test_kernel_costs_and_equal_costs_change_nothing():
+    shapes = {"a": (8, 8), "b": (8, 8), "c": (4, 8)}
+    macs = _macs(shapes, {"a": 16, "b": 1, "c": 4})
+    # MACs per kernel 9*16, 9, 9*4, weighted by kernel count (64, 64, 32): mean 9*(16*64 + 64 + 4*32)/160.
+    mean = (16 * 64 + 64 + 4 * 32) / 160
+    costs = kernel_costs(shapes, macs)
+    assert costs == pytest.approx({"a": 16 / mean, "b": 1 / mean, "c": 4 / mean})
+    # Where every kernel costs the same, every allocation is the importance allocation.
+    scores = random_scores(11)
+    same = {n: 7 * o * c for n, (o, c) in ((n, tuple(v.shape)) for n, v in scores.items())}
+    plain = allocate_kernels(scores, 8.0)
+    for allocation in ALLOCATIONS:
+        keep = allocate_kernels(scores, 8.0, allocation=allocation, macs=same)
+        assert all(torch.equal(plain[n], keep[n]) for n in plain), allocation
 
 
 def test_macs_allocation_without_macs_equals_importance_and_unknown_names_fail():

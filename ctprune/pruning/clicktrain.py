@@ -62,8 +62,8 @@ class ClickTrainPruner(TrainHooks):
     importance ("magnitude" | "gradient" | "blend"), average ("score" | "gradient"), lasso ("proximal" | "penalty"):
     see the module docstring.
     skipped {conv name: reason} and macs {conv name: MACs} pass through to the plan for the report; allocation
-    ("importance" | "macs") splits the kept kernels between layers by importance or by importance per multiply-add
-    (connectivity.py), the latter using `macs`.
+    ("importance" | "balanced" | "macs") splits the kept kernels between layers by importance, by importance per
+    square root of multiply-adds or per multiply-add (connectivity.py), the latter two using `macs`.
     """
 
     def __init__(

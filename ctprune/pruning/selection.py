@@ -29,8 +29,8 @@ def select_plan(
 ) -> PruningPlan:
     """importance {layer: (O, C, 9)} -> the plan meeting `ratio` over these layers (RatioError if it cannot).
 
-    allocation: how kept kernels are split between layers ("importance", or "macs": importance per multiply-add,
-    see ctprune.pruning.connectivity)."""
+    allocation: how kept kernels are split between layers ("importance"; "balanced": importance per square root of
+    multiply-adds; "macs": per multiply-add; see ctprune.pruning.connectivity)."""
     importance = {n: imp.detach().float() for n, imp in importance.items()}
     voters = None
     for _ in range(2):
