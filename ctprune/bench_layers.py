@@ -80,18 +80,21 @@ def kept_per_filter_for_ratio(in_channels: int, ratio: float) -> int:
     return max(1, min(in_channels, round(in_channels * 9 / 4 / ratio)))
 
 
-def _model(nodes, initializers, x_shape, opsets) -> onnx.ModelProto:
-    graph = helper.make_graph(
-        nodes, "layer", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None if x_shape is None else list(x_shape))],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializers)
+def _model(nodes, initializers, x_shape, opsets, z_shape=None) -> onnx.ModelProto:
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, None if x_shape is None else list(x_shape))]
+    if z_shape is not None:
+        inputs.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, list(z_shape)))
+    graph = helper.make_graph(nodes, "layer", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
     model.ir_version = 8
     return model
 
 
 def pattern_conv_model(layer: PatternLayer, x_shape, bias=None, strides=(1, 1), pads=(1, 1, 1, 1),
-                       activation=(-math.inf, math.inf), **overrides) -> onnx.ModelProto:
-    """One PatternConv node (no reference function: it needs ctprune's library). `overrides` replace attributes."""
+                       activation=(-math.inf, math.inf), z_shape=None, **overrides) -> onnx.ModelProto:
+    """One PatternConv node (no reference function: it needs ctprune's library). `overrides` replace attributes.
+    z_shape: the residual Z becomes a graph input of that shape."""
     O, C = layer.dense.shape[:2]
     attrs = dict(weight_shape=[O, C, 3, 3], patterns=layer.patterns.ravel().tolist(),
                  kernel_filters=layer.kernel_filters.tolist(), kernel_channels=layer.kernel_channels.tolist(),
@@ -103,11 +106,13 @@ def pattern_conv_model(layer: PatternLayer, x_shape, bias=None, strides=(1, 1), 
     if bias is not None:
         inits.append(onnx.numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
         inputs.append("B")
+    if z_shape is not None:
+        inputs += [""] * (3 - len(inputs)) + ["Z"]
     node = helper.make_node("PatternConv", inputs, ["Y"], domain=DOMAIN)
     for key, value in attrs.items():  # typed explicitly: a filter list may be empty (every kernel removed)
         kind = onnx.AttributeProto.INTS if isinstance(value, list) else None
         node.attribute.append(helper.make_attribute(key, value, attr_type=kind))
-    return _model([node], inits, x_shape, [("", 17), (DOMAIN, 1)])
+    return _model([node], inits, x_shape, [("", 17), (DOMAIN, 1)], z_shape)
 
 
 def dense_conv_model(layer: PatternLayer, x_shape, bias=None, strides=(1, 1), pads=(1, 1, 1, 1),

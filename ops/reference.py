@@ -2,7 +2,8 @@
 
 Two references with one meaning:
 - `PatternConv`, an onnxscript function in standard ONNX ops. ctprune writes it into every model it rewrites as a
-  model-local function (`pattern_conv_function`), so a runtime without ctprune's kernels still runs the model;
+  model-local function (`pattern_conv_function`, with the residual input Z where the model fuses residual Adds), so a
+  runtime without ctprune's kernels still runs the model;
   onnxruntime prefers a registered kernel of the same domain and name when ctprune's library is loaded.
 - `pattern_conv_numpy`, a plain float64 numpy implementation, for tests.
 
@@ -62,13 +63,25 @@ def PatternConv(
     return Y
 
 
-def pattern_conv_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
-    """The model-local FunctionProto for ai.ctprune.PatternConv, importing default-domain `opset` (>= 13) like its model."""
+def pattern_conv_function(opset: int = MIN_OPSET, residual: bool = False) -> onnx.FunctionProto:
+    """The model-local FunctionProto for ai.ctprune.PatternConv, importing default-domain `opset` (>= 13) like its model.
+
+    residual: the form with the fourth input Z, added before the activation. A model has one function per op, and a
+    function cannot test whether an optional input was given (onnxruntime crashes on an Add of a missing input), so
+    a model with any fused residual uses this form for all its PatternConv nodes, the others passing a one-element
+    zero as Z."""
     if opset < MIN_OPSET:
         raise ValueError(f"the PatternConv function needs default-domain opset >= {MIN_OPSET}, got {opset}")
     function = PatternConv.to_function_proto()
     del function.opset_import[:]
     function.opset_import.append(onnx.helper.make_opsetid("", int(opset)))
+    if residual:
+        clip = function.node[-1]  # Y = Clip(conv, min, max): Z goes in between
+        assert clip.op_type == "Clip" and list(function.output) == list(clip.output)
+        function.input.append("Z")
+        summed = "conv_plus_residual"
+        function.node.insert(len(function.node) - 1, onnx.helper.make_node("Add", [clip.input[0], "Z"], [summed]))
+        function.node[-1].input[0] = summed
     return function
 
 
@@ -132,7 +145,11 @@ def pattern_conv_numpy(
     pads: Sequence[int] = (0, 0, 0, 0),
     activation_min: float = float("-inf"),
     activation_max: float = float("inf"),
+    Z: Optional[np.ndarray] = None,
 ) -> np.ndarray:
-    """PatternConv in float64 numpy, straight from the spec: rebuild the dense weight, convolve, clip."""
+    """PatternConv in float64 numpy, straight from the spec: rebuild the dense weight, convolve, add Z, clip."""
     dense = dense_weight_from_compact(W, weight_shape, patterns, kernel_filters, kernel_channels, kernel_patterns)
-    return np.clip(conv2d_numpy(X, dense, B, strides, pads), activation_min, activation_max)
+    Y = conv2d_numpy(X, dense, B, strides, pads)
+    if Z is not None:
+        Y = Y + np.asarray(Z, dtype=np.float64)
+    return np.clip(Y, activation_min, activation_max)

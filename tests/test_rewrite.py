@@ -118,9 +118,21 @@ def test_resnet_rewrite_keeps_graph_and_outputs(resnet_onnx):
     ops = [n.op_type for n in out.graph.node]
     assert ops.count("PatternConv") == 6 and ops.count("Conv") == 1  # the 1x1 shortcut stays
     assert [n.name for n in out.graph.node if n.op_type == "PatternConv"] == list(layers)
-    # fused: stem's Relu6 (Clip) and the two first-conv Relus; not fused: Relus after Adds, the Conv read twice
-    assert ops.count("Relu") == 3 and ops.count("Clip") == 0
+    # fused: stem's Relu6 (Clip), the two first-conv Relus, both blocks' residual Adds with the Relus after them
+    # (l2's shortcut is a 1x1 Conv computed after c2: the fused node sits where the Add was); not fused: the Conv
+    # read twice (relu(t) + t)
+    assert ops.count("Relu") == 1 and ops.count("Clip") == 0 and ops.count("Add") == 1
     by_name = {n.name: n for n in out.graph.node}
+    block_input = next(n for n in masked.graph.node if n.name == "/l1/c1/Conv").input[0]
+    assert by_name["/l1/c2/Conv"].input[3] == block_input
+    assert list(by_name["/l1/c2/Conv"].output) == [next(n.output[0] for n in masked.graph.node if n.name == "/l1/Relu_1")]
+    shortcut = by_name["/l2/short/Conv"].output[0]
+    assert by_name["/l2/c2/Conv"].input[3] == shortcut
+    order = [n.name for n in out.graph.node]
+    assert order.index("/l2/short/Conv") < order.index("/l2/c2/Conv")
+    zero = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}[by_name["/stem/Conv"].input[3]]
+    assert zero.shape == (1,) and zero[0] == 0  # nodes without a residual read a shared zero
+    assert all(len(n.input) == 4 for n in out.graph.node if n.op_type == "PatternConv")
     attrs = {a.name: helper.get_attribute_value(a) for a in by_name["/stem/Conv"].attribute}
     assert (attrs["activation_min"], attrs["activation_max"]) == (0.0, 6.0)
     assert list(by_name["/stem/Conv"].output) == ["/act/Clip_output_0"]
@@ -135,7 +147,7 @@ def test_resnet_rewrite_keeps_graph_and_outputs(resnet_onnx):
     kept = sum(p.kept_kernels() for p in layers.values())
     compact = [numpy_helper.to_array(t) for t in out.graph.initializer if t.name.endswith(".pattern")]
     assert sum(c.size for c in compact) == 4 * kept
-    assert [(f.domain, f.name) for f in out.functions] == [("ai.ctprune", "PatternConv")]
+    assert [(f.domain, f.name, list(f.input)) for f in out.functions] == [("ai.ctprune", "PatternConv", ["X", "W", "B", "Z"])]
     assert {(o.domain, o.version) for o in out.opset_import} == {("", 17), ("ai.ctprune", 1)}
 
     for batch in (1, 3):
@@ -284,3 +296,63 @@ def test_non_3x3_and_grouped_convs_are_refused():
         rewrite_model(model, {"pointwise": LayerPatterns(np.array([[0, 1, 2, 3]]), np.zeros((4, 4), int))})
     with pytest.raises(GraphError, match="group 2"):
         rewrite_model(model, {"grouped": LayerPatterns(np.array([[0, 1, 2, 3]]), np.zeros((4, 2), int))})
+
+
+def _residual_graph(rng):
+    """x (N, 4, 6, 6) and r (N, 4, 6, 6) graph inputs; four 3x3 Convs a..d on x:
+    a + r -> Relu (fuses Add and Relu);  b + bias (1, 4, 1, 1) (broadcast: stays an Add);
+    c + d (two Convs into one Add: c fuses it with d's output as Z, d stays plain);  e = a's block output + r, read by
+    a graph output and a Relu (Add fuses, the Relu cannot: the sum is read twice)."""
+    def conv(name, inp, out):
+        w = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+        return helper.make_node("Conv", [inp, f"{name}.w"], [out], name=name, pads=[1, 1, 1, 1]), \
+            numpy_helper.from_array(w, f"{name}.w")
+    nodes, inits = [], []
+    for name, inp in (("a", "x"), ("b", "x"), ("c", "x"), ("d", "x"), ("e", "ya")):
+        node, init = conv(name, inp, f"{name}.out")
+        nodes.append(node), inits.append(init)
+    inits.append(numpy_helper.from_array(rng.standard_normal((1, 4, 1, 1)).astype(np.float32), "bias"))
+    nodes += [
+        helper.make_node("Add", ["a.out", "r"], ["a.sum"], name="add_a"),
+        helper.make_node("Relu", ["a.sum"], ["ya"], name="relu_a"),
+        helper.make_node("Add", ["b.out", "bias"], ["yb"], name="add_b"),
+        helper.make_node("Add", ["c.out", "d.out"], ["ycd"], name="add_cd"),
+        helper.make_node("Add", ["r", "e.out"], ["ye"], name="add_e"),
+        helper.make_node("Relu", ["ye"], ["ye_relu"], name="relu_e"),
+    ]
+    # nodes are listed with the Convs first; the Adds after: a valid topological order
+    nodes = nodes[:4] + nodes[5:7] + [nodes[4]] + nodes[7:]
+    io = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4, 6, 6])
+    graph = helper.make_graph(nodes, "residuals", [io("x"), io("r")], [io(n) for n in ("yb", "ycd", "ye", "ye_relu")],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_residual_adds_fuse_only_where_the_shapes_and_readers_allow():
+    seed = secrets.randbits(32)
+    rng = np.random.default_rng(seed)
+    model = _residual_graph(rng)
+    onnx.checker.check_model(model, full_check=True)
+    masked, layers = mask_3x3_convs(model, rng, kept_fraction=0.5)
+    assert sorted(layers) == ["a", "b", "c", "d", "e"]
+    out = rewrite_model(masked, layers)
+    onnx.checker.check_model(out, full_check=True)
+    by_name = {n.name: n for n in out.graph.node}
+    assert sorted(n.name for n in out.graph.node if n.op_type == "Add") == ["add_b"]
+    assert [n.name for n in out.graph.node if n.op_type == "Relu"] == ["relu_e"]
+    assert by_name["a"].input[3] == "r" and list(by_name["a"].output) == ["ya"]
+    assert by_name["c"].input[3] == "d.out" and list(by_name["c"].output) == ["ycd"]
+    assert by_name["e"].input[3] == "r" and list(by_name["e"].output) == ["ye"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in by_name["a"].attribute}
+    assert (attrs["activation_min"], attrs["activation_max"]) == (0.0, float("inf"))
+    attrs = {a.name: helper.get_attribute_value(a) for a in by_name["e"].attribute}
+    assert attrs["activation_max"] == float("inf") and attrs["activation_min"] == float("-inf")
+    zero = by_name["b"].input[3]
+    assert by_name["d"].input[3] == zero and by_name["b"].input[2] == ""  # no bias: an empty slot before Z
+    for batch in (1, 2):
+        feeds = {n: rng.standard_normal((batch, 4, 6, 6)).astype(np.float32) for n in ("x", "r")}
+        want = run(masked, feeds)
+        for library in (False, True) if library_built() else (False,):
+            got = run(out, feeds, library=library)
+            for g, w in zip(got, want):
+                assert g.shape == w.shape and rel_err(g, w) <= 1e-4, f"seed {seed}, library {library}"

@@ -46,6 +46,8 @@ struct ImageJob {
   const int32_t* kernel_begin;  // (O + 1)
   const int32_t* filters;       // (O): output channel of each filter position
   const float* bias;            // (O) or nullptr
+  float offset;                 // added to every output (a one-element Z)
+  const float* residual;        // (O, OH, OW) of this image, added before the activation (a fused Add), or nullptr
   float act_min, act_max;
   bool clamp;                   // apply [act_min, act_max]
   float* out;                   // (O, OH, OW) of this image

@@ -32,6 +32,7 @@ struct Avx2 {
   static V Max(V a, V b) { return _mm256_max_ps(a, b); }
   static V Min(V a, V b) { return _mm256_min_ps(a, b); }
   static void Store(float* p, V v) { _mm256_store_ps(p, v); }
+  static void StoreU(float* p, V v) { _mm256_storeu_ps(p, v); }
 };
 
 #include "cpu/pattern_conv_tiles.inc"

@@ -35,6 +35,7 @@ struct Zmm {
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }
   static V Min(V a, V b) { return _mm512_min_ps(a, b); }
   static void Store(float* p, V v) { _mm512_store_ps(p, v); }
+  static void StoreU(float* p, V v) { _mm512_storeu_ps(p, v); }
 };
 
 #include "cpu/pattern_conv_tiles.inc"

@@ -50,6 +50,7 @@ struct Lanes {
     return a;
   }
   static void Store(float* p, V v) { std::memcpy(p, v.v, sizeof(v.v)); }
+  static void StoreU(float* p, V v) { std::memcpy(p, v.v, sizeof(v.v)); }
 };
 
 #include "cpu/pattern_conv_tiles.inc"

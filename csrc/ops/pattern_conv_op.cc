@@ -77,6 +77,7 @@ void ConvItem(void* data, size_t item) {
   cpu::ImageJob job = w.job;
   job.packed += static_cast<size_t>(n) * w.g->C * w.g->plane;
   job.out += static_cast<size_t>(n) * w.g->O * w.g->OH * w.g->OW;
+  if (job.residual != nullptr) job.residual += static_cast<size_t>(n) * w.g->O * w.g->OH * w.g->OW;
   w.tiles(*w.g, job, f0, std::min(w.filter_count, f0 + w.filters_per_item), t0,
           std::min(w.g->tiles, t0 + w.tiles_per_item));
 }
@@ -137,6 +138,7 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   Ort::ConstValue x = ctx.GetInput(0);
   Ort::ConstValue w = ctx.GetInput(1);
   Ort::ConstValue b = input_count > 2 ? ctx.GetInput(2) : Ort::ConstValue{nullptr};
+  Ort::ConstValue z = input_count > 3 ? ctx.GetInput(3) : Ort::ConstValue{nullptr};
 
   // Shapes first, before anything is allocated.
   const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
@@ -160,7 +162,25 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   const cpu::FilterTilesFn tiles = kernels_.select_tiles(g.vectors);
   if (tiles == nullptr) throw cpu::InvalidNode("no kernel for this geometry");
 
-  Ort::UnownedValue y = ctx.GetOutput(0, {N, static_cast<int64_t>(plan_.O), g.OH, g.OW});
+  // Z, the fused residual: one element (added to every output) or exactly Y's shape.
+  const std::vector<int64_t> y_shape = {N, static_cast<int64_t>(plan_.O), g.OH, g.OW};
+  float z_offset = 0.0f;
+  const float* residual = nullptr;
+  if (z) {
+    const std::vector<int64_t> zs = z.GetTensorTypeAndShapeInfo().GetShape();
+    int64_t elements = 1;
+    for (int64_t d : zs) elements *= d;
+    if (elements == 1) {
+      z_offset = z.GetTensorData<float>()[0];
+    } else if (zs == y_shape) {
+      residual = z.GetTensorData<float>();
+    } else {
+      throw cpu::InvalidNode("Z (the residual) must have one element or Y's shape " + ShapeStr(y_shape) + ", got " +
+                             ShapeStr(zs));
+    }
+  }
+
+  Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
   float* out = y.GetTensorMutableData<float>();
   const size_t out_size = static_cast<size_t>(N) * plan_.O * g.OH * g.OW;
   if (poison_output_) std::fill(out, out + out_size, std::numeric_limits<float>::quiet_NaN());
@@ -182,9 +202,9 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   ConvWork work{};
   work.g = &g;
   work.tiles = tiles;
-  work.job = cpu::ImageJob{packed,          offsets->data(), w.GetTensorData<float>(), plan_.kernel_begin.data(),
-                           plan_.filters.data(), bias,       plan_.act_min,          plan_.act_max,
-                           plan_.clamp,     out};
+  work.job = cpu::ImageJob{packed,        offsets->data(), w.GetTensorData<float>(), plan_.kernel_begin.data(),
+                           plan_.filters.data(), bias,    z_offset,                 residual,
+                           plan_.act_min,   plan_.act_max, plan_.clamp,             out};
   work.filter_count = plan_.O;
   work.filters_per_item = std::max(1, std::min(16, plan_.O / 16));
   work.filter_items = (plan_.O + work.filters_per_item - 1) / work.filters_per_item;

@@ -1,8 +1,9 @@
 // ai.ctprune.PatternConv (version 1) on the CPU execution provider; the operator is specified in ops/PatternConv.md.
-// It computes clip(Conv(X, W_dense, B, strides, pads), activation_min, activation_max), the same as this standard-ONNX
-// composition (what the model-local function in ctprune/ops does):
+// It computes clip(Conv(X, W_dense, B, strides, pads) + Z, activation_min, activation_max), the same as this
+// standard-ONNX composition (what the model-local function in ctprune/ops does):
 //     W_dense = ScatterND(zeros(O*C*9), flat indices of each kept kernel's 4 taps, W) reshaped to (O, C, 3, 3)
-//     Y = Clip(Conv(X, W_dense, B, strides=strides, pads=pads), activation_min, activation_max)
+//     Y = Clip(Add(Conv(X, W_dense, B, strides=strides, pads=pads), Z), activation_min, activation_max)
+// where Z (optional, the residual of a fused Add) has one element or Y's shape.
 #pragma once
 
 #include <memory>
@@ -48,10 +49,10 @@ struct PatternConvOp : Ort::CustomOpBase<PatternConvOp, PatternConvKernel, /*Wit
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
   const char* GetName() const { return kPatternConvName; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 3; }
+  size_t GetInputTypeCount() const { return 4; }  // X, W, B (optional), Z (optional)
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return index >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }

@@ -4,12 +4,16 @@ Plain protobuf surgery on a copy of the model, so names, order, metadata and eve
 they were. Per listed Conv (3x3, group 1, dilation 1, weight from an initializer or a Constant node):
 - the node becomes a PatternConv of the same name at the same place, with a compact weight initializer
   `<weight>.pattern` (K, 4) and the spec's attributes; the bias input is reused as it is;
-- a Relu or a Clip with constant bounds that is the Conv output's only reader is fused (activation_min/max); the
-  fused node writes the activation's output name, so the graph outside is unchanged;
+- an Add that is the Conv output's only reader and whose other input (the residual: a ResNet shortcut) has the
+  Conv output's shape is fused as the input Z; the PatternConv then sits where the Add was (the shortcut may be
+  computed after the Conv) and writes its output;
+- a Relu or a Clip with constant bounds that is the only reader of what comes out (Conv or fused Add) is fused
+  (activation_min/max); the fused node writes the activation's output name, so the graph outside is unchanged;
 - the dense weight (and a fused Clip's bounds) are dropped when nothing else reads them, from the initializers and,
   for IR-3 style models, from the graph inputs too.
 The model gains the `ai.ctprune` opset import (version 1) and the model-local PatternConv function, stamped with the
-model's default-domain opset. A model below opset 13 is first upgraded with onnx.version_converter (the function
+model's default-domain opset; where any residual was fused, the function's form with Z, and every PatternConv node
+without a residual gets a shared one-element zero as Z (ops/PatternConv.md). A model below opset 13 is first upgraded with onnx.version_converter (the function
 needs opset >= 13), and a model below IR version 8 is raised to 8 (model-local functions need it); an IR-3 model's
 initializers leave the graph inputs then (IR 3 required them there; from IR 4 on they would read as overridable).
 
@@ -27,6 +31,7 @@ import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
 from ctprune.errors import GraphError
+from ctprune.graph.normalize import infer_shapes
 from ctprune.ops.names import DOMAIN, MIN_OPSET, OP_TYPE, VERSION
 from ctprune.ops.reference import pattern_conv_function
 from ctprune.rewrite.pattern_conv import CompactPatternWeights, LayerPatterns, compact_from_dense
@@ -178,14 +183,14 @@ def _conv_geometry(node: onnx.NodeProto, where: str) -> tuple[list[int], list[in
 
 def _fusable_activation(graph, conv_output, reads, initializers) -> tuple[int, float, float] | None:
     """(node index, min, max) of a Relu / constant Clip that is the only reader of conv_output, else None."""
-    readers = [i for i, node in enumerate(graph.node) if conv_output in node.input]
-    if len(readers) != 1 or reads[conv_output] != 1:
-        return None  # also read by a graph output, a nested graph, or twice
-    node = graph.node[readers[0]]
+    index = _only_reader(graph, conv_output, reads)  # None: also read by a graph output, a nested graph, or twice
+    if index is None:
+        return None
+    node = graph.node[index]
     if node.domain not in ("", "ai.onnx") or node.input[0] != conv_output:
         return None
     if node.op_type == "Relu":
-        return readers[0], 0.0, float("inf")
+        return index, 0.0, float("inf")
     if node.op_type == "Clip":
         bounds = [float("-inf"), float("inf")]
         for slot, name in enumerate(node.input[1:3]):
@@ -197,8 +202,48 @@ def _fusable_activation(graph, conv_output, reads, initializers) -> tuple[int, f
         for attr in node.attribute:  # Clip before opset 11 (not reached after the upgrade, kept for safety)
             if attr.name in ("min", "max"):
                 bounds[attr.name == "max"] = float(attr.f)
-        return readers[0], bounds[0], bounds[1]
+        return index, bounds[0], bounds[1]
     return None
+
+
+def _only_reader(graph, name, reads) -> int | None:
+    """Index of the one node that reads `name`, if nothing else (graph output, nested graph, a second slot) does."""
+    readers = [i for i, node in enumerate(graph.node) if name in node.input]
+    return readers[0] if len(readers) == 1 and reads[name] == 1 else None
+
+
+def _fusable_residual(graph, conv_output, reads, shapes: Mapping[str, tuple]) -> tuple[int, str] | None:
+    """(node index, residual name) of an Add that is the only reader of conv_output and adds a tensor of the same
+    static shape (no broadcasting), else None."""
+    index = _only_reader(graph, conv_output, reads)
+    if index is None:
+        return None
+    node = graph.node[index]
+    if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    residual = node.input[1] if node.input[0] == conv_output else node.input[0]
+    if not residual or residual == conv_output:
+        return None
+    ours, theirs = shapes.get(conv_output), shapes.get(residual)
+    if ours is None or ours != theirs or any(d is None for d in ours):
+        return None
+    return index, residual
+
+
+def _shapes_of(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Tensor name -> inferred dims (int, or the dim_param string; None where unknown), without touching `model`."""
+    probe = onnx.ModelProto()
+    _copy_fields(model, probe, skip="graph")
+    _copy_fields(model.graph, probe.graph, skip="value_info")
+    infer_shapes(probe)  # skeletonises the weights itself
+    shapes = {}
+    for vi in list(probe.graph.input) + list(probe.graph.value_info) + list(probe.graph.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+    for tensor in model.graph.initializer:
+        shapes[tensor.name] = tuple(tensor.dims)
+    return shapes
 
 
 def _unique_name(wanted: str, taken: set) -> str:
@@ -243,7 +288,22 @@ def _drop_unread(graph: onnx.GraphProto, names: set) -> None:
     graph.node.extend(keep)
 
 
-def _add_function(model: onnx.ModelProto) -> None:
+def _forget_value_info(graph: onnx.GraphProto, name: str) -> None:
+    """Drop the value_info of a tensor that a fusion made internal."""
+    keep = [v for v in graph.value_info if v.name != name]
+    del graph.value_info[:]
+    graph.value_info.extend(keep)
+
+
+def _give_every_node_a_residual(graph: onnx.GraphProto, zero_name: str) -> None:
+    """Every PatternConv node without a Z reads a shared one-element zero (the function's residual form needs one)."""
+    graph.initializer.append(numpy_helper.from_array(np.zeros(1, dtype=np.float32), zero_name))
+    for node in graph.node:
+        if node.op_type == OP_TYPE and node.domain == DOMAIN and len(node.input) < 4:
+            node.input.extend([""] * (3 - len(node.input)) + [zero_name])
+
+
+def _add_function(model: onnx.ModelProto, residual: bool = False) -> None:
     for entry in model.opset_import:
         if entry.domain == DOMAIN and entry.version != VERSION:
             raise GraphError(f"the model already imports {DOMAIN} version {entry.version}; this ctprune writes {VERSION}")
@@ -252,7 +312,7 @@ def _add_function(model: onnx.ModelProto) -> None:
     keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
     del model.functions[:]
     model.functions.extend(keep)
-    model.functions.append(pattern_conv_function(default_opset(model)))
+    model.functions.append(pattern_conv_function(default_opset(model), residual=residual))
 
 
 def rewrite_model(
@@ -272,7 +332,10 @@ def rewrite_model(
         raise GraphError("two keys of the layer map name the same Conv node")
 
     reads = _reads(graph)
-    fused_away, maybe_unread = set(), set()
+    # Shapes decide which residual Adds fuse; inferred once, before any node changes (only if some Add could fuse).
+    adds = {node.input[i] for node in graph.node if node.op_type == "Add" for i in range(len(node.input))}
+    shapes = _shapes_of(model) if any(graph.node[i].output[0] in adds for i in indices.values()) else {}
+    fused_away, maybe_unread, with_residual = set(), set(), False
     for key, index in sorted(indices.items(), key=lambda item: item[1]):
         conv = graph.node[index]
         where = f"Conv node {key!r}"
@@ -284,29 +347,38 @@ def rewrite_model(
             raise GraphError(f"{where}: PatternConv takes float32 weights, {conv.input[1]!r} is {weight.dtype}")
         compact = compact_from_dense(weight, layers[key], require_masked=require_masked, where=where)
 
-        output, lo, hi = conv.output[0], float("-inf"), float("inf")
+        output, lo, hi, place = conv.output[0], float("-inf"), float("inf"), index
+        residual = _fusable_residual(graph, output, reads, shapes)
+        if residual is not None:
+            # The node goes where the Add was: the residual may be computed after the Conv.
+            place, residual = residual
+            fused_away.add(index)
+            _forget_value_info(graph, output)
+            output = graph.node[place].output[0]
         activation = _fusable_activation(graph, output, reads, initializers)
         if activation is not None:
             act_index, lo, hi = activation
             act = graph.node[act_index]
             fused_away.add(act_index)
             maybe_unread.update(name for name in act.input[1:] if name)
-            value_info = [v for v in graph.value_info if v.name != output]
-            del graph.value_info[:]
-            graph.value_info.extend(value_info)
+            _forget_value_info(graph, output)
             output = act.output[0]
 
         weight_name = _unique_name(f"{conv.input[1]}.pattern", taken)
         graph.initializer.append(numpy_helper.from_array(compact.weights, weight_name))
-        inputs = [conv.input[0], weight_name] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
+        bias = conv.input[2] if len(conv.input) > 2 else ""
+        inputs = [conv.input[0], weight_name] + ([bias, residual] if residual else [bias] if bias else [])
+        with_residual |= residual is not None
         maybe_unread.add(conv.input[1])
-        # `conv` is a view into graph.node: it becomes the new node here
-        graph.node[index].CopyFrom(_pattern_conv_node(conv, inputs, output, compact, strides, pads, lo, hi))
+        # `conv` is a view into graph.node: build the new node before writing it over `place`
+        graph.node[place].CopyFrom(_pattern_conv_node(conv, inputs, output, compact, strides, pads, lo, hi))
         log.debug("%s -> PatternConv: %d of %d kernels kept", key, len(compact.weights), weight.shape[0] * weight.shape[1])
 
     nodes = [node for i, node in enumerate(graph.node) if i not in fused_away]
     del graph.node[:]
     graph.node.extend(nodes)
     _drop_unread(graph, maybe_unread)
-    _add_function(model)
+    if with_residual:
+        _give_every_node_a_residual(graph, _unique_name("ctprune.zero_residual", taken))
+    _add_function(model, residual=with_residual)
     return model
