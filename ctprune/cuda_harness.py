@@ -202,14 +202,18 @@ class EmulatedPatternConv:
         self.lib = ctypes.CDLL(str(library or build_emulator()))
         f = self.lib.ctprune_pattern_conv_emulate
         f.restype = ctypes.c_int
-        f.argtypes = [ctypes.POINTER(_Desc)] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [
-            ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p, ctypes.c_int]
+        f.argtypes = [ctypes.POINTER(_Desc)] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p] + [
+            ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p,
+            ctypes.c_int]
         self.lib.ctprune_fastdivmod_selftest.restype = ctypes.c_int64
         self.lib.ctprune_fastdivmod_selftest.argtypes = [ctypes.c_uint32, ctypes.c_int64]
 
-    def __call__(self, layer: PatternConvLayer, x: np.ndarray, *, force_config: int = 0, num_sms: int = 132):
-        """Returns (y, plan) with plan = dict(ft, px, nimg, TR, TC, CC, blocks, splits)."""
+    def __call__(self, layer: PatternConvLayer, x: np.ndarray, z: np.ndarray | None = None, *, force_config: int = 0,
+                 num_sms: int = 132):
+        """z: the residual (one element or the output's shape), or None. Returns (y, plan) with
+        plan = dict(ft, px, nimg, TR, TC, CC, blocks, splits)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        z = None if z is None else np.ascontiguousarray(z, dtype=np.float32)
         n, _, h, w = x.shape
         oh, ow = layer.output_size(h, w)
         y = np.full((n, layer.weight_shape[0], max(oh, 0), max(ow, 0)), np.nan, dtype=np.float32)
@@ -220,7 +224,8 @@ class EmulatedPatternConv:
         desc = layer.desc()
         status = self.lib.ctprune_pattern_conv_emulate(
             ctypes.byref(desc), x.ctypes.data, wts.ctypes.data, None if bias is None else bias.ctypes.data,
-            y.ctypes.data, n, h, w, num_sms, force_config, plan, err, len(err))
+            None if z is None else z.ctypes.data, 0 if z is None else z.size, y.ctypes.data, n, h, w, num_sms,
+            force_config, plan, err, len(err))
         if status != 0:
             raise _error(status, self.lib, err)
         return y, dict(zip(("ft", "px", "nimg", "TR", "TC", "CC", "blocks", "splits"), list(plan)))
@@ -242,8 +247,8 @@ class CudaPatternConv:
             lib.ctprune_pattern_conv_cuda_prepare.argtypes = [
                 ctypes.POINTER(_Desc), ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int]
             lib.ctprune_pattern_conv_cuda.restype = ctypes.c_int
-            lib.ctprune_pattern_conv_cuda.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [
-                ctypes.c_void_p, ctypes.c_int]
+            lib.ctprune_pattern_conv_cuda.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [
+                ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
             lib.ctprune_pattern_conv_cuda_release.restype = None
             lib.ctprune_pattern_conv_cuda_release.argtypes = [ctypes.c_void_p]
             lib.ctprune_pattern_conv_cuda_status_string.restype = ctypes.c_char_p
@@ -261,12 +266,12 @@ class CudaPatternConv:
         if status != 0:
             raise _error(status, self.lib, err)
 
-    def __call__(self, x, w, b=None, *, out=None, force_config: int = 0):
-        """x (N, C, H, W), w (K, 4), b (O,) or None: contiguous float32 torch CUDA tensors. Runs on the current
-        stream and returns y (N, O, OH, OW)."""
+    def __call__(self, x, w, b=None, z=None, *, out=None, force_config: int = 0):
+        """x (N, C, H, W), w (K, 4), b (O,) or None, z (the residual: one element or y's shape) or None: contiguous
+        float32 torch CUDA tensors. Runs on the current stream and returns y (N, O, OH, OW)."""
         import torch
 
-        for name, t in (("x", x), ("w", w), ("b", b), ("out", out)):
+        for name, t in (("x", x), ("w", w), ("b", b), ("z", z), ("out", out)):
             if t is not None and (t.dtype != torch.float32 or not t.is_cuda or not t.is_contiguous()):
                 raise ValueError(f"{name} must be a contiguous float32 CUDA tensor, got {t.dtype} on {t.device}")
         n, _, h, wd = x.shape
@@ -274,7 +279,8 @@ class CudaPatternConv:
         if out is None:
             out = torch.empty((n, self.layer.weight_shape[0], oh, ow), device=x.device, dtype=torch.float32)
         status = self.lib.ctprune_pattern_conv_cuda(
-            self.handle, x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(), n, h, wd,
+            self.handle, x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(),
+            None if z is None else z.data_ptr(), 0 if z is None else z.numel(), out.data_ptr(), n, h, wd,
             torch.cuda.current_stream().cuda_stream, force_config)
         if status != 0:
             raise _error(status, self.lib)

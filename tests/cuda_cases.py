@@ -20,6 +20,33 @@ ODD_TILE_SHAPES = [
 ]
 
 
+# A fused residual Add: (N, C, O, H, W, strides, pads, activation, bias, Z, force_config), Z "full" (Y's shape) or
+# "one" (one element, added everywhere); split configs (> 100) run the partial-sum reduction's epilogue.
+RESIDUAL_SHAPES = [
+    (2, 13, 20, 11, 10, (1, 1), (1, 1, 1, 1), "none", True, "full", 0),
+    (3, 9, 37, 7, 7, (1, 1), (1, 1, 1, 1), "relu", False, "full", 0),
+    (1, 6, 10, 9, 40, (2, 1), (0, 2, 1, 0), "relu6", True, "one", 0),
+    (2, 17, 9, 12, 5, (1, 2), (2, 0, 0, 1), "none", False, "one", 0),
+    (2, 11, 21, 6, 9, (1, 1), (1, 1, 1, 1), "relu6", False, "full", 24),
+    (1, 70, 40, 7, 7, (1, 1), (1, 1, 1, 1), "relu6", True, "full", 344),
+    (2, 13, 9, 5, 11, (1, 1), (1, 1, 1, 1), "relu", False, "one", 211),
+    (1, 64, 33, 4, 4, (1, 1), (1, 1, 1, 1), "clip", True, "full", 811),
+    (1, 40, 17, 6, 6, (2, 2), (1, 1, 1, 1), "none", False, "full", 422),
+]
+
+
+def residual_case(index: int):
+    """(layer, x, z, force_config, where) for RESIDUAL_SHAPES[index]: 4x, a fifth of the filters empty (bias + Z)."""
+    n, c, o, h, w, strides, pads, act, bias, z_kind, config = RESIDUAL_SHAPES[index]
+    rng = np.random.default_rng(SEED + 1000 + index)
+    layer = random_layer(o, c, 4.0, rng, bias=bias, strides=strides, pads=pads, activation=ACTIVATIONS[act],
+                         empty_filters=o // 5)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    z = rng.standard_normal((n, o, *layer.output_size(h, w)) if z_kind == "full" else (1,)).astype(np.float32)
+    return layer, x, z, config, (f"seed {SEED + 1000 + index} (CTPRUNE_TEST_SEED={SEED}), config {config}, "
+                                 f"shape {(n, c, o, h, w, strides, pads)}, {act}, bias {bias}, Z {z_kind}")
+
+
 def matrix_case(index: int):
     """(layer, x, where) for case `index` of the CPU kernel's randomized matrix (tests/test_patternconv_matrix.py)."""
     case = CASES[index]

@@ -4,7 +4,7 @@ Machines without a GPU still check the GPU kernel's indexing this way: the emula
 thread steps exactly as the CUDA kernel composes them, refilling shared memory with NaN before every chunk and
 framing every buffer with NaN guard zones, so a read of an unstaged or out-of-range element shows as NaN and a write
 outside the output fails the call. Cases: the CPU kernel's randomized matrix (tests/test_patternconv_matrix.py),
-every tile configuration forced on odd shapes, and the benchmark's layer shapes."""
+every tile configuration forced on odd shapes, the benchmark's layer shapes, and a fused residual Z."""
 
 import shutil
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from ctprune.cuda_harness import (KERNEL_CONFIGS, SPLIT_CONFIGS, EmulatedPatternConv, KernelCallError, dense_weight,
-                                  random_layer)
+from ctprune.cuda_harness import (INVALID_SHAPE, KERNEL_CONFIGS, SPLIT_CONFIGS, EmulatedPatternConv, KernelCallError,
+                                  dense_weight, random_layer)
 
-from cuda_cases import matrix_case, odd_tile_cases
+from cuda_cases import RESIDUAL_SHAPES, matrix_case, odd_tile_cases, residual_case
 from test_patternconv_matrix import CASES, SEED, _ids
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
@@ -26,12 +26,15 @@ def emulator():
     return EmulatedPatternConv()
 
 
-def reference(layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 torch conv2d on the masked dense weight: (clamped by the fused activation, before the clamp)."""
+def reference(layer, x: np.ndarray, z: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """float64 torch conv2d on the masked dense weight, plus the residual z: (clamped by the fused activation, before
+    the clamp)."""
     top, left, bottom, right = layer.pads
     xp = torch.nn.functional.pad(torch.from_numpy(x).double(), (left, right, top, bottom))
     b = None if layer.bias is None else torch.from_numpy(layer.bias).double()
     y = torch.nn.functional.conv2d(xp, torch.from_numpy(dense_weight(layer)).double(), b, stride=layer.strides)
+    if z is not None:
+        y = y + torch.from_numpy(z).double()  # one element broadcasts
     return y.clamp(layer.activation_min, layer.activation_max).numpy(), y.numpy()
 
 
@@ -41,9 +44,9 @@ def rel_err(a, b, scale) -> float:
     return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(scale).max(), 1e-30))
 
 
-def check(emulator, layer, x, where, **kw):
-    y, plan = emulator(layer, x, **kw)
-    ref, unclamped = reference(layer, x)
+def check(emulator, layer, x, where, z=None, **kw):
+    y, plan = emulator(layer, x, z, **kw)
+    ref, unclamped = reference(layer, x, z)
     assert y.shape == ref.shape, where
     assert not np.isnan(y).any(), f"{int(np.isnan(y).sum())} outputs unwritten or read from unstaged memory: {where}, plan {plan}"
     err = rel_err(y, ref, unclamped)
@@ -78,6 +81,28 @@ def test_channel_splits(emulator, config):
         plan = check(emulator, layer, x, f"config {config}, shape {(n, c, o, h, w)}", force_config=config)
         wanted = config // 100
         assert plan["splits"] == -(-c // -(-c // wanted)), plan  # ceil(C / ceil(C / wanted))
+
+
+@pytest.mark.parametrize("index", range(len(RESIDUAL_SHAPES)))
+def test_residual(emulator, index):
+    # Z of Y's shape or one element, added before the activation; in split configs by the tile's last block.
+    layer, x, z, config, where = residual_case(index)
+    plan = check(emulator, layer, x, where, z, force_config=config)
+    if config > 100:
+        c, wanted = x.shape[1], config // 100
+        assert plan["splits"] == -(-c // -(-c // wanted)) > 1, plan
+
+
+def test_residual_of_the_wrong_size_is_refused(emulator):
+    rng = np.random.default_rng(SEED)
+    layer = random_layer(8, 4, 4.0, rng)
+    x = rng.standard_normal((2, 4, 5, 6)).astype(np.float32)
+    y_size = 2 * 8 * 5 * 6
+    for count in (0, 2, y_size - 1, y_size + 1):
+        with pytest.raises(KernelCallError, match=f"status {INVALID_SHAPE}"):
+            emulator(layer, x, np.zeros(count, np.float32))
+    for z in (np.full((1, 1, 1, 1), 0.5, np.float32), np.zeros((2, 8, 5, 6), np.float32)):  # the two accepted sizes
+        check(emulator, layer, x, f"Z shape {z.shape}", z)
 
 
 def test_planner_splits_channels_of_deep_layers_at_batch_1(emulator):

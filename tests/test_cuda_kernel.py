@@ -1,10 +1,10 @@
 """The PatternConv CUDA kernel on a GPU, through its C ABI (ctprune.cuda_harness), against torch's conv2d on the GPU.
 
 Skips without a CUDA GPU (torch.cuda.is_available()) or without nvcc. Cases: the CPU kernel's randomized matrix
-(tests/test_patternconv_matrix.py), every tile configuration forced, and the benchmark's layers at batch 1 and 32 and
-2.25x/4x/8x. Every output buffer starts as NaN, so an element the kernel never writes shows. The bar (issue 6): max
-relative error <= 1e-5 against cuDNN float32 with TF32 off, and against a float64 reference (errors scaled by the
-pre-activation output, whose size sets float32 rounding; see test_cuda_emulated.py)."""
+(tests/test_patternconv_matrix.py), every tile configuration forced, the benchmark's layers at batch 1 and 32 and
+2.25x/4x/8x, and a fused residual Z. Every output buffer starts as NaN, so an element the kernel never writes shows.
+The bar (issue 6): max relative error <= 1e-5 against cuDNN float32 with TF32 off, and against a float64 reference
+(errors scaled by the pre-activation output, whose size sets float32 rounding; see test_cuda_emulated.py)."""
 
 import math
 import shutil
@@ -16,7 +16,7 @@ import torch
 from ctprune.cuda_harness import (KERNEL_CONFIGS, SPLIT_CONFIGS, CudaPatternConv, KernelCallError, build_cuda_kernel, dense_weight,
                                   random_layer)
 
-from cuda_cases import ODD_TILE_SHAPES, matrix_case, odd_tile_cases
+from cuda_cases import ODD_TILE_SHAPES, RESIDUAL_SHAPES, matrix_case, odd_tile_cases, residual_case
 from test_patternconv_matrix import CASES, SEED, _ids
 
 pytestmark = [
@@ -40,36 +40,38 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def references(layer, x: torch.Tensor):
-    """(cuDNN float32 clamped, float64 clamped, float64 before the clamp), all on the GPU."""
+def references(layer, x: torch.Tensor, z: torch.Tensor | None = None):
+    """(cuDNN float32 clamped, float64 clamped, float64 before the clamp) of conv2d + the residual z, on the GPU."""
     top, left, bottom, right = layer.pads
     out = []
     for dtype in (torch.float32, torch.float64):
         xp = torch.nn.functional.pad(x.to(dtype), (left, right, top, bottom))
         w = torch.from_numpy(dense_weight(layer)).to(x.device, dtype)
         b = None if layer.bias is None else torch.from_numpy(layer.bias).to(x.device, dtype)
-        out.append(torch.nn.functional.conv2d(xp, w, b, stride=layer.strides))
+        y = torch.nn.functional.conv2d(xp, w, b, stride=layer.strides)
+        out.append(y if z is None else y + z.to(dtype))  # one element broadcasts
     clamp = lambda y: y.clamp(layer.activation_min, layer.activation_max)
     return clamp(out[0]), clamp(out[1]), out[1]
 
 
-def run_kernel(layer, x: torch.Tensor, library, force_config=0):
+def run_kernel(layer, x: torch.Tensor, library, force_config=0, z: torch.Tensor | None = None):
     kernel = CudaPatternConv(layer, library)
     w = torch.from_numpy(layer.weights).cuda()
     b = None if layer.bias is None else torch.from_numpy(layer.bias).cuda()
     n, _, h, wd = x.shape
     oh, ow = layer.output_size(h, wd)
     out = torch.full((n, layer.weight_shape[0], oh, ow), math.nan, device=x.device)
-    kernel(x, w, b, out=out, force_config=force_config)
+    kernel(x, w, b, z, out=out, force_config=force_config)
     torch.cuda.synchronize()
     kernel.close()
     return out
 
 
-def check(layer, x_np, library, where, force_config=0):
+def check(layer, x_np, library, where, force_config=0, z_np=None):
     x = torch.from_numpy(x_np).cuda()
-    y = run_kernel(layer, x, library, force_config)
-    ref32, ref64, unclamped = references(layer, x)
+    z = None if z_np is None else torch.from_numpy(z_np).cuda()
+    y = run_kernel(layer, x, library, force_config, z)
+    ref32, ref64, unclamped = references(layer, x, z)
     assert y.shape == ref32.shape, where
     unwritten = int(torch.isnan(y).sum())
     assert unwritten == 0, f"{unwritten} output elements unwritten: {where}"
@@ -102,6 +104,14 @@ def test_channel_splits(library, config):
         x = rng.standard_normal((n, c, h, w)).astype(np.float32)
         for attempt in range(2):
             check(layer, x, library, f"config {config}, shape {(n, c, o, h, w)}, run {attempt}", force_config=config)
+
+
+@pytest.mark.parametrize("index", range(len(RESIDUAL_SHAPES)))
+def test_residual(library, index):
+    # Z of Y's shape or one element, added before the activation; in split configs by the tile's last block.
+    layer, x, z, config, where = residual_case(index)
+    for attempt in range(2):
+        check(layer, x, library, f"{where}, run {attempt}", force_config=config, z_np=z)
 
 
 def test_repeated_split_launches_on_one_stream(library):
@@ -161,3 +171,7 @@ def test_errors_are_reported_not_crashed(library):
     w = torch.from_numpy(layer.weights).cuda()
     with pytest.raises(KernelCallError, match="empty"):
         kernel(x, w, None, out=torch.empty(1, device="cuda"))
+    x = torch.zeros((1, 4, 5, 5), device="cuda")  # Y (1, 8, 3, 3): a Z of 2 or 71 elements is neither size
+    for count in (2, 71):
+        with pytest.raises(KernelCallError, match="Z is neither one element nor the output's size"):
+            kernel(x, w, None, torch.zeros(count, device="cuda"))

@@ -2,7 +2,8 @@
  *
  * Life cycle: prepare (validate the attributes, upload the packed layout to the current device) -> run any number of
  * times on any stream of that device -> release. The onnxruntime op (pattern_conv_cuda_op.cc) uses the same calls.
- * Shapes: X (N, C, H, W), W (K, 4), B (O) or NULL, Y (N, O, OH, OW); all float32, contiguous, on the device.
+ * Shapes: X (N, C, H, W), W (K, 4), B (O) or NULL, Z (the residual of a fused Add) NULL, one element or Y's shape,
+ * Y (N, O, OH, OW); all float32, contiguous, on the device. Y = clip(Conv(X, W_dense, B) + Z, activation range).
  */
 #ifndef CTPRUNE_PATTERN_CONV_CUDA_H_
 #define CTPRUNE_PATTERN_CONV_CUDA_H_
@@ -41,9 +42,12 @@ int ctprune_pattern_conv_cuda_prepare(const CtprunePatternConvDesc* desc, Ctprun
 /* Launches the kernel on stream (a cudaStream_t; NULL = legacy default stream). force_config = 0 lets the launcher
  * choose the tile shape; 100 * channel_splits + 10 * filters_per_thread + pixels_per_thread (each 1, 2 or 4;
  * splits 0 = 1) forces one (tests). Channel-split launches keep partial sums in scratch owned by gpu, per stream.
- * Returns cudaGetLastError() after the launch, or CTPRUNE_CUDA_INVALID_SHAPE (bad n/h/w or output size < 1). */
-int ctprune_pattern_conv_cuda(const CtprunePatternConvGpu* gpu, const float* x, const float* w, const float* b, float* y,
-                              int64_t n, int64_t h, int64_t width, void* stream, int force_config);
+ * z (may be NULL: no residual) holds z_elements floats: 1 (added to every output) or N * O * OH * OW (Y's layout).
+ * Returns cudaGetLastError() after the launch, or CTPRUNE_CUDA_INVALID_SHAPE (bad n/h/w, output size < 1, or
+ * z_elements neither 1 nor the output size). */
+int ctprune_pattern_conv_cuda(const CtprunePatternConvGpu* gpu, const float* x, const float* w, const float* b,
+                              const float* z, int64_t z_elements, float* y, int64_t n, int64_t h, int64_t width,
+                              void* stream, int force_config);
 
 /* Output height and width for an input of h x width, or 0 when the output would be empty. */
 int ctprune_pattern_conv_cuda_output_size(const CtprunePatternConvGpu* gpu, int64_t h, int64_t width, int64_t* oh,

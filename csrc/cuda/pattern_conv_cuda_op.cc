@@ -1,5 +1,5 @@
 // ai.ctprune.PatternConv (version 1) on onnxruntime's CUDAExecutionProvider (operator: ops/PatternConv.md).
-// Same attributes, inputs and checks as the CPU op; X, W, B and Y live in device memory, and the kernel runs on the
+// Same attributes, inputs and checks as the CPU op; X, W, B, Z and Y live in device memory, and the kernel runs on the
 // compute stream onnxruntime hands over (KernelContext::GetGPUComputeStream), so it orders with the provider's own
 // kernels. The packed kernel lists are uploaded once per device, on first use there.
 #include <cuda_runtime.h>
@@ -106,7 +106,9 @@ class PatternConvCudaKernel {
     Ort::KernelContext ctx(context);
     Ort::ConstValue x = ctx.GetInput(0);
     Ort::ConstValue w = ctx.GetInput(1);
-    Ort::ConstValue b = ctx.GetInputCount() > 2 ? ctx.GetInput(2) : Ort::ConstValue{nullptr};
+    const size_t input_count = ctx.GetInputCount();
+    Ort::ConstValue b = input_count > 2 ? ctx.GetInput(2) : Ort::ConstValue{nullptr};
+    Ort::ConstValue z = input_count > 3 ? ctx.GetInput(3) : Ort::ConstValue{nullptr};
 
     // Shapes first, before anything is allocated.
     const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
@@ -131,12 +133,26 @@ class PatternConvCudaKernel {
                            ? 0 : (xs[3] + packed_.pad_left + packed_.pad_right - 3) / packed_.stride_w + 1;
     if (oh < 1 || ow < 1)
       throw InvalidNode("input " + ShapeStr(xs) + " is smaller than the 3x3 kernel with these pads");
-    Ort::UnownedValue y = ctx.GetOutput(0, {xs[0], static_cast<int64_t>(packed_.out_channels), oh, ow});
+    // Z, the fused residual: one element (added to every output) or exactly Y's shape.
+    const std::vector<int64_t> y_shape = {xs[0], static_cast<int64_t>(packed_.out_channels), oh, ow};
+    const float* residual = nullptr;
+    int64_t z_elements = 0;
+    if (z) {
+      const std::vector<int64_t> zs = z.GetTensorTypeAndShapeInfo().GetShape();
+      int64_t elements = 1;
+      for (int64_t d : zs) elements *= d;
+      if (elements != 1 && zs != y_shape)
+        throw InvalidNode("Z (the residual) must have one element or Y's shape " + ShapeStr(y_shape) + ", got " +
+                          ShapeStr(zs));
+      residual = z.GetTensorData<float>();
+      z_elements = elements;
+    }
+    Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
     if (xs[0] == 0) return;
 
     const int status = ctprune_pattern_conv_cuda(OnCurrentDevice(), x.GetTensorData<float>(), w.GetTensorData<float>(),
-                                                 bias, y.GetTensorMutableData<float>(), xs[0], xs[2], xs[3],
-                                                 ctx.GetGPUComputeStream(), 0);
+                                                 bias, residual, z_elements, y.GetTensorMutableData<float>(), xs[0],
+                                                 xs[2], xs[3], ctx.GetGPUComputeStream(), 0);
     if (status != 0) throw std::runtime_error(ctprune_pattern_conv_cuda_status_string(status));
   }
 
@@ -183,10 +199,10 @@ struct PatternConvCudaOp : Ort::CustomOpBase<PatternConvCudaOp, PatternConvCudaK
   }
   const char* GetName() const { return "PatternConv"; }
   const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 3; }
+  size_t GetInputTypeCount() const { return 4; }  // X, W, B (optional), Z (optional)
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+    return index >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }

@@ -2,8 +2,8 @@
 //
 // Runs the very steps the CUDA kernel runs (pattern_conv_impl.cuh) block by block, thread by thread, with the barrier
 // between staging and compute made explicit. Guards catch indexing mistakes a GPU would hide or crash on: the shared
-// tile is refilled with NaN before every chunk and framed by NaN guard zones, the input and output live inside NaN
-// guard zones too, and a write outside the output is reported. Not part of the onnxruntime library; built with g++.
+// tile is refilled with NaN before every chunk and framed by NaN guard zones, the inputs (Z too) and the output live
+// inside NaN guard zones, and a write outside the output is reported. Not in the onnxruntime library; built with g++.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -85,13 +85,14 @@ bool GuardsIntact(const std::vector<float>& v) {
 
 extern "C" {
 
-// Same inputs as ctprune_pattern_conv_cuda, on host memory. plan_out (may be null) receives
+// Same inputs as ctprune_pattern_conv_cuda (z, z_elements included), on host memory. plan_out (may be null) receives
 // {ft, px, nimg, TR, TC, CC, blocks, splits}. Returns 0, CTPRUNE_CUDA_INVALID_ATTRIBUTES (reason in err),
-// CTPRUNE_CUDA_INVALID_SHAPE, 3 for an unknown force_config, 4 when the kernel wrote outside the output or the
-// partial sums, 5 when a channel-split launch left a ticket non-zero.
+// CTPRUNE_CUDA_INVALID_SHAPE (also for a Z that is neither one element nor Y's size), 3 for an unknown force_config,
+// 4 when the kernel wrote outside the output or the partial sums, 5 when a channel-split launch left a ticket non-zero.
 __attribute__((visibility("default"))) int ctprune_pattern_conv_emulate(
-    const CtprunePatternConvDesc* desc, const float* x, const float* w, const float* b, float* y, int64_t n, int64_t h,
-    int64_t width, int num_sms, int force_config, int64_t* plan_out, char* err, int err_len) {
+    const CtprunePatternConvDesc* desc, const float* x, const float* w, const float* b, const float* z,
+    int64_t z_elements, float* y, int64_t n, int64_t h, int64_t width, int num_sms, int force_config, int64_t* plan_out,
+    char* err, int err_len) {
   PackedPatternConv packed;
   const std::string problem = PackPatternConv(*desc, packed);
   if (!problem.empty()) {
@@ -100,14 +101,18 @@ __attribute__((visibility("default"))) int ctprune_pattern_conv_emulate(
   }
   PatternConvParams p{};
   if (!PlanShape(p, packed, n, h, width)) return CTPRUNE_CUDA_INVALID_SHAPE;
-  if (!PlanLaunch(p, packed, num_sms, force_config)) return 3;
   const size_t x_count = static_cast<size_t>(n) * p.C * p.H * p.W;
   const size_t y_count = static_cast<size_t>(n) * p.O * p.OH * p.OW;
+  if (z && z_elements != 1 && z_elements != static_cast<int64_t>(y_count)) return CTPRUNE_CUDA_INVALID_SHAPE;
+  if (!PlanLaunch(p, packed, num_sms, force_config)) return 3;
   std::vector<float> gx = Guarded(x, x_count), gw = Guarded(w, static_cast<size_t>(packed.num_kernels) * 4);
   std::vector<float> gb = Guarded(b, b ? static_cast<size_t>(p.O) : 0), gy = Guarded(nullptr, y_count);
+  std::vector<float> gz = Guarded(z, z ? static_cast<size_t>(z_elements) : 0);
   p.x = gx.data() + kGuard;
   p.w = gw.data() + kGuard;
   p.b = b ? gb.data() + kGuard : nullptr;
+  p.z = z ? gz.data() + kGuard : nullptr;
+  p.z_full = z && z_elements != 1 ? 1 : 0;
   p.y = gy.data() + kGuard;
   p.entries = packed.entries.data();
   p.filter_begin = packed.filter_begin.data();

@@ -196,8 +196,8 @@ extern "C" int ctprune_pattern_conv_cuda_output_size(const CtprunePatternConvGpu
 }
 
 extern "C" int ctprune_pattern_conv_cuda(const CtprunePatternConvGpu* gpu, const float* x, const float* w,
-                                         const float* b, float* y, int64_t n, int64_t h, int64_t width, void* stream,
-                                         int force_config) {
+                                         const float* b, const float* z, int64_t z_elements, float* y, int64_t n,
+                                         int64_t h, int64_t width, void* stream, int force_config) {
   using namespace ctprune::cuda;
   if (!gpu || !x || !y || (!w && gpu->packed.num_kernels > 0)) return static_cast<int>(cudaErrorInvalidValue);
   if (reinterpret_cast<uintptr_t>(w) % 16 != 0) return static_cast<int>(cudaErrorMisalignedAddress);
@@ -205,9 +205,13 @@ extern "C" int ctprune_pattern_conv_cuda(const CtprunePatternConvGpu* gpu, const
   if (cudaGetDevice(&device) != cudaSuccess || device != gpu->device) return static_cast<int>(cudaErrorInvalidDevice);
   PatternConvParams p{};
   if (!PlanShape(p, gpu->packed, n, h, width)) return CTPRUNE_CUDA_INVALID_SHAPE;
+  const long long y_size = static_cast<long long>(p.N) * p.O * p.OH * p.OW;
+  if (z && z_elements != 1 && z_elements != y_size) return CTPRUNE_CUDA_INVALID_SHAPE;
   p.x = x;
   p.w = w;
   p.b = b;
+  p.z = z;
+  p.z_full = z && z_elements != 1 ? 1 : 0;  // one element: the same value everywhere (also when Y has one element)
   p.y = y;
   p.entries = gpu->entries;
   p.filter_begin = gpu->filter_begin;
@@ -243,6 +247,7 @@ extern "C" void ctprune_pattern_conv_cuda_release(CtprunePatternConvGpu* gpu) {
 
 extern "C" const char* ctprune_pattern_conv_cuda_status_string(int status) {
   if (status == CTPRUNE_CUDA_INVALID_ATTRIBUTES) return "invalid PatternConv attributes";
-  if (status == CTPRUNE_CUDA_INVALID_SHAPE) return "input shape gives an empty or too large output";
+  if (status == CTPRUNE_CUDA_INVALID_SHAPE)
+    return "input shape gives an empty or too large output, or Z is neither one element nor the output's size";
   return cudaGetErrorString(static_cast<cudaError_t>(status));
 }

@@ -103,6 +103,8 @@ struct PatternConvParams {
   const float* x;
   const float* w;
   const float* b;  // may be null
+  const float* z;  // the residual: null, one value (z_full 0) or Y's layout (z_full 1)
+  int z_full;
   float* y;
   const int* entries;       // [K * 2]
   const int* filter_begin;  // [O + 1]
@@ -122,7 +124,7 @@ struct PatternConvParams {
   long long blocks;         // filter_groups * tiles * splits
   // Split over input channels (small grids, e.g. batch 1 with 512 channels): split s of `splits` blocks per output
   // tile takes channels [s * split_channels, (s + 1) * split_channels), stores its partial sums, and the block that
-  // arrives last (a ticket per output tile) adds them up in split order (deterministic), then bias and activation.
+  // arrives last (a ticket per output tile) adds them up in split order (deterministic), then the epilogue.
   int splits, split_channels;
   long long y_size;         // N * O * OH * OW
   float* partial;           // [splits][y_size] (splits > 1)
@@ -275,9 +277,11 @@ CTP_UNROLL
   }
 }
 
-// Bias, activation (clamp that keeps NaN, like Clip).
-CTP_HD float Epilogue(const PatternConvParams& p, float v, float bias) {
+// Bias, residual, activation (clamp that keeps NaN, like Clip). `at` is the output's offset in Y, and a full Z has
+// Y's layout, so it indexes Z too.
+CTP_HD float Epilogue(const PatternConvParams& p, float v, float bias, long long at) {
   v += bias;
+  if (p.z) v += load_float(p.z + (p.z_full ? at : 0));
   if (p.has_activation) {
     v = v < p.activation_min ? p.activation_min : v;
     v = v > p.activation_max ? p.activation_max : v;
@@ -311,7 +315,9 @@ CTP_UNROLL
 // splits == 1: the finished outputs.
 template <int FT, int PX>
 CTP_HD void FinishThread(const ThreadState<FT, PX>& st, const PatternConvParams& p) {
-  ForEachOutput(st, p, [&](int i, int j, long long at, float bias) { p.y[at] = Epilogue(p, Total(st, i, j), bias); });
+  ForEachOutput(st, p, [&](int i, int j, long long at, float bias) {
+    p.y[at] = Epilogue(p, Total(st, i, j), bias, at);
+  });
 }
 
 // splits > 1, every block: its partial sums, laid out like Y in the split's slice of p.partial.
@@ -321,13 +327,13 @@ CTP_HD void StorePartial(const ThreadState<FT, PX>& st, const PatternConvParams&
   ForEachOutput(st, p, [&](int i, int j, long long at, float) { slice[at] = Total(st, i, j); });
 }
 
-// splits > 1, the tile's last block: sums every split's partial (in split order), then bias, activation, store.
+// splits > 1, the tile's last block: sums every split's partial (in split order), then the epilogue, store.
 template <int FT, int PX>
 CTP_HD void ReducePartials(const ThreadState<FT, PX>& st, const PatternConvParams& p) {
   ForEachOutput(st, p, [&](int, int, long long at, float bias) {
     float v = 0.0f;
     for (int s = 0; s < p.splits; ++s) v += load_coherent(p.partial + s * p.y_size + at);
-    p.y[at] = Epilogue(p, v, bias);
+    p.y[at] = Epilogue(p, v, bias, at);
   });
 }
 
