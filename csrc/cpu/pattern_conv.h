@@ -8,7 +8,8 @@
 // floats apart, and the output of a filter is computed over the flat index p = y * flat_row + x, x < flat_row: the
 // columns x >= OW are garbage and never stored. Every tap (ky, kx) of every output pixel then reads the packed plane
 // at p + tap_offset[ky*3+kx], one constant per tap, for stride 1 and 2 alike:
-// - stride 1: the plane is the padded image (flat_row = padded width), tap offset ky * flat_row + kx;
+// - stride 1: the plane is the padded image with each row's right pad shared as the next row's left pad
+//   (flat_row = W + max(pad_left, pad_right), at least OW), tap offset ky * flat_row + kx;
 // - stride 2: the plane holds four phase planes, padded[2i+py][2j+px] at phase (py, px), so output (y, x) reads
 //   phase (ky&1, kx&1) at (y + ky/2, x + kx/2): tap offset = phase_index * phase + (ky>>1) * flat_row + (kx>>1).
 // A register tile is `vectors` consecutive vectors of that flat index; every vector lane is useful except the few
