@@ -7,6 +7,7 @@ its output with NaN first, so any element it fails to write shows. Malformed nod
 error, not a crash.
 """
 
+import itertools
 import math
 import os
 import secrets
@@ -124,6 +125,17 @@ def test_edges(library):
     # Pads wider than one pixel, both strides (phase planes for stride 2).
     check_case(library, rng, C=5, O=4, H=11, W=12, stride=2, pads=[2, 3, 2, 1], what="pads 2-3, stride 2", **base)
     check_case(library, rng, C=5, O=4, H=9, W=10, stride=1, pads=[3, 2, 0, 2], what="pads 0-3, stride 1", **base)
+
+
+def test_every_small_geometry(library):
+    # Widths 1-6 against every left/right pad 0-3 (the packing shares a row's right pad with the next row's left pad
+    # at stride 1, and splits columns into two phases at stride 2: the corners of both are here), heights 1 and 4.
+    rng = np.random.default_rng([SEED, 2500])
+    for W, H, left, right, top, bottom, stride in itertools.product(range(1, 7), (1, 4), range(4), range(4), (0, 2),
+                                                                     (0, 2), (1, 2)):
+        if W + left + right >= 3 and H + top + bottom >= 3:
+            check_case(library, rng, N=1, C=2, O=3, H=H, W=W, stride=stride, pads=[top, left, bottom, right],
+                       bias=False, activation=ACTIVATIONS[0], threads=1, kept=np.full(3, 2), what="small geometry")
 
 
 def test_threads_give_identical_results(library):
