@@ -70,7 +70,7 @@ def prune(
     batch_size: int = 64,
     lr: float | None = None,
     patterns: int = 8,
-    allocation: str = "importance",
+    allocation: str = "balanced",
     device: str = "auto",
     backend: str = "torch",
     report_path=None,

@@ -73,10 +73,11 @@ def main():
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Learning rate [default: by method].")
 @click.option("--patterns", type=click.IntRange(min=1, max=126), default=8, show_default=True, help="Size of the pattern library.")
-@click.option("--allocation", type=click.Choice(["importance", "balanced", "macs"]), default="importance", show_default=True,
-              help="pattern: how kept kernels are split between layers: by importance; by importance per "
-                   "multiply-add (macs: prunes high-resolution layers more, faster models, usually less accurate); "
-                   "or per square root of multiply-adds (balanced, in between).")
+@click.option("--allocation", type=click.Choice(["importance", "balanced", "macs"]), default="balanced", show_default=True,
+              help="pattern: how kept kernels are split between layers: by importance per square root of "
+                   "multiply-adds (balanced); per multiply-add (macs: prunes high-resolution layers even more, "
+                   "faster, usually less accurate); or by importance alone (keeps early high-resolution layers, "
+                   "slower models).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["torch", "ortmodule"]), default="torch", show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")

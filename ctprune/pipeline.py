@@ -38,7 +38,9 @@ class Pipeline:
     batch_size: int = 64
     lr: float | None = None
     patterns: int = 8
-    allocation: str = "importance"  # how kept kernels are split between layers: "importance" or "macs" (per MAC)
+    # how kept kernels are split between layers: by importance per sqrt(MACs) ("balanced"), per MAC ("macs"), or by
+    # importance alone ("importance"); ctprune.pruning.connectivity
+    allocation: str = "balanced"
     device: str = "auto"
     backend: str = "torch"
     seed: int = 0

@@ -53,7 +53,7 @@ def _budget(epochs: int, train_limit: int) -> str:
     return f"{epochs} epoch(s) on {train_limit or 60000} images"
 
 
-def _run(net, ratio, schedule, epochs, train_limit, eval_limit, seed, tmp, allocation="importance") -> dict:
+def _run(net, ratio, schedule, epochs, train_limit, eval_limit, seed, tmp, allocation="balanced") -> dict:
     train = _subset(DATA / "train.npz", train_limit, seed, tmp)
     test = _subset(DATA / "test.npz", eval_limit, seed, tmp)
     start = time.perf_counter()
@@ -75,8 +75,7 @@ def _key(rec: dict) -> tuple:
 
 def _row(rec: dict) -> list[str]:
     pruning = "ClickTrain (during)" if rec["schedule"] == "clicktrain" else "one-shot (after)"
-    allocation = rec.get("allocation", "importance")
-    return [rec["net"], f"{rec['ratio']:g}x", pruning if allocation == "importance" else f"{pruning}, {allocation}",
+    return [rec["net"], f"{rec['ratio']:g}x", f"{pruning}, {rec.get('allocation', 'importance')}",
             f"{rec['ratio_achieved']:.2f}x", f"{100 * rec['acc_dense']:.2f}", f"{100 * rec['acc_pruned']:.2f}",
             f"{100 * (rec['acc_pruned'] - rec['acc_dense']):+.2f}", f"{rec['train_s']:.0f}", f"{rec['wall_s']:.0f}",
             f"{rec['lat_dense']:.3f}", f"{rec['lat_pruned']:.3f}", f"{rec['lat_dense'] / rec['lat_pruned']:.2f}x"]
@@ -98,7 +97,7 @@ def main(argv=None):
     ap.add_argument("--eval-limit", type=int, default=5000, help="test images used (0: all 10,000)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--allocation", default="importance", help="how kept kernels are split between layers (ctprune --allocation)")
+    ap.add_argument("--allocation", default="balanced", help="how kept kernels are split between layers (ctprune --allocation)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
