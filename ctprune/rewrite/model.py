@@ -13,9 +13,10 @@ they were. Per listed Conv (3x3, group 1, dilation 1, weight from an initializer
   for IR-3 style models, from the graph inputs too.
 The model gains the `ai.ctprune` opset import (version 1) and the model-local PatternConv function, stamped with the
 model's default-domain opset; where any residual was fused, the function's form with Z, and every PatternConv node
-without a residual gets a shared one-element zero as Z (ops/PatternConv.md). A model below opset 13 is first upgraded with onnx.version_converter (the function
-needs opset >= 13), and a model below IR version 8 is raised to 8 (model-local functions need it); an IR-3 model's
-initializers leave the graph inputs then (IR 3 required them there; from IR 4 on they would read as overridable).
+without a residual gets a shared one-element zero as Z (ops/PatternConv.md). A model below opset 13 is first upgraded
+with onnx.version_converter (the function needs opset >= 13), and a model below IR version 8 is raised to 8
+(model-local functions need it); an IR-3 model's initializers leave the graph inputs then (IR 3 required them there;
+from IR 4 on they would read as overridable).
 
 Layers are keyed by Conv node name; for graphs whose nodes have no names, a key may also be the Conv's output name.
 """
@@ -65,9 +66,9 @@ def _copy_fields(source, target, skip: str) -> None:
             setattr(target, field.name, value)
 
 
-def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """onnx.version_converter run on the graph with its large weights detached: the converter serializes the whole
-    model both ways (for VGG-19, 13 of 14 seconds), and its adapters do not read weight values."""
+def _detached(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """A copy of `model` whose large weights are placeholders (name, type, dims; marked external), and those weights:
+    for passes that read the graph but not weight values, without copying hundreds of MB."""
     light = onnx.ModelProto()
     _copy_fields(model, light, skip="graph")
     _copy_fields(model.graph, light.graph, skip="initializer")
@@ -80,6 +81,13 @@ def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
             placeholder.external_data.add(key="location", value=_DETACHED)
         else:
             light.graph.initializer.append(tensor)
+    return light, weights
+
+
+def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """onnx.version_converter run on the graph with its large weights detached: the converter serializes the whole
+    model both ways (for VGG-19, 13 of 14 seconds), and its adapters do not read weight values."""
+    light, weights = _detached(model)
     converted = onnx.version_converter.convert_version(light, opset)
     for tensor in converted.graph.initializer:
         if any(entry.value == _DETACHED for entry in tensor.external_data):
@@ -232,10 +240,8 @@ def _fusable_residual(graph, conv_output, reads, shapes: Mapping[str, tuple]) ->
 
 def _shapes_of(model: onnx.ModelProto) -> dict[str, tuple]:
     """Tensor name -> inferred dims (int, or the dim_param string; None where unknown), without touching `model`."""
-    probe = onnx.ModelProto()
-    _copy_fields(model, probe, skip="graph")
-    _copy_fields(model.graph, probe.graph, skip="value_info")
-    infer_shapes(probe)  # skeletonises the weights itself
+    probe, _ = _detached(model)
+    infer_shapes(probe)
     shapes = {}
     for vi in list(probe.graph.input) + list(probe.graph.value_info) + list(probe.graph.output):
         t = vi.type.tensor_type
@@ -333,7 +339,7 @@ def rewrite_model(
 
     reads = _reads(graph)
     # Shapes decide which residual Adds fuse; inferred once, before any node changes (only if some Add could fuse).
-    adds = {node.input[i] for node in graph.node if node.op_type == "Add" for i in range(len(node.input))}
+    adds = {name for node in graph.node if node.op_type == "Add" for name in node.input}
     shapes = _shapes_of(model) if any(graph.node[i].output[0] in adds for i in indices.values()) else {}
     fused_away, maybe_unread, with_residual = set(), set(), False
     for key, index in sorted(indices.items(), key=lambda item: item[1]):
