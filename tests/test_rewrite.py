@@ -356,3 +356,36 @@ def test_residual_adds_fuse_only_where_the_shapes_and_readers_allow():
             got = run(out, feeds, library=library)
             for g, w in zip(got, want):
                 assert g.shape == w.shape and rel_err(g, w) <= 1e-4, f"seed {seed}, library {library}"
+
+
+def test_batchnorm_after_a_conv_is_folded_and_then_its_residual_and_relu_fuse():
+    seed = secrets.randbits(32)
+    rng = np.random.default_rng(seed)
+    io = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4, 6, 6])
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), f"{c}.w") for c in "ab"]
+    inits.append(numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b.bias"))
+    for c in "ab":  # gamma, beta, mean, var
+        inits += [numpy_helper.from_array(v.astype(np.float32), f"{c}.{n}") for n, v in
+                  (("g", rng.uniform(0.5, 1.5, 4)), ("beta", rng.standard_normal(4)), ("m", rng.standard_normal(4)),
+                   ("v", rng.uniform(0.5, 2.0, 4)))]
+    bn = lambda c, inp, out: helper.make_node("BatchNormalization", [inp, f"{c}.g", f"{c}.beta", f"{c}.m", f"{c}.v"],
+                                              [out], name=f"bn_{c}", epsilon=1e-3)
+    nodes = [helper.make_node("Conv", ["x", "a.w"], ["a.out"], name="a", pads=[1, 1, 1, 1]), bn("a", "a.out", "a.bn"),
+             helper.make_node("Sum", ["a.bn", "r"], ["a.sum"], name="sum_a"),
+             helper.make_node("Relu", ["a.sum"], ["ya"], name="relu_a"),
+             helper.make_node("Conv", ["ya", "b.w", "b.bias"], ["b.out"], name="b", pads=[1, 1, 1, 1]),
+             bn("b", "b.out", "b.bn"), helper.make_node("Relu", ["b.bn"], ["yb"], name="relu_b")]
+    model = helper.make_model(helper.make_graph(nodes, "bn", [io("x"), io("r")], [io("yb")], inits),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    masked, layers = mask_3x3_convs(model, rng, kept_fraction=0.5)
+    out = rewrite_model(masked, layers)
+    onnx.checker.check_model(out, full_check=True)
+    assert [n.op_type for n in out.graph.node] == ["PatternConv", "PatternConv"]
+    a, b = out.graph.node
+    assert a.input[3] == "r" and list(a.output) == ["ya"] and list(b.output) == ["yb"]
+    assert not {t.name for t in out.graph.initializer} & {"b.bias", "a.g", "a.v", "b.m"}  # folded away
+    for batch in (1, 2):
+        feeds = {n: rng.standard_normal((batch, 4, 6, 6)).astype(np.float32) for n in ("x", "r")}
+        want = run(masked, feeds)[0]
+        for library in (False, True) if library_built() else (False,):
+            assert rel_err(run(out, feeds, library=library)[0], want) <= 1e-4, f"seed {seed}, library {library}"

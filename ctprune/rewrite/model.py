@@ -4,13 +4,16 @@ Plain protobuf surgery on a copy of the model, so names, order, metadata and eve
 they were. Per listed Conv (3x3, group 1, dilation 1, weight from an initializer or a Constant node):
 - the node becomes a PatternConv of the same name at the same place, with a compact weight initializer
   `<weight>.pattern` (K, 4) and the spec's attributes; the bias input is reused as it is;
-- an Add that is the Conv output's only reader and whose other input (the residual: a ResNet shortcut) has the
-  Conv output's shape is fused as the input Z; the PatternConv then sits where the Add was (the shortcut may be
-  computed after the Conv) and writes its output;
-- a Relu or a Clip with constant bounds that is the only reader of what comes out (Conv or fused Add) is fused
-  (activation_min/max); the fused node writes the activation's output name, so the graph outside is unchanged;
-- the dense weight (and a fused Clip's bounds) are dropped when nothing else reads them, from the initializers and,
-  for IR-3 style models, from the graph inputs too.
+- an inference BatchNormalization with constant parameters that is the Conv output's only reader is folded into the
+  compact weights and a new bias (onnxruntime folds it into a dense Conv, not into an op it does not know);
+- an Add (or two-input Sum) that is the only reader of what comes out and whose other input (the residual: a ResNet
+  shortcut) has the same shape is fused as the input Z; the PatternConv then sits where the Add was (the shortcut
+  may be computed after the Conv) and writes its output;
+- a Relu or a Clip with constant bounds that is the only reader of what comes out (Conv, BatchNormalization or Add)
+  is fused (activation_min/max); the fused node writes the last fused node's output name, so the graph outside is
+  unchanged;
+- the dense weight (and a fused Clip's bounds, a folded BatchNormalization's parameters) are dropped when nothing
+  else reads them, from the initializers and, for IR-3 style models, from the graph inputs too.
 The model gains the `ai.ctprune` opset import (version 1) and the model-local PatternConv function, stamped with the
 model's default-domain opset; where any residual was fused, the function's form with Z, and every PatternConv node
 without a residual gets a shared one-element zero as Z (ops/PatternConv.md). A model below opset 13 is first upgraded
@@ -23,6 +26,7 @@ Layers are keyed by Conv node name; for graphs whose nodes have no names, a key 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -220,14 +224,55 @@ def _only_reader(graph, name, reads) -> int | None:
     return readers[0] if len(readers) == 1 and reads[name] == 1 else None
 
 
-def _fusable_residual(graph, conv_output, reads, shapes: Mapping[str, tuple]) -> tuple[int, str] | None:
-    """(node index, residual name) of an Add that is the only reader of conv_output and adds a tensor of the same
-    static shape (no broadcasting), else None."""
+def _fusable_batchnorm(graph, conv_output, reads, initializers) -> tuple[int, np.ndarray, np.ndarray] | None:
+    """(node index, scale, shift) of an inference-mode BatchNormalization with constant parameters that is the only
+    reader of conv_output (y = x * scale + shift per channel), else None."""
     index = _only_reader(graph, conv_output, reads)
     if index is None:
         return None
     node = graph.node[index]
-    if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+    if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or len(node.input) != 5:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if int(attrs.get("training_mode", 0)) != 0 or sum(1 for name in node.output if name) != 1:
+        return None
+    values = [_constant_value(graph, name, initializers) for name in node.input[1:]]
+    if any(v is None for v in values):
+        return None
+    gamma, beta, mean, var = (np.asarray(v, dtype=np.float64).reshape(-1) for v in values)
+    scale = gamma / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
+    return index, scale, beta - mean * scale
+
+
+def _fold_batchnorm(graph, conv, compact, bn, initializers, taken) -> tuple[CompactPatternWeights, str] | None:
+    """The compact weights and the name of a new bias initializer with the BatchNormalization folded in, or None
+    where the Conv's bias is not a constant or the shapes disagree."""
+    _, scale, shift = bn
+    out_channels = compact.weight_shape[0]
+    bias = np.zeros(out_channels)
+    if len(conv.input) > 2 and conv.input[2]:
+        bias = _constant_value(graph, conv.input[2], initializers)
+        if bias is None:
+            return None
+    if scale.shape != (out_channels,) or np.size(bias) != out_channels:
+        return None
+    weights = (compact.weights * scale[compact.kernel_filters][:, None]).astype(np.float32)
+    name = _unique_name(f"{conv.name or conv.output[0]}.folded_bias", taken)
+    graph.initializer.append(numpy_helper.from_array((bias.reshape(-1) * scale + shift).astype(np.float32), name))
+    return dataclasses.replace(compact, weights=weights), name
+
+
+RESIDUAL_OPS = ("Add", "Sum")  # Sum of two inputs is an Add (older exporters, e.g. Caffe2's ResNet-50)
+
+
+def _fusable_residual(graph, conv_output, reads, shapes: Mapping[str, tuple]) -> tuple[int, str] | None:
+    """(node index, residual name) of an Add (or two-input Sum) that is the only reader of conv_output and adds a
+    tensor of the same static shape (no broadcasting), else None."""
+    index = _only_reader(graph, conv_output, reads)
+    if index is None:
+        return None
+    node = graph.node[index]
+    if node.op_type not in RESIDUAL_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
         return None
     residual = node.input[1] if node.input[0] == conv_output else node.input[0]
     if not residual or residual == conv_output:
@@ -339,8 +384,7 @@ def rewrite_model(
 
     reads = _reads(graph)
     # Shapes decide which residual Adds fuse; inferred once, before any node changes (only if some Add could fuse).
-    adds = {name for node in graph.node if node.op_type == "Add" for name in node.input}
-    shapes = _shapes_of(model) if any(graph.node[i].output[0] in adds for i in indices.values()) else {}
+    shapes = _shapes_of(model) if any(node.op_type in RESIDUAL_OPS for node in graph.node) else {}
     fused_away, maybe_unread, with_residual = set(), set(), False
     for key, index in sorted(indices.items(), key=lambda item: item[1]):
         conv = graph.node[index]
@@ -354,6 +398,16 @@ def rewrite_model(
         compact = compact_from_dense(weight, layers[key], require_masked=require_masked, where=where)
 
         output, lo, hi, place = conv.output[0], float("-inf"), float("inf"), index
+        bias = conv.input[2] if len(conv.input) > 2 else ""
+        bn = _fusable_batchnorm(graph, output, reads, initializers)
+        folded = _fold_batchnorm(graph, conv, compact, bn, initializers, taken) if bn is not None else None
+        if folded is not None:
+            compact, bias = folded
+            bn_node = graph.node[bn[0]]
+            fused_away.add(bn[0])
+            maybe_unread.update(name for name in list(bn_node.input[1:]) + list(conv.input[2:]) if name)
+            _forget_value_info(graph, output)
+            output = bn_node.output[0]
         residual = _fusable_residual(graph, output, reads, shapes)
         if residual is not None:
             # The node goes where the Add was: the residual may be computed after the Conv.
@@ -372,7 +426,6 @@ def rewrite_model(
 
         weight_name = _unique_name(f"{conv.input[1]}.pattern", taken)
         graph.initializer.append(numpy_helper.from_array(compact.weights, weight_name))
-        bias = conv.input[2] if len(conv.input) > 2 else ""
         inputs = [conv.input[0], weight_name] + ([bias, residual] if residual else [bias] if bias else [])
         with_residual |= residual is not None
         maybe_unread.add(conv.input[1])
