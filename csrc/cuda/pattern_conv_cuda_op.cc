@@ -138,14 +138,8 @@ class PatternConvCudaKernel {
     const float* residual = nullptr;
     int64_t z_elements = 0;
     if (z) {
-      const std::vector<int64_t> zs = z.GetTensorTypeAndShapeInfo().GetShape();
-      int64_t elements = 1;
-      for (int64_t d : zs) elements *= d;
-      if (elements != 1 && zs != y_shape)
-        throw InvalidNode("Z (the residual) must have one element or Y's shape " + ShapeStr(y_shape) + ", got " +
-                          ShapeStr(zs));
+      z_elements = ops::ResidualElements<InvalidNode>(z.GetTensorTypeAndShapeInfo().GetShape(), y_shape);
       residual = z.GetTensorData<float>();
-      z_elements = elements;
     }
     Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
     if (xs[0] == 0) return;

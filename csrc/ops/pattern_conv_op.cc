@@ -75,9 +75,10 @@ void ConvItem(void* data, size_t item) {
   const int t0 = (rest / w.filter_items) * w.tiles_per_item;
   const int f0 = (rest % w.filter_items) * w.filters_per_item;
   cpu::ImageJob job = w.job;
+  const size_t image_out = static_cast<size_t>(n) * w.g->O * w.g->OH * w.g->OW;  // Y and Z share the layout
   job.packed += static_cast<size_t>(n) * w.g->C * w.g->plane;
-  job.out += static_cast<size_t>(n) * w.g->O * w.g->OH * w.g->OW;
-  if (job.residual != nullptr) job.residual += static_cast<size_t>(n) * w.g->O * w.g->OH * w.g->OW;
+  job.out += image_out;
+  if (job.residual != nullptr) job.residual += image_out;
   w.tiles(*w.g, job, f0, std::min(w.filter_count, f0 + w.filters_per_item), t0,
           std::min(w.g->tiles, t0 + w.tiles_per_item));
 }
@@ -167,16 +168,10 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   float z_offset = 0.0f;
   const float* residual = nullptr;
   if (z) {
-    const std::vector<int64_t> zs = z.GetTensorTypeAndShapeInfo().GetShape();
-    int64_t elements = 1;
-    for (int64_t d : zs) elements *= d;
-    if (elements == 1) {
+    if (ResidualElements<cpu::InvalidNode>(z.GetTensorTypeAndShapeInfo().GetShape(), y_shape) == 1) {
       z_offset = z.GetTensorData<float>()[0];
-    } else if (zs == y_shape) {
-      residual = z.GetTensorData<float>();
     } else {
-      throw cpu::InvalidNode("Z (the residual) must have one element or Y's shape " + ShapeStr(y_shape) + ", got " +
-                             ShapeStr(zs));
+      residual = z.GetTensorData<float>();
     }
   }
 

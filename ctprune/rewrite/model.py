@@ -44,6 +44,7 @@ from ctprune.rewrite.pattern_conv import CompactPatternWeights, LayerPatterns, c
 log = logging.getLogger(__name__)
 
 MIN_IR_VERSION = 8  # model-local functions
+RESIDUAL_OPS = ("Add", "Sum")  # Sum of two inputs is an Add (older exporters, e.g. Caffe2's ResNet-50)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -260,9 +261,6 @@ def _fold_batchnorm(graph, conv, compact, bn, initializers, taken) -> tuple[Comp
     name = _unique_name(f"{conv.name or conv.output[0]}.folded_bias", taken)
     graph.initializer.append(numpy_helper.from_array((bias.reshape(-1) * scale + shift).astype(np.float32), name))
     return dataclasses.replace(compact, weights=weights), name
-
-
-RESIDUAL_OPS = ("Add", "Sum")  # Sum of two inputs is an Add (older exporters, e.g. Caffe2's ResNet-50)
 
 
 def _fusable_residual(graph, conv_output, reads, shapes: Mapping[str, tuple]) -> tuple[int, str] | None:
