@@ -144,7 +144,7 @@ class Pipeline:
         )
 
     def _pattern(self, model, ratio, checkpoint_tag: str = ""):
-        """ClickTrain: importance → pattern library → soft masks with group lasso → hard masks → PatternConv."""
+        """ClickTrain: pattern library → soft masks at a rising ratio → hard masks → PatternConv."""
         from ctprune.graph import conv_layers, write_back
         from ctprune.pruning import ClickTrainPruner, OneShotPruner, prunable_convs
         from ctprune.rewrite import rewrite_model

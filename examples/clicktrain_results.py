@@ -94,6 +94,7 @@ def main(argv=None):
     ap.add_argument("--compare-epochs", type=int, default=2, help="compare: fine-tune epochs")
     ap.add_argument("--compare-train-limit", type=int, default=0, help="compare: training images (0: all 60,000)")
     ap.add_argument("--compare-ratio", type=float, default=8.0)
+    ap.add_argument("--schedules", default="clicktrain,oneshot", help="compare: which rows to run (clicktrain, oneshot)")
     ap.add_argument("--eval-limit", type=int, default=5000, help="test images used (0: all 10,000)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -110,11 +111,15 @@ def main(argv=None):
             runs.append((net, args.compare_ratio, "oneshot", args.epochs, args.train_limit))
     if args.only in ("compare", "all"):
         runs += [("resnet20", args.compare_ratio, s, args.compare_epochs, args.compare_train_limit)
-                 for s in ("clicktrain", "oneshot")]
+                 for s in args.schedules.split(",")]
+    fresh = {}
     with tempfile.TemporaryDirectory() as tmp:
         for net, ratio, schedule, epochs, limit in runs:
             rec = _run(net, ratio, schedule, epochs, limit, args.eval_limit, args.seed, pathlib.Path(tmp), args.allocation)
-            records[_key(rec)] = rec
+            fresh[_key(rec)] = rec
+            if store.exists():  # another invocation (e.g. the other schedule, run alongside) may have added records
+                records = {_key(r): r for r in json.loads(store.read_text())}
+            records.update(fresh)
             store.write_text(json.dumps(list(records.values()), indent=1) + "\n")  # after each run: nothing is lost
 
     # The records may come from several invocations (one per section): name the script, not the last command line.

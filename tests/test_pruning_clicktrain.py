@@ -55,7 +55,7 @@ def fresh(seed=0, **knobs):
     net = SmallNet()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     # long phases: room to stop mid-phase in 40 steps; gradient importance and the lasso penalty unless asked otherwise
-    knobs = {"warmup": 0.1, "soft": 0.4, "importance": "gradient", "lasso": "penalty", **knobs}
+    knobs = {"warmup": 0.1, "soft": 0.4, "importance": "gradient", "soft_mode": "lasso", "lasso": "penalty", **knobs}
     return net, opt, ClickTrainPruner(net.prunable(), ratio=6.0, patterns=6, **knobs)
 
 
@@ -118,7 +118,8 @@ def test_hard_masks_keep_zeros_after_optimizer_steps(optimizer):
 def test_group_lasso_value_and_gradient_match_a_direct_computation():
     torch.manual_seed(3)
     w = torch.nn.Parameter(torch.randn(4, 3, 3, 3, dtype=torch.float64))
-    pruner = ClickTrainPruner({"l": w}, ratio=3.0, patterns=2, warmup=0.1, soft=0.8, lasso_lambda=0.37, lasso="penalty")
+    pruner = ClickTrainPruner({"l": w}, ratio=3.0, patterns=2, warmup=0.1, soft=0.8, lasso_lambda=0.37, lasso="penalty",
+                              soft_mode="lasso")
     pruner.begin(10)
     pruner.after_step(0)  # first selection (by magnitude: no gradient yet); soft phase begins
     assert pruner.plan is not None and not pruner.hard
@@ -268,15 +269,15 @@ def test_pruner_is_a_train_hooks():
     assert isinstance(fresh()[2], TrainHooks)
 
 
-def test_default_selects_by_magnitude_first_then_shrinks_pruned_groups_to_zero():
-    # The defaults: first selection by magnitude after the first step (the one-shot baseline's plan, since the
+def test_lasso_mode_selects_by_magnitude_first_then_shrinks_pruned_groups_to_zero():
+    # soft_mode="lasso": first selection by magnitude after the first step (the one-shot baseline's plan, since the
     # weights have not moved: lr 0), then proximal group-lasso steps that take each to-be-pruned group's norm down by
     # its layer's step: the median group is exactly zero when the hard masks come on, the kept taps never move.
     torch.manual_seed(4)
     net = SmallNet()
     dense = {n: w.detach().clone() for n, w in net.prunable().items()}
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
-    pruner = ClickTrainPruner(net.prunable(), ratio=6.0, patterns=6)
+    pruner = ClickTrainPruner(net.prunable(), ratio=6.0, patterns=6, soft_mode="lasso")
     pruner.begin(50, 10)
     s = pruner.schedule
     assert (s.warmup_end, s.hard_start) == (1, 10)
@@ -301,6 +302,47 @@ def test_default_selects_by_magnitude_first_then_shrinks_pruned_groups_to_zero()
     assert pruner.hard  # the masks held: shrinking only what they remove leaves magnitude choosing the same weights
     for name in net.prunable():
         assert torch.equal(pruner.final_plan().layer_mask(name), reference.layer_mask(name))
+
+
+@pytest.mark.parametrize("regrow", [True, False])
+def test_default_gradual_soft_phase_ramps_the_ratio_and_zeroes_what_it_removes(regrow):
+    # The default: the soft phase (40% of the steps) selects by magnitude at a ratio that rises from patterns alone
+    # (2.25x, every kernel kept) to the target on a cubic; each selection zeroes the weights it removes, which train
+    # back until the next selection (regrow) or stay zero; the final selection meets the target and holds.
+    torch.manual_seed(6)
+    net = SmallNet()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    pruner = ClickTrainPruner(net.prunable(), ratio=6.0, patterns=6, regrow=regrow)
+    total = 60
+    pruner.begin(total, 10)
+    s = pruner.schedule
+    assert (s.warmup_end, s.hard_start) == (1, 24)
+    assert pruner.extra_loss(5) is None  # no lasso term in this mode
+    batches = make_batches(total, seed=2)
+    ratios, kept_before, regrew = [], None, False
+    for step in range(s.hard_start - 1):
+        train(net, opt, pruner, batches, [step])
+        if s.selects_after(step):
+            plan = pruner.plan
+            ratios.append(plan.ratio_achieved)
+            assert plan.ratio_target == pytest.approx(pruner._ramp_ratio(step)) or plan.ratio_target == pytest.approx(2.25)
+            for name, w in net.prunable().items():  # zeroed at the selection
+                assert torch.all(w.detach()[plan.layer_mask(name) == 0] == 0)
+            kept_before = {n: plan.layer_mask(n) for n in net.prunable()}
+        elif kept_before is not None:
+            removed_nonzero = any(torch.any(w.detach()[kept_before[n] == 0] != 0) for n, w in net.prunable().items())
+            regrew = regrew or removed_nonzero
+            assert regrow or not removed_nonzero
+    assert ratios[0] == pytest.approx(2.25)
+    assert all(b >= a - 1e-9 for a, b in zip(ratios, ratios[1:])) and ratios[-1] <= 6.0 * (1 + 1e-6)
+    assert 2.25 < ratios[len(ratios) // 2] < 6.0  # a ramp, not a jump
+    assert regrew == regrow  # removed weights trained back between selections, or stayed zero
+    train(net, opt, pruner, batches, range(s.hard_start - 1, total))
+    assert pruner.hard and pruner.final_plan().ratio_achieved == pytest.approx(6.0, rel=0.05)
+    for name, w in net.prunable().items():
+        assert torch.all(w.detach()[pruner.plan.layer_mask(name) == 0] == 0)
+    with pytest.raises(ValueError, match="soft_mode"):
+        ClickTrainPruner(net.prunable(), ratio=6.0, soft_mode="ramp")
 
 
 @pytest.mark.parametrize("kind", ["gradient", "blend"])

@@ -13,7 +13,16 @@ by its layer mean, summed. The default is magnitude: starting from a converged m
 chose worse masks on the Fashion-MNIST ResNet-20 at 8x (one 188-step fine-tune, 5k test images: magnitude 90.0%,
 (w*g)^2 88.2%, (w*mean g)^2 88.8%, blend 87.8%; examples/RESULTS_clicktrain.md).
 
-How the soft phase pushes (`lasso`). "penalty": lambda * sum of group norms added to the loss (the paper's form; goes
+What the soft phase does (`soft_mode`). "gradual" (default): each selection runs at a ratio that rises from patterns
+alone (2.25x) to the target on a cubic (Zhu & Gupta's gradual pruning schedule) and zeroes the weights it removes;
+with `regrow` (default) they keep training until the next selection, which may bring them back (soft masks, as in
+soft filter pruning), so kernels are judged on the network as it adapts instead of once on the dense model. On the
+Fashion-MNIST ResNet-20 at 8x (313 steps, 5k test images) it reached 91.06% against one-shot's 90.68%; without
+regrowth 90.78%. "lasso": the masks are chosen at the target ratio from the start and a group lasso fades the
+to-be-pruned weights out (the paper's form), which tied one-shot: with magnitude scores the re-selections never
+changed a mask.
+
+How the lasso soft phase pushes (`lasso`). "penalty": lambda * sum of group norms added to the loss (the paper's form; goes
 through momentum and the gradient clip). "proximal" (default): after each optimizer step, every to-be-pruned group's
 norm is decreased by its layer's step, to zero at most — the proximal step of the same group lasso, with the step set
 at the first selection so the layer's median group is exactly zero when the hard masks come on.
@@ -30,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 
 from ctprune.errors import GraphError
-from ctprune.pruning.connectivity import kernel_budget
+from ctprune.pruning.connectivity import PATTERN_RATIO, kernel_budget
 from ctprune.pruning.importance import ImportanceMeter, magnitude_importance
 from ctprune.pruning.patterns import TAPS
 from ctprune.pruning.plan import PruningPlan
@@ -43,6 +52,8 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 IMPORTANCE_KINDS = ("gradient", "magnitude", "blend")
 LASSO_KINDS = ("penalty", "proximal")
+SOFT_MODES = ("lasso", "gradual")
+DEFAULT_SOFT = {"gradual": 0.4, "lasso": 0.2}  # soft-phase fraction of the steps when none is given
 
 
 def check_prunable(weights: Mapping[str, torch.Tensor]) -> None:
@@ -74,7 +85,7 @@ class ClickTrainPruner(TrainHooks):
         *,
         spread: float = 2.5,
         warmup: float = 0.0,
-        soft: float = 0.2,
+        soft: float | None = None,
         reselections: int = 8,
         lasso_lambda: float | None = None,
         importance_decay: float | None = None,
@@ -84,14 +95,22 @@ class ClickTrainPruner(TrainHooks):
         skipped: Mapping[str, str] | None = None,
         macs: Mapping[str, int] | None = None,
         allocation: str = "importance",
+        soft_mode: str = "gradual",
+        regrow: bool = True,
     ):
         check_prunable(weights)
+        if soft_mode not in SOFT_MODES:
+            raise ValueError(f"soft_mode must be one of {', '.join(SOFT_MODES)}, got {soft_mode!r}")
+        self.soft_mode = soft_mode
+        self.regrow = bool(regrow)
         self.allocation = allocation  # checked by allocate_kernels
         self.weights = dict(weights)
         self.ratio = float(ratio)
         kernel_budget({n: (w.shape[0], w.shape[1]) for n, w in self.weights.items()}, self.ratio)  # RatioError now, not later
         self.patterns = int(patterns)
         self.spread = float(spread)
+        if soft is None:
+            soft = DEFAULT_SOFT[soft_mode]
         self._schedule_knobs = dict(
             warmup=warmup, soft=soft, reselections=reselections, lasso_lambda=lasso_lambda, importance_decay=importance_decay
         )
@@ -140,7 +159,7 @@ class ClickTrainPruner(TrainHooks):
         The groups of a kernel are its 5 dropped taps if it is kept, all 9 taps if it is removed: with the kernel's
         dropped-tap mask m (O, C, 9), both are ||w * m|| over the taps, one norm per kernel.
         """
-        if (self.lasso != "penalty" or self.schedule is None or self.plan is None or self.hard
+        if (self.lasso != "penalty" or self.soft_mode != "lasso" or self.schedule is None or self.plan is None or self.hard
                 or self.schedule.phase(step) != "soft"):
             self._lasso_norms = {}
             return None
@@ -168,12 +187,15 @@ class ClickTrainPruner(TrainHooks):
         if self.hard:
             self._mask_weights()
             return
-        if self.lasso == "proximal" and self.plan is not None and self.schedule.phase(step) == "soft":
-            self._proximal_shrink()
+        if self.plan is not None and self.schedule.phase(step) == "soft":
+            if self.soft_mode == "lasso" and self.lasso == "proximal":
+                self._proximal_shrink()
+            elif self.soft_mode == "gradual" and not self.regrow:
+                self._mask_weights()
         if step + 1 >= self.schedule.hard_start:
             self._select(final=True)
         elif self.schedule.selects_after(step):
-            self._select(final=False)
+            self._select(final=False, step=step)
 
     def end_epoch(self, epoch: int) -> None:
         if self.plan is not None:
@@ -243,13 +265,24 @@ class ClickTrainPruner(TrainHooks):
 
     # -- internals ----------------------------------------------------------------------------------------------------
 
-    def _select(self, final: bool) -> None:
+    def _ramp_ratio(self, step: int) -> float:
+        """Gradual soft phase: the ratio of the selection after `step`, from patterns alone (2.25x) at the first
+        soft selection to the target at the hard masks, the kept fraction falling as a cubic (Zhu & Gupta 2017):
+        large cuts while the network still has the capacity to recover, small ones near the end."""
+        s = self.schedule
+        progress = min(1.0, max(0.0, (step + 1 - s.warmup_end) / max(1, s.hard_start - s.warmup_end)))
+        start, end = 1.0 / PATTERN_RATIO, 1.0 / self.ratio
+        return 1.0 / (end + (start - end) * (1.0 - progress) ** 3)
+
+    def _select(self, final: bool, step: int | None = None) -> None:
         importance, kind = self._importance()
         previous = self.plan
+        gradual = not final and self.soft_mode == "gradual" and step is not None
+        ratio = self._ramp_ratio(step) if gradual else self.ratio
         self.plan = select_plan(
             importance,
             {n: tuple(w.shape) for n, w in self.weights.items()},
-            self.ratio,
+            max(ratio, PATTERN_RATIO),
             patterns=self.patterns,
             spread=self.spread,
             skipped=self.skipped,
@@ -261,6 +294,9 @@ class ClickTrainPruner(TrainHooks):
         if previous is not None and log.isEnabledFor(logging.DEBUG):  # comparing masks costs a pass over every layer
             log.debug("selection %d: %.1f%% of weight masks changed", self.selections, 100 * _changed(previous, self.plan))
         self._install_masks()
+        if gradual:  # the removed weights start from zero; with regrow they may train back until the next selection
+            self._mask_weights()
+            log.debug("gradual selection after step %d: %.2fx", step, self.plan.ratio_achieved)
         if final:
             self.hard = True
             self._mask_weights()
