@@ -116,6 +116,9 @@ def kernel_sources():
 kernels = Extension(
     "ctprune._lib.libctprune_ops",
     sources=kernel_sources(),
+    # headers and the tile kernel's .inc: an edit to one rebuilds the library (make test after a kernel change)
+    depends=sorted(str(p.relative_to(ROOT)) for ext in ("*.h", "*.inc") for p in (ROOT / "csrc").rglob(ext)
+                   if "cuda" not in p.parts),
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno", "-Wall"],
     extra_link_args=["-Wl,--version-script=" + str(ROOT / "csrc" / "ops" / "exports.lds")],

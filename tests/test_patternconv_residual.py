@@ -75,6 +75,20 @@ def test_residual_on_each_tier(library, tier, monkeypatch):
         check_residual_case(library, rng, c, f"seed {SEED} tier {tier}: {c}")
 
 
+@pytest.mark.parametrize("tier", ["generic", "generic16", "avx2"])
+def test_rows_around_the_vector_width_on_each_tier(library, tier, monkeypatch):
+    # A row's last vector store runs into the next row (which then overwrites it) unless it is the tile's last row:
+    # output widths around one and two vectors, images tall enough for several tiles, a residual read the same way.
+    if not tier_available(tier, library, monkeypatch):
+        pytest.skip(f"this CPU does not run the {tier} tier")
+    rng = np.random.default_rng([SEED, 98])
+    for W in range(5, 20):
+        for H, stride in ((7, 1), (31, 1), (30, 2)):
+            c = dict(N=1, C=5, O=6, H=H, W=W, stride=stride, pad=1, bias=True, activation=(0.0, 6.0), full=True,
+                     threads=2)
+            check_residual_case(library, rng, c, f"seed {SEED} tier {tier}: {c}")
+
+
 @pytest.mark.parametrize("z_shape", [(1, 4, 6, 7), (1, 4, 1, 1), (4,), (1, 4, 6, 6, 1), (2, 4, 6, 6)])
 def test_a_residual_of_another_shape_fails_cleanly(library, z_shape):
     layer = random_pattern_layer(np.random.default_rng(0), 4, 3, 2)
