@@ -148,9 +148,10 @@ class ClickTrainPruner(TrainHooks):
         self.schedule = PruningSchedule.from_run(total_steps, **self._schedule_knobs)
         self.meter = ImportanceMeter(self.weights, decay=self.schedule.importance_decay, average=self.average)
         s = self.schedule
+        soft = (f"ratio 2.25x -> {self.ratio:g}x" if self.soft_mode == "gradual" else f"group lasso {s.lasso_lambda:.2g}")
         log.info(
-            "ClickTrain schedule over %d steps: warm-up to %d, soft (lambda %.2g, re-select every %d) to %d, hard masks after",
-            s.total_steps, s.warmup_end, s.lasso_lambda, s.reselect_every, s.hard_start,
+            "ClickTrain schedule over %d steps: warm-up to %d, soft (%s, re-select every %d) to %d, hard masks after",
+            s.total_steps, s.warmup_end, soft, s.reselect_every, s.hard_start,
         )
 
     def extra_loss(self, step: int) -> torch.Tensor | None:
