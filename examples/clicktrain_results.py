@@ -100,6 +100,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--allocation", default="balanced", help="how kept kernels are split between layers (ctprune --allocation)")
     args = ap.parse_args(argv)
+    unknown = set(args.schedules.split(",")) - {"clicktrain", "oneshot"}
+    if unknown:
+        ap.error(f"--schedules: unknown {', '.join(sorted(unknown))} (clicktrain, oneshot)")
     torch.set_num_threads(args.threads)
 
     store = RECORDS

@@ -8,8 +8,9 @@
 
 Defaults from the run's length: no warm-up (the first selection scores weights by magnitude, which needs no gradient
 statistics; gradient importance wants a warm-up, e.g. warmup=0.05), soft 20%, hard masks for the last 80%; 8
-re-selections in the soft phase. (ClickTrainPruner's default gradual soft phase asks for 40%: its ratio ramps over it.) Short fine-tunes need most of their steps under the final masks: on a Fashion-MNIST
-VGG at 8x with 3 epochs, a 10/40/50 split ended 0.6-0.7 points below a 5/25/70 one (noisy CPU run, 2,000 test images).
+re-selections in the soft phase (ClickTrainPruner's default gradual soft phase asks for 40%: its ratio ramps over
+it). Short fine-tunes need most of their steps under the final masks: on a Fashion-MNIST VGG at 8x with 3 epochs, a
+10/40/50 split ended 0.6-0.7 points below a 5/25/70 one (noisy CPU run, 2,000 test images).
 
 Group-lasso strength. The authors' configs use lambda ~2e-4 (1.5e-4..2.5e-4) over soft phases of about 15,000 steps
 (40 CIFAR epochs). A group's norm shrinks by lr * lambda per step, so a short fine-tune gets lambda scaled by
