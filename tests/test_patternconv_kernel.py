@@ -127,12 +127,17 @@ def test_edges(library):
     check_case(library, rng, C=5, O=4, H=9, W=10, stride=1, pads=[3, 2, 0, 2], what="pads 0-3, stride 1", **base)
 
 
-def test_every_small_geometry(library):
-    # Widths 1-6 against every left/right pad 0-3 (the packing shares a row's right pad with the next row's left pad
-    # at stride 1, and splits columns into two phases at stride 2: the corners of both are here), heights 1 and 4.
-    rng = np.random.default_rng([SEED, 2500])
-    for W, H, left, right, top, bottom, stride in itertools.product(range(1, 7), (1, 4), range(4), range(4), (0, 2),
-                                                                     (0, 2), (1, 2)):
+@pytest.mark.parametrize("tier", ["generic", "generic16", "avx2"])
+def test_every_small_geometry(library, tier, monkeypatch):
+    # Widths 1-6 and 9 against every left/right pad 0-3 (the packing shares a row's right pad with the next row's left
+    # pad at stride 1, and splits columns into two phases at stride 2: the corners of both are here), heights 1 and 4.
+    # On each tier: each packs with its own vectors, copying rows narrower than a vector a vector at a time while the
+    # read stays inside the image (the last rows in scalars), a 9-wide row as a vector plus an overlapping tail.
+    if not tier_available(tier, library, monkeypatch):
+        pytest.skip(f"this CPU cannot run the {tier} tier")
+    rng = np.random.default_rng([SEED, 2500 + ["generic", "generic16", "avx2"].index(tier)])
+    for W, H, left, right, top, bottom, stride in itertools.product((1, 2, 3, 4, 5, 6, 9), (1, 4), range(4), range(4),
+                                                                     (0, 2), (0, 2), (1, 2)):
         if W + left + right >= 3 and H + top + bottom >= 3:
             check_case(library, rng, N=1, C=2, O=3, H=H, W=W, stride=stride, pads=[top, left, bottom, right],
                        bias=False, activation=ACTIVATIONS[0], threads=1, kept=np.full(3, 2), what="small geometry")

@@ -19,6 +19,7 @@ struct KernelTable {
   int lanes;        // floats per vector
   int max_vectors;  // largest tile, in vectors
   SelectTilesFn select_tiles;
+  PackChannelFn pack;  // the input packing, in the same instruction set
 };
 
 // The table for this process. If CTPRUNE_FORCE_ISA names a tier this CPU cannot run or an unknown tier, `error` is

@@ -58,5 +58,8 @@ struct ImageJob {
 using FilterTilesFn = void (*)(const ConvGeometry& g, const ImageJob& job, int filter_begin, int filter_end,
                                int tile_begin, int tile_end);
 
+// Writes one packed plane (g.plane floats) for input channel `x` (H x W), and nothing outside it.
+using PackChannelFn = void (*)(const ConvGeometry& g, const float* x, float* packed);
+
 }  // namespace cpu
 }  // namespace ctprune

@@ -2,6 +2,7 @@
 // below only, so the library still loads on any x86-64; dispatch.cc calls it only when CPUID and XCR0 say it can run.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -33,13 +34,20 @@ struct Avx2 {
   static V Min(V a, V b) { return _mm256_min_ps(a, b); }
   static void Store(float* p, V v) { _mm256_store_ps(p, v); }
   static void StoreU(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V Evens(const float* p) {
+    // [a0 a2 b0 b2 | a4 a6 b4 b6], then its 64-bit quarters in the order 0 2 1 3.
+    const V pairs = _mm256_shuffle_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8), _MM_SHUFFLE(2, 0, 2, 0));
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
+  }
 };
 
 #include "cpu/pattern_conv_tiles.inc"
 
 }  // namespace
 
-KernelTable Table() { return {"avx2", Avx2::L, Avx2::kMaxVectors, &SelectFilterTilesFor<Avx2>}; }
+KernelTable Table() {
+  return {"avx2", Avx2::L, Avx2::kMaxVectors, &SelectFilterTilesFor<Avx2>, &PackChannel<Avx2>};
+}
 
 }  // namespace avx2
 }  // namespace cpu

@@ -2,6 +2,7 @@
 // Compiled for that ISA by the pragma below only; dispatch.cc calls it only when CPUID and XCR0 say it can run.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -36,13 +37,20 @@ struct Zmm {
   static V Min(V a, V b) { return _mm512_min_ps(a, b); }
   static void Store(float* p, V v) { _mm512_store_ps(p, v); }
   static void StoreU(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V Evens(const float* p) {
+    // Lanes of the concatenated pair (a, b): 0, 2, ..., 30.
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(p), even, _mm512_loadu_ps(p + 16));
+  }
 };
 
 #include "cpu/pattern_conv_tiles.inc"
 
 }  // namespace
 
-KernelTable Table() { return {"avx512", Zmm::L, Zmm::kMaxVectors, &SelectFilterTilesFor<Zmm>}; }
+KernelTable Table() {
+  return {"avx512", Zmm::L, Zmm::kMaxVectors, &SelectFilterTilesFor<Zmm>, &PackChannel<Zmm>};
+}
 
 }  // namespace avx512
 }  // namespace cpu

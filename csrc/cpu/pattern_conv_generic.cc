@@ -1,6 +1,7 @@
 // Portable tier of the PatternConv tile kernel: the same tile code as the SIMD tiers over a plain array of lanes, which
 // the compiler vectorises with whatever the baseline target allows. Also instantiated at 16 lanes and 24-vector tiles
 // so the tests can check the AVX-512 tiling logic on machines without AVX-512.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -51,6 +52,11 @@ struct Lanes {
   }
   static void Store(float* p, V v) { std::memcpy(p, v.v, sizeof(v.v)); }
   static void StoreU(float* p, V v) { std::memcpy(p, v.v, sizeof(v.v)); }
+  static V Evens(const float* p) {
+    V r;
+    for (int i = 0; i < N; ++i) r.v[i] = p[2 * i];
+    return r;
+  }
 };
 
 #include "cpu/pattern_conv_tiles.inc"
@@ -59,12 +65,12 @@ struct Lanes {
 
 KernelTable Table() {
   using T = Lanes<8, 8>;
-  return {"generic", T::L, T::kMaxVectors, &SelectFilterTilesFor<T>};
+  return {"generic", T::L, T::kMaxVectors, &SelectFilterTilesFor<T>, &PackChannel<T>};
 }
 
 KernelTable Table16() {
   using T = Lanes<16, 24>;
-  return {"generic16", T::L, T::kMaxVectors, &SelectFilterTilesFor<T>};
+  return {"generic16", T::L, T::kMaxVectors, &SelectFilterTilesFor<T>, &PackChannel<T>};
 }
 
 }  // namespace generic

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 
 namespace ctprune {
 namespace cpu {
@@ -201,44 +200,6 @@ std::vector<int32_t> TapOffsets(const PatternConvPlan& p, const ConvGeometry& g)
     }
   }
   return offsets;
-}
-
-void PackChannel(const ConvGeometry& g, const float* x, float* packed) {
-  const int H = g.H, W = g.W;
-  if (g.stride == 1) {
-    // Each float written once: zeros up to the first pixel, each row, zeros across the right and next left pad, ...
-    // (inline loops: on small planes a libc call per row and a memset of the whole plane cost more than the copy).
-    float* dst = packed;
-    const float* const end = packed + g.plane;
-    for (int iy = 0; iy < H; ++iy) {
-      float* const row = packed + static_cast<size_t>(iy + g.pad_top) * g.flat_row + g.pad_left;
-      while (dst < row) *dst++ = 0.0f;
-      const float* src = x + static_cast<size_t>(iy) * W;
-      for (int ix = 0; ix < W; ++ix) dst[ix] = src[ix];
-      dst += W;
-    }
-    while (dst < end) *dst++ = 0.0f;
-    return;
-  }
-  std::memset(packed, 0, sizeof(float) * g.plane);
-  // Padded pixel (r, c) goes to phase (r&1, c&1) at row r/2, column c/2 (pixels past the phase grid are never read).
-  for (int iy = 0; iy < H; ++iy) {
-    const int r = iy + g.pad_top;
-    if ((r >> 1) >= g.phase_rows) break;
-    const float* src = x + static_cast<size_t>(iy) * W;
-    float* const phases = packed + ((r & 1) * 2) * g.phase + static_cast<size_t>(r >> 1) * g.flat_row;
-    // Padded column c = ix + pad_left goes to phase c & 1, column c >> 1: one strided loop per phase, no branch per
-    // pixel (the loops vectorise; a per-pixel phase test made packing a tenth of a small stride-2 layer's time).
-    for (int phase = 0; phase < 2; ++phase) {
-      float* const dst = phases + phase * g.phase;
-      const int first = (g.pad_left + 1 - phase) / 2;  // smallest j with ix = 2j + phase - pad_left >= 0
-      const int span = W - 1 + g.pad_left - phase;      // 2 * (largest j with ix <= W - 1), when >= 0
-      if (span < 0) continue;                            // (W = 1, no left pad: the odd phase gets no pixel)
-      const int last = std::min(span / 2, g.flat_row - 1);
-      const float* from = src + (2 * first + phase - g.pad_left);
-      for (int j = first; j <= last; ++j) dst[j] = from[2 * (j - first)];
-    }
-  }
 }
 
 }  // namespace cpu

@@ -1,5 +1,5 @@
 // PatternConv attributes turned into what the kernels walk (validated once, when onnxruntime creates the kernel),
-// the per-call geometry, and the packing of one input channel into the zero-padded workspace layout.
+// and the per-call geometry (the packing itself is per instruction set: pattern_conv_tiles.inc).
 #pragma once
 
 #include <cmath>
@@ -47,9 +47,6 @@ ConvGeometry MakeGeometry(const PatternConvPlan& plan, int64_t H, int64_t W, int
 
 // (K, 4): channel * g.plane + g.tap_offset[tap] for each kept kernel's taps in ascending order (ImageJob::offsets).
 std::vector<int32_t> TapOffsets(const PatternConvPlan& plan, const ConvGeometry& g);
-
-// Writes one packed plane (g.plane floats) for input channel `x` (H x W).
-void PackChannel(const ConvGeometry& g, const float* x, float* packed);
 
 }  // namespace cpu
 }  // namespace ctprune

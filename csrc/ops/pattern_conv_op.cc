@@ -37,6 +37,7 @@ float* Workspace(size_t floats) {
 
 struct PackWork {
   const cpu::ConvGeometry* g;
+  cpu::PackChannelFn pack;
   const float* x;
   float* packed;
   int channels_per_item;
@@ -51,7 +52,7 @@ void PackItem(void* data, size_t item) {
   const size_t in_plane = static_cast<size_t>(w.g->H) * w.g->W;
   for (int c = c0; c < c1; ++c) {
     const size_t nc = static_cast<size_t>(n) * w.g->C + c;
-    cpu::PackChannel(*w.g, w.x + nc * in_plane, w.packed + nc * w.g->plane);
+    w.pack(*w.g, w.x + nc * in_plane, w.packed + nc * w.g->plane);
   }
 }
 
@@ -183,7 +184,7 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
 
   // 1. Pack every input channel into its zero-padded plane, in parallel.
   float* packed = Workspace(static_cast<size_t>(N) * g.C * g.plane);
-  PackWork pack{&g, x.GetTensorData<float>(), packed, 1, 0};
+  PackWork pack{&g, kernels_.pack, x.GetTensorData<float>(), packed, 1, 0};
   pack.channels_per_item = static_cast<int>(std::max<size_t>(1, 16384 / g.plane));
   pack.items_per_image = (g.C + pack.channels_per_item - 1) / pack.channels_per_item;
   ctx.ParallelFor(&PackItem, static_cast<size_t>(N) * pack.items_per_image, 0, &pack);
