@@ -1,13 +1,16 @@
-"""ClickTrain on the Fashion-MNIST examples, in two sections:
+"""ClickTrain on the Fashion-MNIST examples, in three sections:
 
 - sweep: accuracy vs ratio (2.25x/4x/8x/16x) for both nets with a short fine-tune, plus the prune-after row at 8x;
 - compare: prune-during (ClickTrain) vs prune-after (one-shot magnitude patterns + connectivity, then the same
-  fine-tune) on the ResNet-20 at 8x with the longer fine-tune (issue 4: within 1 point of dense in <= 15 minutes).
+  fine-tune) on the ResNet-20 at 8x with the longer fine-tune (issue 4: within 1 point of dense in <= 15 minutes);
+- seeds: the same two rows at several seeds (initial data order, training subset and test images all follow the
+  seed) and budgets, with their means: one seed's 5,000 test images move by 0.2 points between seeds.
 
-    .venv/bin/python examples/clicktrain_results.py                       # both sections (about 45 min, 1 thread)
+    .venv/bin/python examples/clicktrain_results.py                       # sweep and compare (about 45 min, 1 thread)
     .venv/bin/python examples/clicktrain_results.py --only compare        # re-run one section, keep the other's rows
+    .venv/bin/python examples/clicktrain_results.py --only seeds --seeds 0,1,2 --seed-budgets 1x20000,1x0
 
-Every run is recorded in examples/clicktrain_results.json (one record per net, ratio, schedule and budget); the
+Every run is recorded in examples/clicktrain_results.json (one record per net, ratio, schedule, budget and seed); the
 Markdown (examples/RESULTS_clicktrain.md) and the plot (examples/clicktrain_results.png) are rendered from all records,
 so re-running one section keeps the other. Torch trains on one thread (the machine's other core stays free).
 """
@@ -64,13 +67,43 @@ def _run(net, ratio, schedule, epochs, train_limit, eval_limit, seed, tmp, alloc
            "steps": r["train"]["steps"], "eval_images": eval_limit or 10000, "acc_dense": r["accuracy"]["before"],
            "acc_pruned": r["accuracy"]["after"], "ratio_achieved": r["ratio_achieved"], "train_s": r["train"]["seconds"],
            "wall_s": time.perf_counter() - start, "lat_dense": r["latency_ms"]["dense"],
-           "lat_pruned": r["latency_ms"]["pruned"]}
+           "lat_pruned": r["latency_ms"]["pruned"], "seed": seed}
     print(json.dumps(rec), flush=True)
     return rec
 
 
 def _key(rec: dict) -> tuple:
-    return rec["net"], rec["ratio"], rec["schedule"], rec.get("allocation", "importance"), rec["budget"]
+    return (rec["net"], rec["ratio"], rec["schedule"], rec.get("allocation", "importance"), rec["budget"],
+            rec.get("seed", 0))
+
+
+def _seeds_table(records: list[dict]) -> str:
+    """Prune-during vs prune-after per budget: each seed's accuracy and the means, where both ran at 2+ seeds."""
+    groups: dict[tuple, dict[str, dict[int, dict]]] = {}
+    for r in records:
+        group = groups.setdefault((r["net"], r["ratio"], r.get("allocation", "importance"), r["budget"]), {})
+        group.setdefault(r["schedule"], {})[r.get("seed", 0)] = r
+    rows = []
+    for (net, ratio, allocation, budget), by_schedule in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], kv[0][2], min(r["steps"] for s in kv[1].values() for r in s.values()))):
+        during, after = by_schedule.get("clicktrain", {}), by_schedule.get("oneshot", {})
+        seeds = sorted(set(during) & set(after))
+        if len(seeds) < 2:
+            continue
+        mean = lambda runs: 100 * float(np.mean([runs[s]["acc_pruned"] for s in seeds]))  # noqa: E731
+        wins = sum(during[s]["acc_pruned"] > after[s]["acc_pruned"] for s in seeds)
+        per_seed = " / ".join(f"{100 * during[s]['acc_pruned']:.2f} vs {100 * after[s]['acc_pruned']:.2f}"
+                              for s in seeds)
+        rows.append([net, f"{ratio:g}x", allocation, f"{during[seeds[0]]['steps']}", ",".join(map(str, seeds)),
+                     per_seed, f"{100 * float(np.mean([during[s]['acc_dense'] for s in seeds])):.2f}",
+                     f"{mean(during):.2f}", f"{mean(after):.2f}", f"{mean(during) - mean(after):+.2f}",
+                     f"{wins}/{len(seeds)}"])
+    if not rows:
+        return ""
+    headers = ["net", "ratio", "allocation", "steps", "seeds", "during vs after, per seed (%)", "dense %",
+               "during %", "after %", "during - after", "seeds won"]
+    return ("### Prune-during (ClickTrain) vs prune-after (one-shot), same steps, over seeds\n\n```\n"
+            + render_table(headers, rows, align="lllrllrrrrr") + "\n```\n")
 
 
 def _row(rec: dict) -> list[str]:
@@ -85,8 +118,8 @@ def main(argv=None):
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["sweep", "compare", "all", "render"], default="all",
-                    help="run one section, both, or nothing (re-render the table and plot from the records)")
+    ap.add_argument("--only", choices=["sweep", "compare", "seeds", "all", "render"], default="all",
+                    help="run one section, sweep and compare (all), or nothing (re-render the tables and plot)")
     ap.add_argument("--nets", default="resnet20,vgg", help="nets of the sweep")
     ap.add_argument("--ratios", default="2.25,4,8,16", help="ratios of the sweep")
     ap.add_argument("--epochs", type=int, default=1, help="sweep: fine-tune epochs")
@@ -99,6 +132,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--allocation", default="balanced", help="how kept kernels are split between layers (ctprune --allocation)")
+    ap.add_argument("--seeds", default="0,1,2", help="seeds: the seeds to run")
+    ap.add_argument("--seed-budgets", default="1x20000",
+                    help="seeds: budgets as EPOCHSxIMAGES, comma-separated (IMAGES 0: all 60,000)")
     args = ap.parse_args(argv)
     unknown = set(args.schedules.split(",")) - {"clicktrain", "oneshot"}
     if unknown:
@@ -110,15 +146,24 @@ def main(argv=None):
     runs = []
     if args.only in ("sweep", "all"):
         for net in args.nets.split(","):
-            runs += [(net, float(r), "clicktrain", args.epochs, args.train_limit) for r in args.ratios.split(",")]
-            runs.append((net, args.compare_ratio, "oneshot", args.epochs, args.train_limit))
+            runs += [(net, float(r), "clicktrain", args.epochs, args.train_limit, args.seed)
+                     for r in args.ratios.split(",")]
+            runs.append((net, args.compare_ratio, "oneshot", args.epochs, args.train_limit, args.seed))
     if args.only in ("compare", "all"):
-        runs += [("resnet20", args.compare_ratio, s, args.compare_epochs, args.compare_train_limit)
+        runs += [("resnet20", args.compare_ratio, s, args.compare_epochs, args.compare_train_limit, args.seed)
                  for s in args.schedules.split(",")]
+    if args.only == "seeds":
+        try:
+            budgets = [tuple(int(v) for v in b.split("x")) for b in args.seed_budgets.split(",")]
+            seeds = [int(v) for v in args.seeds.split(",")]
+        except ValueError:
+            ap.error("--seed-budgets takes EPOCHSxIMAGES,... and --seeds integers, e.g. 1x20000,2x0 and 0,1,2")
+        runs += [("resnet20", args.compare_ratio, s, epochs, limit, seed) for epochs, limit in budgets
+                 for seed in seeds for s in args.schedules.split(",")]
     fresh = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for net, ratio, schedule, epochs, limit in runs:
-            rec = _run(net, ratio, schedule, epochs, limit, args.eval_limit, args.seed, pathlib.Path(tmp), args.allocation)
+        for net, ratio, schedule, epochs, limit, seed in runs:
+            rec = _run(net, ratio, schedule, epochs, limit, args.eval_limit, seed, pathlib.Path(tmp), args.allocation)
             fresh[_key(rec)] = rec
             if store.exists():  # another invocation (e.g. the other schedule, run alongside) may have added records
                 records = {_key(r): r for r in json.loads(store.read_text())}
@@ -128,9 +173,9 @@ def main(argv=None):
     # The records may come from several invocations (one per section): name the script, not the last command line.
     command = "python examples/clicktrain_results.py"
     sections = []
-    for budget in sorted({r["budget"] for r in records.values()}, key=lambda b: -sum(
-            1 for r in records.values() if r["budget"] == b)):
-        rows = [r for r in records.values() if r["budget"] == budget]
+    seed0 = [r for r in records.values() if r.get("seed", 0) == 0]  # the per-net tables: seed 0 (the sweep's)
+    for budget in sorted({r["budget"] for r in seed0}, key=lambda b: -sum(1 for r in seed0 if r["budget"] == b)):
+        rows = [r for r in seed0 if r["budget"] == budget]
         rows.sort(key=lambda r: (r["net"] != "resnet20", r["net"], r.get("allocation", "importance"),
                                  r["schedule"] != "clicktrain", r["ratio"]))
         steps = rows[0]["steps"]
@@ -141,12 +186,13 @@ def main(argv=None):
             f"machine, torch on {args.threads} thread(s); "
             f"evaluation on {args.eval_limit or 10000} test images. `fine-tune s` is the training loop, `run s` the "
             "whole `ctprune.prune` call (teacher outputs, evaluation, latency). Latency: onnxruntime, 1 thread, "
-            "batch 1, median.\n\n" + "\n".join(sections) + "\n![accuracy vs ratio](clicktrain_results.png)\n")
+            "batch 1, median.\n\n" + "\n".join(sections) + "\n" + _seeds_table(list(records.values()))
+            + "\n![accuracy vs ratio](clicktrain_results.png)\n")
     # Hand-written notes below the marker survive a re-run.
     old = RESULTS.read_text() if RESULTS.exists() else ""
     notes = old.split(NOTES_MARK, 1)[1] if NOTES_MARK in old else ""
     RESULTS.write_text(text + "\n" + NOTES_MARK + notes if notes else text)
-    _plot(list(records.values()), RESULTS.with_name("clicktrain_results.png"))
+    _plot(seed0, RESULTS.with_name("clicktrain_results.png"))
     print(text)
 
 
