@@ -182,7 +182,7 @@ def main(argv=None):
         table = render_table(HEADERS, [_row(r) for r in rows], align="lllrrrrrrrrr")
         sections.append(f"### Fine-tune: {budget}, batch 64 ({steps} steps)\n\n```\n{table}\n```\n")
     text = ("# ClickTrain on Fashion-MNIST\n\n"
-            f"Made by `{command}` (or one section at a time with `--only sweep|compare`) on this repo's 2-core CPU "
+            f"Made by `{command}` (or one section at a time with `--only sweep|compare|seeds`) on this repo's 2-core CPU "
             f"machine, torch on {args.threads} thread(s); "
             f"evaluation on {args.eval_limit or 10000} test images. `fine-tune s` is the training loop, `run s` the "
             "whole `ctprune.prune` call (teacher outputs, evaluation, latency). Latency: onnxruntime, 1 thread, "
