@@ -3,8 +3,8 @@
 - sweep: accuracy vs ratio (2.25x/4x/8x/16x) for both nets with a short fine-tune, plus the prune-after row at 8x;
 - compare: prune-during (ClickTrain) vs prune-after (one-shot magnitude patterns + connectivity, then the same
   fine-tune) on the ResNet-20 at 8x with the longer fine-tune (issue 4: within 1 point of dense in <= 15 minutes);
-- seeds: the same two rows at several seeds (initial data order, training subset and test images all follow the
-  seed) and budgets, with their means: one seed's 5,000 test images move by 0.2 points between seeds.
+- seeds: the same two rows at several seeds (the training subset, its order and the test images all follow the
+  seed) and budgets, with the per-seed results and their means (single runs differ by a few tenths of a point).
 
     .venv/bin/python examples/clicktrain_results.py                       # sweep and compare (about 45 min, 1 thread)
     .venv/bin/python examples/clicktrain_results.py --only compare        # re-run one section, keep the other's rows
@@ -84,26 +84,27 @@ def _seeds_table(records: list[dict]) -> str:
         group = groups.setdefault((r["net"], r["ratio"], r.get("allocation", "importance"), r["budget"]), {})
         group.setdefault(r["schedule"], {})[r.get("seed", 0)] = r
     rows = []
-    for (net, ratio, allocation, budget), by_schedule in sorted(groups.items(), key=lambda kv: (
-            kv[0][0], kv[0][1], kv[0][2], min(r["steps"] for s in kv[1].values() for r in s.values()))):
+    for (net, ratio, allocation, _), by_schedule in groups.items():
         during, after = by_schedule.get("clicktrain", {}), by_schedule.get("oneshot", {})
         seeds = sorted(set(during) & set(after))
         if len(seeds) < 2:
             continue
-        mean = lambda runs: 100 * float(np.mean([runs[s]["acc_pruned"] for s in seeds]))  # noqa: E731
-        wins = sum(during[s]["acc_pruned"] > after[s]["acc_pruned"] for s in seeds)
-        per_seed = " / ".join(f"{100 * during[s]['acc_pruned']:.2f} vs {100 * after[s]['acc_pruned']:.2f}"
-                              for s in seeds)
-        rows.append([net, f"{ratio:g}x", allocation, f"{during[seeds[0]]['steps']}", ",".join(map(str, seeds)),
-                     per_seed, f"{100 * float(np.mean([during[s]['acc_dense'] for s in seeds])):.2f}",
-                     f"{mean(during):.2f}", f"{mean(after):.2f}", f"{mean(during) - mean(after):+.2f}",
-                     f"{wins}/{len(seeds)}"])
+        acc = {name: [100 * runs[s]["acc_pruned"] for s in seeds]
+               for name, runs in (("during", during), ("after", after))}
+        steps = during[seeds[0]]["steps"]
+        rows.append((net, ratio, allocation, steps, [
+            net, f"{ratio:g}x", allocation, str(steps), ",".join(map(str, seeds)),
+            " / ".join(f"{d:.2f} vs {a:.2f}" for d, a in zip(acc["during"], acc["after"])),
+            f"{100 * float(np.mean([during[s]['acc_dense'] for s in seeds])):.2f}",
+            f"{np.mean(acc['during']):.2f}", f"{np.mean(acc['after']):.2f}",
+            f"{np.mean(acc['during']) - np.mean(acc['after']):+.2f}",
+            f"{sum(d > a for d, a in zip(acc['during'], acc['after']))}/{len(seeds)}"]))
     if not rows:
         return ""
     headers = ["net", "ratio", "allocation", "steps", "seeds", "during vs after, per seed (%)", "dense %",
                "during %", "after %", "during - after", "seeds won"]
-    return ("### Prune-during (ClickTrain) vs prune-after (one-shot), same steps, over seeds\n\n```\n"
-            + render_table(headers, rows, align="lllrllrrrrr") + "\n```\n")
+    table = render_table(headers, [row for *_, row in sorted(rows, key=lambda r: r[:4])], align="lllrllrrrrr")
+    return f"### Prune-during (ClickTrain) vs prune-after (one-shot), same steps, over seeds\n\n```\n{table}\n```\n"
 
 
 def _row(rec: dict) -> list[str]:
@@ -174,16 +175,17 @@ def main(argv=None):
     command = "python examples/clicktrain_results.py"
     sections = []
     seed0 = [r for r in records.values() if r.get("seed", 0) == 0]  # the per-net tables: seed 0 (the sweep's)
-    for budget in sorted({r["budget"] for r in seed0}, key=lambda b: -sum(1 for r in seed0 if r["budget"] == b)):
+    steps_of = {r["budget"]: r["steps"] for r in seed0}
+    # the sections: most rows first (the sweep), then by length
+    for budget in sorted(steps_of, key=lambda b: (-sum(1 for r in seed0 if r["budget"] == b), steps_of[b])):
         rows = [r for r in seed0 if r["budget"] == budget]
         rows.sort(key=lambda r: (r["net"] != "resnet20", r["net"], r.get("allocation", "importance"),
                                  r["schedule"] != "clicktrain", r["ratio"]))
-        steps = rows[0]["steps"]
         table = render_table(HEADERS, [_row(r) for r in rows], align="lllrrrrrrrrr")
-        sections.append(f"### Fine-tune: {budget}, batch 64 ({steps} steps)\n\n```\n{table}\n```\n")
+        sections.append(f"### Fine-tune: {budget}, batch 64 ({steps_of[budget]} steps)\n\n```\n{table}\n```\n")
     text = ("# ClickTrain on Fashion-MNIST\n\n"
-            f"Made by `{command}` (or one section at a time with `--only sweep|compare|seeds`) on this repo's 2-core CPU "
-            f"machine, torch on {args.threads} thread(s); "
+            f"Made by `{command}` (or one section at a time with `--only sweep|compare|seeds`) on this repo's "
+            f"2-core CPU machine, torch on {args.threads} thread(s); "
             f"evaluation on {args.eval_limit or 10000} test images. `fine-tune s` is the training loop, `run s` the "
             "whole `ctprune.prune` call (teacher outputs, evaluation, latency). Latency: onnxruntime, 1 thread, "
             "batch 1, median.\n\n" + "\n".join(sections) + "\n" + _seeds_table(list(records.values()))

@@ -127,7 +127,7 @@ def test_edges(library):
     check_case(library, rng, C=5, O=4, H=9, W=10, stride=1, pads=[3, 2, 0, 2], what="pads 0-3, stride 1", **base)
 
 
-@pytest.mark.parametrize("tier", ["generic", "generic16", "avx2"])
+@pytest.mark.parametrize("tier", TIERS)
 def test_every_small_geometry(library, tier, monkeypatch):
     # Widths 1-6 and 9 against every left/right pad 0-3 (the packing shares a row's right pad with the next row's left
     # pad at stride 1, and splits columns into two phases at stride 2: the corners of both are here), heights 1 and 4.
@@ -135,7 +135,7 @@ def test_every_small_geometry(library, tier, monkeypatch):
     # read stays inside the image (the last rows in scalars), a 9-wide row as a vector plus an overlapping tail.
     if not tier_available(tier, library, monkeypatch):
         pytest.skip(f"this CPU cannot run the {tier} tier")
-    rng = np.random.default_rng([SEED, 2500 + ["generic", "generic16", "avx2"].index(tier)])
+    rng = np.random.default_rng([SEED, 2500 + TIERS.index(tier)])
     for W, H, left, right, top, bottom, stride in itertools.product((1, 2, 3, 4, 5, 6, 9), (1, 4), range(4), range(4),
                                                                      (0, 2), (0, 2), (1, 2)):
         if W + left + right >= 3 and H + top + bottom >= 3:

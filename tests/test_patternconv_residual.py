@@ -17,7 +17,8 @@ import pytest
 from ctprune.bench_layers import pattern_conv_model, random_pattern_layer, session
 from ctprune.ops.reference import pattern_conv_function, pattern_conv_numpy
 
-from test_patternconv_kernel import ACTIVATIONS, ORT_ERRORS, library, poisoned_output, tier_available  # noqa: F401
+from test_patternconv_kernel import (  # noqa: F401
+    ACTIVATIONS, ORT_ERRORS, TIERS, library, poisoned_output, tier_available)
 
 SEED = int(os.environ.get("CTPRUNE_TEST_SEED", secrets.randbits(32)))
 
@@ -75,7 +76,7 @@ def test_residual_on_each_tier(library, tier, monkeypatch):
         check_residual_case(library, rng, c, f"seed {SEED} tier {tier}: {c}")
 
 
-@pytest.mark.parametrize("tier", ["generic", "generic16", "avx2"])
+@pytest.mark.parametrize("tier", TIERS)
 def test_rows_around_the_vector_width_on_each_tier(library, tier, monkeypatch):
     # A row's last vector store runs into the next row (which then overwrites it) unless it is the tile's last row:
     # output widths around one and two vectors, images tall enough for several tiles, a residual read the same way.

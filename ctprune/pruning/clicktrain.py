@@ -24,9 +24,10 @@ target ratio from the start and a group lasso fades the to-be-pruned weights out
 scores its re-selections never changed a mask.
 
 How the lasso soft phase pushes (`lasso`). "penalty": lambda * sum of group norms added to the loss (the paper's
-form; goes through momentum and the gradient clip). "proximal" (default): after each optimizer step, every to-be-pruned group's
-norm is decreased by its layer's step, to zero at most — the proximal step of the same group lasso, with the step set
-at the first selection so the layer's median group is exactly zero when the hard masks come on.
+form; goes through momentum and the gradient clip). "proximal" (default): after each optimizer step, every
+to-be-pruned group's norm is decreased by its layer's step, to zero at most — the proximal step of the same group
+lasso, with the step set at the first selection so the layer's median group is exactly zero when the hard masks come
+on.
 
 Cheap by construction: every per-step action is a few whole-tensor ops per layer, with masks precomputed on the
 weights' device at each selection; selection itself (topk, sort) runs only at the schedule's few selection points.
