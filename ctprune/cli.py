@@ -91,6 +91,8 @@ def main():
               help="precrop: fine-tune the kept weights, or re-initialise and train from scratch.")
 @click.option("--channel-multiple", type=click.IntRange(min=1), default=8, show_default=True,
               help="precrop: kept channel counts are rounded to a multiple of this.")
+@click.option("--drop-branches/--keep-branches", default=True, show_default=True,
+              help="precrop with synflow/snip/grasp: drop residual branches the densities keep (almost) nothing of.")
 @click.option("--input-size", help="Image folders: H,W to resize to.")
 @click.option("--mean", help="Image folders: per-channel mean, comma-separated.")
 @click.option("--std", help="Image folders: per-channel std, comma-separated.")

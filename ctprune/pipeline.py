@@ -49,6 +49,7 @@ class Pipeline:
     pai: str = "synflow-macs"
     init: str = "pretrained"
     channel_multiple: int = 8
+    drop_branches: bool = True  # precrop: residual branches the PAI scores empty go whole (precrop/branches.py)
     input_size: object = None
     mean: object = None
     std: object = None
@@ -224,7 +225,7 @@ class Pipeline:
         ratio = ratio or self.ratio
         sample = self.train_set.x[: min(len(self.train_set), 64)]
         plan = plan_crop(self.original, ratio, pai=self.pai, data=sample, channel_multiple=self.channel_multiple,
-                         pretrained=self.init == "pretrained", seed=self.seed)
+                         pretrained=self.init == "pretrained", seed=self.seed, drop_branches=self.drop_branches)
         cropped = apply_crop(self.original, plan)
         student = self._lift(cropped)
         if self.init == "scratch":

@@ -5,7 +5,8 @@
 
 accuracy: Fashion-MNIST, the examples' ResNet-20, trained from scratch for the same epochs at 4x fewer conv weights by
   the arms (--arms, per --seeds):
-  synflow-macs / synflow: PreCropping with MACs-bounded / plain SynFlow densities (a smaller dense net),
+  synflow-macs / synflow: PreCropping with MACs-bounded / plain SynFlow densities (a smaller dense net; plain SynFlow
+  drops the residual blocks it keeps almost nothing of, unless --keep-branches),
   uniform: the same cropping with uniform densities (every group keeps ~1/2 of its channels),
   unstructured: the dense net with SynFlow's weight mask held fixed during training,
   dense: the dense net itself for reference. Every arm gets the same fresh initialisation scheme, data, epochs, seed.
@@ -112,7 +113,8 @@ ARMS = {
 }
 
 
-def build_arm(arm: str, dense: onnx.ModelProto, ratio: float, seed: int, channel_multiple: int = 8):
+def build_arm(arm: str, dense: onnx.ModelProto, ratio: float, seed: int, channel_multiple: int = 8,
+              drop_branches: bool = True):
     """(model to train, fixed weight mask or None, conv-weight ratio) for one arm."""
     if arm == "dense":
         return dense, None, 1.0
@@ -122,7 +124,7 @@ def build_arm(arm: str, dense: onnx.ModelProto, ratio: float, seed: int, channel
         masks = _global_keep(_synflow(dense, convs, ratio, 20), 1.0 / ratio, keep_largest=True)
         return dense, masks, conv_weights(dense) / sum(int(m.sum()) for m in masks.values())
     cropped = apply_crop(dense, plan_crop(dense, ratio, pai=arm, pretrained=False, seed=seed,
-                                          channel_multiple=channel_multiple))
+                                          channel_multiple=channel_multiple, drop_branches=drop_branches))
     return cropped, None, conv_weights(dense) / conv_weights(cropped)
 
 
@@ -138,7 +140,8 @@ def accuracy(args) -> str:
         train = Dataset(x[pick], y[pick], source=f"fmnist train ({len(pick)})")
         dense = resnet20_onnx(seed)
         for arm in args.arms:
-            model, mask, ratio = build_arm(arm, dense, args.ratio, seed, args.channel_multiple)
+            model, mask, ratio = build_arm(arm, dense, args.ratio, seed, args.channel_multiple,
+                                           not args.keep_branches)
             module = lift(model)
             fresh_init(module, seed)
             hooks = HoldMask(module.onnx_parameters(), mask) if mask else None
@@ -152,7 +155,8 @@ def accuracy(args) -> str:
     seeds = ", ".join(map(str, args.seeds))
     lines = [f"Fashion-MNIST, ResNet-20 from scratch, {args.epochs} epoch(s) on {args.train_subset} training images "
              f"(a per-seed sample), test on {len(test)}; batch {args.batch_size}, lr {args.lr}, seeds {seeds}, "
-             f"PreCropping channel multiple {args.channel_multiple}.", "",
+             f"PreCropping channel multiple {args.channel_multiple}"
+             f"{', residual branches kept' if args.keep_branches else ''}.", "",
              "| method | conv-weight ratio | test accuracy per seed | mean | train time (mean) |",
              "|---|---:|---:|---:|---:|"]
     for arm, runs in results.items():
@@ -233,6 +237,8 @@ def main(argv=None):
                                                                         "unstructured"])
     acc.add_argument("--channel-multiple", type=int, default=8,
                      help="PreCropping arms: kept channel counts rounded to a multiple of this (ctprune's default 8)")
+    acc.add_argument("--keep-branches", action="store_true",
+                     help="PreCropping arms: never drop residual branches whole (ctprune's --keep-branches)")
     acc.add_argument("--quiet", action="store_true")
     spd = sub.add_parser("speed")
     spd.add_argument("--repeats", type=int, default=50)

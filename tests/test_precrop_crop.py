@@ -31,9 +31,22 @@ def conv_macs(model: onnx.ModelProto) -> int:
 
 
 def masked_model(model: onnx.ModelProto, plan) -> onnx.ModelProto:
-    """The dense model with every input weight that reads a cropped channel set to zero."""
+    """The dense model with every input weight that reads a cropped channel set to zero, and every residual branch
+    the plan dropped multiplied by zero before its Add (the branch's nodes all stay and run)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    if plan.dropped:
+        out.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), "masked.zero"))
+        adds = {b.add: b.stream for b in plan.dropped}
+        nodes = []
+        for node in out.graph.node:
+            if node.name in adds:  # Add(branch, stream) -> Add(branch * 0, stream)
+                slot = 0 if node.input[1] == adds[node.name] else 1
+                nodes.append(helper.make_node("Mul", [node.input[slot], "masked.zero"], [f"{node.name}.muted"]))
+                node.input[slot] = f"{node.name}.muted"
+            nodes.append(node)
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
     inits = {t.name: t for t in out.graph.initializer}
     alias = {n.output[0]: n.input[0] for n in out.graph.node if n.op_type == "Identity"}
     nodes = {n.name: n for n in out.graph.node}

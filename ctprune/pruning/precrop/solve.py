@@ -120,6 +120,16 @@ def solve_keep_counts(cg: ChannelGraph, densities: dict[str, float], ratio: floa
     return {k: int(c) for k, c in zip(wm.keys, counts)}
 
 
+def check_reachable(cg: ChannelGraph, ratio: float, multiple: int = 8) -> None:
+    """Raise RatioError when `ratio` could only be met by removing whole channel groups."""
+    wm = weight_model(cg)
+    if not wm.layers:
+        raise RatioError("the model has no Conv layers whose channels could be cropped")
+    lowest = np.array([allowed_counts(cg.groups[k].size, multiple, bool(cg.groups[k].frozen))[0] for k in wm.keys],
+                      dtype=np.float64)
+    _check_reachable(cg, wm, lowest, ratio, wm.weights(wm.sizes).sum(), multiple)
+
+
 def _check_reachable(cg, wm: WeightModel, lowest, ratio, total, multiple) -> None:
     reachable = total / wm.weights(lowest).sum()
     if ratio <= reachable * (1 + TOLERANCE):
