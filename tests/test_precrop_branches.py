@@ -130,6 +130,10 @@ def test_what_is_not_a_branch():
                                                                                           name="sig"),
                       helper.make_node("Add", ["b", "s"], ["y"], name="add")], [])
     assert residual_branches(const) == [] and residual_branches(no_conv) == []
+    # duplicate node names: a branch could not be named unambiguously, so none is offered
+    twin = _graph([helper.make_node("Relu", ["x"], ["s"], name="c1"), conv("s", "a", "c1"), conv("a", "b", "c2"),
+                   helper.make_node("Add", ["b", "s"], ["y"], name="add")], w)
+    assert residual_branches(twin) == []
 
 
 def test_the_drop_rule_is_half_the_floor():

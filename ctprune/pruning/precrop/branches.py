@@ -39,6 +39,9 @@ class Branch:
 def residual_branches(model: onnx.ModelProto) -> list[Branch]:
     """Every residual branch of the main graph (see the module docstring), in node order."""
     graph = model.graph
+    labels = [node_label(n) for n in graph.node]
+    if len(set(labels)) != len(labels):
+        return []  # branches are named by node label: with duplicate names, removing one could remove another
     consts = ConstantTable(graph)
     producer = {out: node for node in graph.node for out in node.output if out}
     readers: dict[str, list[str]] = defaultdict(list)
