@@ -35,18 +35,7 @@ def masked_model(model: onnx.ModelProto, plan) -> onnx.ModelProto:
     the plan dropped multiplied by zero before its Add (the branch's nodes all stay and run)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    if plan.dropped:
-        out.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), "masked.zero"))
-        adds = {b.add: b.stream for b in plan.dropped}
-        nodes = []
-        for node in out.graph.node:
-            if node.name in adds:  # Add(branch, stream) -> Add(branch * 0, stream)
-                slot = 0 if node.input[1] == adds[node.name] else 1
-                nodes.append(helper.make_node("Mul", [node.input[slot], "masked.zero"], [f"{node.name}.muted"]))
-                node.input[slot] = f"{node.name}.muted"
-            nodes.append(node)
-        del out.graph.node[:]
-        out.graph.node.extend(nodes)
+    mute_branches(out, plan.dropped)
     inits = {t.name: t for t in out.graph.initializer}
     alias = {n.output[0]: n.input[0] for n in out.graph.node if n.op_type == "Identity"}
     nodes = {n.name: n for n in out.graph.node}
@@ -77,6 +66,24 @@ def masked_model(model: onnx.ModelProto, plan) -> onnx.ModelProto:
         for i in [i for i in out.graph.input if i.name == t.name]:
             out.graph.input.remove(i)
     return out
+
+
+def mute_branches(model: onnx.ModelProto, branches) -> None:
+    """In place: every branch's result multiplied by zero before its Add, Add(branch, stream) -> Add(branch * 0,
+    stream); the branch's nodes all stay and run."""
+    if not branches:
+        return
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), "masked.zero"))
+    adds = {b.add: b.stream for b in branches}
+    nodes = []
+    for node in model.graph.node:
+        if node.name in adds:
+            slot = 0 if node.input[1] == adds[node.name] else 1
+            nodes.append(helper.make_node("Mul", [node.input[slot], "masked.zero"], [f"{node.name}.muted"]))
+            node.input[slot] = f"{node.name}.muted"
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def inputs(seed=0, n=1):

@@ -141,7 +141,7 @@ def plan_crop(model: onnx.ModelProto, ratio: float, pai: str = "synflow-macs", d
         log.info("precrop: %s", note)
     check_reachable(cg, ratio, channel_multiple)  # before any drop: a ratio that needs whole groups gone is an error
     dens = layer_densities(model, cg, ratio, pai, data, seed)
-    if drop_branches and dens.scores is not None and dens.macs_per_weight is None:
+    if drop_branches and dens.scores is not None and not pai.endswith("-macs"):
         dropped = branches_to_drop(model, cg, dens.by_layer, ratio, channel_multiple)
         plan = _plan_dropping(model, cg, dens, dropped, ratio, data, channel_multiple, pretrained, seed, notes)
         if plan is not None:
@@ -166,23 +166,22 @@ def _plan_dropping(model, cg, dens, dropped, ratio, data, multiple, pretrained, 
         return None
     rdens = layer_densities(reduced, rcg, ratio_left, dens.method, data, seed)
     counts = solve_keep_counts(rcg, rdens.by_layer, ratio_left, multiple)
-    if abs(before / _conv_total(rcg, counts) / ratio - 1) > TOLERANCE:
-        log.info("precrop: dropping %d residual branch(es) would miss the ratio; cropping them instead", len(dropped))
-        return None
     gone = {label for b in dropped for label in b.nodes}
     dropped_layers = [l for l in cg.layers if l.name in gone]
     asked = {l.name: dens.by_layer[l.name] for l in dropped_layers if l.name in dens.by_layer}
     note = (f"{len(dropped)} residual branch(es) dropped whole ({dens.method} keeps almost nothing of them): "
             + ", ".join(b.add for b in dropped) + f"; the rest cropped {ratio_left:.2f}x")
-    log.info("precrop: %s", note)
     plan = _make_plan(reduced, rcg, rdens, counts, ratio, multiple, pretrained, notes + [note], dropped,
-                      dropped_layers, asked)
-    plan.layer_order = [l.name for l in cg.layers]
+                      dropped_layers, asked, [l.name for l in cg.layers])
+    if abs(plan.ratio_achieved / ratio - 1) > TOLERANCE:
+        log.info("precrop: dropping %d residual branch(es) would miss the ratio; cropping them instead", len(dropped))
+        return None
+    log.info("precrop: %s", note)
     return plan
 
 
 def _make_plan(model, cg, dens, counts, ratio, multiple, pretrained, notes, dropped=(), dropped_layers=(),
-               asked=None) -> CropPlan:
+               asked=None, layer_order=()) -> CropPlan:
     """Which channels of each group stay: the most important ones for a pretrained model, else the first ones."""
     importance = _channel_importance(model, cg, dens) if pretrained else None
     keep = {}
@@ -193,7 +192,7 @@ def _make_plan(model, cg, dens, counts, ratio, multiple, pretrained, notes, drop
         else:
             keep[key] = np.sort(np.argsort(-importance[key], kind="stable")[:k]).astype(np.int64)
     plan = CropPlan(float(ratio), dens.method, multiple, keep, {**(asked or {}), **dens.by_layer}, cg,
-                    notes + dens.notes, list(dropped), list(dropped_layers))
+                    notes + dens.notes, list(dropped), list(dropped_layers), list(layer_order))
     log.info("precrop plan: %s densities, %.2fx conv-weight ratio (target %.2fx)", dens.method, plan.ratio_achieved,
              ratio)
     return plan
@@ -207,10 +206,10 @@ def apply_crop(model: onnx.ModelProto, plan: CropPlan) -> onnx.ModelProto:
     return crop_model(model, plan.keep, channel_graph(model))
 
 
-def _conv_total(cg: ChannelGraph, counts: dict[str, int] | None = None) -> float:
-    """The Conv weights of `cg`'s model; with `counts` (kept channels per group) what cropping leaves of them."""
+def _conv_total(cg: ChannelGraph) -> float:
+    """The Conv weights of `cg`'s model."""
     wm = weight_model(cg)
-    return float(wm.weights(wm.sizes if counts is None else np.array([counts[k] for k in wm.keys], float)).sum())
+    return float(wm.weights(wm.sizes).sum())
 
 
 def _with_constant_weights(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from ctprune.pruning.precrop.crop import drop_dead_constants, tensor_uses
 from ctprune.pruning.precrop.groups import ChannelGraph, ConstantTable, _inferred_shapes, node_label
 from ctprune.pruning.precrop.solve import TOLERANCE, allowed_counts, weight_model
 
@@ -82,7 +83,7 @@ def _branch(add, out, stream, producer, readers, graph_outputs, consts, shapes) 
         members[label] = node
         for name in node.input:
             if not name or name == stream or name in consts:
-                continue  # constants (initializers, Constant nodes) stay; remove_branches drops unread ones
+                continue  # constants stay; remove_branches drops those only the branch read
             if name not in producer:
                 return None  # reads a graph input other than the shortcut
             stack.append(producer[name])
@@ -101,10 +102,11 @@ def _branch(add, out, stream, producer, readers, graph_outputs, consts, shapes) 
 
 def remove_branches(model: onnx.ModelProto, branches: list[Branch]) -> onnx.ModelProto:
     """A copy of `model` without `branches`: each Add becomes an Identity of its shortcut (same output name), the
-    branch's nodes go, and so do initializers (and their IR-3 graph inputs) and value_info nothing reads any more."""
+    branch's nodes go, and so do the constants only they read (crop.drop_dead_constants) and their value_info."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    before = tensor_uses(graph)
     gone = {label for b in branches for label in b.nodes}
     stream_of = {b.add: b.stream for b in branches}
     nodes = []
@@ -115,32 +117,14 @@ def remove_branches(model: onnx.ModelProto, branches: list[Branch]) -> onnx.Mode
         if label in stream_of:
             node = onnx.helper.make_node("Identity", [stream_of[label]], list(node.output), name=label)
         nodes.append(node)
-    nodes = _without_unread_constants(nodes, {o.name for o in graph.output}, ConstantTable(graph))
     del graph.node[:]
     graph.node.extend(nodes)
-    read = {name for node in nodes for name in node.input} | {o.name for o in graph.output}
-    kept_inits = [t for t in graph.initializer if t.name in read]
-    dropped_inits = {t.name for t in graph.initializer} - {t.name for t in kept_inits}
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits)
-    inputs = [i for i in graph.input if i.name not in dropped_inits]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    produced = {o for node in nodes for o in node.output}
+    drop_dead_constants(graph, before)
+    produced = {o for node in graph.node for o in node.output}
     info = [v for v in graph.value_info if v.name in produced]
     del graph.value_info[:]
     graph.value_info.extend(info)
     return out
-
-
-def _without_unread_constants(nodes, graph_outputs, consts) -> list:
-    """Drop Constant nodes (and Identity aliases of constants) that no node or graph output reads any more."""
-    while True:
-        read = {name for node in nodes for name in node.input} | graph_outputs
-        kept = [n for n in nodes if not (n.output and all(o in consts and o not in read for o in n.output))]
-        if len(kept) == len(nodes):
-            return kept
-        nodes = kept
 
 
 def branches_to_drop(model: onnx.ModelProto, cg: ChannelGraph, densities: dict[str, float], ratio: float,

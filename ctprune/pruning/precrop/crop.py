@@ -21,7 +21,7 @@ from ctprune.pruning.precrop.groups import ChannelGraph, ConstantTable, channel_
 log = logging.getLogger(__name__)
 
 
-def _uses(graph: onnx.GraphProto) -> dict[str, int]:
+def tensor_uses(graph: onnx.GraphProto) -> dict[str, int]:
     """How many node inputs (subgraphs included) read each tensor name."""
     counts: dict[str, int] = defaultdict(int)
 
@@ -87,7 +87,7 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
             const_of[(label, slot)] = nodes[label].input[slot]
 
     # Group consumers by constant; copy a constant for every consumer whose cut differs from the others'.
-    uses = _uses(graph)
+    uses = tensor_uses(graph)
     taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     by_const: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for site, name in const_of.items():
@@ -127,7 +127,7 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
             if attr.name == "group":
                 attr.i = channels
 
-    _drop_dead_constants(graph, before=uses)
+    drop_dead_constants(graph, before=uses)
     _sync_graph_inputs(out)
     del graph.value_info[:]
     try:
@@ -138,19 +138,21 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
     return out
 
 
-def _drop_dead_constants(graph: onnx.GraphProto, before: dict[str, int]) -> None:
-    """Remove what cropping left unread: Identity aliases of copied weights, then initializers only they read
-    (and, IR 3 style, their graph-input entries). Anything unread before cropping stays as it was."""
+def drop_dead_constants(graph: onnx.GraphProto, before: dict[str, int]) -> None:
+    """Remove what an edit left unread (`before`: tensor_uses ahead of it): Constant nodes and Identity aliases (of
+    copied weights, of a removed branch's constants), then initializers only they read (and, IR 3 style, their
+    graph-input entries). Anything unread before the edit stays as it was."""
     outputs = {o.name for o in graph.output}
+    consts = ConstantTable(graph)
     while True:
-        uses = _uses(graph)
-        dead = [n for n in graph.node if n.op_type == "Identity" and n.output[0] not in outputs
-                and uses.get(n.output[0], 0) == 0 and before.get(n.output[0], 0) > 0]
+        uses = tensor_uses(graph)
+        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant") and n.output[0] in consts
+                and n.output[0] not in outputs and uses.get(n.output[0], 0) == 0 and before.get(n.output[0], 0) > 0]
         if not dead:
             break
         for node in dead:
             graph.node.remove(node)
-    uses = _uses(graph)
+    uses = tensor_uses(graph)
     unread = {t.name for t in graph.initializer if uses.get(t.name, 0) == 0 and before.get(t.name, 0) > 0}
     if unread:
         kept = [t for t in graph.initializer if t.name not in unread]

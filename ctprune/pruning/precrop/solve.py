@@ -91,15 +91,13 @@ def solve_keep_counts(cg: ChannelGraph, densities: dict[str, float], ratio: floa
     `macs_per_weight` (Conv node → MACs per weight): also keep the MACs fraction at or below the weights fraction."""
     if ratio <= 1:
         raise RatioError(f"the compression ratio must be a number > 1, got {ratio}")
+    check_reachable(cg, ratio, multiple)
     wm = weight_model(cg)
-    if not wm.layers:
-        raise RatioError("the model has no Conv layers whose channels could be cropped")
     full = wm.weights(wm.sizes)
     total = full.sum()
     budget = total / ratio
     options = [allowed_counts(cg.groups[k].size, multiple, bool(cg.groups[k].frozen)) for k in wm.keys]
     lowest = np.array([o[0] for o in options], dtype=np.float64)
-    _check_reachable(cg, wm, lowest, ratio, total, multiple)
 
     dens = np.array([min(1.0, max(densities.get(l.name, 1.0 / ratio), 1e-6)) for l in wm.layers])
     log_target = np.log(dens * full)
@@ -127,11 +125,7 @@ def check_reachable(cg: ChannelGraph, ratio: float, multiple: int = 8) -> None:
         raise RatioError("the model has no Conv layers whose channels could be cropped")
     lowest = np.array([allowed_counts(cg.groups[k].size, multiple, bool(cg.groups[k].frozen))[0] for k in wm.keys],
                       dtype=np.float64)
-    _check_reachable(cg, wm, lowest, ratio, wm.weights(wm.sizes).sum(), multiple)
-
-
-def _check_reachable(cg, wm: WeightModel, lowest, ratio, total, multiple) -> None:
-    reachable = total / wm.weights(lowest).sum()
+    reachable = wm.weights(wm.sizes).sum() / wm.weights(lowest).sum()
     if ratio <= reachable * (1 + TOLERANCE):
         return
     # The groups already at their floor that carry most weight are the ones the ratio would have to remove.
