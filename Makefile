@@ -56,7 +56,7 @@ demo: setup $(DEPS)/fashion-mnist/train_12k.npz
 		-o $(DEMO_OUT)/resnet20_fmnist.8x.onnx --report $(DEMO_OUT)/resnet20_fmnist.8x.json
 
 bench: setup
-	$(PY) -m ctprune.bench_layers
+	$(PY) -m ctprune.lab.bench_layers
 
 clean:
 	rm -rf build *.egg-info ctprune/_lib/*.so

@@ -20,7 +20,7 @@ def __getattr__(name):
 
         return getattr(api, name)
     if name in ("InferenceSession", "kernel_library_path"):
-        from ctprune import runtime
+        from ctprune.runtime import session as runtime
 
         return getattr(runtime, name)
     raise AttributeError(f"module 'ctprune' has no attribute {name!r}")

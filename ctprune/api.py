@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from ctprune.errors import CtpruneError, GraphError, RatioError
-from ctprune.saving import check_output_path, default_output_path, save_model_atomic, write_json_atomic
+from ctprune.graph.save import check_output_path, default_output_path, save_model_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -99,11 +99,11 @@ def main():
 def prune_command(model, ratio, output, **options):
     """Prune MODEL.onnx to RATIO fewer conv weights, fine-tuning while pruning."""
     from ctprune import api
-    from ctprune.report import render_report
+    from ctprune.report.render import render_report
 
     logging.basicConfig(level=logging.WARNING if options.get("quiet") else logging.INFO, format="ctprune: %(message)s")
     ratio_value = parse_ratio(ratio)
-    from ctprune.saving import default_output_path
+    from ctprune.graph.save import default_output_path
 
     output = output or str(default_output_path(model))
     result = api.prune(model, ratio=ratio_value, output=output, **options)
@@ -117,7 +117,7 @@ def prune_command(model, ratio, output, **options):
 def inspect_command(model):
     """Per-layer table of MODEL.onnx: kernels, channels, params, MACs, and what ctprune would prune."""
     from ctprune.graph import load_model
-    from ctprune.inspect import layer_table, render_table
+    from ctprune.report.inspect import layer_table, render_table
 
     rows, totals = layer_table(load_model(model))
     click.echo(render_table(rows, totals))
@@ -130,7 +130,7 @@ def inspect_command(model):
 @click.option("--repeats", type=click.IntRange(min=3), default=50, show_default=True)
 def bench_command(models, threads, batch, repeats):
     """Median latency of each model in onnxruntime (PatternConv through ctprune's kernels), same process and threads."""
-    from ctprune.bench import bench_models, render_bench
+    from ctprune.runtime.bench import bench_models, render_bench
 
     rows = bench_models(list(models), threads=threads, batch=batch, repeats=repeats)
     click.echo(render_bench(rows))

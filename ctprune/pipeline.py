@@ -258,8 +258,8 @@ class Pipeline:
 
     # ---- report ---------------------------------------------------------------------------------------------------
     def _report(self, pruned: onnx.ModelProto, plan_report: dict) -> dict:
-        from ctprune.bench import latency_ms
-        from ctprune.inspect import count_parameters, layer_table
+        from ctprune.runtime.bench import latency_ms
+        from ctprune.report.inspect import count_parameters, layer_table
 
         kind = plan_report["kind"]
         plan = plan_report["plan"]
@@ -434,7 +434,7 @@ def _conv3x3_weights(model: onnx.ModelProto) -> int:
 def _pattern_macs(model: onnx.ModelProto, plan, totals: dict | None = None) -> int:
     """Whole-model MACs per sample after pattern pruning `model`: pruned Convs scale with their kept weights."""
     from ctprune.graph import conv_layers
-    from ctprune.inspect import layer_table
+    from ctprune.report.inspect import layer_table
 
     if totals is None:
         _, totals = layer_table(model)

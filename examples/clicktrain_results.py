@@ -30,7 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ctprune  # noqa: E402
-from ctprune.report import render_table  # noqa: E402
+from ctprune.report.render import render_table  # noqa: E402
 
 DATA = ROOT / ".deps" / "fashion-mnist"
 MODELS = {"resnet20": ROOT / "examples" / "models" / "resnet20_fmnist.onnx",

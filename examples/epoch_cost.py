@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ctprune.pipeline import Pipeline  # noqa: E402
-from ctprune.report import render_table  # noqa: E402
+from ctprune.report.render import render_table  # noqa: E402
 
 
 class _DenseDone(Exception):

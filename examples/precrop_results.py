@@ -204,7 +204,7 @@ def speed(args) -> str:
         "DenseNet-style (Concat, 64x64)": (lambda: densenet(size=64, growth=32, layers=(4, 4)), 64),
         "squeeze-excite (64x64)": (lambda: se_net(size=64, width=64, blocks=4), 64),
     }
-    from ctprune.inspect import layer_table
+    from ctprune.report.inspect import layer_table
 
     lines = ["onnxruntime CPU, 1 thread, batch 1, median of %d runs (dense, 2x and 4x run in turn); PreCropping with %s "
              "densities; conv-weight ratio 2x / 4x (MACs ratio in brackets)." % (args.repeats, args.pai), "",

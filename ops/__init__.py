@@ -1,7 +1,7 @@
 """ctprune's own ONNX operators (domain ai.ctprune): specs (*.md), names (names.py), reference semantics (reference.py).
 
 The reference is imported on first use: it needs onnxscript, which is slow to import, and inference-only users
-(ctprune.runtime, ctprune.bench) need only the names.
+(ctprune.runtime) need only the names.
 """
 
 from ctprune.ops.names import DOMAIN, MIN_OPSET, OP_TYPE, VERSION

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from ctprune.cuda_harness import layer_from_compact, random_layer
+from ctprune.lab.cuda_harness import layer_from_compact, random_layer
 
 from test_patternconv_matrix import ACTIVATIONS, CASES, SEED, build
 

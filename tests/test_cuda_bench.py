@@ -1,10 +1,10 @@
-"""ctprune.bench_cuda without a GPU: it says why it cannot run (exit 2), and its tables render from measured rows.
-On a GPU machine the whole benchmark is `python -m ctprune.bench_cuda` (tests/test_cuda_kernel.py checks the kernel)."""
+"""ctprune.lab.bench_cuda without a GPU: it says why it cannot run (exit 2), and its tables render from measured rows.
+On a GPU machine the whole benchmark is `python -m ctprune.lab.bench_cuda` (tests/test_cuda_kernel.py checks the kernel)."""
 
 import pytest
 import torch
 
-from ctprune import bench_cuda
+from ctprune.lab import bench_cuda
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the benchmark would run for minutes")

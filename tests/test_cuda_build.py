@@ -77,7 +77,7 @@ def test_c_abi_loads_and_reports_errors_without_crashing(kernel_object, tmp_path
     # instead of crashing, and bad attributes are named before any CUDA call.
     import numpy as np
 
-    from ctprune.cuda_harness import CudaPatternConv, KernelCallError, random_layer
+    from ctprune.lab.cuda_harness import CudaPatternConv, KernelCallError, random_layer
 
     lib = tmp_path / "libpattern_conv_cuda.so"
     subprocess.run([NVCC, "-shared", "-o", str(lib), str(kernel_object[0])], check=True, capture_output=True, text=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctprune.cuda_harness import (INVALID_SHAPE, KERNEL_CONFIGS, SPLIT_CONFIGS, EmulatedPatternConv, KernelCallError,
+from ctprune.lab.cuda_harness import (INVALID_SHAPE, KERNEL_CONFIGS, SPLIT_CONFIGS, EmulatedPatternConv, KernelCallError,
                                   dense_weight, random_layer)
 
 from cuda_cases import RESIDUAL_SHAPES, matrix_case, odd_tile_cases, residual_case
@@ -150,7 +150,7 @@ def test_invalid_attributes_are_named(emulator):
 
 
 def test_no_kernel_left_and_no_pattern_gives_bias_then_activation(emulator):
-    from ctprune.cuda_harness import PatternConvLayer
+    from ctprune.lab.cuda_harness import PatternConvLayer
 
     rng = np.random.default_rng(SEED)
     bias = rng.standard_normal(11).astype(np.float32)

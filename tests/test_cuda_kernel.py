@@ -1,4 +1,4 @@
-"""The PatternConv CUDA kernel on a GPU, through its C ABI (ctprune.cuda_harness), against torch's conv2d on the GPU.
+"""The PatternConv CUDA kernel on a GPU, through its C ABI (ctprune.lab.cuda_harness), against torch's conv2d on the GPU.
 
 Skips without a CUDA GPU (torch.cuda.is_available()) or without nvcc. Cases: the CPU kernel's randomized matrix
 (tests/test_patternconv_matrix.py), every tile configuration forced, the benchmark's layers at batch 1 and 32 and
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctprune.cuda_harness import (KERNEL_CONFIGS, SPLIT_CONFIGS, CudaPatternConv, KernelCallError, build_cuda_kernel, dense_weight,
+from ctprune.lab.cuda_harness import (KERNEL_CONFIGS, SPLIT_CONFIGS, CudaPatternConv, KernelCallError, build_cuda_kernel, dense_weight,
                                   random_layer)
 
 from cuda_cases import ODD_TILE_SHAPES, RESIDUAL_SHAPES, matrix_case, odd_tile_cases, residual_case

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import light_model_path
 from ctprune.graph import conv_layers, load_model
-from ctprune.inspect import layer_table, render_table
+from ctprune.report.inspect import layer_table, render_table
 
 
 def test_light_vgg19_totals():

@@ -19,7 +19,7 @@ import pytest
 
 from ctprune.errors import CtpruneError
 from ctprune.rewrite import dense_from_compact
-from ctprune.rewrite.layer_model import dense_conv_layer_model, pattern_and_dense_models, random_layer_patterns
+from ctprune.lab.layer_model import dense_conv_layer_model, pattern_and_dense_models, random_layer_patterns
 from ctprune.runtime import kernel_library_path, session_options
 
 SEED = int(os.environ.get("CTPRUNE_TEST_SEED", secrets.randbits(32)))

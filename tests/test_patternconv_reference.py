@@ -11,7 +11,7 @@ import pytest
 from ctprune.errors import GraphError
 from ctprune.ops import dense_weight_from_compact, pattern_conv_function, pattern_conv_numpy
 from ctprune.rewrite import LayerPatterns, compact_from_dense, dense_from_compact, patterns_from_compact
-from ctprune.rewrite.layer_model import masked_weight, pattern_and_dense_models, random_layer_patterns
+from ctprune.lab.layer_model import masked_weight, pattern_and_dense_models, random_layer_patterns
 
 NO_ACTIVATION = (float("-inf"), float("inf"))
 

@@ -14,7 +14,7 @@ import secrets
 import numpy as np
 import pytest
 
-from ctprune.bench_layers import pattern_conv_model, random_pattern_layer, session
+from ctprune.lab.bench_layers import pattern_conv_model, random_pattern_layer, session
 from ctprune.ops.reference import pattern_conv_function, pattern_conv_numpy
 
 from test_patternconv_kernel import (  # noqa: F401

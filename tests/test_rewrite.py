@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ctprune.errors import CtpruneError, GraphError
 from ctprune.rewrite import LayerPatterns, rewrite_model
 from ctprune.rewrite import model as rewrite_module
-from ctprune.rewrite.layer_model import random_layer_patterns
+from ctprune.lab.layer_model import random_layer_patterns
 
 
 class Block(nn.Module):

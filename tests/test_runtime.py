@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 
 import ctprune
-from ctprune import runtime
+from ctprune.runtime import session as runtime
 from ctprune.errors import CtpruneError
-from ctprune.rewrite.layer_model import pattern_and_dense_models, random_layer_patterns
+from ctprune.lab.layer_model import pattern_and_dense_models, random_layer_patterns
 
 
 def _built() -> bool:
@@ -103,7 +103,7 @@ def test_inference_session_from_path_with_own_options(tmp_path):
 
 
 def test_bench_models_table_and_cli(tmp_path, capsys):
-    from ctprune.bench import bench_models, latency_ms, render_bench
+    from ctprune.runtime.bench import bench_models, latency_ms, render_bench
     from ctprune.cli import run
 
     rng = np.random.default_rng(secrets.randbits(32))
@@ -132,7 +132,7 @@ def test_bench_models_table_and_cli(tmp_path, capsys):
 
 
 def test_bench_refuses_a_wrong_fixed_batch(tmp_path):
-    from ctprune.bench import bench_models
+    from ctprune.runtime.bench import bench_models
 
     rng = np.random.default_rng(0)
     _, dense_model, _ = pattern_and_dense_models(rng, random_layer_patterns(rng, 2, 2, 1.0, 2), [1, 2, 5, 5])

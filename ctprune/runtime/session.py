@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from ctprune.errors import CtpruneError
 
-LIBRARY_DIR = pathlib.Path(__file__).resolve().parent / "_lib"
+LIBRARY_DIR = pathlib.Path(__file__).resolve().parent.parent / "_lib"
 LIBRARY_STEM = "libctprune_ops"
 LIBRARY_ENV = "CTPRUNE_KERNEL_LIBRARY"  # use this library file instead of the package's own (e.g. a custom build)
 

@@ -1,7 +1,7 @@
 """Per-layer benchmark of ctprune's PatternConv CPU kernel against onnxruntime's dense Conv on the masked weights.
 
-    python -m ctprune.bench_layers            # the full table (minutes)
-    python -m ctprune.bench_layers --quick    # batch 1, fewer runs
+    python -m ctprune.lab.bench_layers            # the full table (minutes)
+    python -m ctprune.lab.bench_layers --quick    # batch 1, fewer runs
 
 Both models run in the same process with the same thread count and the same input; timing alternates blocks of runs
 between the two sessions and reports medians, so drift on a shared machine hits both alike. "GFLOP/s" counts only the

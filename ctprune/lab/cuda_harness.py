@@ -42,7 +42,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 KERNEL_CONFIGS = (11, 12, 14, 21, 22, 24, 41, 42, 44)  # 10 * filters per thread + pixels per thread
 SPLIT_CONFIGS = (211, 344, 811, 524)  # 100 * channel splits + the above
 INVALID_ATTRIBUTES, INVALID_SHAPE = -1, -2
@@ -114,8 +114,8 @@ def random_layer(out_channels: int, in_channels: int, ratio: float, rng: np.rand
                  bias: bool = True, strides=(1, 1), pads=(1, 1, 1, 1), activation=(-math.inf, math.inf),
                  empty_filters: int = 0) -> PatternConvLayer:
     """A layer compressed `ratio` times against the dense 3x3 weight (4-of-9 patterns give 2.25x; beyond that whole
-    kernels go), drawn as the CPU tests draw theirs (ctprune.rewrite.layer_model)."""
-    from ctprune.rewrite.layer_model import masked_weight, random_layer_patterns
+    kernels go), drawn as the CPU tests draw theirs (ctprune.lab.layer_model)."""
+    from ctprune.lab.layer_model import masked_weight, random_layer_patterns
     from ctprune.rewrite.pattern_conv import compact_from_dense
 
     patterns = random_layer_patterns(rng, out_channels, in_channels, min(1.0, 2.25 / ratio), library, empty_filters)

@@ -1,11 +1,11 @@
 """Per-layer benchmark of ctprune's PatternConv CUDA kernel against cuDNN's dense convolution (torch conv2d, float32).
 
-    python -m ctprune.bench_cuda                    # the CPU benchmark's layer set, batch 1 and 32, 2.25x/4x/8x
-    python -m ctprune.bench_cuda --quick            # fewer runs
-    python -m ctprune.bench_cuda --markdown out.md  # also write the tables
+    python -m ctprune.lab.bench_cuda                    # the CPU benchmark's layer set, batch 1 and 32, 2.25x/4x/8x
+    python -m ctprune.lab.bench_cuda --quick            # fewer runs
+    python -m ctprune.lab.bench_cuda --markdown out.md  # also write the tables
 
-Needs a CUDA GPU, torch with CUDA and nvcc (the kernel is built through ctprune.cuda_harness). Layers are drawn as
-the CPU benchmark draws them (ctprune.bench_layers: every filter keeps the same number of kernels). cuDNN runs on the
+Needs a CUDA GPU, torch with CUDA and nvcc (the kernel is built through ctprune.lab.cuda_harness). Layers are drawn as
+the CPU benchmark draws them (ctprune.lab.bench_layers: every filter keeps the same number of kernels). cuDNN runs on the
 masked dense weight with cudnn.benchmark on (its best algorithm per shape), TF32 off ("fp32") and on ("tf32"); each
 time is the median over blocks of back-to-back launches timed with CUDA events, the three contenders alternating
 block by block. "useful GFLOP/s" counts only the multiply-adds PatternConv keeps (4 per kept kernel per output).
@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from ctprune.bench_layers import LAYER_SET, kept_per_filter_for_ratio, median_summary, random_pattern_layer
+from ctprune.lab.bench_layers import LAYER_SET, kept_per_filter_for_ratio, median_summary, random_pattern_layer
 
 RATIOS = [2.25, 4.0, 8.0]
 BATCHES = [1, 32]
@@ -46,7 +46,7 @@ def _time_blocks(fns, runs: int, per_block: int):
 def bench_layer(channels: int, size: int, ratio: float, batch: int, rng, runs: int, per_block: int) -> dict:
     import torch
 
-    from ctprune.cuda_harness import CudaPatternConv, PatternConvLayer
+    from ctprune.lab.cuda_harness import CudaPatternConv, PatternConvLayer
 
     src = random_pattern_layer(rng, channels, channels, kept_per_filter_for_ratio(channels, ratio))
     layer = PatternConvLayer((channels, channels, 3, 3), [int(v) for v in src.patterns.ravel()],
