@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 import weakref
 from typing import Optional, Sequence, Union
 
@@ -47,23 +48,29 @@ def kernel_library_path() -> str:
     return str(found[-1])
 
 
-# options ctprune already registered its library in: onnxruntime refuses a session whose options load it twice
+# options ctprune already registered its library in: onnxruntime refuses a session whose options load it twice.
+# The lock makes check-and-register one step, so threads sharing one SessionOptions register it exactly once.
 _registered: "weakref.WeakSet[ort.SessionOptions]" = weakref.WeakSet()
+_registering = threading.Lock()
 
 
 def register_kernels(options: ort.SessionOptions) -> ort.SessionOptions:
-    """Register ctprune's custom-op library in `options` (in place, once) and return it."""
-    if options in _registered:
-        return options
-    path = kernel_library_path()
-    try:
-        options.register_custom_ops_library(path)
-    except Exception as err:  # e.g. built for a newer onnxruntime API than the one installed
-        raise CtpruneError(
-            f"onnxruntime {ort.__version__} could not load ctprune's kernel library {path}: {err}. "
-            "It needs onnxruntime >= 1.21 (the version of the headers it was built against)."
-        ) from err
-    _registered.add(options)
+    """Register ctprune's custom-op library in `options` (in place, once per options object, thread-safe); return it.
+
+    The only change made to `options` is that registration: the same object can build any number of sessions,
+    with ctprune.InferenceSession or plain onnxruntime, from any number of threads."""
+    with _registering:
+        if options in _registered:
+            return options
+        path = kernel_library_path()
+        try:
+            options.register_custom_ops_library(path)
+        except Exception as err:  # e.g. built for a newer onnxruntime API than the one installed
+            raise CtpruneError(
+                f"onnxruntime {ort.__version__} could not load ctprune's kernel library {path}: {err}. "
+                "It needs onnxruntime >= 1.21 (the version of the headers it was built against)."
+            ) from err
+        _registered.add(options)
     return options
 
 
