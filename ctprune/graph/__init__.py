@@ -7,7 +7,7 @@
     layers = conv_layers(original)               # per-Conv facts: shapes, MACs, consumers
 """
 
-from ctprune.graph.layers import ConvLayer, conv_layers
+from ctprune.graph.layers import ConvLayer, FCLayer, conv_layers, fc_layers
 from ctprune.graph.lift import TrainableGraph, check_supported, lift
 from ctprune.graph.load import load_model
 from ctprune.graph.normalize import normalize
@@ -22,4 +22,6 @@ __all__ = [
     "write_back",
     "conv_layers",
     "ConvLayer",
+    "fc_layers",
+    "FCLayer",
 ]

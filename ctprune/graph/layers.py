@@ -15,7 +15,7 @@ from ctprune.errors import GraphError
 from ctprune.graph.normalize import drop_initializer_inputs, infer_shapes, set_input_shapes, static_shapes
 from ctprune.graph.ops.nn import same_pads
 
-__all__ = ["ConvLayer", "conv_layers", "shaped_model", "constant_dims"]
+__all__ = ["ConvLayer", "FCLayer", "conv_layers", "fc_layers", "shaped_model", "constant_dims"]
 
 
 @dataclass
@@ -131,4 +131,87 @@ def conv_layers(model: onnx.ModelProto, input_shape=None) -> list[ConvLayer]:
                 output_name=node.output[0],
             )
         )
+    return layers
+
+
+@dataclass
+class FCLayer:
+    """One fully connected layer: a Gemm, or a MatMul whose second input is a stored 2-D weight."""
+
+    node_name: str
+    op_type: str  # "Gemm" or "MatMul"
+    weight_name: str
+    bias_name: str | None
+    in_features: int
+    out_features: int
+    transposed: bool  # the stored weight is (I, O) (MatMul, Gemm transB=0); False: (O, I)
+    output_name: str
+    is_head: bool  # its result reaches a graph output through shape/activation ops only: the classifier
+    why_not: str | None = None  # why no SparseConv can take it (None: it can)
+
+    @property
+    def params(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def macs(self) -> int:  # per sample
+        return self.in_features * self.out_features
+
+
+# Ops through which a layer's output still "is" the model's output (the classifier head ends in these).
+_HEAD_TAIL = ("Softmax", "LogSoftmax", "Identity", "Reshape", "Flatten", "Sigmoid", "Relu", "Add", "Squeeze",
+              "Dropout")
+
+
+def _reaches_output(model: onnx.ModelProto, name: str, readers: dict[str, list]) -> bool:
+    outputs = {o.name for o in model.graph.output}
+    seen = set()
+    while name not in seen:
+        seen.add(name)
+        if name in outputs:
+            return True
+        nodes = readers.get(name, [])
+        if len(nodes) != 1 or nodes[0].op_type not in _HEAD_TAIL:
+            return False
+        name = nodes[0].output[0]
+    return False
+
+
+def fc_layers(model: onnx.ModelProto, input_shape=None) -> list[FCLayer]:
+    """Every Gemm and every MatMul with a stored 2-D weight (initializer or Constant) as second input, in graph order."""
+    m = shaped_model(model, input_shape)
+    shapes = static_shapes(m)
+    stored = constant_dims(m)
+    readers: dict[str, list] = {}
+    for node in m.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    layers = []
+    for node in m.graph.node:
+        if node.op_type not in ("Gemm", "MatMul") or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        w_shape = stored.get(node.input[1])
+        if w_shape is None or len(w_shape) != 2:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        transposed = node.op_type == "MatMul" or not int(attrs.get("transB", 0))
+        in_f, out_f = (w_shape[0], w_shape[1]) if transposed else (w_shape[1], w_shape[0])
+        why = None
+        x_shape = shapes.get(node.input[0])
+        if node.op_type == "Gemm" and int(attrs.get("transA", 0)):
+            why = "Gemm with transA=1"
+        elif node.op_type == "Gemm" and float(attrs.get("alpha", 1.0)) != 1.0:
+            why = "Gemm with alpha != 1"
+        elif x_shape is None or len(x_shape) != 2:
+            why = "input is not 2-D (N, features)"
+        elif node.input[0] in stored:
+            why = "both inputs are stored tensors"
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        if bias is not None and why is None:
+            b_shape = stored.get(bias)
+            beta = float(attrs.get("beta", 1.0))
+            if b_shape is None or math.prod(b_shape) != out_f or beta != 1.0:
+                why = "bias is not a stored (O,) vector with beta 1"
+        layers.append(FCLayer(node.name, node.op_type, node.input[1], bias, int(in_f), int(out_f), transposed,
+                              node.output[0], _reaches_output(m, node.output[0], readers), why))
     return layers

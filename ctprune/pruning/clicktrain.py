@@ -36,13 +36,16 @@ weights' device at each selection; selection itself (topk, sort) runs only at th
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
 from ctprune.errors import GraphError
+from ctprune.pruning.allocation import check_ratio
 from ctprune.pruning.connectivity import PATTERN_RATIO, kernel_budget
 from ctprune.pruning.importance import ImportanceMeter, magnitude_importance
+from ctprune.pruning.layers import SparseTarget, mask_view
 from ctprune.pruning.patterns import TAPS
 from ctprune.pruning.plan import PruningPlan
 from ctprune.pruning.schedule import PruningSchedule
@@ -58,11 +61,15 @@ SOFT_MODES = ("lasso", "gradual")
 DEFAULT_SOFT = {"gradual": 0.4, "lasso": 0.2}  # soft-phase fraction of the steps when none is given
 
 
-def check_prunable(weights: Mapping[str, torch.Tensor]) -> None:
-    """GraphError unless every weight is a (O, C, 3, 3) Conv weight."""
+def check_prunable(weights: Mapping[str, torch.Tensor], sparse: Mapping | None = None) -> None:
+    """GraphError unless every weight not named in `sparse` is a (O, C, 3, 3) Conv weight."""
     if not weights:
         raise GraphError("the model has no prunable Conv (3x3, group 1, dilation 1): there is nothing to pattern-prune.")
     for name, w in weights.items():
+        if sparse and name in sparse:
+            if w.dim() not in (2, 4):
+                raise GraphError(f"layer {name!r}: sparse pruning needs a 2-D or 4-D weight, got {tuple(w.shape)}.")
+            continue
         if w.dim() != 4 or tuple(w.shape[2:]) != (3, 3):
             raise GraphError(f"Conv {name!r}: pattern pruning needs a (O, C, 3, 3) weight, got {tuple(w.shape)}.")
 
@@ -99,8 +106,12 @@ class ClickTrainPruner(TrainHooks):
         allocation: str = "importance",
         soft_mode: str = "gradual",
         regrow: bool = True,
+        sparse: Mapping[str, SparseTarget] | None = None,
+        costs: Mapping[str, float] | None = None,
     ):
-        check_prunable(weights)
+        self.sparse = dict(sparse or {})  # layers pruned in blocks (pruning/layers.py); the rest are 3x3 pattern layers
+        self.costs = dict(costs or {})
+        check_prunable(weights, self.sparse)
         if soft_mode not in SOFT_MODES:
             raise ValueError(f"soft_mode must be one of {', '.join(SOFT_MODES)}, got {soft_mode!r}")
         self.soft_mode = soft_mode
@@ -108,7 +119,7 @@ class ClickTrainPruner(TrainHooks):
         self.allocation = allocation  # checked by allocate_kernels
         self.weights = dict(weights)
         self.ratio = float(ratio)
-        kernel_budget({n: (w.shape[0], w.shape[1]) for n, w in self.weights.items()}, self.ratio)  # RatioError now, not later
+        check_reachable(self.weights, self.sparse, self.ratio)  # RatioError now, not after training
         self.patterns = int(patterns)
         self.spread = float(spread)
         if soft is None:
@@ -169,7 +180,7 @@ class ClickTrainPruner(TrainHooks):
             return None
         total = None
         norms = {}
-        for name, w in self.weights.items():
+        for name, w in self._pattern_weights():
             groups = w.reshape(w.shape[0], w.shape[1], TAPS) * self._pruned_taps[name]
             norm = torch.linalg.vector_norm(groups, dim=-1)
             norms[name] = norm.detach()
@@ -283,6 +294,8 @@ class ClickTrainPruner(TrainHooks):
         importance, kind = self._importance()
         previous = self.plan
         gradual = not final and self.soft_mode == "gradual"
+        importance = {n: (mask_view(imp.reshape(self.weights[n].shape), self.sparse[n]) if n in self.sparse else imp)
+                      for n, imp in importance.items()}
         self.plan = select_plan(
             importance,
             {n: tuple(w.shape) for n, w in self.weights.items()},
@@ -293,6 +306,8 @@ class ClickTrainPruner(TrainHooks):
             importance_kind=kind,
             macs=self.macs,
             allocation=self.allocation,
+            sparse=self.sparse,
+            costs=self.costs,
         )
         self.selections += 1
         if previous is not None and log.isEnabledFor(logging.DEBUG):  # comparing masks costs a pass over every layer
@@ -329,7 +344,9 @@ class ClickTrainPruner(TrainHooks):
 
     def _install_masks(self) -> None:
         self._masks = {n: self.plan.layer_mask(n, w.device, w.dtype) for n, w in self.weights.items()}
-        self._pruned_taps = {n: 1.0 - m.reshape(m.shape[0], m.shape[1], TAPS) for n, m in self._masks.items()}
+        # the group lasso acts on pattern layers' kernels; sparse layers only get the masks
+        self._pruned_taps = {n: 1.0 - m.reshape(m.shape[0], m.shape[1], TAPS) for n, m in self._masks.items()
+                             if n not in self.sparse}
 
     def _proximal_shrink(self) -> None:
         """Proximal step of the group lasso: each to-be-pruned group's norm decreases by its layer's step, to 0 at most.
@@ -338,7 +355,7 @@ class ClickTrainPruner(TrainHooks):
         (unless the task's gradient holds it up): the soft phase then ends with the pruned network nearly in place.
         """
         with torch.no_grad():
-            for name, w in self.weights.items():
+            for name, w in self._pattern_weights():
                 groups = w.reshape(w.shape[0], w.shape[1], TAPS)
                 pruned = self._pruned_taps[name]
                 norm = torch.linalg.vector_norm(groups * pruned, dim=-1, keepdim=True)
@@ -347,6 +364,9 @@ class ClickTrainPruner(TrainHooks):
                     self._shrink[name] = float(norm[norm > 0].median()) / soft_steps if torch.any(norm > 0) else 0.0
                 factor = (1.0 - self._shrink[name] / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp_min(0.0)
                 groups.mul_(1.0 - pruned + pruned * factor)
+
+    def _pattern_weights(self):
+        return [(n, w) for n, w in self.weights.items() if n not in self.sparse]
 
     def _mask_weights(self) -> None:
         with torch.no_grad():
@@ -358,12 +378,31 @@ class ClickTrainPruner(TrainHooks):
         lam = self.schedule.lasso_lambda
         out = {}
         with torch.no_grad():
-            for name, w in self.weights.items():
+            for name, w in self._pattern_weights():
                 norm = self._lasso_norms[name].unsqueeze(-1)
                 groups = w.reshape(norm.shape[0], norm.shape[1], TAPS) * self._pruned_taps[name]
                 grad = torch.where(norm > 0, groups / norm.clamp_min(torch.finfo(norm.dtype).tiny), 0.0) * lam
                 out[name] = grad.reshape(w.shape)
         return out
+
+
+def check_reachable(weights: Mapping[str, torch.Tensor], sparse: Mapping[str, SparseTarget], ratio: float) -> None:
+    """RatioError (naming the largest reachable ratio) when no allocation can reach `ratio`: every filter keeps at
+    least one 4-weight kernel, every sparse output channel at least one weight."""
+    if not sparse:
+        kernel_budget({n: (w.shape[0], w.shape[1]) for n, w in weights.items()}, ratio)
+        return
+    from ctprune.errors import RatioError
+
+    check_ratio(ratio)
+    total = sum(w.numel() for w in weights.values())
+    floor = sum(mask_view(w, sparse.get(n)).shape[0] * (1 if n in sparse else 4) for n, w in weights.items())
+    largest = total / floor
+    if ratio > largest * (1 + 1e-9):
+        raise RatioError(
+            f"a {ratio:g}x ratio cannot be reached: with every output channel keeping at least one weight (one 4-weight "
+            f"kernel in 3x3 pattern layers), the largest reachable ratio over these {len(weights)} layers is "
+            f"{math.floor(largest * 100) / 100:g}x.")
 
 
 def _mean_normalised(score: torch.Tensor) -> torch.Tensor:

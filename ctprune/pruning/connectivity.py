@@ -82,9 +82,7 @@ def keep_bounds(shapes: Mapping[str, tuple[int, int]], target: int, spread: floa
     return {n: (floors[n], ceilings[n]) for n in shapes}
 
 
-# allocation -> exponent on each layer's relative multiply-adds per kernel that divides its normalised scores.
-COST_EXPONENTS = {"importance": 0.0, "balanced": 0.5, "macs": 1.0}
-ALLOCATIONS = tuple(COST_EXPONENTS)
+from ctprune.pruning.allocation import ALLOCATIONS, COST_EXPONENTS, LayerGroups, allocate_groups  # noqa: E402
 
 
 def kernel_costs(shapes: Mapping[str, tuple[int, int]], macs: Mapping[str, int] | None) -> dict[str, float]:
@@ -97,48 +95,27 @@ def kernel_costs(shapes: Mapping[str, tuple[int, int]], macs: Mapping[str, int] 
     return {n: per_kernel.get(n, mean) / mean for n in shapes}
 
 
+def kernel_groups(scores: torch.Tensor, cost: float = 1.0) -> LayerGroups:
+    """A pattern layer's (O, C) kernel scores as allocation groups: 4 weights each, every filter's best one forced."""
+    o, c = scores.shape
+    flat = scores.detach().reshape(-1)
+    forced = torch.zeros(o * c, dtype=torch.bool, device=flat.device)
+    forced[torch.argmax(scores.detach().reshape(o, c), dim=1) + torch.arange(o, device=flat.device) * c] = True
+    return LayerGroups(flat, torch.full((o * c,), 4.0, device=flat.device), forced, 9 * o * c, cost)
+
+
 def allocate_kernels(scores: Mapping[str, torch.Tensor], ratio: float, spread: float = 2.5,
                      allocation: str = "importance", macs: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """{layer: (O, C) kernel scores} -> {layer: (O, C) bool, True = kept} meeting `ratio` exactly (up to rounding).
 
     allocation "importance": normalised importance; "macs": normalised importance per multiply-add; "balanced": per
     square root of multiply-adds ("macs" and "balanced" need `macs`, {layer: dense MACs per sample}; layers without it
-    count as average)."""
+    count as average). The split itself is ctprune.pruning.allocation's, shared with the sparse layers."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     shapes = {n: (s.shape[0], s.shape[1]) for n, s in scores.items()}
-    target = kernel_budget(shapes, ratio)
-    bounds = keep_bounds(shapes, target, spread)
-    exponent = COST_EXPONENTS[allocation]
-    costs = {n: c**exponent for n, c in kernel_costs(shapes, macs).items()}
-
-    keep, pools = {}, []
-    for name, s in scores.items():
-        o, c = shapes[name]
-        norm = s.detach().float().reshape(-1)
-        l2 = torch.linalg.vector_norm(norm)
-        norm = norm / l2 if l2 > 0 else torch.full_like(norm, 1.0 / math.sqrt(norm.numel()))
-        norm = norm / costs[name]
-        kept = torch.zeros(o * c, dtype=torch.bool, device=s.device)
-        # Floor: each filter's best kernel, then the layer's best others up to the floor.
-        best = torch.argmax(norm.reshape(o, c), dim=1) + torch.arange(o, device=s.device) * c
-        kept[best] = True
-        lo, hi = bounds[name]
-        rest = torch.nonzero(~kept).reshape(-1)
-        rest = rest[torch.sort(norm[rest], descending=True, stable=True).indices]
-        kept[rest[: lo - o]] = True
-        # Candidates above the floor, best first, capped so the layer stays under its ceiling.
-        cand = rest[lo - o : hi - o]
-        pools.append((name, cand, norm[cand]))
-        keep[name] = kept
-
-    remaining = target - sum(bounds[n][0] for n in scores)
-    if remaining > 0:
-        all_scores = torch.cat([p[2].cpu() for p in pools])
-        owners = torch.cat([torch.full((len(p[1]),), i, dtype=torch.long) for i, p in enumerate(pools)])
-        positions = torch.cat([torch.arange(len(p[1])) for p in pools])
-        chosen = torch.sort(all_scores, descending=True, stable=True).indices[:remaining]
-        for i, (name, cand, _) in enumerate(pools):
-            mine = positions[chosen[owners[chosen] == i]].to(cand.device)
-            keep[name][cand[mine]] = True
+    budget = 4 * kernel_budget(shapes, ratio)
+    costs = kernel_costs(shapes, macs)
+    groups = {n: kernel_groups(s, costs[n]) for n, s in scores.items()}
+    keep = allocate_groups(groups, budget, spread=spread, exponent=COST_EXPONENTS[allocation])
     return {name: k.reshape(shapes[name]) for name, k in keep.items()}

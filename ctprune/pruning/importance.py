@@ -97,4 +97,8 @@ def magnitude_importance(weights: Mapping[str, torch.Tensor]) -> dict[str, torch
 
 
 def _kernels_shape(w: torch.Tensor) -> tuple[int, int, int]:
-    return (w.shape[0], w.shape[1], w.shape[2] * w.shape[3])
+    """(O, C, taps) of a Conv weight; an FC weight (2-D, in its stored orientation) as (d0, d1, 1)."""
+    taps = 1
+    for d in w.shape[2:]:
+        taps *= d
+    return (w.shape[0], w.shape[1], taps)

@@ -74,6 +74,13 @@ class PatternLibrary:
     def __len__(self) -> int:
         return len(self.patterns)
 
+    @classmethod
+    def empty(cls) -> "PatternLibrary":
+        """The library of a model with no pattern-pruned layer (only sparse ones)."""
+        library = cls.__new__(cls)
+        library.patterns = np.zeros((0, KEEP), dtype=np.int64)
+        return library
+
     def __repr__(self) -> str:
         return f"PatternLibrary({self.patterns.tolist()})"
 

@@ -1,8 +1,10 @@
-"""PruningPlan: per pruned Conv, which pattern each kernel keeps and which kernels are removed. One object, three readers:
-training applies its masks, the rewriter consumes `layer_patterns()`, the report describes it (`layer_report()`, `totals()`).
+"""PruningPlan: per pruned layer, which weights it keeps. One object, three readers: training applies its masks, the
+rewriter consumes `layer_patterns()` and `sparse`, the report describes it (`layer_report()`, `totals()`).
 
-A layer's `assignment` is (O, C) int: the id of the network library pattern kernel (o, c) keeps, or -1 when connectivity
-pruning removed the whole kernel. The plan serialises to plain JSON types (`to_dict` / `from_dict`) for checkpoints.
+A pattern layer's `assignment` is (O, C) int: the id of the network library pattern kernel (o, c) keeps, or -1 when
+connectivity pruning removed the whole kernel. A sparse layer's `keep` is (blocks, C * T) bool: which input positions
+(input channel x tap; FC: input feature) each block of `block` consecutive output channels keeps. The plan
+serialises to plain JSON types (`to_dict` / `from_dict`) for checkpoints.
 """
 
 from __future__ import annotations
@@ -46,12 +48,56 @@ class PlanLayer:
 
 
 @dataclass
+class SparseLayer:
+    """One layer pruned in blocks: its stored weight shape, block size, orientation and (blocks, C * T) kept mask."""
+
+    weight_shape: tuple[int, ...]
+    block: int
+    transposed: bool  # stored weight (I, O): the mask view is its transpose
+    keep: np.ndarray  # (ceil(O / block), C * T) bool
+    macs: int | None = None
+    kind: str = "conv"  # "conv" or "fc"
+    out_channels: int = 0
+
+    @property
+    def weights_before(self) -> int:
+        return int(np.prod(self.weight_shape))
+
+    @property
+    def weights_after(self) -> int:
+        rows = np.full(self.keep.shape[0], self.block)
+        rows[-1] = self.out_channels - self.block * (self.keep.shape[0] - 1)
+        return int((self.keep.sum(1) * rows).sum())
+
+    def view_mask(self) -> np.ndarray:
+        """(O, C * T) 0/1 float32: the mask in the (output channel, input position) view."""
+        return np.repeat(self.keep, self.block, axis=0)[: self.out_channels].astype(np.float32)
+
+    def mask(self) -> np.ndarray:
+        """The 0/1 float32 mask in the stored weight's own shape."""
+        m = self.view_mask()
+        return np.ascontiguousarray(m.T) if self.transposed else m.reshape(self.weight_shape)
+
+    def to_dict(self) -> dict:
+        return {"weight_shape": list(self.weight_shape), "block": self.block, "transposed": self.transposed,
+                "keep": np.packbits(self.keep, axis=1).tolist(), "columns": int(self.keep.shape[1]),
+                "macs": self.macs, "kind": self.kind, "out_channels": self.out_channels}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "SparseLayer":
+        keep = np.unpackbits(np.asarray(d["keep"], dtype=np.uint8), axis=1, count=int(d["columns"])).astype(bool)
+        return cls(tuple(d["weight_shape"]), int(d["block"]), bool(d["transposed"]), keep, d.get("macs"),
+                   d.get("kind", "conv"), int(d["out_channels"]))
+
+
+@dataclass
 class PruningPlan:
     library: PatternLibrary
     layers: dict[str, PlanLayer]
     ratio_target: float
-    skipped: dict[str, str] = field(default_factory=dict)  # conv name -> why it stays dense
+    skipped: dict[str, str] = field(default_factory=dict)  # layer name -> why it stays dense
     importance: str = "gradient"  # what chose the plan: "gradient" ((w*dL/dw)^2) or "magnitude" (w^2)
+    sparse: dict[str, SparseLayer] = field(default_factory=dict)  # layers pruned in blocks (1x1, kxk, FC)
 
     @classmethod
     def from_selection(
@@ -76,9 +122,14 @@ class PruningPlan:
 
     def masks(self, device=None, dtype=torch.float32) -> dict[str, torch.Tensor]:
         """{layer: (O, C, 3, 3) 0/1 tensor}: 1 where the plan keeps the weight."""
-        return {name: self.layer_mask(name, device, dtype) for name in self.layers}
+        return {name: self.layer_mask(name, device, dtype) for name in self.all_layers()}
+
+    def all_layers(self) -> list[str]:
+        return list(self.layers) + list(self.sparse)
 
     def layer_mask(self, name: str, device=None, dtype=torch.float32) -> torch.Tensor:
+        if name in self.sparse:
+            return torch.as_tensor(self.sparse[name].mask(), device=device, dtype=dtype)
         layer = self.layers[name]
         rows = pattern_onehot(self.library.patterns, device=device, dtype=dtype).T  # (P, 9)
         rows = torch.cat([rows, torch.zeros(1, TAPS, device=device, dtype=dtype)])  # row -1: removed kernel
@@ -88,7 +139,7 @@ class PruningPlan:
         """Zero every weight the plan removes, in place."""
         with torch.no_grad():
             for name, w in weights.items():
-                if name in self.layers:
+                if name in self.layers or name in self.sparse:
                     w.mul_(self.layer_mask(name, w.device, w.dtype))
 
     # -- the rewriter reads layer patterns ----------------------------------------------------------------------------
@@ -124,16 +175,34 @@ class PruningPlan:
                     "weights_after": layer.weights_after,
                     "pattern_count": int(len(used)),
                     "kept_kernel_fraction": round(layer.kept_fraction, 6),
+                    "form": "pattern",
                 }
             )
-            if layer.macs is not None:  # multiply-adds scale with the weights kept
-                rows[-1]["macs_before"] = int(layer.macs)
-                rows[-1]["macs_after"] = int(round(layer.macs * layer.weights_after / layer.weights_before))
+            _add_macs(rows[-1], layer)
+        for name, layer in self.sparse.items():
+            shape = layer.weight_shape
+            out_c = layer.out_channels
+            in_c = (shape[0] if layer.transposed else shape[1]) if layer.kind == "fc" else shape[1]
+            rows.append({
+                "name": name,
+                "op": "SparseConv",
+                "kernel": list(shape[2:]) if layer.kind == "conv" else [],
+                "in_channels": int(in_c),
+                "out_channels": int(out_c),
+                "weights_before": layer.weights_before,
+                "weights_after": layer.weights_after,
+                "pattern_count": 0,
+                "block": layer.block,
+                "form": "sparse",
+                "kind": layer.kind,
+            })
+            _add_macs(rows[-1], layer)
         return rows
 
     def totals(self) -> dict:
-        before = sum(layer.weights_before for layer in self.layers.values())
-        after = sum(layer.weights_after for layer in self.layers.values())
+        every = list(self.layers.values()) + list(self.sparse.values())
+        before = sum(layer.weights_before for layer in every)
+        after = sum(layer.weights_after for layer in every)
         return {
             "conv_weights": {"before": before, "after": after},
             "ratio_target": self.ratio_target,
@@ -141,7 +210,19 @@ class PruningPlan:
             "patterns": len(self.library),
             "importance": self.importance,
             "dense_layers": dict(self.skipped),
+            "by_form": self.totals_by_form(),
         }
+
+    def totals_by_form(self) -> dict:
+        """{"pattern 3x3" | "sparse conv" | "sparse fc": {layers, before, after}}."""
+        out: dict[str, dict] = {}
+        kinds = [("pattern 3x3", l) for l in self.layers.values()] + [(f"sparse {l.kind}", l) for l in self.sparse.values()]
+        for kind, layer in kinds:
+            row = out.setdefault(kind, {"layers": 0, "before": 0, "after": 0})
+            row["layers"] += 1
+            row["before"] += layer.weights_before
+            row["after"] += layer.weights_after
+        return out
 
     @property
     def ratio_achieved(self) -> float:
@@ -159,6 +240,7 @@ class PruningPlan:
                 name: {"weight_shape": list(l.weight_shape), "assignment": l.assignment.tolist(), "macs": l.macs}
                 for name, l in self.layers.items()
             },
+            "sparse": {name: l.to_dict() for name, l in self.sparse.items()},
         }
 
     @classmethod
@@ -167,4 +249,13 @@ class PruningPlan:
             name: PlanLayer(tuple(l["weight_shape"]), np.asarray(l["assignment"], dtype=np.int64), l.get("macs"))
             for name, l in d["layers"].items()
         }
-        return cls(PatternLibrary(np.asarray(d["library"])), layers, float(d["ratio_target"]), dict(d.get("skipped", {})), d.get("importance", "gradient"))
+        library = PatternLibrary(np.asarray(d["library"])) if len(d["library"]) else PatternLibrary.empty()
+        sparse = {name: SparseLayer.from_dict(l) for name, l in d.get("sparse", {}).items()}
+        return cls(library, layers, float(d["ratio_target"]), dict(d.get("skipped", {})),
+                   d.get("importance", "gradient"), sparse)
+
+
+def _add_macs(row: dict, layer) -> None:
+    if layer.macs is not None:  # multiply-adds scale with the weights kept
+        row["macs_before"] = int(layer.macs)
+        row["macs_after"] = int(round(layer.macs * layer.weights_after / layer.weights_before))

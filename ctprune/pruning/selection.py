@@ -1,19 +1,24 @@
-"""From importance to a PruningPlan: generate the library, assign patterns, allocate kept kernels.
+"""From importance to a PruningPlan: generate the library, assign patterns, allocate what every layer keeps.
 
 Two rounds: the first library is voted by every kernel; connectivity then removes kernels, and the library is voted
 again by the kept kernels only (removed kernels should not decide which shapes the network keeps), patterns are
-re-assigned and connectivity re-allocated with the new scores.
+re-assigned and the budget re-allocated with the new scores. Sparse layers (1x1, other kernel sizes, FC) take part
+in the same allocation as groups of `block` output channels at one input position (pruning/allocation.py); a model
+with only sparse layers has an empty library.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 
-from ctprune.pruning.connectivity import allocate_kernels
+from ctprune.pruning.allocation import COST_EXPONENTS, LayerGroups, allocate_groups, weight_budget
+from ctprune.pruning.connectivity import allocate_kernels, kernel_groups
+from ctprune.pruning.layers import SparseTarget
 from ctprune.pruning.patterns import PatternLibrary
-from ctprune.pruning.plan import PruningPlan
+from ctprune.pruning.plan import PruningPlan, SparseLayer
 
 
 def select_plan(
@@ -26,12 +31,80 @@ def select_plan(
     importance_kind: str = "gradient",
     macs: Mapping[str, int] | None = None,
     allocation: str = "importance",
+    sparse: Mapping[str, SparseTarget] | None = None,
+    costs: Mapping[str, float] | None = None,
 ) -> PruningPlan:
-    """importance {layer: (O, C, 9)} -> the plan meeting `ratio` over these layers (RatioError if it cannot).
+    """importance {layer: (O, C, T) in the layer's mask view} -> the plan meeting `ratio` over these layers
+    (RatioError if it cannot). Layers named in `sparse` are pruned in blocks; the others are 3x3 pattern layers.
 
-    allocation: how kept kernels are split between layers ("importance"; "balanced": importance per square root of
-    multiply-adds; "macs": per multiply-add; see ctprune.pruning.connectivity)."""
+    allocation: how the budget is split between layers ("importance"; "balanced": importance per square root of
+    multiply-adds per weight; "macs": per multiply-add; see ctprune.pruning.connectivity). `costs`: multiply-adds per
+    weight by layer, where known (FC layers: an equivalent, pruning/layers.py); else from `macs`."""
+    sparse = dict(sparse or {})
     importance = {n: imp.detach().float() for n, imp in importance.items()}
+    pattern_imp = {n: imp for n, imp in importance.items() if n not in sparse}
+    if not sparse:
+        return _pattern_only(pattern_imp, weight_shapes, ratio, patterns, spread, skipped, importance_kind, macs,
+                             allocation)
+    costs = _costs(weight_shapes, macs, costs)
+    block_scores = {n: block_importance(importance[n], sparse[n].block) for n in sparse}
+    sparse_groups = {n: _block_groups(s, importance[n].shape[0], sparse[n].block, costs.get(n, 1.0))
+                     for n, s in block_scores.items()}
+    voters, library, assignments = None, PatternLibrary.empty(), {}
+    for _ in range(2 if pattern_imp else 1):
+        groups = dict(sparse_groups)
+        if pattern_imp:
+            library = PatternLibrary.generate(pattern_imp, size=patterns, voters=voters)
+            assignments = {n: library.assign(imp) for n, imp in pattern_imp.items()}
+            for n, imp in pattern_imp.items():
+                groups[n] = kernel_groups(library.kept_importance(imp, assignments[n]), costs.get(n, 1.0))
+        keep = allocate_groups(groups, weight_budget(groups, ratio), spread=spread,
+                               exponent=COST_EXPONENTS[_checked(allocation)])
+        voters = {n: keep[n].reshape(pattern_imp[n].shape[:2]) for n in pattern_imp}
+    plan = PruningPlan.from_selection(library, assignments, voters, weight_shapes, ratio, skipped=skipped,
+                                      importance=importance_kind, macs=macs)
+    for n, target in sparse.items():
+        o = importance[n].shape[0]
+        plan.sparse[n] = SparseLayer(tuple(int(d) for d in weight_shapes[n]), target.block, target.transposed,
+                                     keep[n].reshape(-1, block_scores[n].shape[1]).cpu().numpy(), (macs or {}).get(n),
+                                     target.kind, o)
+    return plan
+
+
+def block_importance(view: torch.Tensor, block: int) -> torch.Tensor:
+    """(O, C, T) importance -> (ceil(O / block), C * T): summed over each block of `block` consecutive output channels."""
+    o = view.shape[0]
+    flat = view.reshape(o, -1)
+    pad = (-o) % block
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
+    return flat.reshape(-1, block, flat.shape[1]).sum(1)
+
+
+def _block_groups(scores: torch.Tensor, out_channels: int, block: int, cost: float) -> LayerGroups:
+    """A sparse layer's block scores as allocation groups: size = the block's channels, each block's best forced."""
+    nb, r = scores.shape
+    rows = torch.full((nb,), float(block), device=scores.device)
+    rows[-1] = out_channels - block * (nb - 1)
+    forced = torch.zeros(nb, r, dtype=torch.bool, device=scores.device)
+    forced[torch.arange(nb, device=scores.device), scores.argmax(1)] = True
+    return LayerGroups(scores.reshape(-1), rows[:, None].expand(nb, r).reshape(-1), forced.reshape(-1),
+                       out_channels * r, cost)
+
+
+def _costs(weight_shapes, macs, costs) -> dict[str, float]:
+    out = {n: macs[n] / math.prod(s) for n, s in weight_shapes.items() if macs and macs.get(n)}
+    out.update(costs or {})
+    return out
+
+
+def _checked(allocation: str) -> str:
+    if allocation not in COST_EXPONENTS:
+        raise ValueError(f"allocation must be one of {tuple(COST_EXPONENTS)}, got {allocation!r}")
+    return allocation
+
+
+def _pattern_only(importance, weight_shapes, ratio, patterns, spread, skipped, importance_kind, macs, allocation):
     voters = None
     for _ in range(2):
         library = PatternLibrary.generate(importance, size=patterns, voters=voters)
