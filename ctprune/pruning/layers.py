@@ -76,7 +76,10 @@ def decide_layers(conv_layers: Iterable, fc_layers: Iterable, parameters: Mappin
             continue
         out.weights[name] = parameters[layer.weight_name]
         if form == "sparse":
-            out.sparse[name] = SparseTarget(CONV_BLOCK, transposed=False, kind="conv")
+            # blocks never straddle two groups: a grouped Conv whose groups do not split into whole blocks uses 1
+            per_group = layer.out_channels // max(int(layer.group), 1)
+            block = CONV_BLOCK if int(layer.group) == 1 or per_group % CONV_BLOCK == 0 else 1
+            out.sparse[name] = SparseTarget(block, transposed=False, kind="conv")
         if getattr(layer, "macs", None) is not None:
             out.macs[name] = int(layer.macs)
             out.cost[name] = layer.macs / max(1, math.prod(parameters[layer.weight_name].shape))
