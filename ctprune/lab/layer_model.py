@@ -146,3 +146,175 @@ def pattern_and_dense_models(
         dense_conv_layer_model(weight, input_shape, B, strides, pads, activation, opset),
         compact,
     )
+
+
+# --- SparseConv (ops/SparseConv.md): one random block-pruned Conv / FC layer, as a SparseConv model and as
+# onnxruntime's dense Conv / Gemm on the same masked weight. Shared by tests/test_sparseconv_*.py and bench_layers.
+
+
+def random_block_mask(
+    rng: np.random.Generator,
+    weight_shape: Sequence[int],
+    density: float,
+    block: int,
+    group: int = 1,
+    empty_blocks: int = 0,
+) -> np.ndarray:
+    """A bool mask of `weight_shape` ((O, Cg, kh, kw) or (O, I)) that is the same for the output channels of each
+    block of `block` (within a group; the last block of a group may be partial), keeping round(density * columns)
+    random columns per block, none in `empty_blocks` random blocks."""
+    from ctprune.rewrite.sparse_conv import _blocks
+
+    O = int(weight_shape[0])
+    columns = int(np.prod(weight_shape[1:]))
+    blocks = _blocks(weight_shape, block, group)
+    keep = int(round(min(1.0, max(0.0, density)) * columns))
+    empty = set(rng.choice(len(blocks), size=min(empty_blocks, len(blocks)), replace=False).tolist())
+    mask = np.zeros((O, columns), dtype=bool)
+    for block_id, (_, first, size) in enumerate(blocks):
+        if block_id not in empty and keep:
+            mask[first : first + size, rng.choice(columns, size=keep, replace=False)] = True
+    return mask.reshape(tuple(weight_shape))
+
+
+def masked_random_weight(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """Random float32 weights (He-scaled over the kept fan-in) where `mask` keeps, zero elsewhere."""
+    fan_in = max(1.0, mask.reshape(mask.shape[0], -1).sum(axis=1).mean())
+    w = rng.standard_normal(mask.shape).astype(np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+    w[w == 0] = 1e-3  # a kept weight must not be exactly zero: the compactor reads the mask from nonzeros
+    return (w * mask).astype(np.float32)
+
+
+def _model_with_inputs(nodes, initializers, inputs, opset, functions=()) -> onnx.ModelProto:
+    y_dims = ["N", "O", "OH", "OW"][: len(inputs[0][1])]  # Y has X's rank
+    graph = helper.make_graph(
+        nodes, "layer", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, y_dims)], initializers,
+    )
+    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(DOMAIN, VERSION)] if functions else [])
+    return _with_ir(helper.make_model(graph, opset_imports=imports, functions=list(functions)))
+
+
+def sparse_conv_layer_model(
+    compact,
+    input_shape: Sequence,
+    bias: Optional[np.ndarray] = None,
+    strides: Sequence[int] = (1, 1),
+    pads: Sequence[int] = (0, 0, 0, 0),
+    dilations: Sequence[int] = (1, 1),
+    activation=None,
+    z_shape: Optional[Sequence] = None,
+    opset: int = 17,
+    function: bool = True,
+    **overrides,
+) -> onnx.ModelProto:
+    """X (and Z when z_shape is given) -> SparseConv -> Y, carrying the model-local function unless function=False.
+    `overrides` replace node attributes (malformed-node tests)."""
+    from ctprune.rewrite.sparse_conv import Activation, sparse_conv_function, sparse_conv_node
+
+    initializers = compact.initializers("w")
+    if bias is not None:
+        initializers.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "B"))
+    kwargs = {} if compact.is_fc else dict(strides=strides, pads=pads, dilations=dilations)
+    node = sparse_conv_node(compact, "X", "Y", "w", name="sparse_conv", bias="B" if bias is not None else "",
+                            residual="Z" if z_shape is not None else "", activation=activation or Activation(),
+                            **kwargs)
+    for key, value in overrides.items():
+        for i, attr in enumerate(node.attribute):
+            if attr.name == key:
+                del node.attribute[i]
+                break
+        if value is not None:
+            kind = onnx.AttributeProto.INTS if isinstance(value, list) else None
+            node.attribute.append(helper.make_attribute(key, value, attr_type=kind))
+    inputs = [("X", list(input_shape))] + ([("Z", list(z_shape))] if z_shape is not None else [])
+    functions = [sparse_conv_function(opset, residual=z_shape is not None)] if function else []
+    model = _model_with_inputs([node], initializers, inputs, opset, functions)
+    if not function:
+        model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
+    return model
+
+
+def dense_layer_model(
+    weight: np.ndarray,
+    input_shape: Sequence,
+    bias: Optional[np.ndarray] = None,
+    strides: Sequence[int] = (1, 1),
+    pads: Sequence[int] = (0, 0, 0, 0),
+    dilations: Sequence[int] = (1, 1),
+    group: int = 1,
+    activation=None,
+    z_shape: Optional[Sequence] = None,
+    opset: int = 17,
+) -> onnx.ModelProto:
+    """onnxruntime's own ops on the dense weight: Conv (4-D weight) or Gemm transB=1 (2-D), then Add Z, then the
+    activation as the ops real nets use (Clip / Relu, HardSigmoid + Mul, Sigmoid + Mul)."""
+    from ctprune.ops.names import ACTIVATION_HARDSIGMOID_MUL, ACTIVATION_SIGMOID_MUL
+    from ctprune.rewrite.sparse_conv import Activation
+
+    act = activation or Activation()
+    weight = np.asarray(weight, dtype=np.float32)
+    initializers = [numpy_helper.from_array(weight, "W")]
+    inputs = ["X", "W"]
+    if bias is not None:
+        initializers.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "B"))
+        inputs.append("B")
+    if weight.ndim == 2:
+        nodes = [helper.make_node("Gemm", inputs, ["t0"], transB=1)]
+    else:
+        nodes = [helper.make_node("Conv", inputs, ["t0"], strides=list(strides), pads=list(pads),
+                                  dilations=list(dilations), group=int(group))]
+    last = "t0"
+    if z_shape is not None:
+        nodes.append(helper.make_node("Add", [last, "Z"], ["t1"]))
+        last = "t1"
+    if not (np.isinf(act.min) and act.min < 0 and np.isinf(act.max) and act.max > 0):
+        if act.min == 0.0 and np.isinf(act.max) and act.max > 0:
+            nodes.append(helper.make_node("Relu", [last], ["t2"]))
+        else:
+            initializers += [numpy_helper.from_array(np.array(v, dtype=np.float32), n)
+                             for n, v in (("lo", act.min), ("hi", act.max))]
+            nodes.append(helper.make_node("Clip", [last, "lo", "hi"], ["t2"]))
+        last = "t2"
+    if act.kind == ACTIVATION_HARDSIGMOID_MUL:
+        nodes.append(helper.make_node("HardSigmoid", [last], ["gate"], alpha=float(act.alpha), beta=float(act.beta)))
+        nodes.append(helper.make_node("Mul", [last, "gate"], ["t3"]))
+        last = "t3"
+    elif act.kind == ACTIVATION_SIGMOID_MUL:
+        nodes.append(helper.make_node("Sigmoid", [last], ["gate"]))
+        nodes.append(helper.make_node("Mul", [last, "gate"], ["t3"]))
+        last = "t3"
+    nodes.append(helper.make_node("Identity", [last], ["Y"]))
+    inputs_info = [("X", list(input_shape))] + ([("Z", list(z_shape))] if z_shape is not None else [])
+    return _model_with_inputs(nodes, initializers, inputs_info, opset)
+
+
+def sparse_and_dense_models(
+    rng: np.random.Generator,
+    weight_shape: Sequence[int],
+    input_shape: Sequence,
+    density: float,
+    block: int,
+    *,
+    group: int = 1,
+    empty_blocks: int = 0,
+    bias: bool = False,
+    strides: Sequence[int] = (1, 1),
+    pads: Sequence[int] = (0, 0, 0, 0),
+    dilations: Sequence[int] = (1, 1),
+    activation=None,
+    z_shape: Optional[Sequence] = None,
+    opset: int = 17,
+    function: bool = True,
+):
+    """A random block-pruned layer as (SparseConv model, dense Conv/Gemm model on the masked weight, compact)."""
+    from ctprune.rewrite.sparse_conv import compact_sparse_from_dense
+
+    mask = random_block_mask(rng, weight_shape, density, block, group, empty_blocks)
+    weight = masked_random_weight(rng, mask)
+    B = rng.standard_normal(weight_shape[0]).astype(np.float32) if bias else None
+    compact = compact_sparse_from_dense(weight, block, group=group, mask=mask)
+    sparse = sparse_conv_layer_model(compact, input_shape, B, strides, pads, dilations, activation, z_shape, opset,
+                                     function)
+    dense = dense_layer_model(weight, input_shape, B, strides, pads, dilations, group, activation, z_shape, opset)
+    return sparse, dense, compact
