@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from ctprune.errors import DataError, GraphError, RatioError
+from ctprune.train.data import check_input_size, require_fixed_input
 from ctprune.train.loop import first_output as _first
 
 log = logging.getLogger("ctprune")
@@ -24,14 +25,13 @@ DEFAULT_EPOCHS = 3
 SYNTHETIC_SAMPLES = 512
 CALIBRATION_BATCHES = 8  # --epochs 0: importance from this many batches
 DEFAULT_LR = {"pretrained": 0.01, "scratch": 0.05}
-PATTERNS_ALONE = 9 / 4  # 4 of 9 taps kept: what pattern pruning alone removes
 
 
 @dataclasses.dataclass
 class Pipeline:
     model: object
     ratio: float
-    method: str = "pattern"
+    method: str = "auto"
     data: object = None
     eval_data: object = None
     epochs: int | None = None
@@ -54,6 +54,7 @@ class Pipeline:
     mean: object = None
     std: object = None
     first_conv_dense: bool = True
+    prune_head: bool = False  # auto/both: prune the FC layer that produces a graph output (the classifier) too
     latency_threads: int = 1
     checkpoint_dir: object = None
     schedule: str = "clicktrain"  # "oneshot": the prune-after baseline (magnitude masks fixed before fine-tuning)
@@ -70,9 +71,10 @@ class Pipeline:
         check_supported(self.original)  # every unsupported op, named, before any work
         self.teacher = self._lift(self.original).eval()
         self.input_shape = list(self.teacher.input_shapes[0])
+        require_fixed_input(self.input_shape)  # the rewrite and the latency step need it: refuse before training
         self.num_classes = self._num_classes()
         self.train_set, self.eval_set = self._load_data()
-        if self.method == "pattern":
+        if self.method in ("pattern", "auto"):
             pruned, plan_report = self._pattern(self.original, self.ratio)
         elif self.method == "precrop":
             pruned, plan_report = self._precrop()
@@ -123,6 +125,7 @@ class Pipeline:
             if self._zeros_input(1) is None:
                 raise DataError(f"the model's input shape {self.input_shape} has free dimensions besides the batch, "
                                 "so ctprune cannot make synthetic inputs: give --data.")
+            check_input_size(kw["input_size"], self.input_shape)  # given without data, it must still fit
             train = synthetic_data(self.input_shape, SYNTHETIC_SAMPLES, seed=self.seed)
             self.notes.append(f"no --data: {SYNTHETIC_SAMPLES} synthetic (random normal) inputs stood in for data, "
                               "the dense model's outputs for labels; accuracy was not measured")
@@ -144,22 +147,36 @@ class Pipeline:
             checkpoint_dir=ckpt, resume=self.resume, quiet=self.quiet, backend=self.backend,
         )
 
+    def _decide(self, model, student):
+        """Which layers prune in which form (pruning/layers.py): 3x3 only for --method pattern, every form else."""
+        from ctprune.graph import conv_layers, fc_layers
+        from ctprune.pruning.layers import decide_layers
+
+        layers = conv_layers(model)
+        fcs = fc_layers(model) if self.method != "pattern" else []
+        return layers, decide_layers(layers, fcs, student.onnx_parameters(), method=self.method,
+                                     keep_first_dense=self.first_conv_dense, prune_head=self.prune_head)
+
     def _pattern(self, model, ratio, checkpoint_tag: str = ""):
-        """ClickTrain: pattern library → soft masks at a rising ratio → hard masks → PatternConv."""
-        from ctprune.graph import conv_layers, write_back
-        from ctprune.pruning import ClickTrainPruner, OneShotPruner, prunable_convs
+        """ClickTrain: pattern library (3x3) and blocks (the rest) → soft masks at a rising ratio → hard masks →
+        PatternConv / SparseConv."""
+        from ctprune.graph import write_back
+        from ctprune.pruning import ClickTrainPruner, OneShotPruner
         from ctprune.rewrite import rewrite_model
 
         student = self._lift(model)
-        layers = conv_layers(model)
-        weights, skipped, macs = prunable_convs(layers, student.onnx_parameters(), keep_first_dense=self.first_conv_dense)
+        layers, decision = self._decide(model, student)
+        weights, skipped, macs = decision.weights, decision.skipped, decision.macs
         if not weights:
             reasons = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:6])
-            raise GraphError("the model has no Conv that pattern pruning can take (3x3, group 1, dilation 1)"
-                             + (f" — {reasons}" if reasons else "") + ". Try --method precrop.")
+            what = ("no Conv that pattern pruning can take (3x3, group 1, dilation 1)" if self.method == "pattern"
+                    else "no layer ctprune can prune (every Conv is depthwise or the first, no FC layer but the head)")
+            hint = "--method auto or precrop" if self.method == "pattern" else "--method precrop (or --prune-head)"
+            raise GraphError(f"the model has {what}" + (f" — {reasons}" if reasons else "") + f". Try {hint}.")
         pruner_class = OneShotPruner if self.schedule == "oneshot" else ClickTrainPruner
         pruner = pruner_class(weights, ratio=ratio, patterns=self.patterns, skipped=skipped, macs=macs,
-                              allocation=self.allocation, **(self.pruner_options or {}))
+                              allocation=self.allocation, sparse=decision.sparse, costs=decision.cost,
+                              **(self.pruner_options or {}))
         if self._epochs() == 0:
             if pruner.importance_kind != "magnitude":  # gradient importance needs a few batches first
                 self._calibrate(pruner, student)
@@ -176,7 +193,9 @@ class Pipeline:
         self.student = student
         trained = write_back(model, student)
         self.masked_dense = trained
-        pruned = rewrite_model(trained, plan.layer_patterns())
+        self.kept_dense: dict[str, str] = {}
+        pruned = rewrite_model(trained, plan.layer_patterns(), sparse=plan.sparse, kept_dense=self.kept_dense,
+                               threads=self.latency_threads)
         self._finished = True
         return pruned, {"kind": "pattern", "plan": plan, "masked_dense": trained, "pattern_input": model}
 
@@ -241,20 +260,28 @@ class Pipeline:
         return trained, {"kind": "precrop", "plan": plan}
 
     def _both(self):
-        """Crop channels first, then pattern-prune what remains; the two ratios multiply to the target."""
-        if self.ratio <= PATTERNS_ALONE:
-            raise RatioError(f"--method both needs a ratio above {PATTERNS_ALONE:.2f}x (patterns alone give that).")
-        crop_ratio = min(math.sqrt(self.ratio), self.ratio / PATTERNS_ALONE)
+        """Crop channels first, then prune what remains as auto does; the two ratios multiply to the target."""
+        floor = 1.0 + 1e-3
+        if self.ratio <= floor * floor:
+            raise RatioError("--method both needs a ratio above 1x: cropping and pruning each take a share of it.")
+        crop_ratio = math.sqrt(self.ratio)
         cropped, crop_report = self._precrop(ratio=crop_ratio)
-        before = _conv3x3_weights(self.original)
-        after_crop = _conv3x3_weights(cropped)
-        pattern_ratio = max(PATTERNS_ALONE, self.ratio * after_crop / before) if after_crop else PATTERNS_ALONE
-        self.notes.append(f"both: channels cropped {crop_report['plan'].ratio_achieved:.2f}x, then patterns "
-                          f"{pattern_ratio:.2f}x over the cropped 3x3 Convs")
+        before = self._prunable_weights(self.original)
+        after_crop = self._prunable_weights(cropped)
+        pattern_ratio = max(floor, self.ratio * after_crop / before) if after_crop else floor
+        self.notes.append(f"both: channels cropped {crop_report['plan'].ratio_achieved:.2f}x, then "
+                          f"{pattern_ratio:.2f}x over the cropped model's prunable layers")
         pruned, pattern_report = self._pattern(cropped, pattern_ratio, checkpoint_tag="pattern")
         pattern_report["crop_plan"] = crop_report["plan"]
         pattern_report["kind"] = "both"
+        pattern_report["prunable_before"] = before
         return pruned, pattern_report
+
+    def _prunable_weights(self, model) -> int:
+        """Weights of the layers auto would prune in `model` (their stored shapes; no training state needed)."""
+        student = self._lift(model)
+        _, decision = self._decide(model, student)
+        return sum(p.numel() for p in decision.weights.values())
 
     # ---- report ---------------------------------------------------------------------------------------------------
     def _report(self, pruned: onnx.ModelProto, plan_report: dict) -> dict:
@@ -277,15 +304,20 @@ class Pipeline:
             layers = plan.layer_report()
             conv_weights = dict(totals["conv_weights"])
             if kind == "both":
-                conv_weights["before"] = sum(l["weights_before"] for l in plan_report["crop_plan"].report_layers()
-                                             if tuple(l.get("kernel", (3, 3))) == (3, 3)) or conv_weights["before"]
+                conv_weights["before"] = plan_report["prunable_before"]
+            conv_weights["by_form"] = totals["by_form"]
             source = plan_report["pattern_input"]
             macs_after = _pattern_macs(source, plan, None if source is not self.original else totals_before)
             ratio_achieved = conv_weights["before"] / conv_weights["after"]
+            layers = _mark_forms(layers, getattr(self, "kept_dense", {}), totals.get("dense_layers") or {})
+            if getattr(self, "kept_dense", None):
+                self.notes.append(f"{len(self.kept_dense)} sparse layer(s) kept as dense ops holding their zeros "
+                                  "(SparseConv would be slower there): " + ", ".join(list(self.kept_dense)[:6]))
             dense = totals.get("dense_layers") or {}
             if dense:
                 self.notes.append("kept dense: " + "; ".join(f"{k} ({v})" for k, v in list(dense.items())[:8])
                                   + (f" and {len(dense) - 8} more" if len(dense) > 8 else ""))
+        dense_layers = dense if kind != "precrop" else {}
         accuracy, agreement = self._evaluate(pruned, plan_report)
         report = {
             "ratio_target": self.ratio,
@@ -299,6 +331,7 @@ class Pipeline:
             "latency_ms": latency_ms(self.original, pruned, threads=self.latency_threads, batch=1),
             "train": self._train_report(),
             "layers": layers,
+            "dense_layers": [{"name": n, "reason": why} for n, why in dense_layers.items()],
             "notes": self.notes,
         }
         if kind in ("pattern", "both"):
@@ -427,10 +460,6 @@ def _conv_weights(model: onnx.ModelProto, only_3x3: bool = False) -> int:
     return total
 
 
-def _conv3x3_weights(model: onnx.ModelProto) -> int:
-    return _conv_weights(model, only_3x3=True)
-
-
 def _pattern_macs(model: onnx.ModelProto, plan, totals: dict | None = None) -> int:
     """Whole-model MACs per sample after pattern pruning `model`: pruned Convs scale with their kept weights."""
     from ctprune.graph import conv_layers
@@ -439,9 +468,21 @@ def _pattern_macs(model: onnx.ModelProto, plan, totals: dict | None = None) -> i
     if totals is None:
         _, totals = layer_table(model)
     macs = {layer.node_name: layer.macs or 0 for layer in conv_layers(model)}
-    saved = sum(macs.get(row["name"], 0) * (1 - row["weights_after"] / row["weights_before"])
+    saved = sum(row.get("macs_before", macs.get(row["name"], 0)) * (1 - row["weights_after"] / row["weights_before"])
                 for row in plan.layer_report())
     return int(round(totals["macs"] - saved))
+
+
+def _mark_forms(rows: list[dict], kept_dense: dict, skipped: dict) -> list[dict]:
+    """Report rows of the pruned layers with their form: pattern / sparse / dense-kept (and why)."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        if row["name"] in kept_dense:
+            row.update(form="dense-kept", op=row.get("kind") == "fc" and "Gemm/MatMul" or "Conv",
+                       note=kept_dense[row["name"]])
+        out.append(row)
+    return out
 
 
 def _reinitialise(module: torch.nn.Module, seed: int) -> None:

@@ -57,7 +57,7 @@ def test_prune_8x_obeys_the_output_contract(resnet_path, tmp_path, capsys):
                                 "--epochs", "0", "--seed", "3")
     assert code == 0, stderr
     assert _digest(resnet_path) == before, "the input model was modified"
-    assert "ratio (pruned convs)" in stdout and "PatternConv" in stdout
+    assert "ratio (prunable layers)" in stdout and "PatternConv" in stdout
 
     report = json.loads(report_path.read_text())
     assert CONTRACT_KEYS <= set(report)
@@ -73,9 +73,17 @@ def test_prune_8x_obeys_the_output_contract(resnet_path, tmp_path, capsys):
     onnx.checker.check_model(pruned, full_check=True)
     assert [(i.name, i.type) for i in pruned.graph.input] == [(i.name, i.type) for i in original.graph.input]
     assert [(o.name, o.type) for o in pruned.graph.output] == [(o.name, o.type) for o in original.graph.output]
-    pattern_nodes = [n for n in pruned.graph.node if n.op_type == "PatternConv" and n.domain == "ai.ctprune"]
-    assert len(pattern_nodes) == len(report["layers"]) >= 5
-    assert any(f.domain == "ai.ctprune" and f.name == "PatternConv" for f in pruned.functions)
+    ops = {n.name: n.op_type for n in pruned.graph.node if n.domain == "ai.ctprune"}
+    forms = {"pattern": "PatternConv", "sparse": "SparseConv"}
+    assert len([l for l in report["layers"] if l["form"] == "pattern"]) >= 5
+    for layer in report["layers"]:  # every pruned layer is its op, or a dense op said to be kept (and why)
+        if layer["form"] == "dense-kept":
+            assert layer["name"] not in ops and "slower" in layer["note"]
+        else:
+            assert ops[layer["name"]] == forms[layer["form"]]
+    assert {f.name for f in pruned.functions if f.domain == "ai.ctprune"} == set(ops.values())
+    assert {d["name"] for d in report["dense_layers"]} >= {n.name for n in original.graph.node if n.op_type == "Conv"} - {
+        l["name"] for l in report["layers"]}
 
 
 def test_pruned_model_equals_the_masked_dense_model(resnet_path):
@@ -84,7 +92,7 @@ def test_pruned_model_equals_the_masked_dense_model(resnet_path):
     want = run_ort(result.masked_dense, x)[0]
     # the masked dense model really is masked: 3x3 weights hold at most 4 nonzeros per kernel
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in result.masked_dense.graph.initializer}
-    rewritten = {l["name"] for l in result.report["layers"]}
+    rewritten = {l["name"] for l in result.report["layers"] if l["form"] == "pattern"}
     for node in result.masked_dense.graph.node:
         if node.name in rewritten:
             w = inits[node.input[1]]
@@ -180,7 +188,11 @@ def test_model_without_prunable_conv(tmp_path, capsys):
     path = tmp_path / "pointwise.onnx"
     onnx.save(h.make_model(h.make_graph([h.make_node("Conv", ["x", "w"], ["y"], name="pw")], "g", [x], [y], [w]),
                            opset_imports=[h.make_opsetid("", 17)]), path)
-    _assert_user_error(capsys, tmp_path, [path, "--ratio", "8x", "--epochs", "0"], "no Conv", model=path)
+    _assert_user_error(capsys, tmp_path, [path, "--ratio", "8x", "--epochs", "0", "--method", "pattern"], "no Conv",
+                       "1x1 kernel", model=path)
+    # auto would prune the 1x1 Conv sparse, but it is the network's first: kept dense, and said so
+    _assert_user_error(capsys, tmp_path, [path, "--ratio", "8x", "--epochs", "0"], "no layer ctprune can prune",
+                       "pw: first Conv", model=path)
 
 
 def test_data_that_does_not_fit(resnet_path, tmp_path, capsys):

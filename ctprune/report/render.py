@@ -52,6 +52,8 @@ def render_report(report: dict) -> str:
             "-" if layer.get("pattern_count") is None else str(layer.get("pattern_count")),
             layer.get("note", ""),
         ])
+    for layer in report.get("dense_layers", []):
+        rows.append([layer["name"], "dense", "", "", "", "", "", "-", layer.get("reason", "")])
     parts = []
     if rows:
         parts.append(render_table(
@@ -65,9 +67,14 @@ def render_report(report: dict) -> str:
     train = report.get("train") or {}
     summary = [
         ["method", report.get("method", "")],
-        ["ratio (pruned convs)", f"{report.get('ratio_achieved', float('nan')):.2f}x achieved, "
+        ["ratio (prunable layers)", f"{report.get('ratio_achieved', float('nan')):.2f}x achieved, "
                                  f"{report.get('ratio_target', float('nan')):.2f}x asked"],
-        ["conv weights", f"{_fmt_int(cw.get('before'))} -> {_fmt_int(cw.get('after'))}"],
+        ["prunable weights", f"{_fmt_int(cw.get('before'))} -> {_fmt_int(cw.get('after'))}"],
+    ]
+    for form, row in (cw.get("by_form") or {}).items():
+        summary.append([f"  {form} ({row['layers']})", f"{_fmt_int(row['before'])} -> {_fmt_int(row['after'])} "
+                                                       f"({_fmt_ratio(row['before'], row['after'])})"])
+    summary += [
         ["params (model)", f"{_fmt_int(params.get('before'))} -> {_fmt_int(params.get('after'))}"],
         ["MACs / sample", f"{_fmt_int(macs.get('before'))} -> {_fmt_int(macs.get('after'))}"],
     ]
