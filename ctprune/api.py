@@ -8,26 +8,32 @@ Every check that can fail on the user's input runs before any training, and noth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pathlib
-import time
+import re
+import resource
+import stat
 
 import numpy as np
 import onnx
 
-from ctprune.errors import CtpruneError, GraphError, RatioError
-from ctprune.graph.save import check_output_path, default_output_path, save_model_atomic, write_json_atomic
+from ctprune.errors import CtpruneError, Interrupted, ModelLoadError, RatioError
+from ctprune.graph.save import (check_distinct_paths, check_output_path, check_writable_folder, default_output_path,
+                                external_data_files, save_model_atomic, write_json_atomic)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["prune", "PruneResult"]
 
-DEFAULT_EPOCHS = 3
-DEFAULT_SYNTHETIC_EPOCHS = 1
-SYNTHETIC_SAMPLES = 512
+# Out-of-memory estimate: peak resident bytes per byte of model weights (`--epochs 0`, measured on light VGG-19)
+# plus the interpreter, torch and onnxruntime themselves.
+PEAK_PER_WEIGHT_BYTE = 3
+BASELINE_BYTES = 600_000_000
+
 
 
 @dataclasses.dataclass
@@ -102,11 +108,28 @@ def prune(
     if allocation not in ALLOCATIONS:
         raise CtpruneError(f"allocation {allocation!r} is not one of {', '.join(ALLOCATIONS)}.")
     model_path = model if isinstance(model, (str, os.PathLike)) else None
-    out_path = None
-    if output is not None:
-        out_path = check_output_path(output, model_path)
+    if model_path is not None:
+        _check_model_file(model_path)
+    out_path = check_output_path(output, model_path) if output is not None else None
     if report_path is not None:
         check_output_path(report_path, model_path)
+    checkpoint_dir = _checkpoint_dir(out_path, model_path)
+    _check_no_clash(model_path, data, eval_data, out_path, report_path, checkpoint_dir)
+    from ctprune.train.distributed import is_main_process
+
+    trains = epochs is None or int(epochs) > 0
+    if checkpoint_dir is not None and trains and is_main_process():
+        from ctprune.pipeline import DEFAULT_EPOCHS
+        from ctprune.train.checkpoint import prepare_run_folder
+
+        check_writable_folder(checkpoint_dir.parent, f"cannot keep a checkpoint in {str(checkpoint_dir)!r}")
+        settings = dict(model=_source(model), ratio=ratio_value, method=method, patterns=patterns,
+                        allocation=allocation, schedule=schedule, data=_source(data), eval_data=_source(eval_data),
+                        epochs=DEFAULT_EPOCHS if epochs is None else int(epochs), batch_size=batch_size, lr=lr,
+                        seed=seed, pai=pai, init=init, channel_multiple=channel_multiple, drop_branches=drop_branches,
+                        first_conv_dense=first_conv_dense, input_size=_plain(input_size), mean=_plain(mean),
+                        std=_plain(std))
+        prepare_run_folder(checkpoint_dir, settings, resume)
 
     pipeline = Pipeline(
         model=model, ratio=ratio_value, method=method, data=data, eval_data=eval_data, epochs=epochs,
@@ -115,20 +138,118 @@ def prune(
         drop_branches=drop_branches,
         input_size=input_size, mean=mean, std=std, first_conv_dense=first_conv_dense, latency_threads=latency_threads,
         schedule=schedule,
-        checkpoint_dir=_checkpoint_dir(out_path, model_path),
+        checkpoint_dir=checkpoint_dir,
     )
-    pruned, report = pipeline.run()
-    result = PruneResult(model=pruned, report=report, masked_dense=pipeline.masked_dense)
-    from ctprune.train.distributed import is_main_process
+    with _run_guard(checkpoint_dir, model_path, data):
+        pruned, report = pipeline.run()
+        result = PruneResult(model=pruned, report=report, masked_dense=pipeline.masked_dense)
+        if not is_main_process():  # torchrun: the other ranks trained alongside; rank 0 writes
+            return result
+        if out_path is not None:
+            result.save(out_path)
+        if report_path is not None:
+            write_json_atomic(json.dumps(report, indent=2, default=_json_default), report_path)
+    if checkpoint_dir is not None and getattr(pipeline, "_finished", False):
+        from ctprune.train.checkpoint import remove_run_folder
 
-    if not is_main_process():  # torchrun: the other ranks trained alongside; rank 0 writes
-        return result
-    if out_path is not None:
-        result.save(out_path)
-    if report_path is not None:
-        write_json_atomic(json.dumps(report, indent=2, default=_json_default), report_path)
-    pipeline.cleanup()
+        remove_run_folder(checkpoint_dir)  # only a folder ctprune marked as its own, and only its own files
     return result
+
+
+def _check_model_file(model_path) -> None:
+    """A path that is not a regular file (a FIFO would block the read forever, a device never ends) is refused
+    from its stat, before anything opens it."""
+    try:
+        mode = os.stat(model_path).st_mode
+    except OSError:
+        return  # missing or unreadable: load_model names it
+    if stat.S_ISDIR(mode):
+        raise ModelLoadError(f"{model_path}: is a folder, not an ONNX file")
+    if not stat.S_ISREG(mode):
+        raise ModelLoadError(f"{model_path}: is not a regular file (a FIFO, device or socket); give the .onnx file")
+
+
+def _check_no_clash(model_path, data, eval_data, out_path, report_path, checkpoint_dir) -> None:
+    """No output may be an input (the model, its external-data files, the data) or another output."""
+    outputs = {"the output": out_path, "the report": report_path}
+    inputs = {"the input model": model_path, "--data": _path_or_none(data), "--eval-data": _path_or_none(eval_data)}
+    existing = [p for p in (out_path, report_path, checkpoint_dir) if p is not None and os.path.lexists(p)]
+    if model_path is not None and existing:  # only an existing path can be an existing weights file
+        for path in external_data_files(model_path):
+            inputs[f"the input model's external data file {str(path)!r}"] = path
+    check_distinct_paths(inputs, outputs, checkpoint_dir)
+
+
+@contextlib.contextmanager
+def _run_guard(checkpoint_dir, model_path, data):
+    """Failures of the run itself, at the boundary: out of memory becomes one clear error; Ctrl-C says where the
+    checkpoint is; a run folder that holds no checkpoint after a failure is removed again."""
+    from ctprune.train.checkpoint import holds_checkpoint, remove_run_folder
+
+    try:
+        yield
+    except BaseException as exc:
+        kept = checkpoint_dir is not None and holds_checkpoint(checkpoint_dir)
+        if checkpoint_dir is not None and not kept:
+            remove_run_folder(checkpoint_dir)
+        if isinstance(exc, KeyboardInterrupt) and kept:
+            raise Interrupted(f"interrupted; the checkpoint is in {checkpoint_dir}: run the same command with "
+                              "--resume to continue from it.") from None
+        if _out_of_memory(exc):
+            raise CtpruneError(_memory_message(model_path, data, exc)) from None
+        raise
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, Exception) and any(s in text for s in ("bad_alloc", "Failed to allocate memory",
+                                                                  "can't allocate memory"))
+
+
+def _memory_message(model_path, data, exc) -> str:
+    """'needs about N GB; this machine has M': N from the inputs' sizes and the pipeline's measured peak per byte of
+    weights, or from the failed request when the allocator names it."""
+    weights = 0
+    if model_path is not None:
+        try:
+            weights = os.path.getsize(model_path) + sum(os.path.getsize(p) for p in external_data_files(model_path)
+                                                        if os.path.isfile(p))
+        except OSError:
+            pass
+    data_bytes = sum(os.path.getsize(p) for p in (_path_or_none(data),) if p is not None and os.path.isfile(p))
+    asked = re.search(r"allocate (\d+) bytes", str(exc))
+    need = max(PEAK_PER_WEIGHT_BYTE * weights + 2 * data_bytes + BASELINE_BYTES, int(asked.group(1)) if asked else 0)
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    where = f"this machine has {_gb(have)}"
+    if limit != resource.RLIM_INFINITY and limit < have:
+        where += f", and this process may use {_gb(limit)} (ulimit -v)"
+    return (f"out of memory: the run needs about {_gb(need)}; {where}. Nothing was written. Free memory, raise the "
+            "limit, or use a machine with more memory.")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def _source(spec):
+    """A run input as plain JSON for the run file: a path resolved, an in-memory object by its kind and size."""
+    if spec is None:
+        return None
+    if isinstance(spec, (str, os.PathLike)):
+        return os.path.realpath(spec)
+    size = len(spec) if hasattr(spec, "__len__") else None
+    return f"<{type(spec).__name__}{'' if size is None else f' of {size}'}>"
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _path_or_none(spec):
+    return spec if isinstance(spec, (str, os.PathLike)) else None
 
 
 def _checkpoint_dir(out_path, model_path):

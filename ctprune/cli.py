@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from ctprune.errors import CtpruneError, RatioError
+from ctprune.errors import CtpruneError, Interrupted, RatioError
 
 _RATIO = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*[xX]?\s*$")
 
@@ -143,15 +143,19 @@ def run(argv=None) -> int:
     except CtpruneError as exc:
         click.echo(f"ctprune: error: {exc}", err=True)
         return exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("ctprune: aborted", err=True)
+    except click.exceptions.Abort as exc:  # click's form of Ctrl-C; ctprune.errors.Interrupted says where to resume
+        cause = exc.__cause__ or exc.__context__
+        click.echo(f"ctprune: {cause}" if isinstance(cause, Interrupted) else "ctprune: aborted", err=True)
         return 130
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
-    except KeyboardInterrupt:
-        click.echo("ctprune: interrupted", err=True)
+    except KeyboardInterrupt as exc:  # ctprune.errors.Interrupted says where the checkpoint is
+        click.echo(f"ctprune: {exc}" if str(exc) else "ctprune: interrupted", err=True)
         return 130
+    except MemoryError:  # the pipeline's own boundary estimates the need; this is the backstop
+        click.echo("ctprune: error: out of memory; nothing was written. Free memory or use a larger machine.", err=True)
+        return 2
     return 0
 
 

@@ -11,6 +11,7 @@ __all__ = [
     "DataError",
     "GraphError",
     "BackendError",
+    "Interrupted",
 ]
 
 
@@ -53,3 +54,7 @@ class GraphError(CtpruneError):
 
 class BackendError(CtpruneError):
     """A requested training backend or device is not available here."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped a run that left a checkpoint; the message says where and how to resume."""

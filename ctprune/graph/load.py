@@ -38,6 +38,8 @@ def load_model(source, input_shape=None) -> onnx.ModelProto:
             raise ModelLoadError(f"{label}: no such file")
         if path.is_dir():
             raise ModelLoadError(f"{label}: is a directory, not an ONNX file")
+        if not path.is_file():  # a FIFO would block read_bytes forever: refuse it from its stat
+            raise ModelLoadError(f"{label}: is not a regular file (a FIFO, device or socket); give the .onnx file")
         raw = path.read_bytes()
         model = _parse(raw, label)
         if _uses_external_data(model):

@@ -17,7 +17,7 @@ import numpy as np
 
 from ctprune.errors import DataError
 
-__all__ = ["Dataset", "load_data", "synthetic_data", "IMAGE_SUFFIXES"]
+__all__ = ["Dataset", "load_data", "synthetic_data", "check_input_size", "check_finite", "require_fixed_input", "IMAGE_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -69,23 +69,54 @@ def _check_labels(y: np.ndarray, num_classes: int | None, source: str) -> np.nda
     return y.astype(np.int64, copy=False)
 
 
+def _member(archive, name: str, path: pathlib.Path) -> np.ndarray:
+    """One array of the archive; object arrays (which only unpickling could read) and damaged members are errors."""
+    try:
+        value = archive[name]
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"{path}: {name!r} holds Python objects (dtype object); ctprune reads only numeric "
+                            f"arrays and never unpickles data: save {name!r} as a float32 / int64 array.") from None
+        raise DataError(f"{path}: {name!r} cannot be read ({exc}).") from None
+    except Exception as exc:  # zipfile/zlib/OSError for a damaged or truncated member
+        raise DataError(f"{path}: {name!r} cannot be read ({type(exc).__name__}: {exc}); the .npz is damaged.") from None
+    if not isinstance(value, np.ndarray):  # numpy hands back a member without the .npy header as raw bytes
+        raise DataError(f"{path}: {name!r} cannot be read (it is not a .npy array); save the data with np.savez.")
+    return value
+
+
+def check_finite(x: np.ndarray, source: str) -> None:
+    """NaN or Inf in the inputs would surface much later as 'training diverged': name it here instead."""
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1) if len(x) else np.zeros(0, bool)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise DataError(f"{source}: {int(bad.sum())} of {len(x)} samples hold NaN or Inf values (the first is "
+                        f"sample {first}); ctprune needs finite inputs.")
+
+
 def _load_npz(path: pathlib.Path, input_shape: Sequence, num_classes: int | None) -> Dataset:
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:  # numpy raises several types for a corrupt archive
         raise DataError(f"{path}: cannot read as .npz ({exc}).") from exc
+    if not hasattr(archive, "files"):  # a bare .npy: one array, not an archive of x and y
+        raise DataError(f"{path}: is a single array, not a .npz archive; save it with np.savez(path, x=..., y=...).")
     with archive:
         if "x" not in archive.files:
             raise DataError(f"{path}: no array named 'x' (found: {', '.join(archive.files) or 'nothing'}); "
                             "a data .npz holds 'x' (inputs) and optionally 'y' (labels).")
-        x = archive["x"]
-        y = archive["y"] if "y" in archive.files else None
+        x = _member(archive, "x", path)
+        y = _member(archive, "y", path) if "y" in archive.files else None
     if x.dtype != np.float32:
         raise DataError(f"{path}: 'x' has dtype {x.dtype}; expected float32 inputs, already preprocessed "
                         "exactly as the model expects.")
+    if x.ndim == 0 or len(x) == 0:
+        raise DataError(f"{path}: 'x' holds no samples (shape {x.shape}); it needs N samples first, then the "
+                        f"model input's own dims {_shape_text(input_shape)}.")
     if not _fits(x.shape[1:], input_shape):
         raise DataError(f"{path}: 'x' has shape {x.shape}, which does not fit the model's input "
                         f"{_shape_text(input_shape)} (N samples first, then the input's own dims).")
+    check_finite(x, f"{path}: 'x'")
     if y is not None:
         y = _check_labels(y, num_classes, str(path))
         if len(y) != len(x):
@@ -124,10 +155,7 @@ def _load_folder(root: pathlib.Path, input_shape, num_classes, input_size, mean,
     dims = _dims(input_shape)
     hw = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
     if input_size is not None:
-        size = tuple(int(v) for v in input_size)
-        if any(d is not None and d != s for d, s in zip(hw, size)):
-            raise DataError(f"--input-size {size[0]},{size[1]} does not fit the model's input "
-                            f"{_shape_text(input_shape)}.")
+        size = check_input_size(input_size, input_shape)
     elif None in hw:
         raise DataError(f"{root}: the model's input {_shape_text(input_shape)} has no fixed image size; "
                         "give --input-size H,W.")
@@ -164,6 +192,27 @@ def _load_folder(root: pathlib.Path, input_shape, num_classes, input_size, mean,
     return Dataset(x=x, y=np.asarray(ys, dtype=np.int64), source=str(root))
 
 
+def check_input_size(input_size, input_shape: Sequence) -> tuple[int, int] | None:
+    """--input-size: two positive integers H,W that agree with the model input's fixed image size, if it has one."""
+    if input_size is None:
+        return None
+    text = ",".join(str(v) for v in input_size)
+    try:
+        size = tuple(int(v) for v in input_size)
+    except (TypeError, ValueError):
+        raise DataError(f"--input-size {text!r} is not two integers H,W (e.g. 224,224).") from None
+    if len(size) != 2 or min(size) < 1:
+        raise DataError(f"--input-size {text} is not two positive integers H,W (e.g. 224,224).")
+    dims = _dims(input_shape)
+    if len(dims) != 4:
+        raise DataError(f"--input-size {text}: the model's input {_shape_text(input_shape)} is not an image batch.")
+    hw = (dims[2], dims[3]) if dims[1] in (1, 3) or dims[3] not in (1, 3) else (dims[1], dims[2])
+    if any(d is not None and d != s for d, s in zip(hw, size)):
+        raise DataError(f"--input-size {text} does not fit the model's input {_shape_text(input_shape)}, "
+                        f"whose image size is fixed at {hw[0]},{hw[1]}.")
+    return size
+
+
 def load_data(spec, input_shape: Sequence, num_classes: int | None = None, input_size=None, mean=None,
               std=None) -> Dataset:
     """Load `spec` (a .npz path or an image folder) for a model whose input is `input_shape` (batch dim first).
@@ -177,7 +226,22 @@ def load_data(spec, input_shape: Sequence, num_classes: int | None = None, input
         raise DataError(f"{path}: no such file or folder (data is a .npz file or a folder of class sub-folders).")
     if path.is_dir():
         return _load_folder(path, input_shape, num_classes, input_size, mean, std)
-    return _load_npz(path, input_shape, num_classes)
+    if not path.is_file():  # a FIFO would block np.load forever: refuse it from its stat
+        raise DataError(f"{path}: is not a regular file (a FIFO, device or socket); data is a .npz file or a folder.")
+    size = check_input_size(input_size, input_shape)
+    data = _load_npz(path, input_shape, num_classes)
+    if size is not None and data.x.ndim == 4 and size not in (tuple(data.x.shape[2:]), tuple(data.x.shape[1:3])):
+        raise DataError(f"--input-size {size[0]},{size[1]} does not match {path}, whose 'x' has shape {data.x.shape} "
+                        "(--input-size resizes images from folders; a .npz is used as it is).")
+    return data
+
+
+def require_fixed_input(input_shape: Sequence) -> None:
+    """Before any training: the rewrite and the latency measurement need every input dim but the batch fixed."""
+    if None in _dims(input_shape)[1:]:
+        raise DataError(f"the model's input {_shape_text(input_shape)} has free dimensions besides the batch; "
+                        "ctprune rewrites and times the model at a fixed input size: export it with a fixed size "
+                        "(e.g. onnx.tools.update_model_dims.update_inputs_outputs_dims), then prune that.")
 
 
 def synthetic_data(input_shape: Sequence, n: int, seed: int = 0) -> Dataset:
