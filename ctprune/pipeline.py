@@ -17,7 +17,6 @@ import torch
 
 from ctprune.errors import DataError, GraphError, RatioError
 from ctprune.train.data import check_input_size, require_fixed_input
-from ctprune.train.data import check_input_size, require_fixed_input
 from ctprune.train.loop import first_output as _first
 
 log = logging.getLogger("ctprune")
@@ -73,7 +72,6 @@ class Pipeline:
         self.teacher = self._lift(self.original).eval()
         self.input_shape = list(self.teacher.input_shapes[0])
         require_fixed_input(self.input_shape)  # the rewrite and the latency step need it: refuse before training
-        require_fixed_input(self.input_shape)  # the rewrite and the latency step need it: refuse before training
         self.num_classes = self._num_classes()
         self.train_set, self.eval_set = self._load_data()
         if self.method in ("pattern", "auto"):
@@ -127,7 +125,6 @@ class Pipeline:
             if self._zeros_input(1) is None:
                 raise DataError(f"the model's input shape {self.input_shape} has free dimensions besides the batch, "
                                 "so ctprune cannot make synthetic inputs: give --data.")
-            check_input_size(kw["input_size"], self.input_shape)  # given without data, it must still fit
             check_input_size(kw["input_size"], self.input_shape)  # given without data, it must still fit
             train = synthetic_data(self.input_shape, SYNTHETIC_SAMPLES, seed=self.seed)
             self.notes.append(f"no --data: {SYNTHETIC_SAMPLES} synthetic (random normal) inputs stood in for data, "
