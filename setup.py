@@ -53,8 +53,10 @@ class BuildKernels(build_ext):
 
 # --- CUDA (csrc/cuda/): off unless CTPRUNE_CUDA=1; then nvcc must be found, and the library links cudart. ---
 # CTPRUNE_CUDA_ARCHS: semicolon-separated SM versions (default 80;86;89;90, plus PTX of the last for newer GPUs).
-CUDA_SOURCES = ["csrc/cuda/pattern_conv_impl.cu"]  # nvcc
-CUDA_HOST_SOURCES = ["csrc/cuda/pattern_conv_cuda_op.cc"]  # the onnxruntime op, g++ against the CUDA headers
+CUDA_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))  # nvcc
+# the onnxruntime ops and their registration, g++ against the CUDA headers (the *_emulate.cc files are test harnesses)
+CUDA_HOST_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cc")
+                           if not p.name.endswith("_emulate.cc"))
 
 
 def cuda_toolkit():
@@ -109,7 +111,9 @@ def add_cuda(ext, cuda, build_temp, include_dirs):
 
 
 def kernel_sources():
-    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cc") if "cuda" not in p.parts)
+    # csrc/cuda joins only in a CUDA build (add_cuda); csrc/lab holds experiments built by their own scripts
+    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cc")
+                   if "cuda" not in p.parts and "lab" not in p.parts)
     return files
 
 
@@ -118,7 +122,7 @@ kernels = Extension(
     sources=kernel_sources(),
     # headers and the tile kernel's .inc: an edit to one rebuilds the library (make test after a kernel change)
     depends=sorted(str(p.relative_to(ROOT)) for ext in ("*.h", "*.inc") for p in (ROOT / "csrc").rglob(ext)
-                   if "cuda" not in p.parts),
+                   if "cuda" not in p.parts and "lab" not in p.parts),
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-math-errno", "-Wall"],
     extra_link_args=["-Wl,--version-script=" + str(ROOT / "csrc" / "ops" / "exports.lds")],

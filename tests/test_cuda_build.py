@@ -40,20 +40,32 @@ def symbols(path: Path, *flags) -> str:
     return subprocess.run(["nm", "-C", *flags, str(path)], capture_output=True, text=True, check=True).stdout
 
 
+CUDA_OP_SOURCES = sorted(p for p in (CSRC / "cuda").glob("*.cc") if not p.name.endswith("_emulate.cc"))
+
+
 @pytest.fixture(scope="module")
 def kernel_object(tmp_path_factory):
-    """nvcc -c of the kernel for sm_90 (warnings are errors); (object path, ptxas report)."""
-    obj = tmp_path_factory.mktemp("nvcc") / "pattern_conv_impl.o"
+    """nvcc -c of the kernel for sm_90 (warnings are errors); (object path, ptxas report, spec objects): the spec
+    checks (csrc/ops, free of onnxruntime) that every standalone build of the kernel links beside it."""
+    from ctprune.lab.cuda_harness import SPEC_SOURCES
+
+    folder = tmp_path_factory.mktemp("nvcc")
+    obj = folder / "pattern_conv_impl.o"
     out = subprocess.run([NVCC, "-c", str(CSRC / "cuda" / "pattern_conv_impl.cu"), "-o", str(obj), "-O3", "-std=c++17",
                           "-arch=sm_90", "-Xcompiler", "-fPIC", f"-I{CSRC}", "-Werror", "all-warnings", "-Xptxas", "-v"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    return obj, out.stdout + out.stderr
+    spec_objects = []
+    for source in SPEC_SOURCES:
+        spec_objects.append(folder / (Path(source).stem + ".o"))
+        subprocess.run(["g++", "-c", str(CSRC / source), "-o", str(spec_objects[-1]), "-O1", "-std=c++17", "-fPIC",
+                        "-Wall", "-Werror", f"-I{CSRC}"], check=True, capture_output=True, text=True)
+    return obj, out.stdout + out.stderr, spec_objects
 
 
 @needs_nvcc
 def test_nvcc_compiles_the_kernel(kernel_object):
-    obj, _ = kernel_object
+    obj, _, _ = kernel_object
     defined = symbols(obj, "--defined-only")
     for name in C_ABI:
         assert re.search(rf" T {name}\b", defined), f"{name} not exported by the kernel object"
@@ -65,7 +77,7 @@ def test_nvcc_compiles_the_kernel(kernel_object):
 @needs_nvcc
 def test_kernel_keeps_accumulators_in_registers(kernel_object):
     # Spilled accumulators would go through local memory; ptxas reports spills per instance.
-    _, report = kernel_object
+    _, report, _ = kernel_object
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", report)]
     assert len(spills) == len(KERNEL_INSTANCES), report
     assert max(spills) == 0, f"spills: {spills}"
@@ -80,7 +92,8 @@ def test_c_abi_loads_and_reports_errors_without_crashing(kernel_object, tmp_path
     from ctprune.lab.cuda_harness import CudaPatternConv, KernelCallError, random_layer
 
     lib = tmp_path / "libpattern_conv_cuda.so"
-    subprocess.run([NVCC, "-shared", "-o", str(lib), str(kernel_object[0])], check=True, capture_output=True, text=True)
+    subprocess.run([NVCC, "-shared", "-o", str(lib), str(kernel_object[0])] + [str(p) for p in kernel_object[2]],
+                   check=True, capture_output=True, text=True)
     CudaPatternConv._lib = None
     try:
         layer = random_layer(8, 4, 4.0, np.random.default_rng(0))
@@ -102,12 +115,14 @@ def test_c_abi_loads_and_reports_errors_without_crashing(kernel_object, tmp_path
 def test_onnxruntime_op_compiles_against_cuda_headers(tmp_path):
     flags = ["-std=c++17", "-Wall", "-Werror", "-fPIC", "-DCTPRUNE_WITH_CUDA", f"-I{CSRC}", f"-I{ORT_INCLUDE}",
              f"-I{ORT_INCLUDE.parent}", f"-I{cuda_include()}"]
-    obj = tmp_path / "op.o"
-    subprocess.run(["g++", "-c", str(CSRC / "cuda" / "pattern_conv_cuda_op.cc"), "-o", str(obj), "-O1"] + flags,
-                   check=True, capture_output=True, text=True)
-    defined = symbols(obj, "--defined-only")
+    defined = ""
+    for source in CUDA_OP_SOURCES:  # the ops and the backend's registration
+        obj = tmp_path / (source.stem + ".o")
+        subprocess.run(["g++", "-c", str(source), "-o", str(obj), "-O1"] + flags, check=True, capture_output=True,
+                       text=True)
+        defined += symbols(obj, "--defined-only")
     assert "ctprune::cuda::RegisterOps(Ort::CustomOpDomain&)" in defined
-    # register.cc calls RegisterOps only in a CUDA build: it must compile both ways.
+    # register.cc calls cuda::RegisterOps, an inline no-op without CTPRUNE_WITH_CUDA: it must compile both ways.
     for extra in ([], ["-UCTPRUNE_WITH_CUDA"]):
         subprocess.run(["g++", "-fsyntax-only", str(CSRC / "ops" / "register.cc")] + flags + extra,
                        check=True, capture_output=True, text=True)
@@ -122,17 +137,19 @@ def test_cuda_enabled_library_links_and_loads(kernel_object, tmp_path):
     import sysconfig
 
     temp = REPO / "build" / f"temp.{sysconfig.get_platform()}-cpython-{sys.version_info.major}{sys.version_info.minor}"
-    cpu_objects = sorted((temp / "csrc" / "cpu").glob("*.o")) + [temp / "csrc" / "ops" / "pattern_conv_op.o"]
+    cpu_objects = sorted((temp / "csrc" / "cpu").glob("*.o")) + sorted(
+        p for p in (temp / "csrc" / "ops").glob("*.o") if p.stem != "register")
     if not all(p.exists() for p in cpu_objects) or len(cpu_objects) < 2:
         pytest.skip(f"no CPU objects from a previous build in {temp}")
-    sources = [p for p in CSRC.rglob("*") if p.suffix in (".cc", ".h", ".inc") and "cuda" not in p.parts]
+    sources = [p for p in CSRC.rglob("*") if p.suffix in (".cc", ".h", ".inc") and "cuda" not in p.parts
+               and "lab" not in p.parts]
     if max(p.stat().st_mtime for p in sources) > min(p.stat().st_mtime for p in cpu_objects):
         pytest.skip("the CPU objects are older than csrc/: rebuild (pip install -e .) first")
     inc = cuda_include()
     flags = ["-O1", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-DCTPRUNE_WITH_CUDA", f"-I{CSRC}", f"-I{ORT_INCLUDE}",
              f"-I{ORT_INCLUDE.parent}", f"-I{inc}"]
     objs = []
-    for src in (CSRC / "ops" / "register.cc", CSRC / "cuda" / "pattern_conv_cuda_op.cc"):
+    for src in [CSRC / "ops" / "register.cc"] + CUDA_OP_SOURCES:
         obj = tmp_path / (src.stem + ".o")
         subprocess.run(["g++", "-c", str(src), "-o", str(obj)] + flags, check=True, capture_output=True, text=True)
         objs.append(obj)

@@ -141,7 +141,7 @@ def test_invalid_attributes_are_named(emulator):
     layer.kernel_patterns = list(layer.kernel_patterns)
     layer.kernel_patterns[0] = 99
     x = rng.standard_normal((1, 4, 5, 5)).astype(np.float32)
-    with pytest.raises(KernelCallError, match="pattern out of range"):
+    with pytest.raises(KernelCallError, match="pattern id out of range"):
         emulator(layer, x)
     layer = random_layer(8, 4, 4.0, rng)
     layer.kernel_filters = list(reversed(layer.kernel_filters))

@@ -1,4 +1,4 @@
-// PatternConv on the CPU: the data the driver (ops/pattern_conv_op.cc) hands to the ISA kernels (pattern_conv_{generic,
+// PatternConv on the CPU: the data the driver (cpu/pattern_conv_op.cc) hands to the ISA kernels (pattern_conv_{generic,
 // avx2,avx512}.cc). Plain structs and pointers only: the ISA files are compiled with other target flags and must not
 // share inline code with the rest of the library.
 //

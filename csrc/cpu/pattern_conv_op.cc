@@ -1,5 +1,4 @@
-#include "ops/pattern_conv_op.h"
-#include "ops/node_attributes.h"
+#include "cpu/pattern_conv_op.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -7,25 +6,14 @@
 #include <limits>
 #include <vector>
 
+#include "ops/kernel_info.h"
+#include "ops/op_status.h"
+
 namespace ctprune {
-namespace ops {
+namespace cpu {
 namespace {
 
-std::vector<int64_t> IntsOr(const Ort::ConstKernelInfo& info, const char* name, std::vector<int64_t> fallback) {
-  try {
-    return info.GetAttributes<int64_t>(name);
-  } catch (const Ort::Exception&) {
-    return fallback;  // attribute absent: the spec's default
-  }
-}
-
-std::vector<int64_t> RequiredInts(const Ort::ConstKernelInfo& info, const char* name) {
-  try {
-    return info.GetAttributes<int64_t>(name);
-  } catch (const Ort::Exception&) {
-    throw cpu::InvalidNode(std::string("required attribute '") + name + "' is missing or not a list of ints");
-  }
-}
+using ops::ShapeStr;
 
 // The packed input of every image, reused across calls on the same thread (no per-call allocation once grown).
 float* Workspace(size_t floats) {
@@ -36,8 +24,8 @@ float* Workspace(size_t floats) {
 }
 
 struct PackWork {
-  const cpu::ConvGeometry* g;
-  cpu::PackChannelFn pack;
+  const ConvGeometry* g;
+  PackChannelFn pack;
   const float* x;
   float* packed;
   int channels_per_item;
@@ -57,9 +45,9 @@ void PackItem(void* data, size_t item) {
 }
 
 struct ConvWork {
-  const cpu::ConvGeometry* g;
-  cpu::FilterTilesFn tiles;
-  cpu::ImageJob job;  // image 0; others offset by their index
+  const ConvGeometry* g;
+  FilterTilesFn tiles;
+  ImageJob job;  // image 0; others offset by their index
   int filter_count;
   int filters_per_item;
   int filter_items;
@@ -75,7 +63,7 @@ void ConvItem(void* data, size_t item) {
   // Tile blocks outermost: consecutive items share one block's input rows in L2.
   const int t0 = (rest / w.filter_items) * w.tiles_per_item;
   const int f0 = (rest % w.filter_items) * w.filters_per_item;
-  cpu::ImageJob job = w.job;
+  ImageJob job = w.job;
   const size_t image_out = static_cast<size_t>(n) * w.g->O * w.g->OH * w.g->OW;  // Y and Z share the layout
   job.packed += static_cast<size_t>(n) * w.g->C * w.g->plane;
   job.out += image_out;
@@ -86,52 +74,29 @@ void ConvItem(void* data, size_t item) {
 
 }  // namespace
 
-PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* info) : api_(api) {
-  Ort::ConstKernelInfo ki(info);
-  node_ = "PatternConv node '" + ki.GetNodeName() + "'";
-  cpu::PatternConvAttributes a;
-  a.weight_shape = RequiredInts(ki, "weight_shape");
-  a.patterns = RequiredInts(ki, "patterns");
-  a.kernel_filters = RequiredInts(ki, "kernel_filters");
-  a.kernel_channels = RequiredInts(ki, "kernel_channels");
-  a.kernel_patterns = RequiredInts(ki, "kernel_patterns");
-  a.strides = IntsOr(ki, "strides", {1, 1});
-  a.pads = IntsOr(ki, "pads", {0, 0, 0, 0});
-  a.dilations = IntsOr(ki, "dilations", {1, 1});
-  a.group = ScalarOr<int64_t>(ki, "group", 1);
-  a.activation_min = ScalarOr<float>(ki, "activation_min", -std::numeric_limits<float>::infinity());
-  a.activation_max = ScalarOr<float>(ki, "activation_max", std::numeric_limits<float>::infinity());
-  plan_ = cpu::BuildPlan(a);
-
+PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* info, std::string node)
+    : api_(api), node_(std::move(node)) {
+  plan_ = BuildPlan(ops::ParsePatternConv(ops::ReadAttributes(api, info, ops::PatternConvAttributeNames())));
   std::string isa_error;
-  kernels_ = cpu::Kernels(&isa_error);
-  if (!isa_error.empty()) throw cpu::InvalidNode(isa_error);
+  kernels_ = Kernels(&isa_error);
+  if (!isa_error.empty()) throw InvalidNode(isa_error);
   const char* poison = std::getenv("CTPRUNE_POISON_OUTPUT");
   poison_output_ = poison != nullptr && std::strcmp(poison, "1") == 0;
 }
 
-std::shared_ptr<const std::vector<int32_t>> PatternConvKernel::Offsets(const cpu::ConvGeometry& g) {
+std::shared_ptr<const std::vector<int32_t>> PatternConvKernel::Offsets(const ConvGeometry& g) {
   std::lock_guard<std::mutex> lock(offsets_mutex_);
   for (const OffsetsFor& o : offsets_) {
     if (o.H == g.H && o.W == g.W) return o.offsets;
   }
   constexpr size_t kKeptSizes = 4;
   if (offsets_.size() == kKeptSizes) offsets_.erase(offsets_.begin());
-  offsets_.push_back({g.H, g.W, std::make_shared<const std::vector<int32_t>>(cpu::TapOffsets(plan_, g))});
+  offsets_.push_back({g.H, g.W, std::make_shared<const std::vector<int32_t>>(TapOffsets(plan_, g))});
   return offsets_.back().offsets;
 }
 
 OrtStatusPtr PatternConvKernel::ComputeV2(OrtKernelContext* context) {
-  try {
-    Compute(context);
-    return nullptr;
-  } catch (const cpu::InvalidNode& e) {
-    return api_.CreateStatus(ORT_INVALID_ARGUMENT, (node_ + ": " + e.what()).c_str());
-  } catch (const Ort::Exception& e) {
-    return api_.CreateStatus(e.GetOrtErrorCode(), (node_ + ": " + e.what()).c_str());
-  } catch (const std::exception& e) {
-    return api_.CreateStatus(ORT_FAIL, (node_ + ": " + e.what()).c_str());
-  }
+  return ops::StatusOf(api_, node_, [&] { Compute(context); });
 }
 
 void PatternConvKernel::Compute(OrtKernelContext* context) {
@@ -144,32 +109,32 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
 
   // Shapes first, before anything is allocated.
   const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
-  if (xs.size() != 4) throw cpu::InvalidNode("X must be 4-D (N, C, H, W), got shape " + ShapeStr(xs));
+  if (xs.size() != 4) throw InvalidNode("X must be 4-D (N, C, H, W), got shape " + ShapeStr(xs));
   if (xs[1] != plan_.C)
-    throw cpu::InvalidNode("X has " + std::to_string(xs[1]) + " channels but weight_shape says " +
+    throw InvalidNode("X has " + std::to_string(xs[1]) + " channels but weight_shape says " +
                            std::to_string(plan_.C) + " (X shape " + ShapeStr(xs) + ")");
   const std::vector<int64_t> ws = w.GetTensorTypeAndShapeInfo().GetShape();
   if (ws.size() != 2 || ws[0] != plan_.K || ws[1] != 4)
-    throw cpu::InvalidNode("W must have shape (" + std::to_string(plan_.K) + ", 4) (one row per kept kernel), got " +
+    throw InvalidNode("W must have shape (" + std::to_string(plan_.K) + ", 4) (one row per kept kernel), got " +
                            ShapeStr(ws));
   const float* bias = nullptr;
   if (b) {
     const std::vector<int64_t> bs = b.GetTensorTypeAndShapeInfo().GetShape();
     if (bs.size() != 1 || bs[0] != plan_.O)
-      throw cpu::InvalidNode("B must have shape (" + std::to_string(plan_.O) + ",), got " + ShapeStr(bs));
+      throw InvalidNode("B must have shape (" + std::to_string(plan_.O) + ",), got " + ShapeStr(bs));
     bias = b.GetTensorData<float>();
   }
   const int64_t N = xs[0];
-  const cpu::ConvGeometry g = cpu::MakeGeometry(plan_, xs[2], xs[3], kernels_.lanes, kernels_.max_vectors);
-  const cpu::FilterTilesFn tiles = kernels_.select_tiles(g.vectors);
-  if (tiles == nullptr) throw cpu::InvalidNode("no kernel for this geometry");
+  const ConvGeometry g = MakeGeometry(plan_, xs[2], xs[3], kernels_.lanes, kernels_.max_vectors);
+  const FilterTilesFn tiles = kernels_.select_tiles(g.vectors);
+  if (tiles == nullptr) throw InvalidNode("no kernel for this geometry");
 
   // Z, the fused residual: one element (added to every output) or exactly Y's shape.
   const std::vector<int64_t> y_shape = {N, static_cast<int64_t>(plan_.O), g.OH, g.OW};
   float z_offset = 0.0f;
   const float* residual = nullptr;
   if (z) {
-    if (ResidualElements<cpu::InvalidNode>(z.GetTensorTypeAndShapeInfo().GetShape(), y_shape) == 1) {
+    if (ops::ResidualElements(z.GetTensorTypeAndShapeInfo().GetShape(), y_shape) == 1) {
       z_offset = z.GetTensorData<float>()[0];
     } else {
       residual = z.GetTensorData<float>();
@@ -198,7 +163,7 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   ConvWork work{};
   work.g = &g;
   work.tiles = tiles;
-  work.job = cpu::ImageJob{packed,        offsets->data(), w.GetTensorData<float>(), plan_.kernel_begin.data(),
+  work.job = ImageJob{packed,        offsets->data(), w.GetTensorData<float>(), plan_.kernel_begin.data(),
                            plan_.filters.data(), bias,    z_offset,                 residual,
                            plan_.act_min,   plan_.act_max, plan_.clamp,             out};
   work.filter_count = plan_.O;
@@ -214,19 +179,9 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
 }
 
 OrtStatusPtr PatternConvOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-  std::string node = "PatternConv node";
-  try {
-    node = "PatternConv node '" + Ort::ConstKernelInfo(info).GetNodeName() + "'";
-    *kernel = new PatternConvKernel(api, info);
-    return nullptr;
-  } catch (const cpu::InvalidNode& e) {
-    return api.CreateStatus(ORT_INVALID_ARGUMENT, (node + ": " + e.what()).c_str());
-  } catch (const Ort::Exception& e) {
-    return api.CreateStatus(e.GetOrtErrorCode(), (node + ": " + e.what()).c_str());
-  } catch (const std::exception& e) {
-    return api.CreateStatus(ORT_FAIL, (node + ": " + e.what()).c_str());
-  }
+  const std::string node = ops::NodeLabel(api, info, ops::kPatternConvName);
+  return ops::StatusOf(api, node, [&] { *kernel = new PatternConvKernel(api, info, node); });
 }
 
-}  // namespace ops
+}  // namespace cpu
 }  // namespace ctprune

@@ -14,28 +14,26 @@
 #include "cpu/dispatch.h"
 #include "cpu/pattern_conv_plan.h"
 #include "ops/ort_api.h"
+#include "ops/pattern_conv_spec.h"
 
 namespace ctprune {
-namespace ops {
-
-constexpr const char* kDomain = "ai.ctprune";
-constexpr const char* kPatternConvName = "PatternConv";
+namespace cpu {
 
 class PatternConvKernel {
  public:
-  // Reads and validates the attributes; throws cpu::InvalidNode or Ort::Exception on a malformed node.
-  PatternConvKernel(const OrtApi& api, const OrtKernelInfo* info);
+  // Reads and checks the attributes (ops/pattern_conv_spec.h); throws ops::InvalidNode on a malformed node.
+  PatternConvKernel(const OrtApi& api, const OrtKernelInfo* info, std::string node);
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 
  private:
   void Compute(OrtKernelContext* context);
   // The kept kernels' tap offsets for an input size, made on first use and kept (a model sees few input sizes).
-  std::shared_ptr<const std::vector<int32_t>> Offsets(const cpu::ConvGeometry& g);
+  std::shared_ptr<const std::vector<int32_t>> Offsets(const ConvGeometry& g);
 
   const OrtApi& api_;
   std::string node_;  // "PatternConv node 'name'" for error messages
-  cpu::PatternConvPlan plan_;
-  cpu::KernelTable kernels_;
+  PatternConvPlan plan_;
+  KernelTable kernels_;
   std::mutex offsets_mutex_;
   struct OffsetsFor {
     int H, W;
@@ -47,7 +45,7 @@ class PatternConvKernel {
 
 struct PatternConvOp : Ort::CustomOpBase<PatternConvOp, PatternConvKernel, /*WithStatus=*/true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
-  const char* GetName() const { return kPatternConvName; }
+  const char* GetName() const { return ops::kPatternConvName; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
   size_t GetInputTypeCount() const { return 4; }  // X, W, B (optional), Z (optional)
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
@@ -58,5 +56,5 @@ struct PatternConvOp : Ort::CustomOpBase<PatternConvOp, PatternConvKernel, /*Wit
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
-}  // namespace ops
+}  // namespace cpu
 }  // namespace ctprune

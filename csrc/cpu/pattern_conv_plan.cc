@@ -1,17 +1,11 @@
 #include "cpu/pattern_conv_plan.h"
 
 #include <algorithm>
-#include <cmath>
+#include <string>
 
 namespace ctprune {
 namespace cpu {
 namespace {
-
-std::string Str(const std::vector<int64_t>& v) {
-  std::string s = "[";
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-  return s + "]";
-}
 
 void Require(bool ok, const std::string& message) {
   if (!ok) throw InvalidNode(message);
@@ -19,115 +13,46 @@ void Require(bool ok, const std::string& message) {
 
 }  // namespace
 
-PatternConvPlan BuildPlan(const PatternConvAttributes& a) {
+PatternConvPlan BuildPlan(const ops::PatternConvSpec& s) {
+  Require(s.stride_h == s.stride_w && (s.stride_h == 1 || s.stride_h == 2),
+          "strides " + ops::ListStr({s.stride_h, s.stride_w}) +
+              " are not supported by the CPU kernel (it runs [1, 1] and [2, 2])");
   PatternConvPlan p;
-  Require(a.weight_shape.size() == 4, "weight_shape must be [O, C, 3, 3], got " + Str(a.weight_shape));
-  Require(a.weight_shape[2] == 3 && a.weight_shape[3] == 3,
-          "weight_shape must describe 3x3 kernels, got " + Str(a.weight_shape));
-  Require(a.weight_shape[0] >= 1 && a.weight_shape[1] >= 1 && a.weight_shape[0] < (1 << 24) &&
-              a.weight_shape[1] < (1 << 24),
-          "weight_shape has a bad channel count: " + Str(a.weight_shape));
-  p.O = static_cast<int>(a.weight_shape[0]);
-  p.C = static_cast<int>(a.weight_shape[1]);
+  p.O = static_cast<int>(s.out_channels);
+  p.C = static_cast<int>(s.in_channels);
+  p.K = static_cast<int>(s.num_kernels());
+  p.stride = static_cast<int>(s.stride_h);
+  p.pad_top = static_cast<int>(s.pad_top);
+  p.pad_left = static_cast<int>(s.pad_left);
+  p.pad_bottom = static_cast<int>(s.pad_bottom);
+  p.pad_right = static_cast<int>(s.pad_right);
+  p.act_min = s.activation_min;
+  p.act_max = s.activation_max;
+  p.clamp = s.has_activation();
 
-  // Pattern library: 4 distinct ascending taps in 0..8 each.
-  Require(!a.patterns.empty() && a.patterns.size() % 4 == 0,
-          "patterns must hold 4 taps per pattern, got " + std::to_string(a.patterns.size()) + " values");
-  const int P = static_cast<int>(a.patterns.size() / 4);
-  std::vector<int32_t> shape(P);
-  for (int q = 0; q < P; ++q) {
-    int mask = 0;
-    for (int j = 0; j < 4; ++j) {
-      const int64_t tap = a.patterns[4 * q + j];
-      Require(tap >= 0 && tap <= 8, "pattern " + std::to_string(q) + " has tap " + std::to_string(tap) +
-                                        " outside 0..8");
-      Require(j == 0 || tap > a.patterns[4 * q + j - 1],
-              "pattern " + std::to_string(q) + " must list 4 distinct taps in ascending order");
-      mask |= 1 << tap;
-    }
-    shape[q] = mask;
+  std::vector<int32_t> shape(static_cast<size_t>(s.num_patterns()), 0);  // tap mask of each pattern
+  for (size_t q = 0; q < shape.size(); ++q) {
+    for (int j = 0; j < 4; ++j) shape[q] |= 1 << s.patterns[4 * q + j];
   }
-
-  const size_t K = a.kernel_filters.size();
-  Require(a.kernel_channels.size() == K && a.kernel_patterns.size() == K,
-          "kernel_filters, kernel_channels and kernel_patterns must have the same length, got " +
-              std::to_string(K) + ", " + std::to_string(a.kernel_channels.size()) + ", " +
-              std::to_string(a.kernel_patterns.size()));
-  Require(K <= static_cast<size_t>(p.O) * static_cast<size_t>(p.C),
-          "more kept kernels (" + std::to_string(K) + ") than O*C");
-  p.K = static_cast<int>(K);
-  p.channels.resize(K);
-  p.shapes.resize(K);
-
-  // Storage order: filter by filter (contiguous), filters by non-increasing kernel count, inside a filter by
-  // (pattern, channel) strictly increasing, no input channel twice in one filter.
-  std::vector<char> filter_seen(p.O, 0), channel_used(p.C, 0);
-  size_t k = 0;
-  int previous_count = -1;
-  while (k < K) {
-    const int64_t f = a.kernel_filters[k];
-    Require(f >= 0 && f < p.O, "kernel " + std::to_string(k) + " has filter " + std::to_string(f) +
-                                   " outside 0.." + std::to_string(p.O - 1));
-    Require(!filter_seen[f], "the kernels of filter " + std::to_string(f) +
-                                 " are not contiguous (kernels must be stored filter by filter)");
-    filter_seen[f] = 1;
-    size_t end = k;
-    while (end < K && a.kernel_filters[end] == f) ++end;
-    const int count = static_cast<int>(end - k);
-    Require(previous_count < 0 || count <= previous_count,
-            "filter " + std::to_string(f) + " keeps " + std::to_string(count) +
-                " kernels, more than the filter before it (filters must be ordered by decreasing kernel count)");
-    previous_count = count;
-
-    p.filters.push_back(static_cast<int32_t>(f));
-    p.kernel_begin.push_back(static_cast<int32_t>(k));
-    for (size_t i = k; i < end; ++i) {
-      const int64_t c = a.kernel_channels[i], q = a.kernel_patterns[i];
-      Require(c >= 0 && c < p.C, "kernel " + std::to_string(i) + " has input channel " + std::to_string(c) +
-                                     " outside 0.." + std::to_string(p.C - 1));
-      Require(q >= 0 && q < P, "kernel " + std::to_string(i) + " has pattern id " + std::to_string(q) +
-                                   " outside 0.." + std::to_string(P - 1));
-      Require(!channel_used[c], "filter " + std::to_string(f) + " keeps input channel " + std::to_string(c) +
-                                    " twice");
-      channel_used[c] = 1;
-      if (i > k) {
-        const int64_t pq = a.kernel_patterns[i - 1], pc = a.kernel_channels[i - 1];
-        Require(q > pq || (q == pq && c > pc), "the kernels of filter " + std::to_string(f) +
-                                                   " must be ordered by pattern id, then input channel");
-      }
-      p.channels[i] = static_cast<int32_t>(c);
-      p.shapes[i] = shape[q];
+  p.channels.resize(static_cast<size_t>(p.K));
+  p.shapes.resize(static_cast<size_t>(p.K));
+  std::vector<char> has_kernels(static_cast<size_t>(p.O), 0);
+  for (int k = 0; k < p.K; ++k) {
+    p.channels[k] = static_cast<int32_t>(s.kernel_channels[k]);
+    p.shapes[k] = shape[static_cast<size_t>(s.kernel_patterns[k])];
+    const int32_t f = static_cast<int32_t>(s.kernel_filters[k]);
+    if (k == 0 || s.kernel_filters[k - 1] != f) {  // a filter's run starts (runs are contiguous: checked)
+      p.filters.push_back(f);
+      p.kernel_begin.push_back(k);
+      has_kernels[f] = 1;
     }
-    for (size_t i = k; i < end; ++i) channel_used[a.kernel_channels[i]] = 0;
-    k = end;
   }
   for (int f = 0; f < p.O; ++f) {
-    if (filter_seen[f]) continue;
+    if (has_kernels[f]) continue;
     p.filters.push_back(f);
-    p.kernel_begin.push_back(static_cast<int32_t>(K));
+    p.kernel_begin.push_back(p.K);
   }
-  p.kernel_begin.push_back(static_cast<int32_t>(K));
-
-  Require(a.strides.size() == 2, "strides must have 2 values, got " + Str(a.strides));
-  Require(a.strides[0] == a.strides[1] && (a.strides[0] == 1 || a.strides[0] == 2),
-          "strides " + Str(a.strides) + " are not supported (the kernel runs [1, 1] and [2, 2])");
-  p.stride = static_cast<int>(a.strides[0]);
-  Require(a.pads.size() == 4, "pads must have 4 values [top, left, bottom, right], got " + Str(a.pads));
-  for (int64_t v : a.pads) Require(v >= 0 && v <= 1024, "pads must be between 0 and 1024, got " + Str(a.pads));
-  p.pad_top = static_cast<int>(a.pads[0]);
-  p.pad_left = static_cast<int>(a.pads[1]);
-  p.pad_bottom = static_cast<int>(a.pads[2]);
-  p.pad_right = static_cast<int>(a.pads[3]);
-  Require(a.dilations.size() == 2 && a.dilations[0] == 1 && a.dilations[1] == 1,
-          "dilations must be [1, 1], got " + Str(a.dilations));
-  Require(a.group == 1, "group must be 1, got " + std::to_string(a.group));
-  Require(!std::isnan(a.activation_min) && !std::isnan(a.activation_max) && a.activation_min <= a.activation_max,
-          "activation_min must not exceed activation_max, got " + std::to_string(a.activation_min) + " and " +
-              std::to_string(a.activation_max));
-  p.act_min = a.activation_min;
-  p.act_max = a.activation_max;
-  p.clamp = !(std::isinf(a.activation_min) && a.activation_min < 0 && std::isinf(a.activation_max) &&
-              a.activation_max > 0);
+  p.kernel_begin.push_back(p.K);
   return p;
 }
 

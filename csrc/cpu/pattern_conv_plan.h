@@ -1,29 +1,17 @@
-// PatternConv attributes turned into what the kernels walk (validated once, when onnxruntime creates the kernel),
-// and the per-call geometry (the packing itself is per instruction set: pattern_conv_tiles.inc).
+// A checked PatternConv spec (ops/pattern_conv_spec.h) turned into what the CPU kernels walk, once, when onnxruntime
+// creates the kernel; and the per-call geometry (the packing itself is per instruction set: pattern_conv_tiles.inc).
 #pragma once
 
-#include <cmath>
 #include <cstdint>
-#include <stdexcept>
-#include <string>
 #include <vector>
 
 #include "cpu/pattern_conv.h"
+#include "ops/pattern_conv_spec.h"
 
 namespace ctprune {
 namespace cpu {
 
-// A malformed node: the message says which attribute and why (the op adds the node name).
-struct InvalidNode : std::invalid_argument {
-  using std::invalid_argument::invalid_argument;
-};
-
-struct PatternConvAttributes {
-  std::vector<int64_t> weight_shape, patterns, kernel_filters, kernel_channels, kernel_patterns;
-  std::vector<int64_t> strides{1, 1}, pads{0, 0, 0, 0}, dilations{1, 1};
-  int64_t group = 1;
-  float activation_min = -INFINITY, activation_max = INFINITY;
-};
+using ops::InvalidNode;
 
 struct PatternConvPlan {
   int O = 0, C = 0, K = 0;
@@ -38,8 +26,9 @@ struct PatternConvPlan {
   std::vector<int32_t> kernel_begin;  // (O + 1) first kept kernel of each filter position
 };
 
-// Checks every invariant of ops/PatternConv.md and builds the plan; throws InvalidNode.
-PatternConvPlan BuildPlan(const PatternConvAttributes& attrs);
+// The plan of a spec that CheckPatternConv accepted; throws InvalidNode for what the CPU kernel cannot run (strides
+// other than [1, 1] and [2, 2]).
+PatternConvPlan BuildPlan(const ops::PatternConvSpec& spec);
 
 // Geometry of a call with input height H and width W for a tier with `lanes`-float vectors and tiles of at most
 // `max_vectors` vectors; throws InvalidNode when the padded input is smaller than 3x3 or too large to index.

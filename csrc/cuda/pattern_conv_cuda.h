@@ -1,7 +1,7 @@
 /* PatternConv on the GPU behind a C ABI, so a test harness (ctypes) can drive the kernel without onnxruntime.
  *
  * Life cycle: prepare (validate the attributes, upload the packed layout to the current device) -> run any number of
- * times on any stream of that device -> release. The onnxruntime op (pattern_conv_cuda_op.cc) uses the same calls.
+ * times on any stream of that device -> release. The onnxruntime op (pattern_conv_op.cc) uses the same calls.
  * Shapes: X (N, C, H, W), W (K, 4), B (O) or NULL, Z (the residual of a fused Add) NULL, one element or Y's shape,
  * Y (N, O, OH, OW); all float32, contiguous, on the device. Y = clip(Conv(X, W_dense, B) + Z, activation range).
  */

@@ -1,16 +1,15 @@
 // The library's one exported symbol (csrc/ops/exports.lds keeps everything else local): onnxruntime calls
-// RegisterCustomOps when a session loads this library. It registers the ai.ctprune domain with the CPU kernels and,
-// in a CUDA build, the CUDA kernels; every failure comes back as an OrtStatus, never an exception or a crash.
+// RegisterCustomOps when a session loads this library. It registers the ai.ctprune domain with each backend's ops
+// (ops/backends.h: the CPU ops and, in a CUDA build, the CUDA ops); every failure comes back as an OrtStatus
+// (ops/op_status.h), never an exception or a crash.
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "ops/backends.h"
+#include "ops/op_status.h"
 #include "ops/ort_api.h"
-#include "ops/pattern_conv_op.h"
-#ifdef CTPRUNE_WITH_CUDA
-#include "cuda/cuda_ops.h"
-#endif
 
 namespace {
 
@@ -36,20 +35,12 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     return api_base->GetApi(1)->CreateStatus(ORT_FAIL, message.c_str());
   }
   Ort::InitApi(api);
-  static const ctprune::ops::PatternConvOp pattern_conv;
-  try {
-    Ort::CustomOpDomain domain{ctprune::ops::kDomain};
-    domain.Add(&pattern_conv);
-#ifdef CTPRUNE_WITH_CUDA
+  return ctprune::ops::StatusOf(*api, "ctprune's kernel library", [&] {
+    Ort::CustomOpDomain domain{ctprune::kDomain};
+    ctprune::cpu::RegisterOps(domain);
     ctprune::cuda::RegisterOps(domain);
-#endif
     Ort::UnownedSessionOptions session_options(options);
     session_options.Add(domain);
     KeepDomain(std::move(domain));
-    return nullptr;
-  } catch (const Ort::Exception& e) {
-    return api->CreateStatus(e.GetOrtErrorCode(), e.what());
-  } catch (const std::exception& e) {
-    return api->CreateStatus(ORT_FAIL, e.what());
-  }
+  });
 }

@@ -139,11 +139,17 @@ def _digest(paths) -> str:
     return h.hexdigest()[:16]
 
 
+# The spec checks every build of a GPU kernel links (ops/op_spec.h: free of onnxruntime).
+SPEC_SOURCES = ("ops/op_spec.cc", "ops/pattern_conv_spec.cc")
+
+
 def _sources():
     cuda = CSRC / "cuda"
     if not cuda.is_dir():
         raise FileNotFoundError(f"kernel sources not found at {cuda}: the harness needs a source checkout")
-    return sorted(list(cuda.glob("*.h")) + list(cuda.glob("*.cuh")) + list(cuda.glob("*.cc")) + list(cuda.glob("*.cu")))
+    spec = [CSRC / name for name in SPEC_SOURCES] + [(CSRC / name).with_suffix(".h") for name in SPEC_SOURCES]
+    return sorted(list(cuda.glob("*.h")) + list(cuda.glob("*.cuh")) + list(cuda.glob("*.cc")) + list(cuda.glob("*.cu"))
+                  + spec)
 
 
 def _build(out: pathlib.Path, command: list[str]) -> pathlib.Path:
@@ -168,7 +174,7 @@ def build_emulator(build_dir: pathlib.Path | None = None) -> pathlib.Path:
         raise FileNotFoundError("no C++ compiler (g++) found")
     out = (build_dir or default_build_dir()) / f"pattern_conv_emulate-{_digest(_sources())}.so"
     return _build(out, [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{CSRC}",
-                        str(CSRC / "cuda" / "pattern_conv_emulate.cc")])
+                        str(CSRC / "cuda" / "pattern_conv_emulate.cc")] + [str(CSRC / s) for s in SPEC_SOURCES])
 
 
 def build_cuda_kernel(build_dir: pathlib.Path | None = None, arch: str | None = None) -> pathlib.Path:
@@ -183,7 +189,8 @@ def build_cuda_kernel(build_dir: pathlib.Path | None = None, arch: str | None = 
         arch = f"sm_{major}{minor}"
     out = (build_dir or default_build_dir()) / f"pattern_conv_cuda-{arch}-{_digest(_sources())}.so"
     return _build(out, [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch}", f"-I{CSRC}",
-                        str(CSRC / "cuda" / "pattern_conv_impl.cu")])  # cudart linked statically (nvcc default)
+                        str(CSRC / "cuda" / "pattern_conv_impl.cu")]  # cudart linked statically (nvcc default)
+                  + [str(CSRC / s) for s in SPEC_SOURCES])
 
 
 def _error(status: int, lib, err: ctypes.Array | None = None) -> KernelCallError:

@@ -1,0 +1,14 @@
+// The CUDA backend's ops in the ai.ctprune domain (ops/backends.h); built only with CTPRUNE_CUDA=1.
+#include "cuda/pattern_conv_op.h"
+#include "ops/backends.h"
+
+namespace ctprune {
+namespace cuda {
+
+void RegisterOps(Ort::CustomOpDomain& domain) {
+  static const PatternConvCudaOp pattern_conv;  // must outlive every session: static
+  domain.Add(&pattern_conv);
+}
+
+}  // namespace cuda
+}  // namespace ctprune

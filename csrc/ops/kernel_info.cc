@@ -1,0 +1,80 @@
+#include "ops/kernel_info.h"
+
+namespace ctprune {
+namespace ops {
+namespace {
+
+// True when `status` is success; frees it either way (a failed probe is an answer here, not an error).
+bool Succeeded(const OrtApi& api, OrtStatus* status) {
+  if (status == nullptr) return true;
+  api.ReleaseStatus(status);
+  return false;
+}
+
+// onnxruntime's scalar getters check the attribute's type; its list getters do not (a FLOATS attribute reads as an
+// empty INTS list), so a list's type is told by which of its value lists is non-empty. A list getter fails only when
+// the attribute is missing.
+Attribute ReadOne(const OrtApi& api, const OrtKernelInfo* info, const char* name) {
+  Attribute a;
+  if (Succeeded(api, api.KernelInfoGetAttribute_float(info, name, &a.f))) {
+    a.type = AttributeType::kFloat;
+    return a;
+  }
+  if (Succeeded(api, api.KernelInfoGetAttribute_int64(info, name, &a.i))) {
+    a.type = AttributeType::kInt;
+    return a;
+  }
+  size_t size = 0;
+  if (Succeeded(api, api.KernelInfoGetAttribute_string(info, name, nullptr, &size))) {
+    a.type = AttributeType::kString;
+    return a;
+  }
+  OrtAllocator* allocator = nullptr;
+  OrtValue* tensor = nullptr;
+  if (Succeeded(api, api.GetAllocatorWithDefaultOptions(&allocator)) &&
+      Succeeded(api, api.KernelInfoGetAttribute_tensor(info, name, allocator, &tensor))) {
+    api.ReleaseValue(tensor);
+    a.type = AttributeType::kTensor;
+    return a;
+  }
+  size = 0;
+  if (!Succeeded(api, api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &size))) return a;  // missing
+  if (size > 0) {
+    a.ints.resize(size);
+    if (!Succeeded(api, api.KernelInfoGetAttributeArray_int64(info, name, a.ints.data(), &size))) return a;
+    a.ints.resize(size);
+    a.type = AttributeType::kInts;
+    return a;
+  }
+  size = 0;
+  if (Succeeded(api, api.KernelInfoGetAttributeArray_float(info, name, nullptr, &size)) && size > 0) {
+    a.type = AttributeType::kFloats;
+    return a;  // the values are never used: the type alone is the error
+  }
+  a.type = AttributeType::kList;
+  return a;
+}
+
+}  // namespace
+
+NodeAttributes ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, const std::vector<const char*>& names) {
+  NodeAttributes attributes;
+  for (const char* name : names) attributes.Set(name, ReadOne(api, info, name));
+  return attributes;
+}
+
+std::string NodeLabel(const OrtApi& api, const OrtKernelInfo* info, const char* op_type, const char* suffix) {
+  std::string label = std::string(op_type) + " node";
+  size_t size = 0;
+  if (Succeeded(api, api.KernelInfo_GetNodeName(info, nullptr, &size)) && size > 1) {
+    std::string name(size, '\0');
+    if (Succeeded(api, api.KernelInfo_GetNodeName(info, &name[0], &size))) {
+      name.resize(size > 0 ? size - 1 : 0);  // size counts the terminating NUL
+      label += " '" + name + "'";
+    }
+  }
+  return label + suffix;
+}
+
+}  // namespace ops
+}  // namespace ctprune

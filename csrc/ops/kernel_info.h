@@ -1,0 +1,21 @@
+// What an op reads from onnxruntime's KernelInfo when its kernel is created: the node's name and a typed snapshot of
+// its attributes (op_spec.h checks them). Only the C API is used, so probing an attribute's type throws nothing.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "ops/op_spec.h"
+#include "ops/ort_api.h"
+
+namespace ctprune {
+namespace ops {
+
+// The attributes called `names`, each with the type onnxruntime reports (kMissing when the node has none).
+NodeAttributes ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, const std::vector<const char*>& names);
+
+// "PatternConv node 'conv1'" (+ suffix, e.g. " (CUDA)"): how every message of the op starts.
+std::string NodeLabel(const OrtApi& api, const OrtKernelInfo* info, const char* op_type, const char* suffix = "");
+
+}  // namespace ops
+}  // namespace ctprune
