@@ -41,13 +41,18 @@ struct Selection {
   std::string error;
 };
 
+KernelTable WithSparse(KernelTable table, SparseKernels sparse) {
+  table.sparse = sparse;
+  return table;
+}
+
 // The CPU is probed once; the override is read on every call so a process can pin a tier before creating a session.
 Selection Select() {
   static const CpuFeatures cpu = DetectCpu();
-  const KernelTable generic_table = generic::Table();
-  const KernelTable generic16_table = generic::Table16();
-  const KernelTable avx2_table = avx2::Table();
-  const KernelTable avx512_table = avx512::Table();
+  const KernelTable generic_table = WithSparse(generic::Table(), generic::SparseTable());
+  const KernelTable generic16_table = WithSparse(generic::Table16(), generic::SparseTable16());
+  const KernelTable avx2_table = WithSparse(avx2::Table(), avx2::SparseTable());
+  const KernelTable avx512_table = WithSparse(avx512::Table(), avx512::SparseTable());
   const KernelTable best = cpu.avx512 ? avx512_table : cpu.avx2 ? avx2_table : generic_table;
 
   const char* forced = std::getenv("CTPRUNE_FORCE_ISA");

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/pattern_conv.h"
+#include "cpu/sparse_conv.h"
 
 namespace ctprune {
 namespace cpu {
@@ -20,6 +21,7 @@ struct KernelTable {
   int max_vectors;  // largest tile, in vectors
   SelectTilesFn select_tiles;
   PackChannelFn pack;  // the input packing, in the same instruction set
+  SparseKernels sparse;  // SparseConv's kernels in the same tier (sparse_conv_<tier>.cc)
 };
 
 // The table for this process. If CTPRUNE_FORCE_ISA names a tier this CPU cannot run or an unknown tier, `error` is
@@ -30,12 +32,16 @@ KernelTable Kernels(std::string* error);
 namespace generic {
 KernelTable Table();
 KernelTable Table16();
+SparseKernels SparseTable();
+SparseKernels SparseTable16();
 }  // namespace generic
 namespace avx2 {
 KernelTable Table();
+SparseKernels SparseTable();
 }  // namespace avx2
 namespace avx512 {
 KernelTable Table();
+SparseKernels SparseTable();
 }  // namespace avx512
 
 }  // namespace cpu

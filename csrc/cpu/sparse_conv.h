@@ -1,0 +1,89 @@
+// SparseConv on the CPU (ops/SparseConv.md): the data the driver (ops/sparse_conv_op.cc) hands to the ISA kernels
+// (sparse_conv_{generic,avx2,avx512}.cc, one template in sparse_conv_kernels.inc). Plain structs and pointers only:
+// the ISA files are compiled with other target flags and must not share inline code with the rest of the library.
+//
+// Conv form. Every kept column of a block (input channel c, tap ky, kx) reads the packed input at one offset from the
+// output's "flat" index p = oy * flat_row + ox, as for PatternConv (cpu/pattern_conv.h): the input of each channel is
+// packed (when it has to be) into a plane where output pixel p of tap (ky, kx) reads plane[p + tap_offset]. A stride
+// s > 1 splits the padded input into s_h * s_w phase planes; a tap reads phase ((ky*d_h) % s_h, (kx*d_w) % s_w). A
+// 1x1 Conv without pads has flat_row = OW and one phase, so its flat index is the output index and an aligned plane
+// stride makes every input load aligned; when X's planes already are (H*W a multiple of the lanes), X is read in
+// place. A register tile is `block` output channels x `vectors` consecutive vectors of the flat index: each loaded
+// input vector feeds the block's channels (weights broadcast).
+//
+// FC form. X (N, I), Y (N, O): a block's rows stream once; one vector holds lanes / block rows of the block (their
+// x values expanded to match), so one load of weights feeds one multiply-add.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace ctprune {
+namespace cpu {
+
+// The fused epilogue: y = gate(clip(sum + bias + z)).
+struct SparseEpilogue {
+  const float* bias;      // (O) or nullptr
+  float offset;           // a one-element Z, added to every output
+  float act_min, act_max;
+  bool clamp;             // apply [act_min, act_max]
+  int gate;               // 0 none, 1 c * HardSigmoid(c), 2 c * Sigmoid(c)
+  float alpha, beta;      // HardSigmoid's
+};
+
+// One image of a Conv, read-only except `out`. Stored block position p owns rows [row_begin[p], row_begin[p + 1]) of
+// `values` (block floats per row) and `offsets` (each row's read offset in `packed`: channel * plane + tap offset).
+struct SparseConvJob {
+  const float* packed;        // this image's input planes (packed, or X itself)
+  const int32_t* offsets;     // (K)
+  const float* values;        // (K, block)
+  const int32_t* row_begin;   // (NB + 1)
+  const int32_t* first;       // (NB) first output channel of the block at each position
+  const int32_t* channels;    // (NB) its channels (< block for a partial block)
+  int block;
+  int flat_row;               // output row length in the flat index (>= OW)
+  int OH, OW;
+  int vectors;                // flat vectors that hold OH * flat_row outputs
+  int tile_vectors;           // vectors per tile (the last tiles may be one vector shorter)
+  int tiles;
+  const float* residual;      // (O, OH, OW) of this image, or nullptr
+  SparseEpilogue epilogue;
+  float* out;                 // (O, OH, OW) of this image
+};
+
+// Blocks at positions [position_begin, position_end) over tiles [tile_begin, tile_end) of one image.
+using SparseConvTilesFn = void (*)(const SparseConvJob& job, int position_begin, int position_end, int tile_begin,
+                                   int tile_end);
+
+// An FC: images [n_begin, n_end) of X (N, I) through blocks at positions [position_begin, position_end).
+struct SparseFcJob {
+  const float* x;             // (N, I)
+  int inputs;                 // I
+  int outputs;                // O
+  const void* columns;        // (K) uint16 or int32, per `wide`
+  bool wide;                  // int32 columns
+  const float* values;        // (K, block)
+  const int32_t* row_begin;   // (NB + 1)
+  const int32_t* first;       // (NB)
+  const int32_t* channels;    // (NB)
+  int block;
+  const float* residual;      // (N, O) or nullptr
+  SparseEpilogue epilogue;
+  float* out;                 // (N, O)
+};
+
+using SparseFcFn = void (*)(const SparseFcJob& job, int position_begin, int position_end, int n_begin, int n_end);
+
+// One tier's SparseConv kernels.
+struct SparseKernels {
+  int lanes;                  // floats per vector
+  int tile_vectors[4];        // largest tile, per block 1, 2, 4, 8
+  SparseConvTilesFn conv[4];  // per block 1, 2, 4, 8
+  SparseFcFn fc;
+};
+
+// Index of a block size (1, 2, 4, 8) in the tables above; -1 for any other.
+inline int BlockIndex(int block) { return block == 1 ? 0 : block == 2 ? 1 : block == 4 ? 2 : block == 8 ? 3 : -1; }
+
+}  // namespace cpu
+}  // namespace ctprune

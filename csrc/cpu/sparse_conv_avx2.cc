@@ -1,0 +1,73 @@
+// AVX2 + FMA tier of the SparseConv kernels (8 lanes, 16 ymm registers: a tile holds block x vectors sums, the tile's
+// input vectors and one broadcast weight). Compiled for that ISA by the pragma below only, so the library still loads
+// on any x86-64; dispatch.cc hands it out only when CPUID and XCR0 say it can run.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+
+#include "cpu/sparse_conv.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace ctprune {
+namespace cpu {
+namespace avx2 {
+namespace {
+
+struct Avx2 {
+  using V = __m256;
+  static constexpr int L = 8;
+  static constexpr int kTileVectors[4] = {6, 4, 2, 1};
+  static V Zero() { return _mm256_setzero_ps(); }
+  static V Set1(float x) { return _mm256_set1_ps(x); }
+  static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V Load(const float* p) { return _mm256_loadu_ps(p); }
+  static void StoreU(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V Add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V Div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V Max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V Min(V a, V b) { return _mm256_min_ps(a, b); }
+  static V Round(V a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V Pow2(V n) {
+    const __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+  }
+  static __m256i Indices(const uint16_t* cols) {
+    return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cols)));
+  }
+  static __m256i Indices(const int32_t* cols) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols)); }
+  // Lane k*B + b = x[cols[k]].
+  template <int B, class Idx>
+  static V Expand(const float* x, const Idx* cols) {
+    if constexpr (B == 8) {
+      return _mm256_broadcast_ss(x + cols[0]);
+    } else if constexpr (B == 4) {
+      return _mm256_setr_m128(_mm_broadcast_ss(x + cols[0]), _mm_broadcast_ss(x + cols[1]));
+    } else if constexpr (B == 2) {
+      const __m128 four = _mm_setr_ps(x[cols[0]], x[cols[1]], x[cols[2]], x[cols[3]]);
+      return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(four), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    } else {
+      return _mm256_i32gather_ps(x, Indices(cols), 4);
+    }
+  }
+};
+
+#include "cpu/sparse_conv_kernels.inc"
+
+}  // namespace
+
+SparseKernels SparseTable() { return SparseKernelsFor<Avx2>(); }
+
+}  // namespace avx2
+}  // namespace cpu
+}  // namespace ctprune
+
+#pragma GCC pop_options

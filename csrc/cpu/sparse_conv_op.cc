@@ -1,0 +1,437 @@
+#include "cpu/sparse_conv_op.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "ops/kernel_info.h"
+#include "ops/op_status.h"
+
+namespace ctprune {
+namespace cpu {
+namespace {
+
+using ops::InvalidNode;
+using ops::ShapeStr;
+
+constexpr int kInputI = 2, kInputP = 3;
+
+std::string Str(int64_t v) { return std::to_string(v); }
+
+// A constant 1-D initializer input as int64 values; `index` is I or P.
+std::vector<int64_t> ConstantIndices(const OrtKernelInfo* info, int index, const char* name,
+                                     ONNXTensorElementDataType* type) {
+  Ort::ConstKernelInfo ki(info);
+  int is_constant = 0;
+  Ort::ConstValue value{nullptr};
+  try {
+    value = ki.GetTensorConstantInput(index, &is_constant);
+  } catch (const Ort::Exception&) {
+    is_constant = 0;
+  }
+  if (!is_constant || !value)
+    throw InvalidNode(std::string("input ") + name + " must be a constant initializer for ctprune's kernel");
+  const auto info_shape = value.GetTensorTypeAndShapeInfo();
+  const std::vector<int64_t> shape = info_shape.GetShape();
+  if (shape.size() != 1) throw InvalidNode(std::string("input ") + name + " must be 1-D, got shape " + ShapeStr(shape));
+  *type = info_shape.GetElementType();
+  const size_t n = static_cast<size_t>(shape[0]);
+  std::vector<int64_t> out(n);
+  if (*type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16) {
+    const uint16_t* p = value.GetTensorData<uint16_t>();
+    for (size_t i = 0; i < n; ++i) out[i] = p[i];
+  } else if (*type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) {
+    const int32_t* p = value.GetTensorData<int32_t>();
+    for (size_t i = 0; i < n; ++i) out[i] = p[i];
+  } else {
+    throw InvalidNode(std::string("input ") + name + (index == kInputI ? " must be uint16 or int32" : " must be int32"));
+  }
+  return out;
+}
+
+SparsePlan BuildPlan(const OrtApi& api, const OrtKernelInfo* info) {
+  SparsePlan plan;
+  plan.spec = ops::ParseSparseConv(ops::ReadAttributes(api, info, ops::SparseConvAttributeNames()));
+  const ops::SparseConvSpec& s = plan.spec;
+  ONNXTensorElementDataType i_type, p_type;
+  const std::vector<int64_t> columns = ConstantIndices(info, kInputI, "I", &i_type);
+  const std::vector<int64_t> pointer = ConstantIndices(info, kInputP, "P", &p_type);
+  if (p_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) throw InvalidNode("input P must be int32");
+  if (i_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16 && s.columns() > 65536)
+    throw InvalidNode("input I is uint16 but the column space has " + Str(s.columns()) + " columns");
+  if (columns.size() > static_cast<size_t>(std::numeric_limits<int32_t>::max()))
+    throw InvalidNode("input I has more than 2^31 rows");
+  ops::CheckSparseIndices(s, pointer, columns);
+
+  plan.K = static_cast<int>(columns.size());
+  const int64_t NB = s.num_blocks(), bpg = s.blocks_per_group(), Og = s.per_group();
+  plan.row_begin.assign(pointer.begin(), pointer.end());
+  for (int64_t p = 0; p < NB; ++p) {
+    const int64_t id = s.block_order[static_cast<size_t>(p)], g = id / bpg, i = id % bpg;
+    plan.first.push_back(static_cast<int32_t>(g * Og + i * s.block));
+    plan.channels.push_back(static_cast<int32_t>(std::min<int64_t>(s.block, Og - i * s.block)));
+  }
+  if (s.fc) {
+    if (i_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16)
+      plan.columns16.assign(columns.begin(), columns.end());
+    else
+      plan.columns32.assign(columns.begin(), columns.end());
+  } else {
+    const int64_t taps = s.kernel_h * s.kernel_w;
+    plan.row_channel.resize(columns.size());
+    plan.row_tap.resize(columns.size());
+    for (int64_t p = 0; p < NB; ++p) {
+      const int64_t g = s.block_order[static_cast<size_t>(p)] / bpg;
+      for (int64_t r = pointer[static_cast<size_t>(p)]; r < pointer[static_cast<size_t>(p) + 1]; ++r) {
+        const int64_t col = columns[static_cast<size_t>(r)];
+        plan.row_channel[static_cast<size_t>(r)] = static_cast<int32_t>(g * s.group_channels + col / taps);
+        plan.row_tap[static_cast<size_t>(r)] = static_cast<int32_t>(col % taps);
+      }
+    }
+  }
+  return plan;
+}
+
+size_t RoundUp(size_t v, size_t m) { return (v + m - 1) / m * m; }
+
+// The layout of a call (cpu/sparse_conv.h): in place, subsampled 1x1, or the general padded phase planes.
+SparseGeometry MakeGeometry(const ops::SparseConvSpec& s, const std::vector<int64_t>& xs, const float* x, int lanes) {
+  SparseGeometry g;
+  g.N = xs[0];
+  g.C = xs[1];
+  g.H = xs[2];
+  g.W = xs[3];
+  const int64_t Hp = g.H + s.pad_top + s.pad_bottom, Wp = g.W + s.pad_left + s.pad_right;
+  const int64_t span_h = s.dilation_h * (s.kernel_h - 1) + 1, span_w = s.dilation_w * (s.kernel_w - 1) + 1;
+  if (Hp < span_h || Wp < span_w)
+    throw InvalidNode("the padded input " + Str(Hp) + "x" + Str(Wp) + " is smaller than the dilated kernel " +
+                      Str(span_h) + "x" + Str(span_w) + " (X shape " + ShapeStr(xs) + ")");
+  g.OH = (Hp - span_h) / s.stride_h + 1;
+  g.OW = (Wp - span_w) / s.stride_w + 1;
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  g.tap_offset.assign(static_cast<size_t>(taps), 0);
+  const bool pointwise = s.kernel_h == 1 && s.kernel_w == 1 && s.pad_top == 0 && s.pad_left == 0 &&
+                         s.pad_bottom == 0 && s.pad_right == 0;
+  double plane_floats;
+  if (pointwise) {
+    const size_t outputs = static_cast<size_t>(g.OH * g.OW);
+    g.flat_row = static_cast<int>(g.OW);
+    g.vectors = static_cast<int>((outputs + lanes - 1) / lanes);
+    g.subsample = s.stride_h > 1 || s.stride_w > 1;
+    const bool aligned = reinterpret_cast<uintptr_t>(x) % (sizeof(float) * lanes) == 0;
+    g.in_place = !g.subsample && outputs % static_cast<size_t>(lanes) == 0 && aligned;
+    g.plane = g.in_place ? outputs : RoundUp(outputs, 16);
+    plane_floats = static_cast<double>(g.plane);
+  } else {
+    g.phase_rows = static_cast<int>((Hp + s.stride_h - 1) / s.stride_h);
+    g.flat_row = static_cast<int>(std::max<int64_t>(g.OW, (Wp + s.stride_w - 1) / s.stride_w));
+    g.phase = static_cast<size_t>(g.phase_rows) * g.flat_row;
+    g.vectors = static_cast<int>((g.OH * g.flat_row + lanes - 1) / lanes);
+    int64_t max_offset = 0;
+    for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
+      for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+        const int64_t dy = ky * s.dilation_h, dx = kx * s.dilation_w;
+        const int64_t phase = (dy % s.stride_h) * s.stride_w + dx % s.stride_w;
+        const int64_t off = phase * static_cast<int64_t>(g.phase) + (dy / s.stride_h) * g.flat_row + dx / s.stride_w;
+        if (off > std::numeric_limits<int32_t>::max()) throw InvalidNode("the input is too large to index");
+        g.tap_offset[static_cast<size_t>(ky * s.kernel_w + kx)] = static_cast<int32_t>(off);
+        max_offset = std::max(max_offset, off);
+      }
+    }
+    const double needed = std::max(static_cast<double>(g.phase) * s.stride_h * s.stride_w,
+                                   static_cast<double>(g.vectors) * lanes + max_offset);
+    plane_floats = static_cast<double>(RoundUp(static_cast<size_t>(needed), 16));
+    g.plane = static_cast<size_t>(plane_floats);
+  }
+  if (plane_floats * static_cast<double>(g.C) >= 2147483647.0)
+    throw InvalidNode("the input " + ShapeStr(xs) + " is too large for 32-bit offsets");
+  return g;
+}
+
+// Input packing (not per tier: a copy, cheap next to the multiply-adds).
+struct PackWork {
+  const SparseGeometry* g;
+  const ops::SparseConvSpec* s;
+  const float* x;
+  float* packed;
+  int channels_per_item;
+  int items_per_image;
+};
+
+void PackChannel(const SparseGeometry& g, const ops::SparseConvSpec& s, const float* x, float* out) {
+  if (!g.subsample && g.phase == 0) {  // 1x1 stride 1: copy to an aligned plane
+    std::memcpy(out, x, sizeof(float) * static_cast<size_t>(g.H * g.W));
+    return;
+  }
+  if (g.subsample) {
+    for (int64_t oy = 0; oy < g.OH; ++oy) {
+      const float* row = x + oy * s.stride_h * g.W;
+      float* dst = out + oy * g.OW;
+      for (int64_t ox = 0; ox < g.OW; ++ox) dst[ox] = row[ox * s.stride_w];
+    }
+    return;
+  }
+  // Phase (py, px) row i, column j holds padded (i * sh + py, j * sw + px); zero outside the image.
+  for (int64_t py = 0; py < s.stride_h; ++py) {
+    for (int64_t px = 0; px < s.stride_w; ++px) {
+      float* phase = out + (py * s.stride_w + px) * g.phase;
+      for (int64_t i = 0; i < g.phase_rows; ++i) {
+        float* dst = phase + i * g.flat_row;
+        const int64_t iy = i * s.stride_h + py - s.pad_top;
+        if (iy < 0 || iy >= g.H) {
+          std::fill(dst, dst + g.flat_row, 0.0f);
+          continue;
+        }
+        const float* row = x + iy * g.W;
+        for (int64_t j = 0; j < g.flat_row; ++j) {
+          const int64_t ix = j * s.stride_w + px - s.pad_left;
+          dst[j] = ix >= 0 && ix < g.W ? row[ix] : 0.0f;
+        }
+      }
+    }
+  }
+  const size_t used = g.phase * static_cast<size_t>(s.stride_h * s.stride_w);
+  std::fill(out + used, out + g.plane, 0.0f);  // tiles past the last row read here (garbage columns only)
+}
+
+void PackItem(void* data, size_t item) {
+  const PackWork& w = *static_cast<const PackWork*>(data);
+  const int64_t n = static_cast<int64_t>(item) / w.items_per_image;
+  const int64_t c0 = (static_cast<int64_t>(item) % w.items_per_image) * w.channels_per_item;
+  const int64_t c1 = std::min<int64_t>(w.g->C, c0 + w.channels_per_item);
+  const size_t in_plane = static_cast<size_t>(w.g->H * w.g->W);
+  for (int64_t c = c0; c < c1; ++c) {
+    const size_t nc = static_cast<size_t>(n * w.g->C + c);
+    PackChannel(*w.g, *w.s, w.x + nc * in_plane, w.packed + nc * w.g->plane);
+  }
+}
+
+// The packed input, reused across calls on the same thread (no per-call allocation once grown), 64-byte aligned.
+float* Workspace(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats + 16) buffer.resize(floats + 16);
+  auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return reinterpret_cast<float*>((address + 63) & ~static_cast<uintptr_t>(63));
+}
+
+struct ConvWork {
+  SparseConvTilesFn tiles;
+  SparseConvJob job;  // image 0; others offset by their index
+  size_t in_image;    // floats of one image's input planes
+  size_t out_image;   // floats of one image's output (Y and Z share the layout)
+  int positions;
+  int positions_per_item, position_items;
+  int tiles_per_item, tile_items;
+};
+
+void ConvItem(void* data, size_t item) {
+  const ConvWork& w = *static_cast<const ConvWork*>(data);
+  const size_t per_image = static_cast<size_t>(w.position_items) * w.tile_items;
+  const size_t n = item / per_image;
+  const int rest = static_cast<int>(item % per_image);
+  // Tile chunks outer: consecutive items (threads) share one chunk's input rows in L2.
+  const int t0 = (rest / w.position_items) * w.tiles_per_item;
+  const int p0 = (rest % w.position_items) * w.positions_per_item;
+  SparseConvJob job = w.job;
+  job.packed += n * w.in_image;
+  job.out += n * w.out_image;
+  if (job.residual != nullptr) job.residual += n * w.out_image;
+  w.tiles(job, p0, std::min(w.positions, p0 + w.positions_per_item), t0, std::min(job.tiles, t0 + w.tiles_per_item));
+}
+
+struct FcWork {
+  SparseFcFn fc;
+  SparseFcJob job;
+  int positions, positions_per_item;
+  int images;
+};
+
+void FcItem(void* data, size_t item) {
+  const FcWork& w = *static_cast<const FcWork*>(data);
+  const int p0 = static_cast<int>(item) * w.positions_per_item;
+  w.fc(w.job, p0, std::min(w.positions, p0 + w.positions_per_item), 0, w.images);
+}
+
+}  // namespace
+
+SparseConvKernel::SparseConvKernel(const OrtApi& api, const OrtKernelInfo* info, std::string node)
+    : api_(api), node_(std::move(node)) {
+  plan_ = BuildPlan(api, info);
+  std::string isa_error;
+  kernels_ = Kernels(&isa_error);
+  if (!isa_error.empty()) throw InvalidNode(isa_error);
+  const char* poison = std::getenv("CTPRUNE_POISON_OUTPUT");
+  poison_output_ = poison != nullptr && std::strcmp(poison, "1") == 0;
+}
+
+std::shared_ptr<const std::vector<int32_t>> SparseConvKernel::Offsets(const SparseGeometry& g) {
+  std::lock_guard<std::mutex> lock(offsets_mutex_);
+  for (const OffsetsFor& o : offsets_) {
+    if (o.H == g.H && o.W == g.W && o.in_place == g.in_place) return o.offsets;
+  }
+  auto offsets = std::make_shared<std::vector<int32_t>>(static_cast<size_t>(plan_.K));
+  for (size_t r = 0; r < offsets->size(); ++r)
+    (*offsets)[r] = static_cast<int32_t>(static_cast<size_t>(plan_.row_channel[r]) * g.plane +
+                                         g.tap_offset[static_cast<size_t>(plan_.row_tap[r])]);
+  constexpr size_t kKeptSizes = 4;
+  if (offsets_.size() == kKeptSizes) offsets_.erase(offsets_.begin());
+  offsets_.push_back({g.H, g.W, g.in_place, offsets});
+  return offsets;
+}
+
+OrtStatusPtr SparseConvKernel::ComputeV2(OrtKernelContext* context) {
+  return ops::StatusOf(api_, node_, [&] { Compute(context); });
+}
+
+void SparseConvKernel::Compute(OrtKernelContext* context) {
+  Ort::KernelContext ctx(context);
+  const ops::SparseConvSpec& s = plan_.spec;
+  const size_t input_count = ctx.GetInputCount();
+  Ort::ConstValue x = ctx.GetInput(0);
+  Ort::ConstValue w = ctx.GetInput(1);
+  Ort::ConstValue b = input_count > 4 ? ctx.GetInput(4) : Ort::ConstValue{nullptr};
+  Ort::ConstValue z = input_count > 5 ? ctx.GetInput(5) : Ort::ConstValue{nullptr};
+
+  const std::vector<int64_t> ws = w.GetTensorTypeAndShapeInfo().GetShape();
+  if (ws.size() != 2 || ws[0] != plan_.K || ws[1] != s.block)
+    throw InvalidNode("W must have shape (" + Str(plan_.K) + ", " + Str(s.block) + ") (one row per kept column), got " +
+                      ShapeStr(ws));
+  const float* bias = nullptr;
+  if (b) {
+    const std::vector<int64_t> bs = b.GetTensorTypeAndShapeInfo().GetShape();
+    if (bs.size() != 1 || bs[0] != s.out_channels)
+      throw InvalidNode("B must have shape (" + Str(s.out_channels) + ",), got " + ShapeStr(bs));
+    bias = b.GetTensorData<float>();
+  }
+  const std::vector<int64_t> xs = x.GetTensorTypeAndShapeInfo().GetShape();
+  if (s.fc) {
+    if (xs.size() != 2 || xs[1] != s.group_channels)
+      throw InvalidNode("X must have shape (N, " + Str(s.group_channels) + ") for an FC SparseConv, got " +
+                        ShapeStr(xs));
+    ComputeFc(ctx, x.GetTensorData<float>(), xs[0], w.GetTensorData<float>(), bias, z);
+    return;
+  }
+  if (xs.size() != 4) throw InvalidNode("X must be 4-D (N, C, H, W), got shape " + ShapeStr(xs));
+  if (xs[1] != s.group * s.group_channels)
+    throw InvalidNode("X has " + Str(xs[1]) + " channels but group * weight_shape[1] is " +
+                      Str(s.group * s.group_channels) + " (X shape " + ShapeStr(xs) + ")");
+  const float* x_data = x.GetTensorData<float>();
+  const SparseKernels& k = kernels_.sparse;
+  const SparseGeometry g = MakeGeometry(s, xs, x_data, k.lanes);
+
+  const std::vector<int64_t> y_shape = {g.N, s.out_channels, g.OH, g.OW};
+  float z_offset = 0.0f;
+  const float* residual = nullptr;
+  if (z) {
+    if (ops::ResidualElements(z.GetTensorTypeAndShapeInfo().GetShape(), y_shape) == 1)
+      z_offset = z.GetTensorData<float>()[0];
+    else
+      residual = z.GetTensorData<float>();
+  }
+  Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
+  float* out = y.GetTensorMutableData<float>();
+  const size_t out_image = static_cast<size_t>(s.out_channels * g.OH * g.OW);
+  if (poison_output_) std::fill(out, out + out_image * g.N, std::numeric_limits<float>::quiet_NaN());
+  if (g.N == 0) return;
+
+  // 1. The input planes: X itself, or packed in parallel.
+  const float* planes = x_data;
+  if (!g.in_place) {
+    float* packed = Workspace(static_cast<size_t>(g.N * g.C) * g.plane);
+    PackWork pack{&g, &s, x_data, packed, 1, 0};
+    pack.channels_per_item = static_cast<int>(std::max<size_t>(1, 16384 / g.plane));
+    pack.items_per_image = static_cast<int>((g.C + pack.channels_per_item - 1) / pack.channels_per_item);
+    ctx.ParallelFor(&PackItem, static_cast<size_t>(g.N) * pack.items_per_image, 0, &pack);
+    planes = packed;
+  }
+
+  // 2. The blocks over tiles. A work item is a run of block positions (stored by decreasing work) over a chunk of
+  // tiles whose input rows of all channels fit about a quarter of L2 while every block of the item reads them.
+  const std::shared_ptr<const std::vector<int32_t>> offsets = Offsets(g);
+  const int bi = BlockIndex(static_cast<int>(s.block));
+  ConvWork work{};
+  work.tiles = k.conv[bi];
+  SparseConvJob& job = work.job;
+  job.packed = planes;
+  job.offsets = offsets->data();
+  job.values = w.GetTensorData<float>();
+  job.row_begin = plan_.row_begin.data();
+  job.first = plan_.first.data();
+  job.channels = plan_.channels.data();
+  job.block = static_cast<int>(s.block);
+  job.flat_row = g.flat_row;
+  job.OH = static_cast<int>(g.OH);
+  job.OW = static_cast<int>(g.OW);
+  job.vectors = g.vectors;
+  job.tiles = (g.vectors + k.tile_vectors[bi] - 1) / k.tile_vectors[bi];
+  job.tile_vectors = (g.vectors + job.tiles - 1) / job.tiles;
+  job.residual = residual;
+  job.epilogue = SparseEpilogue{bias, z_offset, s.activation_min, s.activation_max, s.has_clamp(),
+                                static_cast<int>(s.activation), s.activation_alpha, s.activation_beta};
+  job.out = out;
+  work.in_image = static_cast<size_t>(g.C) * g.plane;
+  work.out_image = out_image;
+  work.positions = static_cast<int>(s.num_blocks());
+  const long tile_floats = static_cast<long>(job.tile_vectors) * k.lanes;
+  const long chunk_tiles = std::max(1L, (64L * 1024 / static_cast<long>(g.C)) / tile_floats);
+  work.tiles_per_item = static_cast<int>(std::min<long>(chunk_tiles, job.tiles));
+  work.tile_items = (job.tiles + work.tiles_per_item - 1) / work.tiles_per_item;
+  const int position_items_wanted = std::max(1, std::min(work.positions, 16 / std::min(16, work.tile_items)));
+  work.positions_per_item = (work.positions + position_items_wanted - 1) / position_items_wanted;
+  work.position_items = (work.positions + work.positions_per_item - 1) / work.positions_per_item;
+  ctx.ParallelFor(&ConvItem, static_cast<size_t>(g.N) * work.position_items * work.tile_items, 0, &work);
+}
+
+void SparseConvKernel::ComputeFc(Ort::KernelContext& ctx, const float* x, int64_t N, const float* w,
+                                 const float* bias, Ort::ConstValue& z) {
+  const ops::SparseConvSpec& s = plan_.spec;
+  const std::vector<int64_t> y_shape = {N, s.out_channels};
+  float z_offset = 0.0f;
+  const float* residual = nullptr;
+  if (z) {
+    if (ops::ResidualElements(z.GetTensorTypeAndShapeInfo().GetShape(), y_shape) == 1)
+      z_offset = z.GetTensorData<float>()[0];
+    else
+      residual = z.GetTensorData<float>();
+  }
+  Ort::UnownedValue y = ctx.GetOutput(0, y_shape);
+  float* out = y.GetTensorMutableData<float>();
+  if (poison_output_)
+    std::fill(out, out + static_cast<size_t>(N * s.out_channels), std::numeric_limits<float>::quiet_NaN());
+  if (N == 0) return;
+  FcWork work{};
+  work.fc = kernels_.sparse.fc;
+  SparseFcJob& job = work.job;
+  job.x = x;
+  job.inputs = static_cast<int>(s.group_channels);
+  job.outputs = static_cast<int>(s.out_channels);
+  job.wide = plan_.columns16.empty() && !plan_.columns32.empty();
+  job.columns = job.wide ? static_cast<const void*>(plan_.columns32.data()) : plan_.columns16.data();
+  job.values = w;
+  job.row_begin = plan_.row_begin.data();
+  job.first = plan_.first.data();
+  job.channels = plan_.channels.data();
+  job.block = static_cast<int>(s.block);
+  job.residual = residual;
+  job.epilogue = SparseEpilogue{bias, z_offset, s.activation_min, s.activation_max, s.has_clamp(),
+                                static_cast<int>(s.activation), s.activation_alpha, s.activation_beta};
+  job.out = out;
+  work.positions = static_cast<int>(s.num_blocks());
+  work.images = static_cast<int>(N);
+  // About 64 KB of compact weights per item, and no more than 64 items.
+  const long bytes = static_cast<long>(plan_.K) * s.block * 4 + 1;
+  const long items = std::max(1L, std::min({64L, static_cast<long>(work.positions), bytes / (64 * 1024) + 1}));
+  work.positions_per_item = static_cast<int>((work.positions + items - 1) / items);
+  ctx.ParallelFor(&FcItem, static_cast<size_t>((work.positions + work.positions_per_item - 1) / work.positions_per_item),
+                  0, &work);
+}
+
+OrtStatusPtr SparseConvOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+  const std::string node = ops::NodeLabel(api, info, ops::kSparseConvName);
+  return ops::StatusOf(api, node, [&] { *kernel = new SparseConvKernel(api, info, node); });
+}
+
+}  // namespace cpu
+}  // namespace ctprune

@@ -1,0 +1,90 @@
+// ai.ctprune.SparseConv (version 1) on the CPU execution provider; the operator is specified in ops/SparseConv.md.
+// It computes Y = gate(clip(Conv(X, W_dense, B, strides, pads, dilations, group) + Z)) (or X @ W_dense^T for an FC),
+// the same as the model-local function in ops/sparse_reference.py, from the compact blocks W (K, block), I (K) and
+// P (NB + 1). I and P must be constant initializers: they are checked and turned into a plan once, here.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cpu/dispatch.h"
+#include "ops/ort_api.h"
+#include "ops/sparse_conv_spec.h"
+
+namespace ctprune {
+namespace cpu {
+
+// What the kernels walk, built once from the spec and the index inputs.
+struct SparsePlan {
+  ops::SparseConvSpec spec;
+  int K = 0;                          // rows of W and I
+  std::vector<int32_t> row_begin;     // (NB + 1): P
+  std::vector<int32_t> first;         // (NB): first output channel of the block at each position
+  std::vector<int32_t> channels;      // (NB): its channels
+  std::vector<uint16_t> columns16;    // FC: I as stored (uint16), or empty
+  std::vector<int32_t> columns32;     // FC: I as stored (int32), or empty
+  std::vector<int32_t> row_channel;   // Conv: (K) absolute input channel of each row
+  std::vector<int32_t> row_tap;       // Conv: (K) tap ky * kw + kx of each row
+};
+
+// Per-call layout of a Conv's input (see cpu/sparse_conv.h).
+struct SparseGeometry {
+  int64_t N = 0, C = 0, H = 0, W = 0, OH = 0, OW = 0;
+  bool in_place = false;   // the kernels read X itself (1x1, stride 1, no pads, aligned planes)
+  bool subsample = false;  // 1x1 without pads, stride > 1: the plane is X[::sh, ::sw]
+  int flat_row = 0;        // output row length of the flat index
+  int phase_rows = 0;      // rows of each phase plane (general layout)
+  size_t phase = 0;        // floats per phase plane
+  size_t plane = 0;        // floats per packed channel
+  int vectors = 0;         // flat vectors holding OH * flat_row
+  std::vector<int32_t> tap_offset;  // (kh * kw)
+};
+
+class SparseConvKernel {
+ public:
+  // Reads and checks the attributes and the index inputs; throws ops::InvalidNode on a malformed node.
+  SparseConvKernel(const OrtApi& api, const OrtKernelInfo* info, std::string node);
+  OrtStatusPtr ComputeV2(OrtKernelContext* context);
+
+ private:
+  void Compute(OrtKernelContext* context);
+  void ComputeFc(Ort::KernelContext& ctx, const float* x, int64_t N, const float* w, const float* bias,
+                 Ort::ConstValue& z);
+  // The rows' read offsets for an input size, made on first use and kept (a model sees few input sizes).
+  std::shared_ptr<const std::vector<int32_t>> Offsets(const SparseGeometry& g);
+
+  const OrtApi& api_;
+  std::string node_;  // "SparseConv node 'name'" for error messages
+  SparsePlan plan_;
+  KernelTable kernels_;
+  std::mutex offsets_mutex_;
+  struct OffsetsFor {
+    int64_t H, W;
+    bool in_place;
+    std::shared_ptr<const std::vector<int32_t>> offsets;
+  };
+  std::vector<OffsetsFor> offsets_;  // a few recent input sizes
+  bool poison_output_;  // CTPRUNE_POISON_OUTPUT=1: fill Y with NaN first, so unwritten elements show in tests
+};
+
+struct SparseConvOp : Ort::CustomOpBase<SparseConvOp, SparseConvKernel, /*WithStatus=*/true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+  const char* GetName() const { return ops::kSparseConvName; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 6; }  // X, W, I, P, B (optional), Z (optional)
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    // I is uint16 or int32: undefined lets onnxruntime accept either (the kernel checks which).
+    return index == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED
+                      : index == 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index >= 4 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace cpu
+}  // namespace ctprune
