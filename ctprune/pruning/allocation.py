@@ -105,8 +105,11 @@ def allocate_groups(layers: Mapping[str, LayerGroups], budget: int, spread: floa
         order = torch.sort(values, descending=True, stable=True).indices
         count = int(torch.searchsorted(torch.cumsum(sizes[order], 0), torch.tensor(remaining - 0.5, dtype=torch.float64)))
         chosen = order[: count + 1] if count < len(order) else order
-        for i, (name, cand, _, _) in enumerate(pools):
-            mine = positions[chosen[owners[chosen] == i]]
+        # chosen groups split by owning layer in one sort (a mask per layer made this quadratic in the layer count)
+        chosen_owners = owners[chosen]
+        by_owner = positions[chosen][torch.argsort(chosen_owners, stable=True)]
+        counts = torch.bincount(chosen_owners, minlength=len(pools)).tolist()
+        for (name, cand, _, _), mine in zip(pools, torch.split(by_owner, counts)):
             keep[name][cand[mine]] = True
     return keep
 

@@ -9,7 +9,6 @@ nodes of the gate), so the graph outside is unchanged.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -18,29 +17,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ctprune.graph.normalize import infer_shapes
+from ctprune.graph.readers import TensorReaders
 from ctprune.rewrite.upgrade import detached
 
 RESIDUAL_OPS = ("Add", "Sum")  # Sum of two inputs is an Add (older exporters, e.g. Caffe2's ResNet-50)
 
 
-def subgraph_reads(graph: onnx.GraphProto) -> Counter:
-    """Names read by nodes of nested graphs (If/Loop/Scan bodies may read outer-scope tensors)."""
-    reads = Counter()
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-                for inner in sub.node:
-                    reads.update(name for name in inner.input if name)
-                reads.update(subgraph_reads(sub))
-    return reads
-
-
-def read_counts(graph: onnx.GraphProto) -> Counter:
-    """How many times each tensor name is read: node inputs (nested graphs included) and graph outputs."""
-    reads = Counter(name for node in graph.node for name in node.input if name)
-    reads.update(subgraph_reads(graph))
-    reads.update(out.name for out in graph.output)
-    return reads
+def read_counts(graph: onnx.GraphProto) -> TensorReaders:
+    """How many times each tensor name is read (node inputs, nested graphs, graph outputs), and by which nodes."""
+    return TensorReaders(graph)
 
 
 def constant_value(graph: onnx.GraphProto, name: str, initializers: dict) -> np.ndarray | None:
@@ -105,7 +90,7 @@ def _fusable_gate(graph, conv_output, reads) -> FusedActivation | None:
     """y = c * gate(c): c read by exactly a HardSigmoid/Sigmoid and the Mul that also reads the gate's output."""
     if reads[conv_output] != 2:
         return None
-    readers = [i for i, node in enumerate(graph.node) if conv_output in node.input]
+    readers = reads.nodes(conv_output)
     if len(readers) != 2:
         return None
     kinds = {graph.node[i].op_type: i for i in readers}
@@ -126,9 +111,9 @@ def _fusable_gate(graph, conv_output, reads) -> FusedActivation | None:
 
 
 def only_reader(graph, name, reads) -> int | None:
-    """Index of the one node that reads `name`, if nothing else (graph output, nested graph, a second slot) does."""
-    readers = [i for i, node in enumerate(graph.node) if name in node.input]
-    return readers[0] if len(readers) == 1 and reads[name] == 1 else None
+    """Index of the one node that reads `name`, if nothing else (graph output, nested graph, a second slot) does;
+    `reads` is the graph's TensorReaders index (a lookup, not a scan of every node)."""
+    return reads.only_reader(name)
 
 
 def fusable_batchnorm(graph, conv_output, reads, initializers) -> tuple[int, np.ndarray, np.ndarray] | None:
@@ -208,8 +193,11 @@ def drop_unread(graph: onnx.GraphProto, names: set) -> None:
     graph.node.extend(keep)
 
 
-def forget_value_info(graph: onnx.GraphProto, name: str) -> None:
-    """Drop the value_info of a tensor that a fusion made internal."""
-    keep = [v for v in graph.value_info if v.name != name]
+def forget_value_info(graph: onnx.GraphProto, names) -> None:
+    """Drop the value_info of tensors (a name or a set of names) that fusions made internal: one pass for all."""
+    names = {names} if isinstance(names, str) else set(names)
+    if not names:
+        return
+    keep = [v for v in graph.value_info if v.name not in names]
     del graph.value_info[:]
     graph.value_info.extend(keep)

@@ -58,12 +58,23 @@ SPARSE_OPS = ("Conv", "Gemm", "MatMul")
 Z_INPUT = {OP_TYPE: 3, SPARSE_OP_TYPE: 5}  # where each op's residual Z sits: X, W, B, Z / X, W, I, P, B, Z
 
 
-def _find_layer(graph: onnx.GraphProto, key: str, ops: tuple = ("Conv",)) -> int:
-    by_name = [i for i, node in enumerate(graph.node) if node.name == key]
+def _node_lookup(graph: onnx.GraphProto) -> tuple[dict, dict]:
+    """({node name: [indices]}, {first output: [indices]}), built once so finding every layer stays linear."""
+    names, outputs = {}, {}
+    for i, node in enumerate(graph.node):
+        names.setdefault(node.name, []).append(i)
+        if node.output:
+            outputs.setdefault(node.output[0], []).append(i)
+    return names, outputs
+
+
+def _find_layer(graph: onnx.GraphProto, key: str, ops: tuple = ("Conv",), lookup: tuple | None = None) -> int:
+    names, outputs = lookup or _node_lookup(graph)
+    by_name = names.get(key, [])
     if len(by_name) > 1:
         raise GraphError(f"{len(by_name)} nodes are named {key!r}; the rewrite needs unique Conv names")
     if not by_name:
-        by_name = [i for i, node in enumerate(graph.node) if node.op_type in ops and node.output[0] == key]
+        by_name = [i for i in outputs.get(key, []) if graph.node[i].op_type in ops]
     if not by_name:
         raise GraphError(f"no Conv node named {key!r} (nor one writing a tensor of that name) in the main graph")
     index = by_name[0]
@@ -163,6 +174,7 @@ class _Rewrite:
         # Shapes decide which residual Adds fuse and resolve SAME pads; inferred once, before any node changes.
         self.shapes = shapes_of(model) if need_shapes else {}
         self.fused_away: set[int] = set()
+        self.internal: set[str] = set()  # tensors fusion made internal: their value_info goes once, in finish()
         self.maybe_unread: set[str] = set()
         self.with_residual: set[str] = set()  # op types that took a Z somewhere
 
@@ -176,14 +188,14 @@ class _Rewrite:
         if found is not None:
             place, residual = found
             self.fused_away.add(index)
-            forget_value_info(self.graph, output)
+            self.internal.add(output)
             output = self.graph.node[place].output[0]
         act = fusable_activation(self.graph, output, self.reads, self.initializers, gates=gates)
         if act is not None:
             for i in act.nodes:
                 self.fused_away.add(i)
                 self.maybe_unread.update(name for name in self.graph.node[i].input[1:] if name)
-            forget_value_info(self.graph, output)
+            self.internal.add(output)
             output = act.output
         return output, place, residual, act
 
@@ -229,7 +241,7 @@ class _Rewrite:
         bn_node = self.graph.node[bn_index]
         self.fused_away.add(bn_index)
         self.maybe_unread.update(name for name in list(bn_node.input[1:]) + list(conv.input[2:]) if name)
-        forget_value_info(self.graph, output)
+        self.internal.add(output)
         return bn_node.output[0]
 
     def sparse(self, key: str, index: int, layer, require_masked: bool, threads: int) -> str | None:
@@ -308,6 +320,7 @@ class _Rewrite:
         nodes = [node for i, node in enumerate(graph.node) if i not in self.fused_away]
         del graph.node[:]
         graph.node.extend(nodes)
+        forget_value_info(graph, self.internal)
         drop_unread(graph, self.maybe_unread)
         used = {n.op_type for n in graph.node if n.domain == DOMAIN}
         for op in self.with_residual:
@@ -373,8 +386,9 @@ def rewrite_model(
     sparse = dict(sparse or {})
     model = upgraded(model)
     graph = model.graph
-    indices = {key: _find_layer(graph, key) for key in layers}
-    indices.update({key: _find_layer(graph, key, SPARSE_OPS) for key in sparse})
+    lookup = _node_lookup(graph)
+    indices = {key: _find_layer(graph, key, lookup=lookup) for key in layers}
+    indices.update({key: _find_layer(graph, key, SPARSE_OPS, lookup=lookup) for key in sparse})
     if len(set(indices.values())) != len(indices):
         raise GraphError("two keys of the layer map name the same node")
     need_shapes = bool(sparse) or any(node.op_type in RESIDUAL_OPS for node in graph.node)
