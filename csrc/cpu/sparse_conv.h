@@ -80,6 +80,7 @@ struct SparseKernels {
   int tile_vectors[4];        // largest tile, per block 1, 2, 4, 8
   SparseConvTilesFn conv[4];  // per block 1, 2, 4, 8
   SparseFcFn fc;
+  bool (*all_finite)(const float* x, size_t n);  // no NaN or +-inf among x[0..n)
 };
 
 // Index of a block size (1, 2, 4, 8) in the tables above; -1 for any other.

@@ -1,6 +1,7 @@
 #include "cpu/sparse_conv_op.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -68,8 +69,10 @@ SparsePlan BuildPlan(const OrtApi& api, const OrtKernelInfo* info) {
   plan.K = static_cast<int>(columns.size());
   const int64_t NB = s.num_blocks(), bpg = s.blocks_per_group(), Og = s.per_group();
   plan.row_begin.assign(pointer.begin(), pointer.end());
+  plan.columns.assign(columns.begin(), columns.end());
   for (int64_t p = 0; p < NB; ++p) {
     const int64_t id = s.block_order[static_cast<size_t>(p)], g = id / bpg, i = id % bpg;
+    plan.group_of.push_back(static_cast<int32_t>(g));
     plan.first.push_back(static_cast<int32_t>(g * Og + i * s.block));
     plan.channels.push_back(static_cast<int32_t>(std::min<int64_t>(s.block, Og - i * s.block)));
   }
@@ -281,6 +284,53 @@ std::shared_ptr<const std::vector<int32_t>> SparseConvKernel::Offsets(const Spar
   return offsets;
 }
 
+bool SparseConvKernel::Kept(int position, int64_t column) const {
+  const int32_t* begin = plan_.columns.data() + plan_.row_begin[static_cast<size_t>(position)];
+  const int32_t* end = plan_.columns.data() + plan_.row_begin[static_cast<size_t>(position) + 1];
+  return std::binary_search(begin, end, static_cast<int32_t>(column));
+}
+
+void SparseConvKernel::PoisonPruned(const float* x, const std::vector<int64_t>& xs, int64_t OH, int64_t OW,
+                                    float* out) const {
+  const ops::SparseConvSpec& s = plan_.spec;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const int positions = static_cast<int>(s.num_blocks());
+  const int64_t O = s.out_channels;
+  if (s.fc) {
+    for (int64_t n = 0; n < xs[0]; ++n)
+      for (int64_t j = 0; j < xs[1]; ++j) {
+        if (std::isfinite(x[n * xs[1] + j])) continue;
+        for (int p = 0; p < positions; ++p)
+          if (!Kept(p, j))
+            std::fill_n(out + n * O + plan_.first[p], plan_.channels[p], nan);
+      }
+    return;
+  }
+  const int64_t C = xs[1], H = xs[2], W = xs[3];
+  for (int64_t n = 0; n < xs[0]; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t iy = 0; iy < H; ++iy)
+        for (int64_t ix = 0; ix < W; ++ix) {
+          if (std::isfinite(x[((n * C + c) * H + iy) * W + ix])) continue;
+          const int64_t g = c / s.group_channels, local = c % s.group_channels;
+          for (int64_t ky = 0; ky < s.kernel_h; ++ky) {
+            const int64_t ty = iy + s.pad_top - ky * s.dilation_h;  // = oy * stride_h
+            if (ty < 0 || ty % s.stride_h != 0 || ty / s.stride_h >= OH) continue;
+            for (int64_t kx = 0; kx < s.kernel_w; ++kx) {
+              const int64_t tx = ix + s.pad_left - kx * s.dilation_w;
+              if (tx < 0 || tx % s.stride_w != 0 || tx / s.stride_w >= OW) continue;
+              const int64_t column = (local * s.kernel_h + ky) * s.kernel_w + kx;
+              const int64_t pixel = (ty / s.stride_h) * OW + tx / s.stride_w;
+              for (int p = 0; p < positions; ++p) {
+                if (plan_.group_of[p] != g || Kept(p, column)) continue;
+                for (int b = 0; b < plan_.channels[p]; ++b)
+                  out[(n * O + plan_.first[p] + b) * OH * OW + pixel] = nan;
+              }
+            }
+          }
+        }
+}
+
 OrtStatusPtr SparseConvKernel::ComputeV2(OrtKernelContext* context) {
   return ops::StatusOf(api_, node_, [&] { Compute(context); });
 }
@@ -311,6 +361,9 @@ void SparseConvKernel::Compute(OrtKernelContext* context) {
       throw InvalidNode("X must have shape (N, " + Str(s.group_channels) + ") for an FC SparseConv, got " +
                         ShapeStr(xs));
     ComputeFc(ctx, x.GetTensorData<float>(), xs[0], w.GetTensorData<float>(), bias, z);
+    const size_t x_size = static_cast<size_t>(xs[0] * xs[1]);
+    if (!kernels_.sparse.all_finite(x.GetTensorData<float>(), x_size))
+      PoisonPruned(x.GetTensorData<float>(), xs, 1, 1, ctx.GetOutput(0, {xs[0], s.out_channels}).GetTensorMutableData<float>());
     return;
   }
   if (xs.size() != 4) throw InvalidNode("X must be 4-D (N, C, H, W), got shape " + ShapeStr(xs));
@@ -382,6 +435,7 @@ void SparseConvKernel::Compute(OrtKernelContext* context) {
   work.positions_per_item = (work.positions + position_items_wanted - 1) / position_items_wanted;
   work.position_items = (work.positions + work.positions_per_item - 1) / work.positions_per_item;
   ctx.ParallelFor(&ConvItem, static_cast<size_t>(g.N) * work.position_items * work.tile_items, 0, &work);
+  if (!k.all_finite(x_data, static_cast<size_t>(g.N * g.C * g.H * g.W))) PoisonPruned(x_data, xs, g.OH, g.OW, out);
 }
 
 void SparseConvKernel::ComputeFc(Ort::KernelContext& ctx, const float* x, int64_t N, const float* w,

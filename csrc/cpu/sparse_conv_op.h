@@ -27,6 +27,8 @@ struct SparsePlan {
   std::vector<int32_t> columns32;     // FC: I as stored (int32), or empty
   std::vector<int32_t> row_channel;   // Conv: (K) absolute input channel of each row
   std::vector<int32_t> row_tap;       // Conv: (K) tap ky * kw + kx of each row
+  std::vector<int32_t> columns;       // (K) I, for the non-finite input fix-up (PoisonPruned)
+  std::vector<int32_t> group_of;      // (NB) group of the block at each position
 };
 
 // Per-call layout of a Conv's input (see cpu/sparse_conv.h).
@@ -52,6 +54,11 @@ class SparseConvKernel {
   void Compute(OrtKernelContext* context);
   void ComputeFc(Ort::KernelContext& ctx, const float* x, int64_t N, const float* w, const float* bias,
                  Ort::ConstValue& z);
+  // onnxruntime's dense op multiplies every input by the dense weight, pruned zeros included, so a NaN or inf input
+  // makes NaN wherever it meets a pruned weight; the kernels skip those products, so this sets them after the fact
+  // (only when X holds a non-finite value).
+  void PoisonPruned(const float* x, const std::vector<int64_t>& xs, int64_t OH, int64_t OW, float* out) const;
+  bool Kept(int position, int64_t column) const;
   // The rows' read offsets for an input size, made on first use and kept (a model sees few input sizes).
   std::shared_ptr<const std::vector<int32_t>> Offsets(const SparseGeometry& g);
 

@@ -2,6 +2,7 @@
 
     python -m ctprune.lab.bench_layers            # the full table (minutes)
     python -m ctprune.lab.bench_layers --quick    # batch 1, fewer runs
+    python -m ctprune.lab.bench_layers --sparse   # SparseConv: 1x1 and FC layers (ctprune/lab/bench_sparse.py)
 
 Both models run in the same process with the same thread count and the same input; timing alternates blocks of runs
 between the two sessions and reports medians, so drift on a shared machine hits both alike. "GFLOP/s" counts only the
@@ -214,7 +215,14 @@ def main(argv=None) -> int:
     parser.add_argument("--ratios", type=float, nargs="+", default=RATIOS)
     parser.add_argument("--runs", type=int, default=None, help="timed runs per model and layer")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sparse", action="store_true", help="SparseConv's 1x1 and FC shapes instead (bench_sparse.py)")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[4], help="--sparse: block sizes (FC: 8 unless given)")
+    parser.add_argument("--kinds", nargs="+", default=["conv", "fc"], choices=["conv", "fc"], help="--sparse: layers")
     args = parser.parse_args(argv)
+    if args.sparse:
+        from ctprune.lab.bench_sparse import main_sparse
+
+        return main_sparse(args)
 
     from tqdm import tqdm
 

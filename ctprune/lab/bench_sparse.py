@@ -1,0 +1,100 @@
+"""Per-layer benchmark of ctprune's SparseConv CPU kernel against onnxruntime's dense Conv / Gemm on the masked weights.
+
+    python -m ctprune.lab.bench_layers --sparse                 # 1x1 and FC shapes at 2x..16x, 1 thread, batch 1
+    python -m ctprune.lab.bench_layers --sparse --threads 1 2 --blocks 1 4 8
+
+Both models run in the same process, same thread count, same input; timing alternates blocks of runs between the two
+sessions and reports medians (bench_layers._time_pair). Layers are built by ctprune.lab.layer_model (random block
+masks, the same builder the tests use). "ratio" is dense weights / kept weights.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+
+# 1x1 stride-1 Convs of MobileNetV2 (224x224 input) and ResNet-50: (C in, O out, H = W).
+POINTWISE = [
+    (32, 16, 112), (16, 96, 112), (96, 24, 56), (24, 144, 56), (144, 32, 28), (32, 192, 28), (192, 64, 14),
+    (64, 384, 14), (384, 96, 14), (96, 576, 14), (576, 160, 7), (160, 960, 7), (960, 320, 7), (320, 1280, 7),
+    (64, 256, 56), (256, 64, 56), (128, 512, 28), (512, 128, 28), (256, 1024, 14), (1024, 256, 14), (512, 2048, 7),
+    (2048, 512, 7),
+]
+FC = [(4096, 25088), (4096, 4096), (1000, 1280)]  # (O, I)
+RATIOS = [2.0, 4.0, 8.0, 16.0]
+
+
+def bench_sparse_layer(kind, shape, ratio, block, batch, threads, library, rng, runs=40, block_runs=5):
+    from ctprune.lab.bench_layers import _time_pair, session
+    from ctprune.lab.layer_model import sparse_and_dense_models
+
+    if kind == "fc":
+        O, I = shape
+        weight_shape, x_shape, macs = (O, I), (batch, I), O * I * batch
+    else:
+        C, O, H = shape
+        weight_shape, x_shape, macs = (O, C, 1, 1), (batch, C, H, H), O * C * H * H * batch
+    sparse, dense, compact = sparse_and_dense_models(rng, weight_shape, x_shape, 1.0 / ratio, block, function=False)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    s_dense, s_sparse = session(dense, threads), session(sparse, threads, library)
+    (t_dense, best_dense), (t_sparse, best_sparse) = _time_pair([s_dense, s_sparse], x, runs, block_runs)
+    kept = compact.kept
+    return dict(kind=kind, shape=shape, ratio=ratio, achieved=np.prod(weight_shape) / max(1, kept), block=block,
+                batch=batch, threads=threads, dense_ms=t_dense * 1e3, sparse_ms=t_sparse * 1e3,
+                speedup=t_dense / t_sparse, best_speedup=best_dense / best_sparse,
+                dense_gflops=2.0 * macs / t_dense / 1e9, useful_gflops=2.0 * macs * kept / np.prod(weight_shape) / t_sparse / 1e9,
+                bytes_per_weight=compact.stored_bytes() / max(1, kept))
+
+
+def render(rows) -> str:
+    lines = ["| layer | shape | ratio | block | threads | dense ms | SparseConv ms | speedup | best-of speedup | "
+             "dense GFLOP/s | useful GFLOP/s | bytes / kept weight |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shape = (f"C{r['shape'][0]} O{r['shape'][1]} {r['shape'][2]}x{r['shape'][2]}" if r["kind"] == "conv1x1"
+                 else f"{r['shape'][0]}x{r['shape'][1]}")
+        lines.append(f"| {r['kind']} | {shape} | {r['ratio']:g}x | {r['block']} | {r['threads']} | {r['dense_ms']:.3f} | "
+                     f"{r['sparse_ms']:.3f} | {r['speedup']:.2f}x | {r['best_speedup']:.2f}x | "
+                     f"{r['dense_gflops']:.1f} | {r['useful_gflops']:.1f} | {r['bytes_per_weight']:.2f} |")
+    return "\n".join(lines)
+
+
+def summary(rows) -> str:
+    lines = ["| layer | ratio | block | threads | median speedup | min | max | break-even (layers faster) |",
+             "|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["kind"], r["ratio"], r["block"], r["threads"]) for r in rows})
+    for kind, ratio, block, threads in keys:
+        sel = [r for r in rows if (r["kind"], r["ratio"], r["block"], r["threads"]) == (kind, ratio, block, threads)]
+        v = [r["speedup"] for r in sel]
+        faster = sum(1 for s in v if s > 1.0)
+        lines.append(f"| {kind} | {ratio:g}x | {block} | {threads} | {statistics.median(v):.2f}x | {min(v):.2f}x | "
+                     f"{max(v):.2f}x | {faster}/{len(v)} |")
+    return "\n".join(lines)
+
+
+def main_sparse(args) -> int:
+    from tqdm import tqdm
+
+    from ctprune.runtime import kernel_library_path
+
+    library = kernel_library_path()
+    rng = np.random.default_rng(args.seed)
+    runs = args.runs or (20 if args.quick else 40)
+    ratios = args.ratios if args.ratios != [2.25, 4.0, 8.0, 16.0] else RATIOS
+    cases = []
+    for t in args.threads:
+        for b in args.blocks:
+            for r in ratios:
+                if "conv" in args.kinds:
+                    cases += [("conv1x1", s, r, b, t) for s in POINTWISE]
+                if "fc" in args.kinds:
+                    cases += [("fc", s, r, b, t) for s in FC]
+    rows = []
+    for kind, shape, r, b, t in tqdm(cases, desc="layers", unit="layer"):
+        fc_runs = max(10, runs // 2) if kind == "fc" and shape[1] > 5000 else runs
+        rows.append(bench_sparse_layer(kind, shape, r, b, 1, t, library, rng, runs=fc_runs))
+    print(render(rows))
+    print()
+    print(summary(rows))
+    return 0
