@@ -315,8 +315,7 @@ class Pipeline:
                                   "(SparseConv would be slower there): " + ", ".join(list(self.kept_dense)[:6]))
             dense = totals.get("dense_layers") or {}
             if dense:
-                self.notes.append("kept dense: " + "; ".join(f"{k} ({v})" for k, v in list(dense.items())[:8])
-                                  + (f" and {len(dense) - 8} more" if len(dense) > 8 else ""))
+                self.notes.append("kept dense: " + _by_reason(dense))
         dense_layers = dense if kind != "precrop" else {}
         accuracy, agreement = self._evaluate(pruned, plan_report)
         report = {
@@ -471,6 +470,18 @@ def _pattern_macs(model: onnx.ModelProto, plan, totals: dict | None = None) -> i
     saved = sum(row.get("macs_before", macs.get(row["name"], 0)) * (1 - row["weights_after"] / row["weights_before"])
                 for row in plan.layer_report())
     return int(round(totals["macs"] - saved))
+
+
+def _by_reason(layers: dict[str, str], shown: int = 4) -> str:
+    """{layer: reason} -> 'reason: a, b, c and 9 more; other reason: d', most common reason first."""
+    groups: dict[str, list[str]] = {}
+    for name, why in layers.items():
+        groups.setdefault(why, []).append(name)
+    parts = []
+    for why, names in sorted(groups.items(), key=lambda item: -len(item[1])):
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        parts.append(f"{why}: {', '.join(names[:shown])}{more}")
+    return "; ".join(parts)
 
 
 def _mark_forms(rows: list[dict], kept_dense: dict, skipped: dict) -> list[dict]:

@@ -20,8 +20,12 @@ def test_light_vgg19_totals():
     rows, totals = layer_table(load_model(path))
     assert totals["params"] == 143_667_240
     assert abs(totals["macs"] - 19.6e9) / 19.6e9 < 0.01
-    assert totals["layers"] == 19 and totals["prunable_layers"] == 16
+    # 15 3x3 Convs by pattern (the first stays dense), the two hidden FC layers sparse, the classifier dense
+    assert totals["layers"] == 19 and totals["prunable_layers"] == 17
     assert [r.op for r in rows].count("Gemm") == 3
+    assert [r.form for r in rows] == ["dense"] + ["pattern"] * 15 + ["sparse", "sparse", "dense"]
+    assert "first Conv" in rows[0].why and "classifier head" in rows[-1].why
+    assert layer_table(load_model(path), method="pattern")[1]["prunable_layers"] == 15
     text = render_table(rows, totals)
     assert "143,667,240" in text and "19.63 G MACs" in text
 
@@ -70,6 +74,10 @@ def test_conv_layers_and_rows():
     assert totals["params"] == 8 * 27 + 8 + 72 + 128 + 160
     assert totals["macs"] == c1.macs + dw.macs + pw.macs + 160
     assert totals["unsupported"] == {}
+    # auto: the first Conv dense, the depthwise one dense (PreCropping's), the 1x1 sparse, the classifier dense
+    assert [r.form for r in rows] == ["dense", "dense", "sparse", "dense"]
+    assert "depthwise" in rows[1].why and rows[2].why == ""
+    assert [r.form for r in layer_table(model, prune_head=True)[0]] == ["dense", "dense", "sparse", "sparse"]
 
 
 def test_cli_inspect(tmp_path):

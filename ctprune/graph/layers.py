@@ -182,6 +182,9 @@ def fc_layers(model: onnx.ModelProto, input_shape=None) -> list[FCLayer]:
     m = shaped_model(model, input_shape)
     shapes = static_shapes(m)
     stored = constant_dims(m)
+    for node in m.graph.node:  # placeholder weights (onnx's light models) are stored tensors once folded
+        if node.op_type == "ConstantOfShape" and shapes.get(node.output[0]) and None not in shapes[node.output[0]]:
+            stored[node.output[0]] = list(shapes[node.output[0]])
     readers: dict[str, list] = {}
     for node in m.graph.node:
         for name in node.input:

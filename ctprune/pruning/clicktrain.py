@@ -215,7 +215,7 @@ class ClickTrainPruner(TrainHooks):
     def end_epoch(self, epoch: int) -> None:
         if self.plan is not None:
             phase = "hard" if self.hard else "soft"
-            log.info("epoch %d: %s masks, %.2fx over %d layers", epoch, phase, self.plan.ratio_achieved, len(self.plan.layers))
+            log.info("epoch %d: %s masks, %.2fx over %d layers", epoch, phase, self.plan.ratio_achieved, len(self.plan.all_layers()))
 
     # -- without (much) training --------------------------------------------------------------------------------------
 
@@ -319,7 +319,7 @@ class ClickTrainPruner(TrainHooks):
         if final:
             self.hard = True
             self._mask_weights()
-            log.info("hard masks on: %.2fx over %d layers (%s importance)", self.plan.ratio_achieved, len(self.plan.layers), kind)
+            log.info("hard masks on: %.2fx over %d layers (%s importance)", self.plan.ratio_achieved, len(self.plan.all_layers()), kind)
 
     def _importance(self) -> tuple[dict[str, torch.Tensor], str]:
         """Accumulated (w * grad)^2; weight magnitude where no gradient was seen or it was all zero (a loss at its

@@ -31,7 +31,9 @@ class LayerRow:
     groups: int
     params: int
     macs: int | None  # per sample
-    prunable: bool  # by pattern: a 3x3 group-1 Conv
+    prunable: bool  # ctprune would prune it (form "pattern" or "sparse")
+    form: str = "dense"  # what `ctprune --method auto` would make of it: "pattern", "sparse" or "dense"
+    why: str = ""  # why it stays dense
 
 
 def count_parameters(model: onnx.ModelProto) -> int:
@@ -103,9 +105,31 @@ def _pattern_conv_row(node, attrs, shapes) -> LayerRow:
     return LayerRow(node.name, "PatternConv", "3x3", in_ch, out_ch, 1, kept * 4 + bias, macs, False)
 
 
-def layer_table(model: onnx.ModelProto, input_shape=None) -> tuple[list[LayerRow], dict]:
+def _forms(model, convs, input_shape, method: str, prune_head: bool) -> tuple[dict, dict]:
+    """({layer: form}, {layer: why dense}) as the pruning engine decides them (pruning/layers.py)."""
+    import torch
+
+    from ctprune.graph.layers import fc_layers
+    from ctprune.pruning.layers import decide_layers
+
+    fcs = fc_layers(model, input_shape) if method != "pattern" else []
+    # the lift makes every stored weight (Constant, initializer, folded ConstantOfShape) a Parameter
+    stored = {name: torch.empty(dims, device="meta") for name, dims in constant_dims(model).items()}
+    for layer in convs:
+        if layer.weight_name not in stored and layer.kernel_shape:
+            stored[layer.weight_name] = torch.empty(
+                (layer.out_channels, layer.in_channels // layer.group, *layer.kernel_shape), device="meta")
+    for layer in fcs:
+        stored.setdefault(layer.weight_name, torch.empty((layer.in_features, layer.out_features), device="meta"))
+    decision = decide_layers(convs, fcs, stored, method=method, prune_head=prune_head)
+    return {n: decision.form(n) for n in list(decision.weights) + list(decision.skipped)}, decision.skipped
+
+
+def layer_table(model: onnx.ModelProto, input_shape=None, method: str = "auto",
+                prune_head: bool = False) -> tuple[list[LayerRow], dict]:
     """(rows in graph order, totals). Totals: params (whole model), macs (listed layers, per sample), layer and
-    prunable counts, prunable params, the input shape used, and unsupported ops ({op: [nodes]}, empty if none)."""
+    prunable counts, prunable params, the input shape used, and unsupported ops ({op: [nodes]}, empty if none).
+    Each row says the form `method` would give the layer (pattern / sparse / dense and why)."""
     convs = conv_layers(model, input_shape)
     rows_by_name = {}
     for c in convs:
@@ -115,6 +139,11 @@ def layer_table(model: onnx.ModelProto, input_shape=None) -> tuple[list[LayerRow
         )
     for r in _dense_rows(model, input_shape):
         rows_by_name[r.name] = r
+    forms, why = _forms(model, convs, input_shape, method, prune_head)
+    for r in rows_by_name.values():
+        r.form = forms.get(r.name, "dense")
+        r.prunable = r.form != "dense"
+        r.why = why.get(r.name, "")
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     rows = sorted(rows_by_name.values(), key=lambda r: order.get(r.name, 0))
     try:
@@ -132,6 +161,7 @@ def layer_table(model: onnx.ModelProto, input_shape=None) -> tuple[list[LayerRow
         "layers": len(rows),
         "prunable_layers": sum(r.prunable for r in rows),
         "prunable_params": sum(r.params for r in rows if r.prunable),
+        "by_form": ", ".join(f"{sum(r.form == f for r in rows)} {f}" for f in ("pattern", "sparse")),
         "input_shape": in_shape,
         "unsupported": unsupported,
     }
@@ -145,18 +175,18 @@ def _num(n) -> str:
 def render_table(rows: list[LayerRow], totals: dict) -> str:
     name_w = min(max([len(r.name) for r in rows] + [5]), 48)
     head = f"{'layer':<{name_w}}  {'op':<13} {'kernel':>6} {'in':>6} {'out':>6} {'groups':>6} {'params':>13} " \
-           f"{'MACs':>15}  prunable"
+           f"{'MACs':>15}  {'form':<7} why dense"
     lines = [head, "-" * len(head)]
     for r in rows:
         name = r.name if len(r.name) <= name_w else "..." + r.name[-(name_w - 3):]
         lines.append(
             f"{name:<{name_w}}  {r.op:<13} {r.kernel:>6} {r.in_channels:>6} {r.out_channels:>6} {r.groups:>6} "
-            f"{_num(r.params):>13} {_num(r.macs):>15}  {'yes' if r.prunable else ''}"
+            f"{_num(r.params):>13} {_num(r.macs):>15}  {r.form:<7} {r.why}"
         )
     lines.append("-" * len(head))
     shape = "x".join("N" if d in (None, 1) and i == 0 else str(d) for i, d in enumerate(totals["input_shape"] or []))
     lines.append(
-        f"total: {totals['layers']} layers ({totals['prunable_layers']} prunable 3x3 convs holding "
+        f"total: {totals['layers']} layers ({totals['prunable_layers']} prunable: {totals['by_form']}, holding "
         f"{_num(totals['prunable_params'])} params); model params {_num(totals['params'])}; "
         f"{totals['macs'] / 1e9:.2f} G MACs per sample at input {shape or '?'}"
     )
