@@ -1,0 +1,124 @@
+"""--method auto: every Conv and FC layer pruned under one ratio; 1x1/kxk/FC layers become SparseConv, with their
+BatchNormalization, activation (Relu6, HardSwish, x * Sigmoid(x)) and residual Add fused; outputs equal the masked dense
+model's, through the model-local functions and through ctprune's kernels."""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import ctprune
+from conftest import rel_err, run_ort
+from ctprune.errors import RatioError
+from ctprune.pruning import ClickTrainPruner
+from ctprune.pruning.layers import SparseTarget
+from graph_nets import export
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _check_equal(result, batch=3, seed=None):
+    seed = secrets.randbits(32) if seed is None else seed
+    shape = [d.dim_value or batch for d in result.model.graph.input[0].type.tensor_type.shape.dim]
+    shape[0] = batch
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    want = run_ort(result.masked_dense, x)[0]
+    assert rel_err(run_ort(result.model, x)[0], want) < 1e-4, f"functions, seed {seed}"
+    sess = ctprune.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    assert rel_err(got, want) < 1e-4, f"kernels, seed {seed}"
+
+
+@pytest.mark.parametrize("keep_bn", [False, True], ids=["bn-folded", "bn-nodes"])
+def test_mobilenetv2_auto_prunes_every_pointwise_conv(keep_bn):
+    model = export("mobilenetv2", "torchscript17", keep_bn=keep_bn)
+    result = ctprune.prune(model, ratio=4, epochs=0, seed=1, prune_head=True)
+    report = result.report
+    assert report["ratio_achieved"] == pytest.approx(4.0, rel=0.02)
+    forms = {l["name"]: l["form"] for l in report["layers"]}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    depthwise = {n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)}
+    first = convs[0].name
+    for node in convs:  # every non-depthwise Conv but the first is pruned; the others are listed with a reason
+        if node.name in depthwise or node.name == first:
+            assert node.name in {d["name"] for d in report["dense_layers"]}
+        else:
+            assert forms[node.name] in ("sparse", "dense-kept")
+    assert any(l.get("kind") == "fc" for l in report["layers"])  # --prune-head: the classifier is pruned too
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "SparseConv" in ops
+    if keep_bn:  # BN after every pointwise Conv folds into its SparseConv
+        assert ops.count("BatchNormalization") < [n.op_type for n in model.graph.node].count("BatchNormalization")
+    assert "HardSwish" not in ops or forms.get(convs[-1].name) == "dense-kept"
+    onnx.checker.check_model(result.model, full_check=True)
+    _check_equal(result)
+
+
+def _gated_model(rng):
+    """1x1 Conv -> x * Sigmoid(x) -> 1x1 Conv (+ residual Add) -> Relu -> GAP -> Flatten -> MatMul -> Gemm (head)."""
+    def w(*shape):
+        return rng.standard_normal(shape).astype(np.float32) * 0.3
+    inits = [numpy_helper.from_array(v, n) for n, v in [
+        ("stem", w(16, 3, 3, 3)), ("w1", w(32, 16, 1, 1)), ("b1", w(32)), ("w2", w(16, 32, 1, 1)),
+        ("fc1", w(16, 24)), ("fc2", w(10, 24)), ("fc2b", w(10))]]
+    nodes = [
+        helper.make_node("Conv", ["x", "stem"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["s", "w1", "b1"], ["a"], name="expand"),
+        helper.make_node("Sigmoid", ["a"], ["g"], name="gate"),
+        helper.make_node("Mul", ["a", "g"], ["h"], name="silu"),
+        helper.make_node("Conv", ["h", "w2"], ["p"], name="project"),
+        helper.make_node("Add", ["p", "s"], ["r"], name="residual"),
+        helper.make_node("Relu", ["r"], ["q"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["q"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["f"], name="flat"),
+        helper.make_node("MatMul", ["f", "fc1"], ["m"], name="hidden"),
+        helper.make_node("Gemm", ["m", "fc2", "fc2b"], ["y"], name="head", transB=1),
+    ]
+    graph = helper.make_graph(nodes, "gated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_gates_residual_and_fc_layers_fuse_and_match():
+    seed = secrets.randbits(32)
+    model = _gated_model(np.random.default_rng(seed))
+    result = ctprune.prune(model, ratio=3, epochs=0, seed=2)
+    nodes = {n.name: n for n in result.model.graph.node}
+    forms = {l["name"]: l["form"] for l in result.report["layers"]}
+    assert set(forms) == {"expand", "project", "hidden"}, forms  # the stem and the head stay dense
+    assert {d["name"] for d in result.report["dense_layers"]} == {"stem", "head"}
+    if forms["expand"] == "sparse":  # x * Sigmoid(x) folded in: the gate nodes are gone
+        assert "gate" not in nodes and "silu" not in nodes and nodes["expand"].output[0] == "h"
+    if forms["project"] == "sparse":  # the residual Add and the Relu are the SparseConv's
+        assert "residual" not in nodes and "relu" not in nodes and nodes["project"].output[0] == "q"
+    _check_equal(result, seed=seed)
+
+
+def test_one_budget_over_mixed_layers_is_block_structured():
+    torch.manual_seed(0)
+    weights = {"c3": torch.nn.Parameter(torch.randn(32, 16, 3, 3)), "pw": torch.nn.Parameter(torch.randn(64, 32, 1, 1)),
+               "fc": torch.nn.Parameter(torch.randn(96, 100))}
+    sparse = {"pw": SparseTarget(4), "fc": SparseTarget(8, transposed=True, kind="fc")}
+    plan = ClickTrainPruner(weights, ratio=8, sparse=sparse, allocation="balanced",
+                            macs={"c3": 32 * 16 * 9 * 196, "pw": 64 * 32 * 196, "fc": 9600}, costs={"fc": 16.0}).prune_now()
+    assert plan.ratio_achieved == pytest.approx(8.0, rel=0.01)
+    assert set(plan.totals()["by_form"]) == {"pattern 3x3", "sparse conv", "sparse fc"}
+    pw = plan.layer_mask("pw").reshape(16, 4, 32)
+    assert (pw == pw[:, :1]).all() and pw.any(-1).all()  # blocks of 4 share a pattern; no output channel dies
+    fc = plan.layer_mask("fc").t()[:96].reshape(12, 8, 96)  # stored (I, O): blocks of 8 of the 100 outputs
+    assert (fc == fc[:, :1]).all()
+    assert (weights["pw"] == 0).float().mean() > 0.5  # hard masks applied to the weights
+    from ctprune.pruning.plan import PruningPlan
+    assert PruningPlan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
+
+
+def test_unreachable_ratio_names_the_largest_over_every_form():
+    weights = {"c3": torch.nn.Parameter(torch.randn(8, 8, 3, 3)), "pw": torch.nn.Parameter(torch.randn(8, 8, 1, 1))}
+    largest = (8 * 8 * 9 + 64) / (8 * 4 + 8)
+    with pytest.raises(RatioError, match=f"largest reachable ratio over these 2 layers is {int(largest * 100) / 100:g}x"):
+        ClickTrainPruner(weights, ratio=largest * 1.1, sparse={"pw": SparseTarget(4)})
