@@ -82,7 +82,9 @@ def decide_layers(conv_layers: Iterable, fc_layers: Iterable, parameters: Mappin
             out.sparse[name] = SparseTarget(block, transposed=False, kind="conv")
         if getattr(layer, "macs", None) is not None:
             out.macs[name] = int(layer.macs)
-            out.cost[name] = layer.macs / max(1, math.prod(parameters[layer.weight_name].shape))
+            # a weight costs at least its read from memory: a Conv on a 1x1 image (squeeze-excite) is an FC layer
+            per_weight = layer.macs / max(1, math.prod(parameters[layer.weight_name].shape))
+            out.cost[name] = max(per_weight, FC_COST_PER_WEIGHT)
     for layer in fcs:
         reason = _fc_reason(layer, parameters, users, method, prune_head)
         if reason is not None:
