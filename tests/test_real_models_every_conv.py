@@ -267,8 +267,13 @@ def pruned_run(name: str, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp(name)
     given = given_model(name, folder)
     out, report = folder / f"{name}.8x.onnx", folder / f"{name}.8x.json"
-    code = run([str(given), "--ratio", "8x", "--epochs", "0", "-o", str(out), "--report", str(report), "--quiet"])
-    result = {"code": code, "given": given, "out": out, "report": json.loads(report.read_text()) if code == 0 else None}
+    try:
+        code, error = run([str(given), "--ratio", "8x", "--epochs", "0", "-o", str(out), "--report", str(report),
+                           "--quiet"]), None
+    except Exception as e:  # an internal error escapes run(); remembered, so the other tests do not prune again
+        code, error = None, f"{type(e).__name__}: {e}"
+    result = {"code": code, "error": error, "given": given, "out": out,
+              "report": json.loads(report.read_text()) if code == 0 else None}
     _RUNS[name] = result
     return result
 
@@ -277,7 +282,7 @@ def pruned_run(name: str, tmp_path_factory) -> dict:
 def run_of(tmp_path_factory):
     def get(name):
         r = pruned_run(name, tmp_path_factory)
-        assert r["code"] == 0, f"ctprune {r['given'].name} --ratio 8x --epochs 0 exited {r['code']}"
+        assert r["code"] == 0, f"ctprune {r['given'].name} --ratio 8x --epochs 0: exit {r['code']} {r['error'] or ''}"
         return r
     return get
 
@@ -323,16 +328,23 @@ def test_every_conv_but_the_first_is_covered(name, run_of):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_output_file_smaller_in_proportion(name, run_of):
     """The file holds the unprunable weights, 4 bytes plus at most 2 index bytes per kept weight, and the layers kept
-    as dense ops in full; nothing else of size."""
+    as dense ops in full; nothing else of size. And it shrinks with the weights: at least 0.6 of the whole model's
+    ideal parameter ratio (every kept weight compact; 6 bytes instead of 4 at worst), so layers kept dense holding
+    their zeros cannot be most of the budget."""
     r = run_of(name)
     report = r["report"]
     size_in, size_out = model_path(name).stat().st_size, r["out"].stat().st_size
-    dense_kept = sum(row["weights_before"] for row in report["layers"] if row.get("form") == "dense-kept")
-    kept_compact = report["conv_weights"]["after"] - sum(
-        row["weights_after"] for row in report["layers"] if row.get("form") == "dense-kept")
-    expected = 4 * (report["params"]["before"] - report["conv_weights"]["before"] + dense_kept) + 6 * kept_compact
+    conv = report["conv_weights"]
+    dense_rows = [row for row in report["layers"] if row.get("form") == "dense-kept"]
+    dense_kept = sum(row["weights_before"] for row in dense_rows)
+    kept_compact = conv["after"] - sum(row["weights_after"] for row in dense_rows)
+    unprunable = report["params"]["before"] - conv["before"]
+    expected = 4 * (unprunable + dense_kept) + 6 * kept_compact
     assert size_out <= 1.1 * expected + 64 * 1024, (size_in, size_out, expected)
-    assert size_out < size_in / 2, (size_in, size_out)
+    ideal = report["params"]["before"] / (unprunable + conv["after"])
+    assert size_in / size_out >= 0.6 * ideal, (
+        f"file {size_in} -> {size_out} bytes ({size_in / size_out:.2f}x) for a {ideal:.2f}x parameter ratio; "
+        f"{len(dense_rows)} layer(s) kept dense holding {dense_kept} weights")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
