@@ -79,7 +79,7 @@ def test_kernel_keeps_accumulators_in_registers(kernel_object):
     # Spilled accumulators would go through local memory; ptxas reports spills per instance.
     _, report, _ = kernel_object
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", report)]
-    assert len(spills) == len(KERNEL_INSTANCES), report
+    assert len(spills) >= len(KERNEL_INSTANCES), report  # each kernel, and each out-of-line (cold) function
     assert max(spills) == 0, f"spills: {spills}"
 
 

@@ -58,8 +58,9 @@ struct ImageJob {
 using FilterTilesFn = void (*)(const ConvGeometry& g, const ImageJob& job, int filter_begin, int filter_end,
                                int tile_begin, int tile_end);
 
-// Writes one packed plane (g.plane floats) for input channel `x` (H x W), and nothing outside it.
-using PackChannelFn = void (*)(const ConvGeometry& g, const float* x, float* packed);
+// Writes one packed plane (g.plane floats) for input channel `x` (H x W), and nothing outside it. Returns whether it
+// met a NaN or +-Inf (then the op mends the outputs a dense Conv would make NaN: pattern_conv_nonfinite.h).
+using PackChannelFn = bool (*)(const ConvGeometry& g, const float* x, float* packed);
 
 }  // namespace cpu
 }  // namespace ctprune

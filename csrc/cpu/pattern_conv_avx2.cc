@@ -30,6 +30,8 @@ struct Avx2 {
   static V Load(const float* p) { return _mm256_loadu_ps(p); }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V Add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V Or(V a, V b) { return _mm256_or_ps(a, b); }
   static V Max(V a, V b) { return _mm256_max_ps(a, b); }
   static V Min(V a, V b) { return _mm256_min_ps(a, b); }
   static void Store(float* p, V v) { _mm256_store_ps(p, v); }

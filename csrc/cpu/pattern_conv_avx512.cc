@@ -33,6 +33,10 @@ struct Zmm {
   static V Load(const float* p) { return _mm512_loadu_ps(p); }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V Add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V Or(V a, V b) {  // vorps needs AVX-512DQ; the integer OR is AVX-512F
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  }
   static V Max(V a, V b) { return _mm512_max_ps(a, b); }
   static V Min(V a, V b) { return _mm512_min_ps(a, b); }
   static void Store(float* p, V v) { _mm512_store_ps(p, v); }

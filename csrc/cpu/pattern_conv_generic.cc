@@ -42,10 +42,26 @@ struct Lanes {
     for (int i = 0; i < N; ++i) a.v[i] += b.v[i];
     return a;
   }
+  static V Mul(V a, V b) {
+    for (int i = 0; i < N; ++i) a.v[i] *= b.v[i];
+    return a;
+  }
+  static V Or(V a, V b) {
+    for (int i = 0; i < N; ++i) {
+      uint32_t x, y;
+      std::memcpy(&x, &a.v[i], 4);
+      std::memcpy(&y, &b.v[i], 4);
+      x |= y;
+      std::memcpy(&a.v[i], &x, 4);
+    }
+    return a;
+  }
+  // a > b ? a : b, like maxps: b when either is NaN (the clamp relies on it).
   static V Max(V a, V b) {
     for (int i = 0; i < N; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
     return a;
   }
+  // a < b ? a : b, like minps.
   static V Min(V a, V b) {
     for (int i = 0; i < N; ++i) a.v[i] = a.v[i] < b.v[i] ? a.v[i] : b.v[i];
     return a;

@@ -6,6 +6,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/workspace.h"
 #include "ops/kernel_info.h"
 #include "ops/op_status.h"
 
@@ -15,19 +16,12 @@ namespace {
 
 using ops::ShapeStr;
 
-// The packed input of every image, reused across calls on the same thread (no per-call allocation once grown).
-float* Workspace(size_t floats) {
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < floats + 16) buffer.resize(floats + 16);
-  auto address = reinterpret_cast<uintptr_t>(buffer.data());
-  return reinterpret_cast<float*>((address + 63) & ~static_cast<uintptr_t>(63));
-}
-
 struct PackWork {
   const ConvGeometry* g;
   PackChannelFn pack;
   const float* x;
   float* packed;
+  uint8_t* non_finite;  // (N, C): the channel holds a NaN or +-Inf
   int channels_per_item;
   int items_per_image;
 };
@@ -40,7 +34,7 @@ void PackItem(void* data, size_t item) {
   const size_t in_plane = static_cast<size_t>(w.g->H) * w.g->W;
   for (int c = c0; c < c1; ++c) {
     const size_t nc = static_cast<size_t>(n) * w.g->C + c;
-    w.pack(*w.g, w.x + nc * in_plane, w.packed + nc * w.g->plane);
+    w.non_finite[nc] = w.pack(*w.g, w.x + nc * in_plane, w.packed + nc * w.g->plane);
   }
 }
 
@@ -147,9 +141,13 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   if (poison_output_) std::fill(out, out + out_size, std::numeric_limits<float>::quiet_NaN());
   if (N == 0) return;
 
-  // 1. Pack every input channel into its zero-padded plane, in parallel.
-  float* packed = Workspace(static_cast<size_t>(N) * g.C * g.plane);
-  PackWork pack{&g, kernels_.pack, x.GetTensorData<float>(), packed, 1, 0};
+  // 1. Pack every input channel into its zero-padded plane, in parallel, noting channels with a NaN or +-Inf. The
+  // workspace is this call's (workspace.h): the planes (64-byte aligned: the mapping is page-aligned), then the flags.
+  const size_t channels = static_cast<size_t>(N) * g.C, planes_bytes = channels * g.plane * sizeof(float);
+  const Workspace workspace(planes_bytes + channels);
+  float* packed = workspace.as<float>();
+  uint8_t* non_finite = workspace.as<uint8_t>(planes_bytes);
+  PackWork pack{&g, kernels_.pack, x.GetTensorData<float>(), packed, non_finite, 1, 0};
   pack.channels_per_item = static_cast<int>(std::max<size_t>(1, 16384 / g.plane));
   pack.items_per_image = (g.C + pack.channels_per_item - 1) / pack.channels_per_item;
   ctx.ParallelFor(&PackItem, static_cast<size_t>(N) * pack.items_per_image, 0, &pack);
@@ -176,6 +174,23 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   work.tiles_per_item = static_cast<int>(std::max(1L, std::min<long>(block_tiles, g.tiles / tile_items_wanted)));
   work.tile_items = (g.tiles + work.tiles_per_item - 1) / work.tiles_per_item;
   ctx.ParallelFor(&ConvItem, static_cast<size_t>(N) * work.filter_items * work.tile_items, 0, &work);
+
+  // 3. NaN and +-Inf the ONNX way: the outputs a dense Conv makes NaN through the pruned taps' zeros.
+  if (std::find(non_finite, non_finite + channels, 1) == non_finite + channels) return;
+  const std::shared_ptr<const ChannelKernels> by_channel = KernelsByChannel();
+  const size_t in_plane = static_cast<size_t>(g.H) * g.W, out_image = static_cast<size_t>(g.O) * g.OH * g.OW;
+  const float* xd = x.GetTensorData<float>();
+  for (size_t nc = 0; nc < channels; ++nc) {
+    if (!non_finite[nc]) continue;
+    const size_t n = nc / g.C;
+    MarkNonFiniteChannel(plan_, *by_channel, g, static_cast<int>(nc % g.C), xd + nc * in_plane, out + n * out_image);
+  }
+}
+
+std::shared_ptr<const ChannelKernels> PatternConvKernel::KernelsByChannel() {
+  std::lock_guard<std::mutex> lock(offsets_mutex_);
+  if (!by_channel_) by_channel_ = std::make_shared<const ChannelKernels>(ChannelKernelsOf(plan_));
+  return by_channel_;
 }
 
 OrtStatusPtr PatternConvOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {

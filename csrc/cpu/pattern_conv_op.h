@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/dispatch.h"
+#include "cpu/pattern_conv_nonfinite.h"
 #include "cpu/pattern_conv_plan.h"
 #include "ops/ort_api.h"
 #include "ops/pattern_conv_spec.h"
@@ -29,6 +30,8 @@ class PatternConvKernel {
   void Compute(OrtKernelContext* context);
   // The kept kernels' tap offsets for an input size, made on first use and kept (a model sees few input sizes).
   std::shared_ptr<const std::vector<int32_t>> Offsets(const ConvGeometry& g);
+  // The kept kernels by input channel, made the first time an input holds a NaN or +-Inf.
+  std::shared_ptr<const ChannelKernels> KernelsByChannel();
 
   const OrtApi& api_;
   std::string node_;  // "PatternConv node 'name'" for error messages
@@ -40,6 +43,7 @@ class PatternConvKernel {
     std::shared_ptr<const std::vector<int32_t>> offsets;
   };
   std::vector<OffsetsFor> offsets_;  // a few recent input sizes
+  std::shared_ptr<const ChannelKernels> by_channel_;  // guarded by offsets_mutex_
   bool poison_output_;  // CTPRUNE_POISON_OUTPUT=1: fill Y with NaN first, so unwritten elements show in tests
 };
 

@@ -33,13 +33,17 @@ void RunBlocks(const PatternConvParams& p) {
   for (long long block = p.blocks - 1; block >= 0; --block) {
     const BlockCoord bc = DecodeBlock(p, block);
     for (int t = 0; t < kBlockThreads; ++t) InitThread(threads[t], p, bc, t);
+    bool non_finite = false;
     for (int c0 = bc.c_begin; c0 < bc.c_end; c0 += p.CC) {
       const int c1 = c0 + p.CC < bc.c_end ? c0 + p.CC : bc.c_end;
       std::fill(smem_buffer.begin(), smem_buffer.end(), kNaN);
-      for (int t = 0; t < kBlockThreads; ++t) StageChunk(p, bc, c0, c1 - c0, t, kBlockThreads, smem);
-      // __syncthreads()
+      for (int t = 0; t < kBlockThreads; ++t) non_finite |= StageChunk(p, bc, c0, c1 - c0, t, kBlockThreads, smem);
+      // __syncthreads_or()
       for (int t = 0; t < kBlockThreads; ++t) ComputeChunk(threads[t], p, c0, c1, smem);
       // __syncthreads()
+    }
+    if (non_finite) {
+      for (int t = 0; t < kBlockThreads; ++t) MarkNonFinite(threads[t], NonFiniteOutputs<FT, PX>(p, bc, t));
     }
     if (p.splits == 1) {
       for (int t = 0; t < kBlockThreads; ++t) FinishThread(threads[t], p);

@@ -25,13 +25,15 @@ __global__ void __launch_bounds__(kBlockThreads, 3) PatternConvKernel(const __gr
   const BlockCoord bc = DecodeBlock(p, blockIdx.x);
   ThreadState<FT, PX> st;
   InitThread(st, p, bc, threadIdx.x);
+  int non_finite = 0;  // the same in every thread: some thread of the block staged a NaN or +-Inf
   for (int c0 = bc.c_begin; c0 < bc.c_end; c0 += p.CC) {
     const int c1 = min(c0 + p.CC, bc.c_end);
-    StageChunk(p, bc, c0, c1 - c0, threadIdx.x, kBlockThreads, smem);
-    __syncthreads();
+    const bool staged_non_finite = StageChunk(p, bc, c0, c1 - c0, threadIdx.x, kBlockThreads, smem);
+    non_finite |= __syncthreads_or(staged_non_finite);  // the barrier the staging needs anyway
     ComputeChunk(st, p, c0, c1, smem);
     __syncthreads();  // before the next chunk overwrites the tile
   }
+  if (non_finite) MarkNonFinite(st, NonFiniteOutputs<FT, PX>(p, bc, threadIdx.x));
   if (p.splits == 1) {
     FinishThread(st, p);
     return;

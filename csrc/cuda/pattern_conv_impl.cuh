@@ -18,15 +18,19 @@
 // which is how the indexing is tested on machines without a GPU.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "cuda/pattern_conv_layout.h"
 
 #ifdef __CUDACC__
 #define CTP_HD __host__ __device__ __forceinline__
+#define CTP_HD_COLD __host__ __device__ __noinline__  // a rare path kept out of the hot loop's registers
 #define CTP_UNROLL _Pragma("unroll")
 #else
 #define CTP_HD inline
+#define CTP_HD_COLD inline
 #define CTP_UNROLL
 #endif
 
@@ -209,12 +213,30 @@ CTP_UNROLL
   }
 }
 
+CTP_HD float QuietNaN() {
+#ifdef __CUDA_ARCH__
+  return __int_as_float(0x7fc00000);
+#else
+  return std::numeric_limits<float>::quiet_NaN();
+#endif
+}
+
+CTP_HD bool IsFinite(float v) {
+#ifdef __CUDA_ARCH__
+  return isfinite(v);
+#else
+  return std::isfinite(v);
+#endif
+}
+
 // Stages channels [c0, c0 + count) of the block's input tile (with halo, zeros outside the image) into smem,
-// laid out [channel][image][row][column]; thread tid of nthreads copies every nthreads-th element.
-CTP_HD void StageChunk(const PatternConvParams& p, const BlockCoord& bc, int c0, int count, int tid, int nthreads,
+// laid out [channel][image][row][column]; thread tid of nthreads copies every nthreads-th element. Returns whether
+// this thread staged a NaN or +-Inf (then the block runs NonFiniteOutputs).
+CTP_HD bool StageChunk(const PatternConvParams& p, const BlockCoord& bc, int c0, int count, int tid, int nthreads,
                        float* smem) {
   const int total = count * p.chan_stride;
   const int iy0 = bc.oy0 * p.stride_h - p.pad_top, ix0 = bc.ox0 * p.stride_w - p.pad_left;
+  bool non_finite = false;
   for (int e = tid; e < total; e += nthreads) {
     uint32_t t, col, t2, row, c, img;
     p.div_iws.divmod(static_cast<uint32_t>(e), t, col);
@@ -224,8 +246,10 @@ CTP_HD void StageChunk(const PatternConvParams& p, const BlockCoord& bc, int c0,
     float v = 0.0f;
     if (n < p.N && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
       v = load_float(p.x + ((static_cast<long long>(n) * p.C + c0 + static_cast<int>(c)) * p.H + iy) * p.W + ix);
+    non_finite |= !IsFinite(v);
     smem[e] = v;
   }
+  return non_finite;
 }
 
 // Applies every owned filter's kernels on channels [c0, c1) (all staged in smem) to the owned pixels. The kernel
@@ -274,6 +298,65 @@ CTP_UNROLL
       next_row = after_row;
     }
     st.next[i] = k;
+  }
+}
+
+// NaN and +-Inf the ONNX way: a dense Conv multiplies every input of a window by its weight, the pruned taps' zeros
+// included, so a NaN or +-Inf input makes NaN of every output whose window holds it at a tap the output's filter does
+// not keep (0 * Inf = NaN); the kernel reads kept taps only. Returns the bit i * PX + j set for each owned output
+// (filter slot i, pixel slot j) that a non-finite input of this block's channels [c_begin, c_end) reaches that way; the
+// caller makes its sum NaN, which the epilogue (and a split's reduction) keeps. Called only by blocks whose staging met
+// such a value (a model fed a broken image): it rereads the window from global memory, slow and simple. Kept taps
+// need nothing: the sum already holds w * Inf (or 0 * Inf = NaN).
+template <int FT, int PX>
+CTP_HD_COLD uint32_t NonFiniteOutputs(const PatternConvParams& p, const BlockCoord bc, int tid) {
+  const int warp = tid / 32, lane = tid % 32;
+  const int tile_pixels = p.TR * p.TC;
+  uint32_t marked = 0;
+  for (int i = 0; i < FT; ++i) {
+    const int slot = bc.filter_group * (kWarps * FT) + warp + kWarps * i;
+    if (slot >= p.O) continue;
+    const int first = load_int(p.filter_begin + slot), last = load_int(p.filter_begin + slot + 1);
+    for (int j = 0; j < PX; ++j) {
+      const int q = lane + 32 * j;
+      if (q >= p.nimg * tile_pixels) continue;
+      const int n = bc.n0 + q / tile_pixels, oy = bc.oy0 + (q % tile_pixels) / p.TC, ox = bc.ox0 + q % p.TC;
+      if (n >= p.N || oy >= p.OH || ox >= p.OW) continue;
+      int k = first;  // the filter's kernels are channel-sorted: walk them beside c
+      for (int c = bc.c_begin; c < bc.c_end && !((marked >> (i * PX + j)) & 1); ++c) {
+        while (k < last && (load_int(p.entries + 2 * k) >> 8) < c) ++k;
+        int kept = 0;  // tap mask of the filter's kernel on channel c (0: no kernel there)
+        if (k < last && (load_int(p.entries + 2 * k) >> 8) == c) {
+          const int pattern = load_int(p.entries + 2 * k) & 0xff;
+          for (int t = 0; t < 4; ++t) {  // tap_offset = ky * IWs + kx, kx <= 2 < IWs
+            const int offset = p.tap_offset[4 * pattern + t];
+            kept |= 1 << ((offset / p.IWs) * 3 + offset % p.IWs);
+          }
+        }
+        const float* plane = p.x + (static_cast<long long>(n) * p.C + c) * p.H * p.W;
+        for (int tap = 0; tap < 9; ++tap) {
+          const int iy = oy * p.stride_h - p.pad_top + tap / 3, ix = ox * p.stride_w - p.pad_left + tap % 3;
+          if (((kept >> tap) & 1) || iy < 0 || iy >= p.H || ix < 0 || ix >= p.W) continue;
+          if (!IsFinite(load_float(plane + static_cast<long long>(iy) * p.W + ix))) {
+            marked |= 1u << (i * PX + j);
+            break;
+          }
+        }
+      }
+    }
+  }
+  return marked;
+}
+
+template <int FT, int PX>
+CTP_HD void MarkNonFinite(ThreadState<FT, PX>& st, uint32_t marked) {
+  const float nan = QuietNaN();
+CTP_UNROLL
+  for (int i = 0; i < FT; ++i) {
+CTP_UNROLL
+    for (int j = 0; j < PX; ++j) {
+      if ((marked >> (i * PX + j)) & 1) st.acc[0][i][j] = nan;
+    }
   }
 }
 

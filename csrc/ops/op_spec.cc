@@ -15,7 +15,7 @@ std::string Described(AttributeType type) {
     case AttributeType::kFloat: return "a FLOAT";
     case AttributeType::kString: return "a STRING";
     case AttributeType::kTensor: return "a TENSOR";
-    case AttributeType::kList: return "a list it cannot read as INTS (STRINGS, GRAPHS, ...)";
+    case AttributeType::kList: return "a list of another kind (STRINGS, GRAPHS, ...)";
     default: return AttributeTypeName(type);
   }
 }

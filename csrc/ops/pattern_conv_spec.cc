@@ -37,6 +37,8 @@ void CheckKernels(const PatternConvSpec& s) {
   Require(static_cast<double>(K) <= static_cast<double>(s.out_channels) * static_cast<double>(s.in_channels),
           "more kept kernels (" + Str(K) + ") than O*C");
   const int64_t O = s.out_channels, C = s.in_channels, P = s.num_patterns();
+  Require(P > 0 || K == 0, "attribute 'patterns' holds no pattern (an empty list, or a list of another kind such as "
+                           "STRINGS) but " + Str(K) + " kept kernels need one");
   std::vector<char> filter_seen(static_cast<size_t>(O), 0), channel_used(static_cast<size_t>(C), 0);
   size_t run_start = 0;
   int64_t previous_count = -1;
