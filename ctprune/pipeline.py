@@ -285,60 +285,24 @@ class Pipeline:
 
     # ---- report ---------------------------------------------------------------------------------------------------
     def _report(self, pruned: onnx.ModelProto, plan_report: dict) -> dict:
+        from ctprune.report.build import build_report, conv_weights
         from ctprune.runtime.bench import latency_ms
-        from ctprune.report.inspect import count_parameters, layer_table
 
-        kind = plan_report["kind"]
         plan = plan_report["plan"]
-        _, totals_before = layer_table(self.original)
-        if kind == "precrop":
-            _, totals_after = layer_table(pruned)
-            layers = plan.report_layers()
-            before = _conv_weights(self.original)
-            after = _conv_weights(pruned)
-            conv_weights = {"before": before, "after": after}
-            macs_after = totals_after["macs"]
-            ratio_achieved = before / after
-        else:
-            totals = plan.totals()
-            layers = plan.layer_report()
-            conv_weights = dict(totals["conv_weights"])
-            if kind == "both":
-                conv_weights["before"] = plan_report["prunable_before"]
-            conv_weights["by_form"] = totals["by_form"]
-            source = plan_report["pattern_input"]
-            macs_after = _pattern_macs(source, plan, None if source is not self.original else totals_before)
-            ratio_achieved = conv_weights["before"] / conv_weights["after"]
-            layers = _mark_forms(layers, getattr(self, "kept_dense", {}), totals.get("dense_layers") or {})
-            if getattr(self, "kept_dense", None):
-                self.notes.append(f"{len(self.kept_dense)} sparse layer(s) kept as dense ops holding their zeros "
-                                  "(SparseConv would be slower there): " + ", ".join(list(self.kept_dense)[:6]))
-            dense = totals.get("dense_layers") or {}
-            if dense:
-                self.notes.append("kept dense: " + _by_reason(dense))
-        dense_layers = dense if kind != "precrop" else {}
+        extra = {}
+        if plan_report["kind"] == "precrop":  # weights counted on the two models; the crop's own settings
+            extra = {"weights": {"before": conv_weights(self.original), "after": conv_weights(pruned)},
+                     "pai": self.pai, "init": self.init}
+        elif plan_report["kind"] == "both":  # the ratio is over the original model's prunable layers
+            extra = {"weights": {"before": plan_report["prunable_before"]}}
+        if plan_report["kind"] != "precrop":
+            extra["patterns"] = plan.library.to_list()
         accuracy, agreement = self._evaluate(pruned, plan_report)
-        report = {
-            "ratio_target": self.ratio,
-            "ratio_achieved": ratio_achieved,
-            "method": self.method,
-            "conv_weights": conv_weights,
-            "params": {"before": count_parameters(self.original), "after": count_parameters(pruned)},
-            "macs": {"before": totals_before["macs"], "after": macs_after},
-            "accuracy": accuracy,
-            "agreement": agreement,
-            "latency_ms": latency_ms(self.original, pruned, threads=self.latency_threads, batch=1),
-            "train": self._train_report(),
-            "layers": layers,
-            "dense_layers": [{"name": n, "reason": why} for n, why in dense_layers.items()],
-            "notes": self.notes,
-        }
-        if kind in ("pattern", "both"):
-            report["patterns"] = plan.library.to_list() if hasattr(plan.library, "to_list") else None
-        if kind in ("precrop",):
-            report["pai"] = self.pai
-            report["init"] = self.init
-        return report
+        return build_report(
+            self.original, pruned, plan, ratio=self.ratio, method=self.method,
+            kept_dense=getattr(self, "kept_dense", {}), notes=self.notes, accuracy=accuracy, agreement=agreement,
+            latency_ms=latency_ms(self.original, pruned, threads=self.latency_threads, batch=1),
+            train=self._train_report(), **extra)
 
     def _evaluate(self, pruned: onnx.ModelProto, plan_report: dict):
         """Accuracy before/after and top-1 agreement on eval data, with the pruned model run in onnxruntime."""
@@ -434,66 +398,6 @@ def _floats(text, what):
         return tuple(float(v) for v in str(text).split(","))
     except ValueError:
         raise DataError(f"{what} {text!r} is not a comma-separated list of numbers (e.g. 0.485,0.456,0.406).") from None
-
-
-def _float_constants(model: onnx.ModelProto):
-    for t in model.graph.initializer:
-        if t.data_type == onnx.TensorProto.FLOAT:
-            yield t.name, list(t.dims)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT:
-                    yield node.output[0], list(a.t.dims)
-
-
-def _conv_weights(model: onnx.ModelProto, only_3x3: bool = False) -> int:
-    dims = dict(_float_constants(model))
-    total = 0
-    for node in model.graph.node:
-        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in dims:
-            shape = dims[node.input[1]]
-            if only_3x3 and (len(shape) != 4 or shape[2:] != [3, 3]):
-                continue
-            total += math.prod(shape)
-    return total
-
-
-def _pattern_macs(model: onnx.ModelProto, plan, totals: dict | None = None) -> int:
-    """Whole-model MACs per sample after pattern pruning `model`: pruned Convs scale with their kept weights."""
-    from ctprune.graph import conv_layers
-    from ctprune.report.inspect import layer_table
-
-    if totals is None:
-        _, totals = layer_table(model)
-    macs = {layer.node_name: layer.macs or 0 for layer in conv_layers(model)}
-    saved = sum(row.get("macs_before", macs.get(row["name"], 0)) * (1 - row["weights_after"] / row["weights_before"])
-                for row in plan.layer_report())
-    return int(round(totals["macs"] - saved))
-
-
-def _by_reason(layers: dict[str, str], shown: int = 4) -> str:
-    """{layer: reason} -> 'reason: a, b, c and 9 more; other reason: d', most common reason first."""
-    groups: dict[str, list[str]] = {}
-    for name, why in layers.items():
-        groups.setdefault(why, []).append(name)
-    parts = []
-    for why, names in sorted(groups.items(), key=lambda item: -len(item[1])):
-        more = f" and {len(names) - shown} more" if len(names) > shown else ""
-        parts.append(f"{why}: {', '.join(names[:shown])}{more}")
-    return "; ".join(parts)
-
-
-def _mark_forms(rows: list[dict], kept_dense: dict, skipped: dict) -> list[dict]:
-    """Report rows of the pruned layers with their form: pattern / sparse / dense-kept (and why)."""
-    out = []
-    for row in rows:
-        row = dict(row)
-        if row["name"] in kept_dense:
-            row.update(form="dense-kept", op=row.get("kind") == "fc" and "Gemm/MatMul" or "Conv",
-                       note=kept_dense[row["name"]])
-        out.append(row)
-    return out
 
 
 def _reinitialise(module: torch.nn.Module, seed: int) -> None:

@@ -228,6 +228,19 @@ class PruningPlan:
     def ratio_achieved(self) -> float:
         return self.totals()["ratio_achieved"]
 
+    # -- the plan interface the report reads (CropPlan has the same three) ---------------------------------------
+
+    def report_layers(self) -> list[dict]:
+        return self.layer_report()
+
+    def weight_totals(self) -> dict:
+        """{"before", "after", "by_form"}: the pruned layers' weights."""
+        totals = self.totals()
+        return dict(totals["conv_weights"], by_form=totals["by_form"])
+
+    def dense_layers(self) -> dict[str, str]:
+        return dict(self.skipped)
+
     # -- checkpoints --------------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict:

@@ -77,6 +77,8 @@ def _dense_rows(model: onnx.ModelProto, input_shape) -> list[LayerRow]:
             rows.append(LayerRow(node.name, "MatMul", "", w[0], w[1], 1, w[0] * w[1], rows_per_sample * w[0] * w[1], False))
         elif node.op_type == "PatternConv" and node.domain == "ai.ctprune":
             rows.append(_pattern_conv_row(node, attrs, shapes))
+        elif node.op_type == "SparseConv" and node.domain == "ai.ctprune":
+            rows.append(_sparse_conv_row(node, attrs, shapes))
         elif node.op_type == "ConvTranspose":
             w, x = shapes.get(node.input[1]), shapes.get(node.input[0])
             if not w or None in w:
@@ -123,6 +125,20 @@ def _forms(model, convs, input_shape, method: str, prune_head: bool) -> tuple[di
         stored.setdefault(layer.weight_name, torch.empty((layer.in_features, layer.out_features), device="meta"))
     decision = decide_layers(convs, fcs, stored, method=method, prune_head=prune_head)
     return {n: decision.form(n) for n in list(decision.weights) + list(decision.skipped)}, decision.skipped
+
+
+def _sparse_conv_row(node, attrs, shapes) -> LayerRow:
+    """ctprune's own sparse Conv / FC (ops/SparseConv.md): stored (K, block) values, padding lanes included."""
+    weight_shape = list(attrs["weight_shape"])
+    values = shapes.get(node.input[1]) or [0, 0]
+    kept = int(values[0]) * int(values[1])
+    bias = weight_shape[0] if len(node.input) > 4 and node.input[4] else 0
+    y = shapes.get(node.output[0])
+    pixels = math.prod(y[2:]) if y and len(y) == 4 and None not in y[2:] else 1
+    kernel = "x".join(map(str, weight_shape[2:])) if len(weight_shape) == 4 else ""
+    in_ch = weight_shape[1] * int(attrs.get("group", 1))
+    return LayerRow(node.name, "SparseConv", kernel, in_ch, weight_shape[0], int(attrs.get("group", 1)), kept + bias,
+                    kept * pixels, False)
 
 
 def layer_table(model: onnx.ModelProto, input_shape=None, method: str = "auto",

@@ -60,6 +60,13 @@ class CropPlan:
         before, after = self._conv_weights()
         return before / after
 
+    def weight_totals(self) -> dict:
+        """{"before", "after"}: the Conv weights (the plan interface the report reads; see PruningPlan)."""
+        return dict(self.conv_weights)
+
+    def dense_layers(self) -> dict[str, str]:
+        return {}  # cropping keeps every layer a dense op
+
     @property
     def groups(self) -> dict[str, ChannelGroup]:
         return self.channels.groups

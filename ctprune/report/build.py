@@ -1,0 +1,92 @@
+"""The run report (contract.md) built from a plan and the two models: the same keys whatever the method.
+
+A plan (PruningPlan or CropPlan) says which layers it pruned and how (`report_layers()`), their weights before and
+after (`weight_totals()`) and what stayed dense and why (`dense_layers()`); the models give parameters and MACs
+(MACs of the pruned model read off its graph: PatternConv and SparseConv count their kept weights, a layer kept dense
+counts in full, as it runs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+
+from ctprune.report.inspect import count_parameters, layer_table
+
+
+def build_report(original: onnx.ModelProto, pruned: onnx.ModelProto, plan, *, ratio: float, method: str,
+                 kept_dense: dict[str, str], notes: list[str], weights: dict | None = None, **measured) -> dict:
+    """The report's dict. `weights` overrides the plan's weight totals (e.g. counted on the models); `measured`
+    holds accuracy, agreement, latency_ms and train as the pipeline measured them, and any extra keys."""
+    totals = dict(plan.weight_totals())
+    totals.update(weights or {})
+    dense = plan.dense_layers()
+    if kept_dense:
+        notes.append(f"{len(kept_dense)} sparse layer(s) kept as dense ops holding their zeros (SparseConv would be "
+                     "slower there): " + ", ".join(list(kept_dense)[:6]))
+    if dense:
+        notes.append("kept dense: " + by_reason(dense))
+    return {
+        "ratio_target": ratio,
+        "ratio_achieved": totals["before"] / totals["after"] if totals["after"] else math.inf,
+        "method": method,
+        "conv_weights": totals,
+        "params": {"before": count_parameters(original), "after": count_parameters(pruned)},
+        "macs": {"before": layer_table(original)[1]["macs"], "after": layer_table(pruned)[1]["macs"]},
+        "accuracy": measured.pop("accuracy", None),
+        "agreement": measured.pop("agreement", None),
+        "latency_ms": measured.pop("latency_ms", None),
+        "train": measured.pop("train", None),
+        "layers": mark_forms(plan.report_layers(), kept_dense),
+        "dense_layers": [{"name": n, "reason": why} for n, why in dense.items()],
+        "notes": notes,
+        **measured,
+    }
+
+
+def mark_forms(rows: list[dict], kept_dense: dict) -> list[dict]:
+    """Rows of the pruned layers with their form: pattern / sparse / dense-kept (and why)."""
+    out = []
+    for row in rows:
+        row = dict(row)
+        if row["name"] in kept_dense:
+            row.update(form="dense-kept", op="Gemm/MatMul" if row.get("kind") == "fc" else "Conv",
+                       note=kept_dense[row["name"]])
+        out.append(row)
+    return out
+
+
+def by_reason(layers: dict[str, str], shown: int = 4) -> str:
+    """{layer: reason} -> 'reason: a, b, c and 9 more; other reason: d', most common reason first."""
+    groups: dict[str, list[str]] = {}
+    for name, why in layers.items():
+        groups.setdefault(why, []).append(name)
+    parts = []
+    for why, names in sorted(groups.items(), key=lambda item: -len(item[1])):
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        parts.append(f"{why}: {', '.join(names[:shown])}{more}")
+    return "; ".join(parts)
+
+
+def _float_constants(model: onnx.ModelProto):
+    for t in model.graph.initializer:
+        if t.data_type == onnx.TensorProto.FLOAT:
+            yield t.name, list(t.dims)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT:
+                    yield node.output[0], list(a.t.dims)
+
+
+def conv_weights(model: onnx.ModelProto, only_3x3: bool = False) -> int:
+    dims = dict(_float_constants(model))
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in dims:
+            shape = dims[node.input[1]]
+            if only_3x3 and (len(shape) != 4 or shape[2:] != [3, 3]):
+                continue
+            total += math.prod(shape)
+    return total
