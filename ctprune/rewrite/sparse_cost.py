@@ -2,15 +2,24 @@
 
     sparse_beats_dense(kind, weight_shape, input_hw, stride, density, block, threads=1) -> bool
     estimated_speedup(...)                                                              -> float (dense time / sparse time)
+    break_even_density(...)                                                             -> float
 
 kind: "conv" (weight (O, Cg, kh, kw), input_hw = (H, W) of the input) or "fc" (weight (O, I), input_hw ignored).
-density: kept weights / dense weights of the layer. The rewriter keeps a layer dense (holding its zeros) when this
-says False.
+density: kept weights / dense weights of the layer. The rewriter keeps a layer dense (holding its zeros) when
+sparse_beats_dense says False.
 
-The model: the sparse kernel runs at a fraction E (its "efficiency") of the dense op's throughput on the work it keeps,
-so speedup = E / density, less a fixed per-call cost that matters only on tiny layers. E depends on the form (1x1
-stride 1, other Convs, FC), the block size and how much work a layer has per output pixel; the constants below are
-fitted on `python -m ctprune.lab.bench_layers --sparse` (BENCHMARKS.md, SparseConv section: the table they come from).
+The model: SparseConv time / dense time = FIXED + SLOPE * density. FIXED is what the sparse kernel pays whatever it
+keeps (writing the output, the epilogue, the loop over blocks and tiles: large when a layer has few input channels or
+a large image, so each output has little work), SLOPE the cost of the kept multiply-adds relative to the dense op's.
+Constants are conservative fits (upper envelope, so a layer is kept sparse only where it was faster on every shape
+measured like it) to `python -m ctprune.lab.bench_layers --sparse --threads 1 --ratios 2 4 8 16 --blocks 4 8`
+(BENCHMARKS.md, "SparseConv"; 1 thread, batch 1, Xeon with AVX-512, onnxruntime 1.32):
+- 1x1 stride 1, per layer fits of 1/speedup over density: FIXED 0.01-0.62 (median 0.3; >= 0.45 on C <= 64 or H*W >=
+  3136), SLOPE 0.3-1.9 (median 0.85). Measured break-even densities 0.4-0.9 (2.5x-1.1x); every one of the 22 shapes
+  faster than dense from 4x on (block 4 and 8).
+- FC at batch 1 (bandwidth-bound; see FC_* below).
+- other Convs (kxk, strided 1x1, dilated, grouped): not benchmarked yet; a deliberately cautious guess (the general
+  path reads shifted unaligned rows and packs the input).
 """
 
 from __future__ import annotations
@@ -18,25 +27,13 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-# Efficiency E (sparse useful throughput / dense throughput), by form and block: fitted medians (see module doc).
-EFFICIENCY = {
-    ("conv1x1", 1): 0.30,
-    ("conv1x1", 2): 0.45,
-    ("conv1x1", 4): 0.55,
-    ("conv1x1", 8): 0.55,
-    ("conv", 1): 0.20,
-    ("conv", 2): 0.28,
-    ("conv", 4): 0.35,
-    ("conv", 8): 0.35,
-    ("fc", 1): 0.45,
-    ("fc", 2): 0.55,
-    ("fc", 4): 0.65,
-    ("fc", 8): 0.70,
-}
-# Below this many dense multiply-adds a call is dominated by fixed costs on both sides: assume no gain.
-MIN_DENSE_MACS = 20_000
-# Require a margin: the rewriter must never make a layer slower, and the measurements are noisy.
-MARGIN = 1.1
+MARGIN = 1.1  # keep a layer sparse only when expected >= 10% faster: never slower, and the measurements are noisy
+MIN_DENSE_MACS = 20_000  # below this a call is fixed overheads on both sides: keep it dense
+
+# (FIXED, SLOPE) per form; the 1x1 FIXED depends on how much work each output has (see _pointwise_fixed).
+POINTWISE_SLOPE = {1: 3.0, 2: 2.0, 4: 1.5, 8: 1.5}  # block 1 feeds one FMA per input load: much slower per kept MAC
+GENERAL = {1: (0.6, 4.0), 2: (0.6, 3.0), 4: (0.5, 2.5), 8: (0.5, 2.5)}
+FC = {1: (0.1, 2.0), 2: (0.1, 1.6), 4: (0.1, 1.3), 8: (0.1, 1.25)}
 
 
 def layer_form(kind: str, weight_shape: Sequence[int], stride: int | Sequence[int] = 1) -> str:
@@ -51,6 +48,31 @@ def layer_form(kind: str, weight_shape: Sequence[int], stride: int | Sequence[in
     return "conv"
 
 
+def _pointwise_fixed(in_channels: int, pixels: int) -> float:
+    # Few input channels or a large image: each output has little work next to its write and epilogue.
+    return 0.6 if in_channels <= 64 or pixels >= 3136 else 0.3
+
+
+def _fixed_and_slope(form: str, weight_shape, input_hw, stride, block: int) -> tuple[float, float]:
+    if block not in (1, 2, 4, 8):
+        raise ValueError(f"no calibration for block {block} (blocks are 1, 2, 4, 8)")
+    if form == "fc":
+        return FC[block]
+    if form == "conv1x1":
+        h, w = (int(v) for v in input_hw)
+        return _pointwise_fixed(int(weight_shape[1]), h * w), POINTWISE_SLOPE[block]
+    return GENERAL[block]
+
+
+def _dense_macs(form, weight_shape, input_hw, stride) -> int:
+    weights = math.prod(int(d) for d in weight_shape)
+    if form == "fc":
+        return weights
+    strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
+    h, w = (int(v) for v in input_hw)
+    return weights * max(1, h // strides[0]) * max(1, w // strides[1])
+
+
 def estimated_speedup(
     kind: str,
     weight_shape: Sequence[int],
@@ -60,23 +82,13 @@ def estimated_speedup(
     block: int,
     threads: int = 1,
 ) -> float:
-    """Dense time / SparseConv time, estimated (see the module doc)."""
+    """Dense time / SparseConv time, estimated (see the module doc). `threads` is accepted for the interface; the
+    calibration is single-threaded (2 threads measured alike within noise on the 1x1 shapes)."""
     form = layer_form(kind, weight_shape, stride)
-    efficiency = EFFICIENCY.get((form, int(block)))
-    if efficiency is None:
-        raise ValueError(f"no calibration for block {block} (blocks are 1, 2, 4, 8)")
-    if density <= 0:
-        return math.inf
-    weights = math.prod(int(d) for d in weight_shape)
-    if form == "fc":
-        macs = weights
-    else:
-        strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
-        h, w = (int(v) for v in input_hw)
-        macs = weights * max(1, h // strides[0]) * max(1, w // strides[1])
-    if macs < MIN_DENSE_MACS:
+    fixed, slope = _fixed_and_slope(form, weight_shape, input_hw, stride, int(block))
+    if _dense_macs(form, weight_shape, input_hw, stride) < MIN_DENSE_MACS:
         return 1.0
-    return efficiency / min(1.0, float(density))
+    return 1.0 / (fixed + slope * min(1.0, max(0.0, float(density))))
 
 
 def sparse_beats_dense(
@@ -88,11 +100,14 @@ def sparse_beats_dense(
     block: int,
     threads: int = 1,
 ) -> bool:
-    """True when SparseConv is expected to be faster than onnxruntime's dense op by a safe margin."""
+    """True when SparseConv is expected to be faster than onnxruntime's dense op by the margin."""
     return estimated_speedup(kind, weight_shape, input_hw, stride, density, block, threads) >= MARGIN
 
 
 def break_even_density(kind: str, weight_shape: Sequence[int], input_hw, stride, block: int, threads: int = 1) -> float:
     """The largest density at which SparseConv still beats dense by the margin (0 when it never does)."""
     form = layer_form(kind, weight_shape, stride)
-    return EFFICIENCY[(form, int(block))] / MARGIN
+    if _dense_macs(form, weight_shape, input_hw, stride) < MIN_DENSE_MACS:
+        return 0.0
+    fixed, slope = _fixed_and_slope(form, weight_shape, input_hw, stride, int(block))
+    return max(0.0, min(1.0, (1.0 / MARGIN - fixed) / slope))
