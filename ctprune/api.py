@@ -27,13 +27,14 @@ from ctprune.graph.save import (check_distinct_paths, check_output_path, check_w
 
 log = logging.getLogger(__name__)
 
-__all__ = ["prune", "PruneResult"]
+__all__ = ["prune", "PruneResult", "METHODS"]
+
+METHODS = ("auto", "pattern", "precrop", "both")
 
 # Out-of-memory estimate: peak resident bytes per byte of model weights (`--epochs 0`, measured on light VGG-19)
 # plus the interpreter, torch and onnxruntime themselves.
 PEAK_PER_WEIGHT_BYTE = 3
 BASELINE_BYTES = 600_000_000
-
 
 
 @dataclasses.dataclass
@@ -50,10 +51,25 @@ class PruneResult:
         return self.output_path
 
 
+_RATIO = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*[xX]?\s*$")
+
+
+def parse_ratio(text: str) -> float:
+    """'8x', '8', '8.0x' -> 8.0; anything that is not a number > 1 is a RatioError."""
+    m = _RATIO.match(str(text))
+    if not m:
+        raise RatioError(f"--ratio {text!r} is not a compression ratio: write it as a number above 1, e.g. 8x, 8 or 4.5x.")
+    value = float(m.group(1))
+    if not value > 1.0:
+        raise RatioError(
+            f"--ratio {text!r} would not compress the model: the ratio is original size / pruned size, "
+            "so it must be above 1 (e.g. 2x, 8x)."
+        )
+    return value
+
+
 def _ratio_value(ratio) -> float:
     if isinstance(ratio, str):
-        from ctprune.cli import parse_ratio
-
         return parse_ratio(ratio)
     try:
         value = float(ratio)
@@ -69,7 +85,7 @@ def prune(
     ratio,
     *,
     output=None,
-    method: str = "pattern",
+    method: str = "auto",
     data=None,
     eval_data=None,
     epochs: int | None = None,
@@ -91,6 +107,7 @@ def prune(
     mean=None,
     std=None,
     first_conv_dense: bool = True,
+    prune_head: bool = False,
     latency_threads: int = 1,
     schedule: str = "clicktrain",
 ) -> PruneResult:
@@ -103,8 +120,8 @@ def prune(
     from ctprune.pruning.connectivity import ALLOCATIONS
 
     ratio_value = _ratio_value(ratio)
-    if method not in ("pattern", "precrop", "both"):
-        raise CtpruneError(f"method {method!r} is not one of pattern, precrop, both.")
+    if method not in METHODS:
+        raise CtpruneError(f"method {method!r} is not one of {', '.join(METHODS)}.")
     if allocation not in ALLOCATIONS:
         raise CtpruneError(f"allocation {allocation!r} is not one of {', '.join(ALLOCATIONS)}.")
     model_path = model if isinstance(model, (str, os.PathLike)) else None
@@ -136,7 +153,8 @@ def prune(
         batch_size=batch_size, lr=lr, patterns=patterns, allocation=allocation, device=device, backend=backend,
         seed=seed, resume=resume, quiet=quiet, pai=pai, init=init, channel_multiple=channel_multiple,
         drop_branches=drop_branches,
-        input_size=input_size, mean=mean, std=std, first_conv_dense=first_conv_dense, latency_threads=latency_threads,
+        input_size=input_size, mean=mean, std=std, first_conv_dense=first_conv_dense, prune_head=prune_head,
+        latency_threads=latency_threads,
         schedule=schedule,
         checkpoint_dir=checkpoint_dir,
     )

@@ -10,29 +10,12 @@ User errors (ctprune.errors.CtpruneError) print one paragraph and exit 2; no tra
 from __future__ import annotations
 
 import logging
-import re
 import sys
 
 import click
 
-from ctprune.errors import CtpruneError, Interrupted, RatioError
-
-_RATIO = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*[xX]?\s*$")
-
-
-def parse_ratio(text: str) -> float:
-    """'8x', '8', '8.0x' -> 8.0; anything that is not a number > 1 is a RatioError."""
-    m = _RATIO.match(str(text))
-    if not m:
-        raise RatioError(f"--ratio {text!r} is not a compression ratio: write it as a number above 1, e.g. 8x, 8 or 4.5x.")
-    value = float(m.group(1))
-    if not value > 1.0:
-        raise RatioError(
-            f"--ratio {text!r} would not compress the model: the ratio is original size / pruned size, "
-            "so it must be above 1 (e.g. 2x, 8x)."
-        )
-    return value
-
+from ctprune.api import parse_ratio
+from ctprune.errors import CtpruneError, Interrupted
 
 class _DefaultPruneGroup(click.Group):
     """A group whose first argument, when it is not a subcommand, goes to `prune`: `ctprune MODEL --ratio 8x`."""
@@ -49,27 +32,32 @@ def main():
     """ctprune: prune an ONNX CNN and get back a smaller, faster ONNX model.
 
     \b
-      ctprune model.onnx --ratio 8x                  ClickTrain pattern pruning while fine-tuning
+      ctprune model.onnx --ratio 8x                  prune every Conv and FC layer while fine-tuning
       ctprune model.onnx --ratio 4x --method precrop PreCropping: whole channels, standard ONNX ops
       ctprune inspect model.onnx                     what would be pruned
       ctprune bench model.onnx model.ctprune.onnx    latency in onnxruntime
 
-    The output (default MODEL.ctprune.onnx) is the input graph with weights replaced and pruned Convs rewritten to
-    ai.ctprune.PatternConv; it carries a standard-ONNX definition of that op, so plain onnxruntime runs it, and
+    The output (default MODEL.ctprune.onnx) is the input graph with weights replaced and pruned layers rewritten to
+    ai.ctprune.PatternConv (3x3) and ai.ctprune.SparseConv (1x1, kxk, FC); it carries a standard-ONNX definition of
+    those ops, so plain onnxruntime runs it, and
     ctprune.InferenceSession (or the library at ctprune.kernel_library_path()) runs it fast.
     """
 
 
 @main.command("prune")
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--ratio", required=True, help="Compression of the pruned conv weights: 8x, 8 or 8.0x (must be > 1).")
+@click.option("--ratio", required=True,
+              help="Compression of the prunable layers' weights (before / kept): 8x, 8 or 8.0x (must be > 1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output path [default: MODEL.ctprune.onnx].")
-@click.option("--method", type=click.Choice(["pattern", "precrop", "both"]), default="pattern", show_default=True,
-              help="pattern: ClickTrain pattern + connectivity pruning; precrop: PreCropping channels; both: crop, then pattern-prune.")
+@click.option("--method", type=click.Choice(["auto", "pattern", "precrop", "both"]), default="auto", show_default=True,
+              help="auto: patterns on 3x3 Convs, sparse blocks on 1x1/kxk Convs and FC layers; pattern: 3x3 Convs only "
+                   "(ClickTrain); precrop: PreCropping channels (standard ONNX ops); both: crop, then prune as auto.")
+@click.option("--prune-head", is_flag=True, default=False,
+              help="Also prune the FC layer whose output is the model's output (the classifier).")
 @click.option("--data", "data", help="Training data: .npz with x (and optional y), or an image folder with class sub-folders.")
 @click.option("--eval-data", help="Evaluation data, same formats as --data.")
 @click.option("--epochs", type=click.IntRange(min=0), default=None,
-              help="Fine-tuning epochs (0: prune by importance without training) [default: 3, or 1 on synthetic data].")
+              help="Fine-tuning epochs (0: prune by importance without training) [default: 3].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Learning rate [default: by method].")
 @click.option("--patterns", type=click.IntRange(min=1, max=126), default=8, show_default=True, help="Size of the pattern library.")

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ctprune.ops.names import DOMAIN, VERSION
 from ctprune.ops.reference import pattern_conv_function
-from ctprune.rewrite.model import MIN_IR_VERSION
+from ctprune.rewrite.upgrade import MIN_IR_VERSION
 from ctprune.rewrite.pattern_conv import CompactPatternWeights, LayerPatterns, compact_from_dense
 
 ALL_PATTERNS = np.array(list(itertools.combinations(range(9), 4)), dtype=np.int64)  # the 126 4-of-9 shapes

@@ -50,7 +50,7 @@ from ctprune.rewrite.fusion import (
     unique_name,
 )
 from ctprune.rewrite.pattern_conv import CompactPatternWeights, LayerPatterns, compact_from_dense
-from ctprune.rewrite.upgrade import MIN_IR_VERSION, default_opset, upgraded  # noqa: F401 (re-exported)
+from ctprune.rewrite.upgrade import default_opset, upgraded
 
 log = logging.getLogger(__name__)
 
