@@ -23,6 +23,8 @@ log = logging.getLogger("ctprune")
 
 DEFAULT_EPOCHS = 3
 SYNTHETIC_SAMPLES = 512
+SYNTHETIC_BYTES = 256_000_000  # at most this much synthetic data: a detector's input is megabytes per sample
+CHECK_SAMPLES = 16  # without eval data, the pruned model is checked against the trained module on this many inputs
 CALIBRATION_BATCHES = 8  # --epochs 0: importance from this many batches
 DEFAULT_LR = {"pretrained": 0.01, "scratch": 0.05}
 
@@ -126,8 +128,10 @@ class Pipeline:
                 raise DataError(f"the model's input shape {self.input_shape} has free dimensions besides the batch, "
                                 "so ctprune cannot make synthetic inputs: give --data.")
             check_input_size(kw["input_size"], self.input_shape)  # given without data, it must still fit
-            train = synthetic_data(self.input_shape, SYNTHETIC_SAMPLES, seed=self.seed)
-            self.notes.append(f"no --data: {SYNTHETIC_SAMPLES} synthetic (random normal) inputs stood in for data, "
+            per_sample = 4 * math.prod(self.input_shape[1:])
+            samples = max(2 * self.batch_size if self._epochs() else 8, min(SYNTHETIC_SAMPLES, SYNTHETIC_BYTES // per_sample))
+            train = synthetic_data(self.input_shape, samples, seed=self.seed)
+            self.notes.append(f"no --data: {samples} synthetic (random normal) inputs stood in for data, "
                               "the dense model's outputs for labels; accuracy was not measured")
         evaluation = load_data(self.eval_data, self.input_shape, **kw) if self.eval_data is not None else None
         return train, evaluation
@@ -307,11 +311,11 @@ class Pipeline:
     def _evaluate(self, pruned: onnx.ModelProto, plan_report: dict):
         """Accuracy before/after and top-1 agreement on eval data, with the pruned model run in onnxruntime."""
         session = _session(pruned)
-        x = self.eval_set.x if self.eval_set is not None else self.train_set.x[:256]
+        x = self.eval_set.x if self.eval_set is not None else self.train_set.x[:CHECK_SAMPLES]
         pruned_out = _run_batched(session, x)
-        step = _fixed_batch(session) or 256
+        step = _fixed_batch(session) or min(len(x), 256)
         # The deployed model must be the trained one: its outputs equal the lifted student's.
-        ref = _torch_batched(self.student, x[: max(step, 64)], step)
+        ref = _torch_batched(self.student, x[: max(step, min(len(x), 64))], step)
         n = len(ref)
         err = float(np.abs(pruned_out[:n] - ref).max() / max(np.abs(ref).max(), 1e-12))
         if err > 1e-3:
