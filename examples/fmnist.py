@@ -1,4 +1,4 @@
-"""Fashion-MNIST data and the two example networks (a ResNet-20-style net and a VGG-style net).
+"""Fashion-MNIST data and the example networks (a ResNet-20-style net, a VGG-style net and a MobileNetV2-style net).
 
 The data comes from the idx .gz files of Debian's dataset-fashion-mnist (`make setup` fetches them into
 .deps/fashion-mnist). Images are normalised with the training set's mean and std, shape (N, 1, 28, 28).
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["FMNIST_DIR", "MEAN", "STD", "load_fmnist", "write_npz", "ResNet20", "VGGNet", "CLASSES"]
+__all__ = ["FMNIST_DIR", "MEAN", "STD", "load_fmnist", "write_npz", "ResNet20", "VGGNet", "MobileNetV2", "CLASSES"]
 
 FMNIST_DIR = pathlib.Path(__file__).resolve().parent.parent / ".deps" / "fashion-mnist"
 # Training-set pixel statistics (pixels scaled to [0, 1]).
@@ -110,3 +110,47 @@ class VGGNet(nn.Module):
 
     def forward(self, x):
         return self.classifier(self.features(x))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand (t x) + BN + ReLU6, 3x3 depthwise + BN + ReLU6, 1x1 project + BN (linear), and
+    a residual add when the shape is unchanged. With t = 1 there is no expand Conv."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
+        super().__init__()
+        hidden = c_in * expand
+        layers = []
+        if expand != 1:
+            layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+                   nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        return x + self.body(x) if self.residual else self.body(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al.) shrunk for 28x28x1: a 3x3 stem at full resolution, inverted residual stages
+    (expansion t, width c, blocks n, first stride s) down to 7x7, a 1x1 head Conv, average pool, linear.
+    Most of its multiply-adds are in 1x1 Convs, as in the ImageNet net."""
+
+    # (t, c, n, s) as in the paper's Table 2, with fewer, narrower stages for 28x28 inputs.
+    STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 3, 1), (6, 96, 2, 1))
+
+    def __init__(self, num_classes: int = 10, stem: int = 16, head: int = 320, stages=STAGES):
+        super().__init__()
+        layers = [nn.Conv2d(1, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6()]
+        c_in = stem
+        for t, c, n, s in stages:
+            for b in range(n):
+                layers.append(InvertedResidual(c_in, c, s if b == 0 else 1, t))
+                c_in = c
+        layers += [nn.Conv2d(c_in, head, 1, bias=False), nn.BatchNorm2d(head), nn.ReLU6()]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(head, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))

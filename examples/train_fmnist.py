@@ -1,7 +1,8 @@
-"""Train the two Fashion-MNIST example networks and export them as ONNX (examples/models/).
+"""Train the Fashion-MNIST example networks and export them as ONNX (examples/models/).
 
-    nice .venv/bin/python examples/train_fmnist.py                 # both nets
+    nice .venv/bin/python examples/train_fmnist.py                 # every net
     nice .venv/bin/python examples/train_fmnist.py --net resnet20 --epochs 5
+    nice .venv/bin/python examples/train_fmnist.py --net mobilenetv2 --epochs 2   # the 1x1-heavy example
 
 Short on purpose (a shared 2-core machine): ctprune's own training loop (ctprune.train.fine_tune) with cross-entropy
 only, SGD with Nesterov momentum and a cosine learning rate, channels-last tensors; a checkpoint per epoch in
@@ -22,11 +23,12 @@ from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from ctprune.train import Dataset, TrainHooks, fine_tune  # noqa: E402
-from examples.fmnist import ResNet20, VGGNet, load_fmnist  # noqa: E402
+from examples.fmnist import MobileNetV2, ResNet20, VGGNet, load_fmnist  # noqa: E402
 
 MODELS_DIR = pathlib.Path(__file__).resolve().parent / "models"
 CHECKPOINTS = pathlib.Path(__file__).resolve().parent.parent / ".deps" / "fmnist-train"
-NETS = {"resnet20": (ResNet20, "resnet20_fmnist.onnx"), "vgg": (VGGNet, "vgg_fmnist.onnx")}
+NETS = {"resnet20": (ResNet20, "resnet20_fmnist.onnx"), "vgg": (VGGNet, "vgg_fmnist.onnx"),
+        "mobilenetv2": (MobileNetV2, "mobilenetv2_fmnist.onnx")}
 log = logging.getLogger("train_fmnist")
 
 
