@@ -122,3 +122,16 @@ def test_unreachable_ratio_names_the_largest_over_every_form():
     largest = (8 * 8 * 9 + 64) / (8 * 4 + 8)
     with pytest.raises(RatioError, match=f"largest reachable ratio over these 2 layers is {int(largest * 100) / 100:g}x"):
         ClickTrainPruner(weights, ratio=largest * 1.1, sparse={"pw": SparseTarget(4)})
+
+
+def test_both_crops_then_prunes_every_form():
+    model = export("mobilenetv2", "torchscript17", keep_bn=False)
+    result = ctprune.prune(model, ratio=6, epochs=0, seed=3, method="both", channel_multiple=4)
+    report = result.report
+    # the ratio is over the original model's prunable weights: cropping and pruning multiply to it
+    before = sum(l["weights_before"] for l in ctprune.prune(model, ratio=6, epochs=0, seed=3).report["layers"])
+    assert report["conv_weights"]["before"] == before
+    assert report["ratio_achieved"] == pytest.approx(6.0, rel=0.05)
+    assert any("channels cropped" in n for n in report["notes"])
+    assert report["params"]["after"] < report["params"]["before"] / 2  # depthwise, stem and head stay dense
+    _check_equal(result)
