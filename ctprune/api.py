@@ -22,14 +22,13 @@ import numpy as np
 import onnx
 
 from ctprune.errors import CtpruneError, Interrupted, ModelLoadError, RatioError
+from ctprune.options import METHODS, PruneOptions  # noqa: F401 (METHODS re-exported)
 from ctprune.graph.save import (check_distinct_paths, check_output_path, check_writable_folder, default_output_path,
                                 external_data_files, save_model_atomic, write_json_atomic)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["prune", "PruneResult", "METHODS"]
-
-METHODS = ("auto", "pattern", "precrop", "both")
 
 # Out-of-memory estimate: peak resident bytes per byte of model weights (`--epochs 0`, measured on light VGG-19)
 # plus the interpreter, torch and onnxruntime themselves.
@@ -80,50 +79,18 @@ def _ratio_value(ratio) -> float:
     return value
 
 
-def prune(
-    model,
-    ratio,
-    *,
-    output=None,
-    method: str = "auto",
-    data=None,
-    eval_data=None,
-    epochs: int | None = None,
-    batch_size: int = 64,
-    lr: float | None = None,
-    patterns: int = 8,
-    allocation: str = "balanced",
-    device: str = "auto",
-    backend: str = "torch",
-    report_path=None,
-    seed: int = 0,
-    resume: bool = False,
-    quiet: bool = False,
-    pai: str = "synflow-macs",
-    init: str = "pretrained",
-    channel_multiple: int = 8,
-    drop_branches: bool = True,
-    input_size=None,
-    mean=None,
-    std=None,
-    first_conv_dense: bool = True,
-    prune_head: bool = False,
-    latency_threads: int = 1,
-    schedule: str = "clicktrain",
-) -> PruneResult:
+def prune(model, ratio, *, output=None, report_path=None, **options) -> PruneResult:
     """Prune an ONNX CNN; see contract.md. `output` (a path) saves the model there atomically; `report_path` the JSON.
 
+    `options`: the fields of ctprune.options.PruneOptions (method, data, eval_data, epochs, ...; the CLI's flags).
     `schedule="oneshot"` is the prune-after baseline (magnitude masks chosen once, then the same fine-tune), kept for
     comparisons; ClickTrain's prune-during-fine-tuning is the default.
     """
     from ctprune.pipeline import Pipeline
-    from ctprune.pruning.connectivity import ALLOCATIONS
 
     ratio_value = _ratio_value(ratio)
-    if method not in METHODS:
-        raise CtpruneError(f"method {method!r} is not one of {', '.join(METHODS)}.")
-    if allocation not in ALLOCATIONS:
-        raise CtpruneError(f"allocation {allocation!r} is not one of {', '.join(ALLOCATIONS)}.")
+    opts = PruneOptions(**options)
+    data, eval_data, epochs, resume = opts.data, opts.eval_data, opts.epochs, opts.resume
     model_path = model if isinstance(model, (str, os.PathLike)) else None
     if model_path is not None:
         _check_model_file(model_path)
@@ -140,24 +107,12 @@ def prune(
         from ctprune.train.checkpoint import prepare_run_folder
 
         check_writable_folder(checkpoint_dir.parent, f"cannot keep a checkpoint in {str(checkpoint_dir)!r}")
-        settings = dict(model=_source(model), ratio=ratio_value, method=method, patterns=patterns,
-                        allocation=allocation, schedule=schedule, data=_source(data), eval_data=_source(eval_data),
-                        epochs=DEFAULT_EPOCHS if epochs is None else int(epochs), batch_size=batch_size, lr=lr,
-                        seed=seed, pai=pai, init=init, channel_multiple=channel_multiple, drop_branches=drop_branches,
-                        first_conv_dense=first_conv_dense, input_size=_plain(input_size), mean=_plain(mean),
-                        std=_plain(std))
+        settings = dict(opts.setting_values(), model=_source(model), ratio=ratio_value, data=_source(data),
+                        eval_data=_source(eval_data), epochs=DEFAULT_EPOCHS if epochs is None else int(epochs),
+                        input_size=_plain(opts.input_size), mean=_plain(opts.mean), std=_plain(opts.std))
         prepare_run_folder(checkpoint_dir, settings, resume)
 
-    pipeline = Pipeline(
-        model=model, ratio=ratio_value, method=method, data=data, eval_data=eval_data, epochs=epochs,
-        batch_size=batch_size, lr=lr, patterns=patterns, allocation=allocation, device=device, backend=backend,
-        seed=seed, resume=resume, quiet=quiet, pai=pai, init=init, channel_multiple=channel_multiple,
-        drop_branches=drop_branches,
-        input_size=input_size, mean=mean, std=std, first_conv_dense=first_conv_dense, prune_head=prune_head,
-        latency_threads=latency_threads,
-        schedule=schedule,
-        checkpoint_dir=checkpoint_dir,
-    )
+    pipeline = Pipeline(model=model, ratio=ratio_value, checkpoint_dir=checkpoint_dir, **dataclasses.asdict(opts))
     with _run_guard(checkpoint_dir, model_path, data):
         pruned, report = pipeline.run()
         result = PruneResult(model=pruned, report=report, masked_dense=pipeline.masked_dense)

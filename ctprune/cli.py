@@ -16,6 +16,7 @@ import click
 
 from ctprune.api import parse_ratio
 from ctprune.errors import CtpruneError, Interrupted
+from ctprune.options import PruneOptions
 
 class _DefaultPruneGroup(click.Group):
     """A group whose first argument, when it is not a subcommand, goes to `prune`: `ctprune MODEL --ratio 8x`."""
@@ -44,48 +45,38 @@ def main():
     """
 
 
+def _options_from(options_class):
+    """click options for every CLI field of PruneOptions (ctprune/options.py): one declaration, three readers."""
+    def decorate(command):
+        for f in reversed(options_class.cli_fields()):
+            meta = dict(f.metadata)
+            names = meta["flag_names"] or ("--" + f.name.replace("_", "-"),)
+            if meta["flag_names"]:
+                names = ("/".join(names),)
+            kwargs = {"default": f.default, "help": meta["help"], "show_default": meta["show_default"]}
+            if meta["flag"] and not meta["flag_names"]:
+                kwargs["is_flag"] = True
+            elif meta["choices"]:
+                kwargs["type"] = click.Choice(list(meta["choices"]))
+            elif meta["type"] is int:
+                bounded = meta["min"] is not None or meta["max"] is not None
+                kwargs["type"] = click.IntRange(min=meta["min"], max=meta["max"]) if bounded else int
+            elif meta["type"] is float:
+                kwargs["type"] = click.FloatRange(min=meta["min"], max=meta["max"], min_open=meta["min"] == 0.0)
+            command = click.option(*names, f.name, **kwargs)(command)
+        return command
+    return decorate
+
+
 @main.command("prune")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--ratio", required=True,
               help="Compression of the prunable layers' weights (before / kept): 8x, 8 or 8.0x (must be > 1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output path [default: MODEL.ctprune.onnx].")
-@click.option("--method", type=click.Choice(["auto", "pattern", "precrop", "both"]), default="auto", show_default=True,
-              help="auto: patterns on 3x3 Convs, sparse blocks on 1x1/kxk Convs and FC layers; pattern: 3x3 Convs only "
-                   "(ClickTrain); precrop: PreCropping channels (standard ONNX ops); both: crop, then prune as auto.")
-@click.option("--prune-head", is_flag=True, default=False,
-              help="Also prune the FC layer whose output is the model's output (the classifier).")
-@click.option("--data", "data", help="Training data: .npz with x (and optional y), or an image folder with class sub-folders.")
-@click.option("--eval-data", help="Evaluation data, same formats as --data.")
-@click.option("--epochs", type=click.IntRange(min=0), default=None,
-              help="Fine-tuning epochs (0: prune by importance without training) [default: 3].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Learning rate [default: by method].")
-@click.option("--patterns", type=click.IntRange(min=1, max=126), default=8, show_default=True, help="Size of the pattern library.")
-@click.option("--allocation", type=click.Choice(["importance", "balanced", "macs"]), default="balanced", show_default=True,
-              help="pattern: how kept kernels are split between layers: by importance per square root of "
-                   "multiply-adds (balanced); per multiply-add (macs: prunes high-resolution layers even more, "
-                   "faster, usually less accurate); or by importance alone (keeps early high-resolution layers, "
-                   "slower models).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["torch", "ortmodule"]), default="torch", show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON here.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint.")
-@click.option("--quiet", is_flag=True, help="No progress bars or table.")
-@click.option("--pai", type=click.Choice(["synflow", "synflow-macs", "snip", "grasp", "erk", "uniform"]), default="synflow-macs", show_default=True,
-              help="precrop: layer-wise densities from this pruning-at-initialization method "
-                   "(synflow-macs: SynFlow's, with MACs cut at least as much as weights).")
-@click.option("--init", "init", type=click.Choice(["pretrained", "scratch"]), default="pretrained", show_default=True,
-              help="precrop: fine-tune the kept weights, or re-initialise and train from scratch.")
-@click.option("--channel-multiple", type=click.IntRange(min=1), default=8, show_default=True,
-              help="precrop: kept channel counts are rounded to a multiple of this.")
-@click.option("--drop-branches/--keep-branches", default=True, show_default=True,
-              help="precrop with synflow/snip/grasp: drop residual branches the densities keep (almost) nothing of.")
-@click.option("--input-size", help="Image folders: H,W to resize to.")
-@click.option("--mean", help="Image folders: per-channel mean, comma-separated.")
-@click.option("--std", help="Image folders: per-channel std, comma-separated.")
+@_options_from(PruneOptions)
 def prune_command(model, ratio, output, **options):
-    """Prune MODEL.onnx to RATIO fewer conv weights, fine-tuning while pruning."""
+    """Prune MODEL.onnx: RATIO times fewer weights in its Conv and FC layers, fine-tuning while pruning."""
     from ctprune import api
     from ctprune.report.render import render_report
 

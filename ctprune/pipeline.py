@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import torch
 
+from ctprune.options import PruneOptions
 from ctprune.errors import DataError, GraphError, RatioError
 from ctprune.train.data import check_input_size, require_fixed_input
 from ctprune.train.loop import first_output as _first
@@ -29,37 +30,13 @@ CALIBRATION_BATCHES = 8  # --epochs 0: importance from this many batches
 DEFAULT_LR = {"pretrained": 0.01, "scratch": 0.05}
 
 
-@dataclasses.dataclass
-class Pipeline:
+@dataclasses.dataclass(kw_only=True)
+class Pipeline(PruneOptions):
+    """One run: the model, the ratio and every PruneOptions field (ctprune/options.py)."""
+
     model: object
     ratio: float
-    method: str = "auto"
-    data: object = None
-    eval_data: object = None
-    epochs: int | None = None
-    batch_size: int = 64
-    lr: float | None = None
-    patterns: int = 8
-    # how kept kernels are split between layers: by importance per sqrt(MACs) ("balanced"), per MAC ("macs"), or by
-    # importance alone ("importance"); ctprune.pruning.connectivity
-    allocation: str = "balanced"
-    device: str = "auto"
-    backend: str = "torch"
-    seed: int = 0
-    resume: bool = False
-    quiet: bool = False
-    pai: str = "synflow-macs"
-    init: str = "pretrained"
-    channel_multiple: int = 8
-    drop_branches: bool = True  # precrop: residual branches the PAI scores empty go whole (precrop/branches.py)
-    input_size: object = None
-    mean: object = None
-    std: object = None
-    first_conv_dense: bool = True
-    prune_head: bool = False  # auto/both: prune the FC layer that produces a graph output (the classifier) too
-    latency_threads: int = 1
     checkpoint_dir: object = None
-    schedule: str = "clicktrain"  # "oneshot": the prune-after baseline (magnitude masks fixed before fine-tuning)
     pruner_options: dict | None = None  # extra ClickTrainPruner knobs (warmup, soft, lasso_lambda, ...), for experiments
 
     # ---- the pass -------------------------------------------------------------------------------------------------
