@@ -141,7 +141,6 @@ setup(
         "onnx>=1.16",
         "onnxruntime>=1.21",
         "onnxscript>=0.3",
-        "onnx-ir>=0.1",
         "torch>=2.1",
         "click>=8.1",
         "tqdm>=4.60",

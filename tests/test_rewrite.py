@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ctprune.errors import CtpruneError, GraphError
 from ctprune.rewrite import LayerPatterns, rewrite_model
-from ctprune.rewrite import upgrade as rewrite_module
+from ctprune.graph import weightless
 from ctprune.lab.layer_model import random_layer_patterns
 
 
@@ -211,8 +211,8 @@ def _ir3_model(rng, clip_bounds=(0.0, 6.0)):
 
 @pytest.mark.parametrize("detach_above", [1024, 0], ids=["small-weights-inline", "all-weights-detached"])
 def test_ir3_opset9_model_is_upgraded_and_cleaned(detach_above, monkeypatch):
-    # the opset upgrade runs with large weights detached (upgrade._convert_opset); 0 detaches every one of them
-    monkeypatch.setattr(rewrite_module, "_DETACH_MIN_ELEMENTS", detach_above)
+    # the opset upgrade runs with large weights detached (graph/weightless.py); 0 detaches every one of them
+    monkeypatch.setattr(weightless, "DETACH_MIN_ELEMENTS", detach_above)
     seed = secrets.randbits(32)
     rng = np.random.default_rng(seed)
     model = _ir3_model(rng)

@@ -12,10 +12,56 @@ from dataclasses import dataclass, field
 import onnx
 
 from ctprune.errors import GraphError
-from ctprune.graph.normalize import drop_initializer_inputs, infer_shapes, set_input_shapes, static_shapes
+from ctprune.graph.constants import constant_dims
+from ctprune.graph.normalize import drop_initializer_inputs, set_input_shapes
 from ctprune.graph.ops.nn import same_pads
+from ctprune.graph.shapes import infer_shapes, shape_table
 
-__all__ = ["ConvLayer", "FCLayer", "conv_layers", "fc_layers", "shaped_model", "constant_dims"]
+__all__ = ["ConvLayer", "FCLayer", "ConvAttributes", "conv_attributes", "conv_layers", "fc_layers", "shaped_model"]
+
+
+@dataclass(frozen=True)
+class ConvAttributes:
+    """A Conv node's attributes with the ONNX defaults filled in. `kernel_shape` is the attribute, else the weight's
+    spatial dims when they were given, else None; the defaults of strides, dilations and pads follow its rank
+    (2-D when unknown). `pads` are the attribute's; `resolved_pads` applies auto_pad."""
+
+    kernel_shape: tuple[int, ...] | None
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]
+    group: int
+    auto_pad: str
+
+    def resolved_pads(self, spatial=None) -> tuple[int, ...] | None:
+        """Explicit [begins..., ends...]: auto_pad SAME_* needs the static input `spatial` size and the kernel
+        (None without them); VALID is zeros; NOTSET the attribute."""
+        if self.auto_pad == "NOTSET":
+            return self.pads
+        if self.auto_pad == "VALID":
+            return (0,) * len(self.pads)
+        if not spatial or any(not isinstance(d, int) for d in spatial) or not self.kernel_shape:
+            return None
+        return tuple(same_pads(self.auto_pad, list(spatial), self.kernel_shape, self.strides, self.dilations))
+
+
+def conv_attributes(node: onnx.NodeProto, weight_dims=None) -> ConvAttributes:
+    """The one parser of Conv attributes (graph facts, the PatternConv and SparseConv rewrites)."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    kernel = attrs.get("kernel_shape")
+    if kernel is None and weight_dims is not None:
+        kernel = weight_dims[2:]
+    kernel = tuple(int(k) for k in kernel) if kernel is not None else None
+    n = len(kernel) if kernel is not None else 2
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    return ConvAttributes(
+        kernel_shape=kernel,
+        strides=tuple(int(s) for s in attrs.get("strides", [1] * n)),
+        dilations=tuple(int(d) for d in attrs.get("dilations", [1] * n)),
+        pads=tuple(int(p) for p in attrs.get("pads", [0] * (2 * n))),
+        group=int(attrs.get("group", 1)),
+        auto_pad=auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad,
+    )
 
 
 @dataclass
@@ -66,21 +112,11 @@ def shaped_model(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
     return infer_shapes(m)
 
 
-def constant_dims(model) -> dict[str, list[int]]:
-    dims = {t.name: list(t.dims) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    dims[node.output[0]] = list(a.t.dims)
-    return dims
-
-
 def conv_layers(model: onnx.ModelProto, input_shape=None) -> list[ConvLayer]:
     """Every Conv node of ``model`` in graph order."""
     m = shaped_model(model, input_shape)
-    shapes = static_shapes(m)
-    shapes.update(constant_dims(m))
+    shapes = shape_table(m)
+    shapes.update(constant_dims(m.graph))
     consumers: dict[str, list[str]] = {}
     for node in m.graph.node:
         for name in node.input:
@@ -89,24 +125,15 @@ def conv_layers(model: onnx.ModelProto, input_shape=None) -> list[ConvLayer]:
     for node in m.graph.node:
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         w_shape = shapes.get(node.input[1])
         if not w_shape or any(d is None for d in w_shape):
             raise GraphError(f"Conv node {node.name!r}: the shape of its weight {node.input[1]!r} is unknown")
         out_ch, in_per_group = w_shape[0], w_shape[1]
-        kernel = tuple(attrs.get("kernel_shape", w_shape[2:]))
-        n = len(kernel)
-        group = int(attrs.get("group", 1))
-        strides = tuple(attrs.get("strides", [1] * n))
-        dilations = tuple(attrs.get("dilations", [1] * n))
+        attrs = conv_attributes(node, w_shape)
+        kernel, group, strides, dilations = attrs.kernel_shape, attrs.group, attrs.strides, attrs.dilations
         x_shape = shapes.get(node.input[0])
         y_shape = shapes.get(node.output[0])
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID") and x_shape and None not in x_shape[2:]:
-            pads = tuple(same_pads(auto_pad, x_shape[2:], kernel, strides, dilations))
-        else:
-            pads = tuple(attrs.get("pads", [0] * (2 * n)))
+        pads = (attrs.resolved_pads(x_shape[2:]) if x_shape else None) or attrs.pads
         y_sample = tuple(y_shape[1:]) if y_shape else None
         macs = None
         if y_sample and None not in y_sample[1:]:
@@ -180,8 +207,8 @@ def _reaches_output(model: onnx.ModelProto, name: str, readers: dict[str, list])
 def fc_layers(model: onnx.ModelProto, input_shape=None) -> list[FCLayer]:
     """Every Gemm and every MatMul with a stored 2-D weight (initializer or Constant) as second input, in graph order."""
     m = shaped_model(model, input_shape)
-    shapes = static_shapes(m)
-    stored = constant_dims(m)
+    shapes = shape_table(m)
+    stored = constant_dims(m.graph)
     for node in m.graph.node:  # placeholder weights (onnx's light models) are stored tensors once folded
         if node.op_type == "ConstantOfShape" and shapes.get(node.output[0]) and None not in shapes[node.output[0]]:
             stored[node.output[0]] = list(shapes[node.output[0]])

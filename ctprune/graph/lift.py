@@ -25,8 +25,9 @@ from torch import nn
 
 from ctprune.errors import GraphError, UnsupportedOpsError
 from ctprune.graph.load import default_opset
-from ctprune.graph.normalize import BN_STAT_SLOTS, PASS_THROUGH, WEIGHT_SLOTS, normalize, static_shapes
+from ctprune.graph.normalize import BN_STAT_SLOTS, PASS_THROUGH, WEIGHT_SLOTS, normalize
 from ctprune.graph.ops import OPS, OpNode, op_key
+from ctprune.graph.shapes import shape_table
 
 __all__ = ["lift", "TrainableGraph", "check_supported"]
 
@@ -78,7 +79,7 @@ class TrainableGraph(nn.Module):
         init_names = {t.name for t in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in init_names]
         self.output_names = [o.name for o in graph.output]
-        shapes = static_shapes(model)
+        shapes = shape_table(model)
         self.input_shapes = [tuple(shapes.get(n, [])) for n in self.input_names]
         self.nodes = [OpNode.from_proto(n, opset if n.domain in ("", "ai.onnx") else 1) for n in graph.node]
         check_supported(model)

@@ -3,7 +3,7 @@
 1. IR < 4 models list initializers as graph inputs too: those are dropped from the inputs (they are weights, not data).
 2. An ``input_shape`` given by the user replaces the declared input shape (``None`` keeps a dim dynamic).
 3. Constant nodes become initializers under their output name, so a weight is one name however it was stored.
-4. Shape inference.
+4. Shape inference (graph/shapes.py).
 5. Constant folding: every node whose inputs are all constants (and Shape of a statically shaped tensor) is evaluated
    with the interpreter's own torch ops and replaced by an initializer named after its output. Weight names survive:
    a pass-through (Transpose, Reshape, ...) from a stored weight into a Conv/Gemm/MatMul/BN weight slot is NOT folded,
@@ -23,8 +23,10 @@ import torch
 from ctprune.graph.load import default_opset
 from ctprune.graph.ops import OPS, OpNode, op_key
 from ctprune.graph.ops.tensor import constant_value
+from ctprune.graph.shapes import infer_shapes, shape_table
+from ctprune.graph.weightless import FLOAT_TYPES
 
-__all__ = ["normalize", "WEIGHT_SLOTS", "PASS_THROUGH", "static_shapes", "infer_shapes"]
+__all__ = ["normalize", "WEIGHT_SLOTS", "PASS_THROUGH", "FLOAT_TYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,6 @@ WEIGHT_SLOTS = {
     "PRelu": (1,),
 }
 BN_STAT_SLOTS = {"BatchNormalization": (3, 4)}
-FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 PASS_THROUGH = {"Identity", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Cast", "Flatten"}
 
 
@@ -57,48 +58,6 @@ def normalize(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
         log.debug("folded %d constant nodes", folded)
         out = infer_shapes(out)
     return out
-
-
-SMALL_CONSTANT = 4096  # elements; larger initializers are weights, whose values shape inference never needs
-
-
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with inferred value_info (in place, returned).
-
-    Inference runs on a weightless skeleton (large initializers become typed graph inputs): serialising hundreds of MB
-    of weights to the C++ inference and back would dominate the time otherwise.
-    """
-    skeleton = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "domain", "model_version"):
-        setattr(skeleton, field, getattr(model, field))
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
-    g, src = skeleton.graph, model.graph
-    g.name = src.name
-    g.node.extend(src.node)
-    g.input.extend(src.input)
-    g.output.extend(src.output)
-    g.value_info.extend(src.value_info)
-    declared = {i.name for i in src.input}
-    for t in src.initializer:
-        if int(np.prod(t.dims)) <= SMALL_CONSTANT or t.data_type not in FLOAT_TYPES:
-            g.initializer.append(t)
-        elif t.name not in declared:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    if skeleton.ir_version < 4:
-        skeleton.ir_version = 4  # so the initializers need not be repeated as inputs
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-    except Exception as e:  # inference is a help, not a requirement: the interpreter runs without it
-        log.warning("shape inference failed (%s); continuing without inferred shapes", str(e).splitlines()[0])
-        return model
-    del model.graph.value_info[:]
-    model.graph.value_info.extend(inferred.graph.value_info)
-    outputs = {o.name: o for o in inferred.graph.output}
-    for o in model.graph.output:
-        if o.name in outputs:
-            o.CopyFrom(outputs[o.name])
-    return model
 
 
 def drop_initializer_inputs(model):
@@ -144,18 +103,6 @@ def _constants_to_initializers(model):
     model.graph.node.extend(keep)
 
 
-def static_shapes(model) -> dict[str, list]:
-    """Value name -> inferred dims (int, or None where symbolic/unknown)."""
-    shapes = {}
-    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    for init in model.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
-
-
 def _weight_feeders(model) -> set[str]:
     """Names that reach a weight slot, directly or through pass-through ops."""
     reach = set()
@@ -182,7 +129,7 @@ def _fold_constants(model) -> int:
         return consts[name]
 
     feeders = _weight_feeders(model)
-    shapes = static_shapes(model)
+    shapes = shape_table(model)
     outputs = {o.name for o in graph.output}
     ctx = SimpleNamespace(training=False)
     keep, new_consts = [], []

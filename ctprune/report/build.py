@@ -12,6 +12,7 @@ import math
 
 import onnx
 
+from ctprune.graph.constants import constant_dims
 from ctprune.report.inspect import count_parameters, layer_table
 
 
@@ -69,19 +70,8 @@ def by_reason(layers: dict[str, str], shown: int = 4) -> str:
     return "; ".join(parts)
 
 
-def _float_constants(model: onnx.ModelProto):
-    for t in model.graph.initializer:
-        if t.data_type == onnx.TensorProto.FLOAT:
-            yield t.name, list(t.dims)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.t.data_type == onnx.TensorProto.FLOAT:
-                    yield node.output[0], list(a.t.dims)
-
-
 def conv_weights(model: onnx.ModelProto, only_3x3: bool = False) -> int:
-    dims = dict(_float_constants(model))
+    dims = constant_dims(model.graph, dtypes={onnx.TensorProto.FLOAT})
     total = 0
     for node in model.graph.node:
         if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in dims:

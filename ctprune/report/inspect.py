@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass
 import onnx
 
 from ctprune.errors import UnsupportedOpsError
-from ctprune.graph.layers import constant_dims, conv_layers, shaped_model
+from ctprune.graph.constants import constant_dims
+from ctprune.graph.layers import conv_layers, shaped_model
 from ctprune.graph.lift import check_supported
-from ctprune.graph.normalize import FLOAT_TYPES, static_shapes
+from ctprune.graph.shapes import shape_table
+from ctprune.graph.weightless import FLOAT_TYPES
 
 __all__ = ["LayerRow", "layer_table", "render_table", "count_parameters"]
 
@@ -56,8 +58,8 @@ def count_parameters(model: onnx.ModelProto) -> int:
 def _dense_rows(model: onnx.ModelProto, input_shape) -> list[LayerRow]:
     """Gemm, MatMul with a stored weight, and ConvTranspose."""
     m = shaped_model(model, input_shape)
-    stored = constant_dims(m)
-    shapes = static_shapes(m)
+    stored = constant_dims(m.graph)
+    shapes = shape_table(m)
     shapes.update(stored)
     rows = []
     for node in m.graph.node:
@@ -116,7 +118,7 @@ def _forms(model, convs, input_shape, method: str, prune_head: bool) -> tuple[di
 
     fcs = fc_layers(model, input_shape) if method != "pattern" else []
     # the lift makes every stored weight (Constant, initializer, folded ConstantOfShape) a Parameter
-    stored = {name: torch.empty(dims, device="meta") for name, dims in constant_dims(model).items()}
+    stored = {name: torch.empty(dims, device="meta") for name, dims in constant_dims(model.graph).items()}
     for layer in convs:
         if layer.weight_name not in stored and layer.kernel_shape:
             stored[layer.weight_name] = torch.empty(
@@ -170,7 +172,8 @@ def layer_table(model: onnx.ModelProto, input_shape=None, method: str = "auto",
     m = shaped_model(model, input_shape)
     inits = {t.name for t in m.graph.initializer}
     data_inputs = [i for i in m.graph.input if i.name not in inits]
-    in_shape = static_shapes(m).get(data_inputs[0].name) if data_inputs else None
+    in_shape = shape_table(m).get(data_inputs[0].name) if data_inputs else None
+    in_shape = list(in_shape) if in_shape is not None else None
     totals = {
         "params": count_parameters(model),
         "macs": sum(r.macs or 0 for r in rows),

@@ -1,4 +1,4 @@
-"""Graph queries and fusion rules shared by the PatternConv and SparseConv rewrites.
+"""Fusion rules shared by the PatternConv and SparseConv rewrites.
 
 Each `fusable_*` rule looks at what reads a layer's output and says whether (and how) the next node folds into the
 pruned op: an inference BatchNormalization with constant parameters (folded into the weights), a residual Add of a
@@ -13,34 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from ctprune.graph.normalize import infer_shapes
+from ctprune.graph.constants import ConstantTable
 from ctprune.graph.readers import TensorReaders
-from ctprune.rewrite.upgrade import detached
 
 RESIDUAL_OPS = ("Add", "Sum")  # Sum of two inputs is an Add (older exporters, e.g. Caffe2's ResNet-50)
-
-
-def read_counts(graph: onnx.GraphProto) -> TensorReaders:
-    """How many times each tensor name is read (node inputs, nested graphs, graph outputs), and by which nodes."""
-    return TensorReaders(graph)
-
-
-def constant_value(graph: onnx.GraphProto, name: str, initializers: dict) -> np.ndarray | None:
-    """The value of tensor `name` when it is an initializer or a Constant node's `value`; None otherwise."""
-    if name in initializers:
-        return numpy_helper.to_array(initializers[name])
-    for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] == name:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return numpy_helper.to_array(attr.t)
-                if attr.name == "value_float":
-                    return np.array(attr.f, dtype=np.float32)
-            return None
-    return None
 
 
 @dataclass(frozen=True)
@@ -58,10 +36,11 @@ class FusedActivation:
     beta: float = 0.5
 
 
-def fusable_activation(graph, conv_output, reads, initializers, gates: bool = False) -> FusedActivation | None:
+def fusable_activation(graph, conv_output, reads: TensorReaders, constants: ConstantTable,
+                       gates: bool = False) -> FusedActivation | None:
     """The activation reading conv_output that can fold into the op before it, else None. Relu and constant Clip
     always; with `gates` (SparseConv) also HardSwish and the two-node x * HardSigmoid(x) and x * Sigmoid(x)."""
-    index = only_reader(graph, conv_output, reads)  # None: also read by a graph output, a nested graph, or twice
+    index = reads.only_reader(conv_output)  # None: also read by a graph output, a nested graph, or twice
     if index is None:
         return _fusable_gate(graph, conv_output, reads) if gates else None
     node = graph.node[index]
@@ -75,7 +54,7 @@ def fusable_activation(graph, conv_output, reads, initializers, gates: bool = Fa
         bounds = [float("-inf"), float("inf")]
         for slot, name in enumerate(node.input[1:3]):
             if name:
-                value = constant_value(graph, name, initializers)
+                value = constants.value(name)
                 if value is None or value.size != 1:
                     return None
                 bounds[slot] = float(value.reshape(()))
@@ -110,16 +89,11 @@ def _fusable_gate(graph, conv_output, reads) -> FusedActivation | None:
                            beta=float(attrs.get("beta", 0.5)))
 
 
-def only_reader(graph, name, reads) -> int | None:
-    """Index of the one node that reads `name`, if nothing else (graph output, nested graph, a second slot) does;
-    `reads` is the graph's TensorReaders index (a lookup, not a scan of every node)."""
-    return reads.only_reader(name)
-
-
-def fusable_batchnorm(graph, conv_output, reads, initializers) -> tuple[int, np.ndarray, np.ndarray] | None:
+def fusable_batchnorm(graph, conv_output, reads: TensorReaders,
+                      constants: ConstantTable) -> tuple[int, np.ndarray, np.ndarray] | None:
     """(node index, scale, shift) of an inference-mode BatchNormalization with constant parameters that is the only
     reader of conv_output (y = x * scale + shift per channel), else None."""
-    index = only_reader(graph, conv_output, reads)
+    index = reads.only_reader(conv_output)
     if index is None:
         return None
     node = graph.node[index]
@@ -128,7 +102,7 @@ def fusable_batchnorm(graph, conv_output, reads, initializers) -> tuple[int, np.
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if int(attrs.get("training_mode", 0)) != 0 or sum(1 for name in node.output if name) != 1:
         return None
-    values = [constant_value(graph, name, initializers) for name in node.input[1:]]
+    values = [constants.value(name) for name in node.input[1:]]
     if any(v is None for v in values):
         return None
     gamma, beta, mean, var = (np.asarray(v, dtype=np.float64).reshape(-1) for v in values)
@@ -136,10 +110,10 @@ def fusable_batchnorm(graph, conv_output, reads, initializers) -> tuple[int, np.
     return index, scale, beta - mean * scale
 
 
-def fusable_residual(graph, conv_output, reads, shapes: Mapping[str, tuple]) -> tuple[int, str] | None:
+def fusable_residual(graph, conv_output, reads: TensorReaders, shapes: Mapping[str, tuple]) -> tuple[int, str] | None:
     """(node index, residual name) of an Add (or two-input Sum) that is the only reader of conv_output and adds a
     tensor of the same static shape (no broadcasting), else None."""
-    index = only_reader(graph, conv_output, reads)
+    index = reads.only_reader(conv_output)
     if index is None:
         return None
     node = graph.node[index]
@@ -152,52 +126,3 @@ def fusable_residual(graph, conv_output, reads, shapes: Mapping[str, tuple]) -> 
     if ours is None or ours != theirs or any(d is None for d in ours):
         return None
     return index, residual
-
-
-def shapes_of(model: onnx.ModelProto) -> dict[str, tuple]:
-    """Tensor name -> inferred dims (int, or the dim_param string; None where unknown), without touching `model`."""
-    probe, _ = detached(model)
-    infer_shapes(probe)
-    shapes = {}
-    for vi in list(probe.graph.input) + list(probe.graph.value_info) + list(probe.graph.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
-    for tensor in model.graph.initializer:
-        shapes[tensor.name] = tuple(tensor.dims)
-    return shapes
-
-
-def unique_name(wanted: str, taken: set) -> str:
-    name, n = wanted, 1
-    while name in taken:
-        name, n = f"{wanted}_{n}", n + 1
-    taken.add(name)
-    return name
-
-
-def drop_unread(graph: onnx.GraphProto, names: set) -> None:
-    """Remove initializers / Constant nodes (and IR-3 graph inputs, value_info) for names nothing reads any more."""
-    reads = read_counts(graph)
-    gone = {name for name in names if reads[name] == 0}
-    if not gone:
-        return
-    for i in reversed([i for i, t in enumerate(graph.initializer) if t.name in gone]):
-        del graph.initializer[i]  # by index: rebuilding the list would copy every weight
-    for field in (graph.input, graph.value_info):
-        keep = [v for v in field if v.name not in gone]
-        del field[:]
-        field.extend(keep)
-    keep = [n for n in graph.node if not (n.op_type == "Constant" and n.output[0] in gone)]
-    del graph.node[:]
-    graph.node.extend(keep)
-
-
-def forget_value_info(graph: onnx.GraphProto, names) -> None:
-    """Drop the value_info of tensors (a name or a set of names) that fusions made internal: one pass for all."""
-    names = {names} if isinstance(names, str) else set(names)
-    if not names:
-        return
-    keep = [v for v in graph.value_info if v.name not in names]
-    del graph.value_info[:]
-    graph.value_info.extend(keep)

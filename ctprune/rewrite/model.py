@@ -33,24 +33,17 @@ import onnx
 from onnx import AttributeProto, helper, numpy_helper
 
 from ctprune.errors import GraphError
-from ctprune.graph.ops.nn import same_pads
+from ctprune.graph.constants import ConstantTable
+from ctprune.graph.edit import drop_unread, forget_value_info, taken_names, unique_name
+from ctprune.graph.layers import conv_attributes
+from ctprune.graph.load import default_opset
+from ctprune.graph.readers import TensorReaders
+from ctprune.graph.shapes import inferred_shape_table
 from ctprune.ops.names import DOMAIN, OP_TYPE, SPARSE_OP_TYPE, VERSION
 from ctprune.ops.reference import pattern_conv_function
-from ctprune.rewrite.fusion import (
-    RESIDUAL_OPS,
-    FusedActivation,
-    constant_value,
-    drop_unread,
-    forget_value_info,
-    fusable_activation,
-    fusable_batchnorm,
-    fusable_residual,
-    read_counts,
-    shapes_of,
-    unique_name,
-)
+from ctprune.rewrite.fusion import RESIDUAL_OPS, FusedActivation, fusable_activation, fusable_batchnorm, fusable_residual
 from ctprune.rewrite.pattern_conv import CompactPatternWeights, LayerPatterns, compact_from_dense
-from ctprune.rewrite.upgrade import default_opset, upgraded
+from ctprune.rewrite.upgrade import upgraded
 
 log = logging.getLogger(__name__)
 
@@ -86,32 +79,29 @@ def _find_layer(graph: onnx.GraphProto, key: str, ops: tuple = ("Conv",), lookup
 
 def _conv_geometry(node: onnx.NodeProto, where: str) -> tuple[list[int], list[int]]:
     """(strides, pads) of a Conv PatternConv can take; GraphError for what it cannot."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if list(attrs.get("kernel_shape", [3, 3])) != [3, 3]:
-        raise GraphError(f"{where}: kernel_shape {list(attrs['kernel_shape'])} is not 3x3")
-    if int(attrs.get("group", 1)) != 1:
-        raise GraphError(f"{where}: group {attrs['group']} is not 1 (PatternConv is for ordinary 3x3 Convs)")
-    if any(int(d) != 1 for d in attrs.get("dilations", [1, 1])):
-        raise GraphError(f"{where}: dilations {list(attrs['dilations'])} are not 1")
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad not in ("NOTSET", "VALID"):
-        raise GraphError(f"{where}: auto_pad {auto_pad} is not supported; export the model with explicit pads")
-    strides = [int(s) for s in attrs.get("strides", [1, 1])]
-    pads = [int(p) for p in attrs.get("pads", [0, 0, 0, 0])] if auto_pad == "NOTSET" else [0, 0, 0, 0]
+    attrs = conv_attributes(node)
+    if attrs.kernel_shape not in (None, (3, 3)):
+        raise GraphError(f"{where}: kernel_shape {list(attrs.kernel_shape)} is not 3x3")
+    if attrs.group != 1:
+        raise GraphError(f"{where}: group {attrs.group} is not 1 (PatternConv is for ordinary 3x3 Convs)")
+    if any(d != 1 for d in attrs.dilations):
+        raise GraphError(f"{where}: dilations {list(attrs.dilations)} are not 1")
+    if attrs.auto_pad not in ("NOTSET", "VALID"):
+        raise GraphError(f"{where}: auto_pad {attrs.auto_pad} is not supported; export the model with explicit pads")
+    strides, pads = list(attrs.strides), list(attrs.resolved_pads())
     if len(strides) != 2 or len(pads) != 4:
         raise GraphError(f"{where}: not a 2-D Conv (strides {strides}, pads {pads})")
     return strides, pads
 
 
-def _fold_batchnorm(graph, conv, compact, bn, initializers, taken) -> tuple[CompactPatternWeights, str] | None:
+def _fold_batchnorm(graph, conv, compact, bn, constants: ConstantTable, taken) -> tuple[CompactPatternWeights, str] | None:
     """The compact weights and the name of a new bias initializer with the BatchNormalization folded in, or None
     where the Conv's bias is not a constant or the shapes disagree."""
     _, scale, shift = bn
     out_channels = compact.weight_shape[0]
     bias = np.zeros(out_channels)
     if len(conv.input) > 2 and conv.input[2]:
-        bias = constant_value(graph, conv.input[2], initializers)
+        bias = constants.value(conv.input[2])
         if bias is None:
             return None
     if scale.shape != (out_channels,) or np.size(bias) != out_channels:
@@ -141,23 +131,15 @@ def _pattern_conv_node(conv, inputs, output, compact: CompactPatternWeights, str
 
 def _sparse_geometry(node: onnx.NodeProto, x_shape, where: str) -> dict:
     """strides, pads (auto_pad resolved), dilations and group of a 2-D Conv, for SparseConv."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    kernel = list(attrs.get("kernel_shape", []))
-    strides = [int(s) for s in attrs.get("strides", [1, 1])]
-    dilations = [int(d) for d in attrs.get("dilations", [1, 1])]
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad == "NOTSET":
-        pads = [int(p) for p in attrs.get("pads", [0, 0, 0, 0])]
-    elif auto_pad == "VALID":
-        pads = [0, 0, 0, 0]
-    else:
-        if not x_shape or len(x_shape) != 4 or not all(isinstance(d, int) for d in x_shape[2:]) or not kernel:
-            raise GraphError(f"{where}: auto_pad {auto_pad} needs a static input size to be made explicit")
-        pads = [int(p) for p in same_pads(auto_pad, list(x_shape[2:]), kernel, strides, dilations)]
+    attrs = conv_attributes(node)
+    strides, dilations = list(attrs.strides), list(attrs.dilations)
+    pads = attrs.resolved_pads(tuple(x_shape[2:]) if x_shape and len(x_shape) == 4 else None)
+    if pads is None:
+        raise GraphError(f"{where}: auto_pad {attrs.auto_pad} needs a static input size to be made explicit")
+    pads = list(pads)
     if len(strides) != 2 or len(pads) != 4 or len(dilations) != 2:
         raise GraphError(f"{where}: not a 2-D Conv (strides {strides}, pads {pads})")
-    return {"strides": strides, "pads": pads, "dilations": dilations, "group": int(attrs.get("group", 1))}
+    return {"strides": strides, "pads": pads, "dilations": dilations, "group": attrs.group}
 
 
 class _Rewrite:
@@ -166,20 +148,20 @@ class _Rewrite:
     def __init__(self, model: onnx.ModelProto, need_shapes: bool):
         self.model = model
         self.graph = model.graph
-        self.initializers = {t.name: t for t in self.graph.initializer}
-        graph = self.graph
-        self.taken = {n for node in graph.node for n in list(node.input) + list(node.output)}
-        self.taken |= set(self.initializers) | {v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
-        self.reads = read_counts(graph)
+        # Constants, names and readers are indexed once, before any node changes (the rewrite asks only about
+        # tensors of the original graph); Identity aliases are not followed: a layer folds what it reads directly.
+        self.constants = ConstantTable(self.graph, aliases=False)
+        self.taken = taken_names(self.graph)
+        self.reads = TensorReaders(self.graph)
         # Shapes decide which residual Adds fuse and resolve SAME pads; inferred once, before any node changes.
-        self.shapes = shapes_of(model) if need_shapes else {}
+        self.shapes = inferred_shape_table(model, symbolic=True) if need_shapes else {}
         self.fused_away: set[int] = set()
         self.internal: set[str] = set()  # tensors fusion made internal: their value_info goes once, in finish()
         self.maybe_unread: set[str] = set()
         self.with_residual: set[str] = set()  # op types that took a Z somewhere
 
     def constant(self, name: str):
-        return constant_value(self.graph, name, self.initializers)
+        return self.constants.value(name)
 
     def tail(self, index: int, output: str, gates: bool) -> tuple[str, int, str | None, FusedActivation | None]:
         """Fuse the residual Add and the activation after `output`: (output, place, residual, activation)."""
@@ -190,7 +172,7 @@ class _Rewrite:
             self.fused_away.add(index)
             self.internal.add(output)
             output = self.graph.node[place].output[0]
-        act = fusable_activation(self.graph, output, self.reads, self.initializers, gates=gates)
+        act = fusable_activation(self.graph, output, self.reads, self.constants, gates=gates)
         if act is not None:
             for i in act.nodes:
                 self.fused_away.add(i)
@@ -201,7 +183,7 @@ class _Rewrite:
 
     def batchnorm(self, index: int, output: str):
         """(scale, shift, new output) of a BatchNormalization that folds into the layer writing `output`, else None."""
-        bn = fusable_batchnorm(self.graph, output, self.reads, self.initializers)
+        bn = fusable_batchnorm(self.graph, output, self.reads, self.constants)
         if bn is None:
             return None
         node = self.graph.node[bn[0]]
@@ -220,8 +202,8 @@ class _Rewrite:
         compact = compact_from_dense(weight, patterns, require_masked=require_masked, where=where)
         output = conv.output[0]
         bias = conv.input[2] if len(conv.input) > 2 else ""
-        bn = fusable_batchnorm(graph, output, self.reads, self.initializers)
-        folded = _fold_batchnorm(graph, conv, compact, bn, self.initializers, self.taken) if bn is not None else None
+        bn = fusable_batchnorm(graph, output, self.reads, self.constants)
+        folded = _fold_batchnorm(graph, conv, compact, bn, self.constants, self.taken) if bn is not None else None
         if folded is not None:
             compact, bias = folded
             output = self._fold_away(bn[0], conv, output)
@@ -277,7 +259,7 @@ class _Rewrite:
             bias = node.input[2]
         folded = None
         if not fc:
-            bn = fusable_batchnorm(graph, output, self.reads, self.initializers)
+            bn = fusable_batchnorm(graph, output, self.reads, self.constants)
             folded = _fold_batchnorm_dense(self, node, weight, bn) if bn is not None else None
             if folded is not None:
                 weight, bias = folded

@@ -21,7 +21,8 @@ from ctprune.errors import RatioError
 from ctprune.pruning.precrop.branches import Branch, branches_to_drop, remove_branches
 from ctprune.pruning.precrop.crop import crop_model
 from ctprune.pruning.precrop.densities import PAI_METHODS, Densities, layer_densities
-from ctprune.pruning.precrop.groups import ChannelGraph, ChannelGroup, ConstantTable, Layer, channel_graph
+from ctprune.graph.constants import ConstantTable
+from ctprune.pruning.precrop.groups import ChannelGraph, ChannelGroup, Layer, channel_graph
 from ctprune.pruning.precrop.solve import TOLERANCE, check_reachable, solve_keep_counts, weight_model
 
 __all__ = ["plan_crop", "apply_crop", "CropPlan", "channel_graph", "ChannelGroup", "PAI_METHODS"]

@@ -20,8 +20,11 @@ from dataclasses import dataclass
 
 import onnx
 
-from ctprune.pruning.precrop.crop import drop_dead_constants, tensor_uses
-from ctprune.pruning.precrop.groups import ChannelGraph, ConstantTable, _inferred_shapes, node_label
+from ctprune.graph.constants import ConstantTable
+from ctprune.graph.edit import drop_unread
+from ctprune.graph.readers import TensorReaders
+from ctprune.graph.shapes import inferred_shape_table
+from ctprune.pruning.precrop.groups import ChannelGraph, node_label
 from ctprune.pruning.precrop.solve import TOLERANCE, allowed_counts, weight_model
 
 MAX_BRANCH_NODES = 256  # a residual block is a handful of nodes; a walk that grows past this left the block
@@ -45,12 +48,10 @@ def residual_branches(model: onnx.ModelProto) -> list[Branch]:
         return []  # branches are named by node label: with duplicate names, removing one could remove another
     consts = ConstantTable(graph)
     producer = {out: node for node in graph.node for out in node.output if out}
-    readers: dict[str, list[str]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            readers[name].append(node_label(node))
+    index = TensorReaders(graph)
+    readers = {name: [labels[i] for i in index.nodes(name)] for name in index}  # tensor -> labels of its readers
     graph_outputs = {o.name for o in graph.output}
-    shapes = _inferred_shapes(model)
+    shapes = inferred_shape_table(model)
     branches = []
     for node in graph.node:
         if node.op_type != "Add" or len(node.input) != 2 or any(t in consts for t in node.input):
@@ -102,11 +103,11 @@ def _branch(add, out, stream, producer, readers, graph_outputs, consts, shapes) 
 
 def remove_branches(model: onnx.ModelProto, branches: list[Branch]) -> onnx.ModelProto:
     """A copy of `model` without `branches`: each Add becomes an Identity of its shortcut (same output name), the
-    branch's nodes go, and so do the constants only they read (crop.drop_dead_constants) and their value_info."""
+    branch's nodes go, and so do the constants only they read (graph/edit.drop_unread) and their value_info."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    before = tensor_uses(graph)
+    before = TensorReaders(graph)
     gone = {label for b in branches for label in b.nodes}
     stream_of = {b.add: b.stream for b in branches}
     nodes = []
@@ -119,7 +120,7 @@ def remove_branches(model: onnx.ModelProto, branches: list[Branch]) -> onnx.Mode
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    drop_dead_constants(graph, before)
+    drop_unread(graph, [name for name, count in before.items() if count > 0])
     produced = {o for node in graph.node for o in node.output}
     info = [v for v in graph.value_info if v.name in produced]
     del graph.value_info[:]

@@ -16,39 +16,12 @@ import numpy as np
 import onnx
 
 from ctprune.errors import GraphError
-from ctprune.pruning.precrop.groups import ChannelGraph, ConstantTable, channel_graph, node_label
+from ctprune.graph.constants import ConstantTable
+from ctprune.graph.edit import drop_unread, taken_names, unique_name
+from ctprune.graph.readers import TensorReaders
+from ctprune.pruning.precrop.groups import ChannelGraph, channel_graph, node_label
 
 log = logging.getLogger(__name__)
-
-
-def tensor_uses(graph: onnx.GraphProto) -> dict[str, int]:
-    """How many node inputs (subgraphs included) read each tensor name."""
-    counts: dict[str, int] = defaultdict(int)
-
-    def walk(g):
-        for node in g.node:
-            for name in node.input:
-                counts[name] += 1
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        walk(sub)
-
-    walk(graph)
-    for out in graph.output:
-        counts[out.name] += 1
-    return counts
-
-
-def _fresh_name(base: str, taken: set[str]) -> str:
-    i = 1
-    while f"{base}__crop{i}" in taken:
-        i += 1
-    name = f"{base}__crop{i}"
-    taken.add(name)
-    return name
 
 
 def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelGraph | None = None) -> onnx.ModelProto:
@@ -87,8 +60,8 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
             const_of[(label, slot)] = nodes[label].input[slot]
 
     # Group consumers by constant; copy a constant for every consumer whose cut differs from the others'.
-    uses = tensor_uses(graph)
-    taken = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    uses = TensorReaders(graph)
+    taken = taken_names(graph)
     by_const: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for site, name in const_of.items():
         by_const[name].append(site)
@@ -116,7 +89,7 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
             consts.set(name, values[0])
             first = 1
         for site, v in list(zip(sites, values))[first:]:
-            copy_name = _fresh_name(name, taken)
+            copy_name = unique_name(f"{name}__crop", taken)
             graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(v), copy_name))
             node = nodes[site[0]]
             node.input[site[1]] = copy_name
@@ -127,7 +100,7 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
             if attr.name == "group":
                 attr.i = channels
 
-    drop_dead_constants(graph, before=uses)
+    drop_unread(graph, [name for name, count in uses.items() if count > 0])
     _sync_graph_inputs(out)
     del graph.value_info[:]
     try:
@@ -136,31 +109,6 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
     except Exception as exc:  # a model onnx cannot infer is still valid; onnxruntime infers at load time
         log.warning("shape inference on the cropped model failed: %s", exc)
     return out
-
-
-def drop_dead_constants(graph: onnx.GraphProto, before: dict[str, int]) -> None:
-    """Remove what an edit left unread (`before`: tensor_uses ahead of it): Constant nodes and Identity aliases (of
-    copied weights, of a removed branch's constants), then initializers only they read (and, IR 3 style, their
-    graph-input entries). Anything unread before the edit stays as it was."""
-    outputs = {o.name for o in graph.output}
-    consts = ConstantTable(graph)
-    while True:
-        uses = tensor_uses(graph)
-        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant") and n.output[0] in consts
-                and n.output[0] not in outputs and uses.get(n.output[0], 0) == 0 and before.get(n.output[0], 0) > 0]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    uses = tensor_uses(graph)
-    unread = {t.name for t in graph.initializer if uses.get(t.name, 0) == 0 and before.get(t.name, 0) > 0}
-    if unread:
-        kept = [t for t in graph.initializer if t.name not in unread]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        inputs = [i for i in graph.input if i.name not in unread]
-        del graph.input[:]
-        graph.input.extend(inputs)
 
 
 def _sync_graph_inputs(model: onnx.ModelProto) -> None:

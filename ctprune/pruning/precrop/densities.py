@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ctprune.errors import DataError, GraphError, RatioError
-from ctprune.pruning.precrop.groups import ChannelGraph, ConstantTable
+from ctprune.graph.constants import ConstantTable
+from ctprune.pruning.precrop.groups import ChannelGraph
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ctprune.errors import GraphError
+from ctprune.graph.constants import ConstantTable
+from ctprune.graph.shapes import inferred_shape_table
 
 log = logging.getLogger(__name__)
 
@@ -131,47 +132,6 @@ class ChannelGraph:
         return (channels[:, None] * layout.block + np.arange(layout.block)[None, :]).reshape(-1).astype(np.int64)
 
 
-class ConstantTable:
-    """Constant tensors of a graph by name: initializers, Constant nodes, and Identity outputs of those (aliases:
-    exporters deduplicate equal weights into one initializer read through Identity nodes)."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.constant_nodes = {}
-        self.aliases: dict[str, str] = {}
-        for node in graph.node:
-            if node.op_type == "Constant" and node.output:
-                for attr in node.attribute:
-                    if attr.name == "value":
-                        self.constant_nodes[node.output[0]] = (node, attr)
-            elif node.op_type == "Identity" and node.input and node.output and node.input[0] in self:
-                self.aliases[node.output[0]] = self.aliases.get(node.input[0], node.input[0])
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.initializers or name in self.constant_nodes or name in self.aliases
-
-    def get(self, name: str) -> np.ndarray:
-        name = self.aliases.get(name, name)
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        return numpy_helper.to_array(self.constant_nodes[name][1].t)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        name = self.aliases.get(name, name)
-        if name in self.initializers:
-            return tuple(self.initializers[name].dims)
-        return tuple(self.constant_nodes[name][1].t.dims)
-
-    def set(self, name: str, value: np.ndarray) -> None:
-        if name in self.aliases:
-            raise KeyError(f"{name!r} is an alias of {self.aliases[name]!r}; copy it instead of setting it")
-        tensor = numpy_helper.from_array(np.ascontiguousarray(value), name)
-        if name in self.initializers:
-            self.initializers[name].CopyFrom(tensor)
-        else:
-            self.constant_nodes[name][1].t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value)))
-
-
 def _attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
@@ -183,24 +143,6 @@ def node_label(node: onnx.NodeProto) -> str:
     return node.name or f"{node.op_type}->{node.output[0] if node.output else '?'}"
 
 
-def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    """Tensor name → shape (ints, or None per unknown dim) from onnx shape inference; empty dict if it fails."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception as exc:  # inference is a help, not a requirement
-        log.warning("shape inference failed (%s); flatten sizes must come from weights", exc)
-        inferred = model
-    shapes = {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        t = vi.type.tensor_type
-        if t.HasField("shape"):
-            shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
-    for init in g.initializer:
-        shapes[init.name] = tuple(init.dims)
-    return shapes
-
-
 class _Walker:
     """One topological walk that assigns layouts and unites spaces (union-find)."""
 
@@ -208,7 +150,7 @@ class _Walker:
         self.model = model
         self.graph = model.graph
         self.consts = ConstantTable(model.graph)
-        self.shapes = _inferred_shapes(model)
+        self.shapes = inferred_shape_table(model)
         self.parent: dict[int, int] = {}
         self.size: dict[int, int] = {}
         self.label: dict[int, str] = {}
