@@ -60,5 +60,34 @@ demo: setup $(DEPS)/fashion-mnist/train_12k.npz
 bench: setup
 	$(PY) -m ctprune.lab.bench_layers
 
+# The kernel library built with AddressSanitizer (build/asan/), and the PatternConv fuzz test run against it
+# (tests/test_fuzz_patternconv.py; FUZZ_MUTATIONS=N, default 1000; FUZZ_SEED=N replays one). Python is not
+# instrumented, so the sanitizer's runtime must come first in the process: it is LD_PRELOADed (without it onnxruntime's
+# dlopen of the library fails with "ASan runtime does not come first in initial library list"), and libstdc++ with it
+# (else ASan's __cxa_throw interceptor finds no real one and the first C++ exception, onnx's or onnxruntime's, aborts
+# with "CHECK failed: asan_interceptors.cpp"); leak checking is off (the interpreter's own allocations would bury the
+# report). A sanitizer report aborts the child running a mutation, which the fuzz test counts as a crash and prints.
+ASAN_DIR := build/asan
+ASAN_LIB := $(ASAN_DIR)/libctprune_ops.so
+ASAN_SOURCES := $(shell find csrc/cpu csrc/ops -name '*.cc' 2>/dev/null)
+ASAN_OBJECTS := $(patsubst csrc/%.cc,$(ASAN_DIR)/%.o,$(ASAN_SOURCES))
+ASAN_HEADERS := $(shell find csrc/cpu csrc/ops -name '*.h' -o -name '*.inc' 2>/dev/null)
+ASAN_CXXFLAGS := -O1 -g -fsanitize=address -fno-omit-frame-pointer -std=c++17 -fPIC -fvisibility=hidden \
+	-fno-math-errno -Wall -I$(DEPS)/onnxruntime/include/onnxruntime -I$(DEPS)/onnxruntime/include -Icsrc
+FUZZ_MUTATIONS ?= 1000
+
+$(ASAN_DIR)/%.o: csrc/%.cc $(ASAN_HEADERS) $(DEPS)/onnxruntime/include/onnxruntime/onnxruntime_c_api.h
+	@mkdir -p $(dir $@)
+	$(CXX) $(ASAN_CXXFLAGS) -c $< -o $@
+
+$(ASAN_LIB): $(ASAN_OBJECTS)
+	$(CXX) -shared -fsanitize=address -o $@ $^ -Wl,--version-script=csrc/ops/exports.lds
+
+.PHONY: asan
+asan: setup $(ASAN_LIB)
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
+		CTPRUNE_KERNEL_LIBRARY=$(abspath $(ASAN_LIB)) FUZZ_MUTATIONS=$(FUZZ_MUTATIONS) \
+		$(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz_patternconv.py
+
 clean:
 	rm -rf build *.egg-info ctprune/_lib/*.so
