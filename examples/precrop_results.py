@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from ctprune.graph import lift  # noqa: E402
 from ctprune.pruning.precrop import apply_crop, channel_graph, plan_crop  # noqa: E402
 from ctprune.pruning.precrop.densities import _global_keep, _synflow  # noqa: E402
+from ctprune.report.build import conv_weights  # noqa: E402
 from ctprune.train import Dataset, TrainHooks, fine_tune  # noqa: E402
 
 log = logging.getLogger("precrop_results")
@@ -74,11 +75,6 @@ def fresh_init(module, seed: int) -> None:
         for name, p in module.onnx_parameters().items():
             if p.dim() == 1:
                 p.fill_(1.0 if "weight" in name or "scale" in name else 0.0)
-
-
-def conv_weights(model: onnx.ModelProto) -> int:
-    inits = {t.name: t for t in model.graph.initializer}
-    return sum(math.prod(inits[n.input[1]].dims) for n in model.graph.node if n.op_type == "Conv")
 
 
 class HoldMask(TrainHooks):

@@ -1,9 +1,15 @@
 """Names of ctprune's operators, importable without onnxscript (which takes seconds to import)."""
 
+import itertools
+
 DOMAIN = "ai.ctprune"
 OP_TYPE = "PatternConv"
 VERSION = 1
 MIN_OPSET = 13  # the oldest default-domain opset the PatternConv function is written for (Clip min/max as inputs)
+# A PatternConv pattern keeps 4 of a 3x3 kernel's 9 taps (each ky*3 + kx, ascending): the 126 possible shapes, in
+# lexicographic order. The one table the pruning engine, the lab's layer builders and the tests draw from.
+PATTERN_TAPS, PATTERN_KEEP = 9, 4
+ALL_PATTERNS = tuple(itertools.combinations(range(PATTERN_TAPS), PATTERN_KEEP))
 
 # ai.ctprune.SparseConv (ops/SparseConv.md): a Conv or Gemm whose kept weights are stored compactly, in blocks of
 # output channels that share one sparsity pattern. Same domain and version as PatternConv.

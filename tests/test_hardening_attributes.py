@@ -17,7 +17,8 @@ import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
 import pytest
 from onnx import AttributeProto, helper, numpy_helper
 
-from ctprune.lab.bench_layers import pattern_conv_model, random_pattern_layer, session
+from ctprune.lab.bench_layers import session
+from ctprune.lab.layer_model import pattern_conv_model, random_pattern_layer
 from ctprune.ops.reference import pattern_conv_function
 
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.RuntimeException,

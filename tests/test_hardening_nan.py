@@ -26,7 +26,7 @@ import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ctprune.lab.bench_layers import pattern_conv_model, random_pattern_layer
+from ctprune.lab.layer_model import pattern_conv_model, random_pattern_layer
 from ctprune.ops.reference import pattern_conv_numpy
 
 SEED = int(os.environ.get("CTPRUNE_TEST_SEED", secrets.randbits(32)))

@@ -20,7 +20,8 @@ CHILD = textwrap.dedent(
     """
     import json, threading
     import numpy as np
-    from ctprune.lab.bench_layers import pattern_conv_model, random_pattern_layer, session
+    from ctprune.lab.bench_layers import session
+    from ctprune.lab.layer_model import pattern_conv_model, random_pattern_layer
     from ctprune.runtime import kernel_library_path
 
     def rss_mb():

@@ -17,7 +17,8 @@ import onnxruntime as ort
 import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
 import pytest
 
-from ctprune.lab.bench_layers import dense_conv_model, pattern_conv_model, random_pattern_layer, session
+from ctprune.lab.bench_layers import session
+from ctprune.lab.layer_model import dense_conv_model, pattern_conv_model, random_pattern_layer
 
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.RuntimeException,
               ort_state.NotImplemented)

@@ -14,7 +14,8 @@ import secrets
 import numpy as np
 import pytest
 
-from ctprune.lab.bench_layers import pattern_conv_model, random_pattern_layer, session
+from ctprune.lab.bench_layers import session
+from ctprune.lab.layer_model import pattern_conv_model, random_pattern_layer
 from ctprune.ops.reference import pattern_conv_function, pattern_conv_numpy
 
 from test_patternconv_kernel import (  # noqa: F401

@@ -8,131 +8,28 @@ Both models run in the same process with the same thread count and the same inpu
 between the two sessions and reports medians, so drift on a shared machine hits both alike. "GFLOP/s" counts only the
 multiply-adds PatternConv keeps (4 per kept kernel per output pixel), i.e. the useful work.
 
-The layer builders here (`random_pattern_layer`, `pattern_conv_model`, `dense_conv_model`) are also what the kernel
-tests use to make single-node models.
+The layers and their models come from ctprune/lab/layer_model.py, the one builder the kernel tests use too.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
 import statistics
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
-DOMAIN = "ai.ctprune"
-ALL_SHAPES = list(itertools.combinations(range(9), 4))  # the 126 4-of-9 tap sets
+from ctprune.lab.layer_model import (  # bench_cuda imports the last two from here too
+    dense_conv_model,
+    kept_per_filter_for_ratio,
+    pattern_conv_model,
+    random_pattern_layer,
+)
+
 # 3x3 layers of ResNet/VGG at CIFAR and ImageNet resolutions: (channels in = out, height = width).
 LAYER_SET = [(64, 56), (64, 32), (128, 28), (128, 16), (256, 14), (256, 8), (512, 7), (512, 4)]
 RATIOS = [2.25, 4.0, 8.0, 16.0]
-
-
-@dataclass
-class PatternLayer:
-    """A pruned 3x3 layer in PatternConv's storage order (ops/PatternConv.md) and as the dense masked weight."""
-
-    patterns: np.ndarray  # (P, 4) int64
-    kernel_filters: np.ndarray  # (K,) int64
-    kernel_channels: np.ndarray
-    kernel_patterns: np.ndarray
-    weights: np.ndarray  # (K, 4) float32
-    dense: np.ndarray  # (O, C, 3, 3) float32, zero where pruned
-
-    @property
-    def kept_kernels(self) -> int:
-        return len(self.kernel_filters)
-
-
-def random_pattern_layer(rng, out_channels, in_channels, kept_per_filter, library_size=8) -> PatternLayer:
-    """A layer whose filter f keeps `kept_per_filter[f]` random input channels (an int applies to all filters), each
-    with a random pattern from a random library of `library_size` distinct 4-of-9 shapes (all used when possible)."""
-    counts = np.broadcast_to(np.asarray(kept_per_filter, dtype=np.int64), (out_channels,))
-    library = np.array([ALL_SHAPES[i] for i in rng.choice(len(ALL_SHAPES), library_size, replace=False)], np.int64)
-    total = int(counts.sum())
-    pattern_ids = rng.integers(0, library_size, total)
-    pattern_ids[: min(total, library_size)] = np.arange(min(total, library_size))
-    pattern_ids = rng.permutation(pattern_ids)
-
-    rows, i = [], 0
-    for f in np.argsort(-counts, kind="stable"):  # filters by decreasing work
-        channels = rng.choice(in_channels, int(counts[f]), replace=False)
-        ids = pattern_ids[i : i + len(channels)]
-        i += len(channels)
-        rows += sorted((int(p), int(c), int(f)) for p, c in zip(ids, channels))
-    kernel_patterns = np.array([r[0] for r in rows], np.int64)
-    kernel_channels = np.array([r[1] for r in rows], np.int64)
-    kernel_filters = np.array([r[2] for r in rows], np.int64)
-    weights = rng.standard_normal((len(rows), 4)).astype(np.float32)
-
-    dense = np.zeros((out_channels, in_channels, 9), np.float32)
-    for k in range(len(rows)):
-        dense[kernel_filters[k], kernel_channels[k], library[kernel_patterns[k]]] = weights[k]
-    return PatternLayer(library, kernel_filters, kernel_channels, kernel_patterns, weights,
-                        dense.reshape(out_channels, in_channels, 3, 3))
-
-
-def kept_per_filter_for_ratio(in_channels: int, ratio: float) -> int:
-    """Kernels a filter keeps so that 9*C dense weights / (4 * kept) is about `ratio` (2.25 keeps every kernel)."""
-    return max(1, min(in_channels, round(in_channels * 9 / 4 / ratio)))
-
-
-def _model(nodes, initializers, x_shape, opsets, z_shape=None) -> onnx.ModelProto:
-    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, None if x_shape is None else list(x_shape))]
-    if z_shape is not None:
-        inputs.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, list(z_shape)))
-    graph = helper.make_graph(nodes, "layer", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
-    model.ir_version = 8
-    return model
-
-
-def pattern_conv_model(layer: PatternLayer, x_shape, bias=None, strides=(1, 1), pads=(1, 1, 1, 1),
-                       activation=(-math.inf, math.inf), z_shape=None, **overrides) -> onnx.ModelProto:
-    """One PatternConv node (no reference function: it needs ctprune's library). `overrides` replace attributes.
-    z_shape: the residual Z becomes a graph input of that shape."""
-    O, C = layer.dense.shape[:2]
-    attrs = dict(weight_shape=[O, C, 3, 3], patterns=layer.patterns.ravel().tolist(),
-                 kernel_filters=layer.kernel_filters.tolist(), kernel_channels=layer.kernel_channels.tolist(),
-                 kernel_patterns=layer.kernel_patterns.tolist(), strides=list(strides), pads=list(pads),
-                 dilations=[1, 1], group=1, activation_min=float(activation[0]), activation_max=float(activation[1]))
-    attrs.update(overrides)
-    inits = [onnx.numpy_helper.from_array(layer.weights, "W")]
-    inputs = ["X", "W"]
-    if bias is not None:
-        inits.append(onnx.numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
-        inputs.append("B")
-    if z_shape is not None:
-        inputs += [""] * (3 - len(inputs)) + ["Z"]
-    node = helper.make_node("PatternConv", inputs, ["Y"], domain=DOMAIN)
-    for key, value in attrs.items():  # typed explicitly: a filter list may be empty (every kernel removed)
-        kind = onnx.AttributeProto.INTS if isinstance(value, list) else None
-        node.attribute.append(helper.make_attribute(key, value, attr_type=kind))
-    return _model([node], inits, x_shape, [("", 17), (DOMAIN, 1)], z_shape)
-
-
-def dense_conv_model(layer: PatternLayer, x_shape, bias=None, strides=(1, 1), pads=(1, 1, 1, 1),
-                     activation=(-math.inf, math.inf)) -> onnx.ModelProto:
-    """onnxruntime's Conv on the masked dense weight, followed by Clip when there is an activation."""
-    inits = [onnx.numpy_helper.from_array(layer.dense, "Wd")]
-    inputs = ["X", "Wd"]
-    if bias is not None:
-        inits.append(onnx.numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
-        inputs.append("B")
-    lo, hi = activation
-    clip = not (math.isinf(lo) and lo < 0 and math.isinf(hi) and hi > 0)
-    nodes = [helper.make_node("Conv", inputs, ["Yc" if clip else "Y"], kernel_shape=[3, 3], strides=list(strides),
-                              pads=list(pads))]
-    if clip:
-        inits += [onnx.numpy_helper.from_array(np.array(v, np.float32), n)
-                  for v, n in ((max(lo, -3.4e38), "lo"), (min(hi, 3.4e38), "hi"))]
-        nodes.append(helper.make_node("Clip", ["Yc", "lo", "hi"], ["Y"]))
-    return _model(nodes, inits, x_shape, [("", 17)])
 
 
 def session(model: onnx.ModelProto, threads: int, library: str | None = None):

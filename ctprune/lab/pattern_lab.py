@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctprune.lab.bench_layers import ALL_SHAPES, kept_per_filter_for_ratio, session
+from ctprune.lab.bench_layers import session
+from ctprune.lab.layer_model import ALL_PATTERNS, kept_per_filter_for_ratio
 from ctprune.lab.layer_model import dense_conv_layer_model, pattern_conv_layer_model
 from ctprune.rewrite.pattern_conv import LayerPatterns, compact_from_dense
 
@@ -80,7 +81,7 @@ class Layer:
 
 
 def _library(rng, size=8) -> np.ndarray:
-    return np.array([ALL_SHAPES[i] for i in rng.choice(len(ALL_SHAPES), size, replace=False)], np.int64)
+    return ALL_PATTERNS[rng.choice(len(ALL_PATTERNS), size, replace=False)]
 
 
 def _with_weights(rng, patterns: LayerPatterns) -> Layer:

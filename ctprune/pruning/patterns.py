@@ -10,7 +10,6 @@ Shapes: importance tensors are (O, C, 9) — one row of 9 tap scores per kernel 
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterable, Mapping
 
@@ -18,12 +17,13 @@ import numpy as np
 import torch
 
 from ctprune.errors import RatioError
+from ctprune.ops.names import ALL_PATTERNS as SPEC_PATTERNS
+from ctprune.ops.names import PATTERN_KEEP, PATTERN_TAPS
 
 log = logging.getLogger(__name__)
 
-TAPS = 9
-KEEP = 4
-ALL_PATTERNS = np.array(list(itertools.combinations(range(TAPS), KEEP)), dtype=np.int64)  # (126, 4), ascending
+TAPS, KEEP = PATTERN_TAPS, PATTERN_KEEP
+ALL_PATTERNS = np.array(SPEC_PATTERNS, dtype=np.int64)  # (126, 4), ascending (ops/names.py)
 MAX_PATTERNS = len(ALL_PATTERNS)
 
 
