@@ -63,6 +63,20 @@ def kernel_object(tmp_path_factory):
     return obj, out.stdout + out.stderr, spec_objects
 
 
+@pytest.fixture(scope="module")
+def other_kernel_objects(tmp_path_factory):
+    """nvcc -c of the other .cu files of csrc/cuda (SparseConv's), which a CUDA build links beside PatternConv's."""
+    folder = tmp_path_factory.mktemp("nvcc_other")
+    objects = []
+    for source in sorted((CSRC / "cuda").glob("*.cu")):
+        if source.name == "pattern_conv_impl.cu":
+            continue
+        objects.append(folder / (source.stem + ".o"))
+        subprocess.run([NVCC, "-c", str(source), "-o", str(objects[-1]), "-O3", "-std=c++17", "-arch=sm_90",
+                        "-Xcompiler", "-fPIC", f"-I{CSRC}"], check=True, capture_output=True, text=True)
+    return objects
+
+
 @needs_nvcc
 def test_nvcc_compiles_the_kernel(kernel_object):
     obj, _, _ = kernel_object
@@ -130,7 +144,7 @@ def test_onnxruntime_op_compiles_against_cuda_headers(tmp_path):
 
 @needs_nvcc
 @needs_ort_headers
-def test_cuda_enabled_library_links_and_loads(kernel_object, tmp_path):
+def test_cuda_enabled_library_links_and_loads(kernel_object, other_kernel_objects, tmp_path):
     # The CUDA build's link, without recompiling the CPU kernels: the CPU objects of the last `pip install -e .`,
     # register.cc with CTPRUNE_WITH_CUDA, the CUDA op and the nvcc object. It must link with no undefined symbol,
     # export only RegisterCustomOps, need libcudart, and load into (CPU) onnxruntime, whose PatternConv still works.
@@ -155,7 +169,8 @@ def test_cuda_enabled_library_links_and_loads(kernel_object, tmp_path):
         objs.append(obj)
     lib_dir = str(Path(inc).parent / "lib")
     lib = tmp_path / "libctprune_ops_cuda.so"
-    linked = subprocess.run(["g++", "-shared", "-o", str(lib)] + [str(p) for p in cpu_objects + objs + [kernel_object[0]]] +
+    kernels = [kernel_object[0]] + other_kernel_objects
+    linked = subprocess.run(["g++", "-shared", "-o", str(lib)] + [str(p) for p in cpu_objects + objs + kernels] +
                             [f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}", "-lcudart", "-Wl,--no-undefined",
                              f"-Wl,--version-script={CSRC / 'ops' / 'exports.lds'}"], capture_output=True, text=True)
     assert linked.returncode == 0, linked.stderr

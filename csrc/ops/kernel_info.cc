@@ -63,6 +63,35 @@ NodeAttributes ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, cons
   return attributes;
 }
 
+std::vector<int64_t> ConstantIndexInput(const OrtApi& api, const OrtKernelInfo* info, size_t index, const char* name,
+                                        ONNXTensorElementDataType* type) {
+  int is_constant = 0;
+  const OrtValue* value = nullptr;
+  if (!Succeeded(api, api.KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value)) || !is_constant ||
+      value == nullptr)
+    throw InvalidNode(std::string("input ") + name + " must be a constant initializer for ctprune's kernel");
+  Ort::ConstValue tensor(value);
+  const auto shape_info = tensor.GetTensorTypeAndShapeInfo();
+  const std::vector<int64_t> shape = shape_info.GetShape();
+  if (shape.size() != 1) throw InvalidNode(std::string("input ") + name + " must be 1-D, got shape " + ShapeStr(shape));
+  *type = shape_info.GetElementType();
+  const size_t n = static_cast<size_t>(shape[0]);
+  std::vector<int64_t> out(n);
+  if (*type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16) {
+    const uint16_t* p = tensor.GetTensorData<uint16_t>();
+    for (size_t i = 0; i < n; ++i) out[i] = p[i];
+  } else if (*type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) {
+    const int32_t* p = tensor.GetTensorData<int32_t>();
+    for (size_t i = 0; i < n; ++i) out[i] = p[i];
+  } else if (*type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64) {
+    const int64_t* p = tensor.GetTensorData<int64_t>();
+    for (size_t i = 0; i < n; ++i) out[i] = p[i];
+  } else {
+    throw InvalidNode(std::string("input ") + name + " must hold uint16, int32 or int64 indices");
+  }
+  return out;
+}
+
 std::string NodeLabel(const OrtApi& api, const OrtKernelInfo* info, const char* op_type, const char* suffix) {
   std::string label = std::string(op_type) + " node";
   size_t size = 0;

@@ -3,6 +3,7 @@
     python -m ctprune.lab.bench_cuda                    # the CPU benchmark's layer set, batch 1 and 32, 2.25x/4x/8x
     python -m ctprune.lab.bench_cuda --quick            # fewer runs
     python -m ctprune.lab.bench_cuda --markdown out.md  # also write the tables
+    python -m ctprune.lab.bench_cuda --sparse           # SparseConv's kernels instead (bench_cuda_sparse.py)
 
 Needs a CUDA GPU, torch with CUDA and nvcc (the kernel is built through ctprune.lab.cuda_harness). Layers are drawn as
 the CPU benchmark draws them (ctprune.lab.bench_layers: every filter keeps the same number of kernels). cuDNN runs on the
@@ -103,11 +104,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer timed blocks")
     parser.add_argument("--batch", type=int, nargs="+", default=BATCHES)
-    parser.add_argument("--ratios", type=float, nargs="+", default=RATIOS)
+    parser.add_argument("--ratios", type=float, nargs="+", default=None, help="default 2.25 4 8 (--sparse: 2 4 8)")
+    parser.add_argument("--sparse", action="store_true", help="SparseConv's 1x1 and FC shapes (bench_cuda_sparse.py)")
     parser.add_argument("--runs", type=int, default=None, help="timed blocks per contender and layer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
+    args.ratios_given = args.ratios is not None
+    args.ratios = args.ratios or RATIOS
+    if args.sparse:
+        from ctprune.lab.bench_cuda_sparse import main_sparse
+
+        return main_sparse(args)
 
     import torch
 
