@@ -184,7 +184,9 @@ class Pipeline(PruneOptions):
         """Training-time BatchNorm after each pruned Conv whose BN was folded at export (see recalibrate.py)."""
         from ctprune.pruning.recalibrate import FoldedBNRecalibration
 
-        op_of = {n.name: n.op_type for n in model.graph.node}
+        from ctprune.graph.layers import layer_key
+
+        op_of = {layer_key(n): n.op_type for n in model.graph.node}
         params = student.onnx_parameters()
         convs = {}
         for layer in layers:

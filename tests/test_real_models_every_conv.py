@@ -207,7 +207,7 @@ def masked_dense_model(pruned: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(onnx.helper.make_node("Mul", [clipped, f"{tag}::gate"], [node.output[0]]))
     del g.node[:]
     g.node.extend(nodes)
-    used = {name for n in nodes for name in n.input}
+    used = {name for n in nodes for name in n.input} | {i.name for i in g.input}  # inputs may be initializers too
     for t in [t for t in g.initializer if t.name not in used]:  # the compact W, I, P
         g.initializer.remove(t)
     del m.functions[:]
@@ -380,9 +380,23 @@ def test_output_equals_masked_dense_model(name, run_of):
     functions = run_ort(pruned, x)
     sess = ctprune.InferenceSession(str(r["out"]), providers=["CPUExecutionProvider"])
     kernels = sess.run(None, {input_name: x})
+    # onnxruntime itself, with its graph optimisations off, differs from itself on the same dense model: a sigmoid
+    # heatmap of ~3e-4 (CenterFace) moves by 3.6e-4 of its maximum. The bar is 1e-4 or twice that floor.
+    floors = [rel_err(a, e) for a, e in zip(run_unoptimised(reference, x), expected)]
     assert len(expected) == len(functions) == len(kernels)
-    for e, f, k in zip(expected, functions, kernels):
+    for e, f, k, floor in zip(expected, functions, kernels, floors):
         assert e.shape == f.shape == k.shape
         assert np.isfinite(e).all() and np.abs(e).max() > 0
-        assert rel_err(f, e) <= 1e-4
-        assert rel_err(k, e) <= 1e-4
+        assert floor < 1e-3, "the reference itself is unstable"
+        assert rel_err(f, e) <= max(1e-4, 2 * floor)
+        assert rel_err(k, e) <= max(1e-4, 2 * floor)
+
+
+def run_unoptimised(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})

@@ -96,6 +96,12 @@ class ConvLayer:
         return tuple(self.kernel_shape) == (3, 3) and self.group == 1
 
 
+def layer_key(node: onnx.NodeProto) -> str:
+    """How ctprune names a layer: its node's name, or for an unnamed node (legal ONNX, common in older exports) the
+    name of its output, which is unique in a graph. The rewriter finds a layer by either."""
+    return node.name or node.output[0]
+
+
 def shaped_model(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
     """A copy with the input shape applied, batch fixed to 1 where dynamic, and shapes inferred."""
     m = onnx.ModelProto()
@@ -120,7 +126,7 @@ def conv_layers(model: onnx.ModelProto, input_shape=None) -> list[ConvLayer]:
     consumers: dict[str, list[str]] = {}
     for node in m.graph.node:
         for name in node.input:
-            consumers.setdefault(name, []).append(node.name)
+            consumers.setdefault(name, []).append(layer_key(node))
     layers = []
     for node in m.graph.node:
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
@@ -141,7 +147,7 @@ def conv_layers(model: onnx.ModelProto, input_shape=None) -> list[ConvLayer]:
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         layers.append(
             ConvLayer(
-                node_name=node.name,
+                node_name=layer_key(node),
                 weight_name=node.input[1],
                 bias_name=bias,
                 in_channels=in_per_group * group,
@@ -242,6 +248,6 @@ def fc_layers(model: onnx.ModelProto, input_shape=None) -> list[FCLayer]:
             beta = float(attrs.get("beta", 1.0))
             if b_shape is None or math.prod(b_shape) != out_f or beta != 1.0:
                 why = "bias is not a stored (O,) vector with beta 1"
-        layers.append(FCLayer(node.name, node.op_type, node.input[1], bias, int(in_f), int(out_f), transposed,
+        layers.append(FCLayer(layer_key(node), node.op_type, node.input[1], bias, int(in_f), int(out_f), transposed,
                               node.output[0], _reaches_output(m, node.output[0], readers), why))
     return layers
