@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -13,6 +14,59 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 LIGHT_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 REAL_MODELS_DIR = Path(os.environ.get("CTPRUNE_REAL_MODELS", REPO / ".deps" / "models"))
+
+
+# Markers (declared in pytest.ini) by what a test needs that a machine may lack, in one table: "file" marks a whole
+# module, "file::test" one test function (every parametrization of it). A new file joins with a line here.
+MARKED = {
+    "gpu": ("test_cuda_kernel.py", "test_cuda_kernel_sparse.py", "test_cuda_session.py"),
+    "real_models": ("test_real_models_every_conv.py", "test_graph_parity.py::test_real_model",
+                    "test_graph_parity.py::test_paddle_weights_are_constant_nodes",
+                    "test_graph_parity.py::test_tf_model_is_nhwc"),
+    "slow": ("test_real_models_every_conv.py", "test_hardening_kill.py", "test_hardening_graph_size.py",
+             "test_fuzz_patternconv.py", "test_train_examples.py", "test_precrop_real.py"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        function = f"{module}::{item.originalname}"
+        for mark, where in MARKED.items():
+            if module in where or function in where:
+                item.add_marker(getattr(pytest.mark, mark))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "avx512" in params.values():  # an ISA-tier parametrization (tier="avx512")
+            item.add_marker(pytest.mark.avx512)
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_library_or_none() -> str | None:
+    """The path of ctprune's built kernel library, or None where it is not built (pip install -e .)."""
+    from ctprune.errors import CtpruneError
+    from ctprune.runtime import kernel_library_path
+
+    try:
+        return kernel_library_path()
+    except CtpruneError:
+        return None
+
+
+def skip_without_library():
+    """A skip mark for tests that run ctprune's kernels: `needs_library = skip_without_library()`."""
+    return pytest.mark.skipif(kernel_library_or_none() is None,
+                              reason="ctprune's kernel library is not built (pip install -e .)")
+
+
+@pytest.fixture(scope="session")
+def library():
+    """The kernel library's path; the test is skipped, saying why, where it is not built."""
+    from ctprune.runtime import kernel_library_path
+
+    try:
+        return kernel_library_path()
+    except Exception as err:  # not built: every kernel test says why instead of erroring
+        pytest.skip(f"kernel library not built: {err}")
 
 
 @pytest.fixture

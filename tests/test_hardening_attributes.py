@@ -35,16 +35,6 @@ REQUIRED = ["weight_shape", "patterns", "kernel_filters", "kernel_channels", "ke
 FUNCTION_LAXER = {("patterns", "TENSOR")}
 
 
-@pytest.fixture(scope="module")
-def library():
-    from ctprune.runtime import kernel_library_path
-
-    try:
-        return kernel_library_path()
-    except Exception as err:
-        pytest.skip(f"kernel library not built: {err}")
-
-
 def base_model():
     layer = random_pattern_layer(np.random.default_rng(1), 4, 3, [3, 2, 1, 0])
     return pattern_conv_model(layer, (1, 3, 5, 5), activation=(0.0, 6.0))

@@ -36,16 +36,6 @@ SPECIALS = np.array([np.nan, np.inf, -np.inf], np.float32)
 CASES_PER_POINT = 6
 
 
-@pytest.fixture(scope="module")
-def library():
-    from ctprune.runtime import kernel_library_path
-
-    try:
-        return kernel_library_path()
-    except Exception as err:
-        pytest.skip(f"kernel library not built: {err}")
-
-
 @pytest.fixture(autouse=True)
 def poisoned_output(monkeypatch):
     monkeypatch.setenv("CTPRUNE_POISON_OUTPUT", "1")

@@ -7,24 +7,13 @@ import threading
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 
 import ctprune
-from ctprune.errors import CtpruneError
 from ctprune.lab.layer_model import pattern_and_dense_models, random_layer_patterns
-from ctprune.runtime import session as runtime
-from tests.conftest import rel_err
+from tests.conftest import rel_err, skip_without_library
 
 
-def _built() -> bool:
-    try:
-        runtime.kernel_library_path()
-        return True
-    except CtpruneError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _built(), reason="ctprune's kernel library is not built (pip install -e .)")
+pytestmark = skip_without_library()
 THREADS = 8
 
 

@@ -28,16 +28,6 @@ TIERS = ["generic", "generic16", "avx2", "avx512"]
 MAX_MACS = 3e7  # dense multiply-adds per random case: keeps each case to milliseconds
 
 
-@pytest.fixture(scope="module")
-def library():
-    from ctprune.runtime import kernel_library_path
-
-    try:
-        return kernel_library_path()
-    except Exception as err:  # not built: every kernel test says why instead of erroring
-        pytest.skip(f"kernel library not built: {err}")
-
-
 @pytest.fixture(autouse=True)
 def poisoned_output(monkeypatch):
     monkeypatch.setenv("CTPRUNE_POISON_OUTPUT", "1")

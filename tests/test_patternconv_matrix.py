@@ -17,10 +17,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from ctprune.errors import CtpruneError
 from ctprune.rewrite import dense_from_compact
 from ctprune.lab.layer_model import dense_conv_layer_model, pattern_and_dense_models, random_layer_patterns
-from ctprune.runtime import kernel_library_path, session_options
+from ctprune.runtime import session_options
+from conftest import skip_without_library
 
 SEED = int(os.environ.get("CTPRUNE_TEST_SEED", secrets.randbits(32)))
 SAMPLED = 40
@@ -28,14 +28,7 @@ MAX_MACS = 4e7  # per case (dense-equivalent multiply-adds): keeps the reference
 ACTIVATIONS = {"none": (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0), "clip": (-0.3, 0.4)}
 
 
-def _library_or_none():
-    try:
-        return kernel_library_path()
-    except CtpruneError:
-        return None
-
-
-needs_library = pytest.mark.skipif(_library_or_none() is None, reason="ctprune's kernel library is not built (pip install -e .)")
+needs_library = skip_without_library()
 
 
 def _case(N, C, O, H, W, stride, pad, bias, activation, kept, empty, library, threads):

@@ -15,10 +15,11 @@ import torch
 import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
 
-from ctprune.errors import CtpruneError, GraphError
+from ctprune.errors import GraphError
 from ctprune.rewrite import LayerPatterns, rewrite_model
 from ctprune.graph import weightless
 from ctprune.lab.layer_model import random_layer_patterns
+from conftest import kernel_library_or_none
 
 
 class Block(nn.Module):
@@ -96,16 +97,6 @@ def rel_err(a, b) -> float:
     return float(np.abs(a.astype(np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def library_built() -> bool:
-    from ctprune.runtime import kernel_library_path
-
-    try:
-        kernel_library_path()
-        return True
-    except CtpruneError:
-        return False
-
-
 def test_resnet_rewrite_keeps_graph_and_outputs(resnet_onnx):
     seed = secrets.randbits(32)
     rng = np.random.default_rng(seed)
@@ -156,7 +147,7 @@ def test_resnet_rewrite_keeps_graph_and_outputs(resnet_onnx):
         got = run(out, feeds)[0]
         assert got.shape == want.shape == (batch, 10)
         assert rel_err(got, want) <= 1e-4, f"seed {seed}"
-        if library_built():
+        if kernel_library_or_none():
             assert rel_err(run(out, feeds, library=True)[0], want) <= 1e-4, f"seed {seed}"
 
 
@@ -247,7 +238,7 @@ def test_ir3_opset9_model_is_upgraded_and_cleaned(detach_above, monkeypatch):
     x = rng.standard_normal((2, 4, 9, 9)).astype(np.float32)
     want = run(model, {"x": x})[0]
     assert rel_err(run(out, {"x": x})[0], want) <= 1e-4, f"seed {seed}"
-    if library_built():
+    if kernel_library_or_none():
         assert rel_err(run(out, {"x": x}, library=True)[0], want) <= 1e-4, f"seed {seed}"
 
 
@@ -352,7 +343,7 @@ def test_residual_adds_fuse_only_where_the_shapes_and_readers_allow():
     for batch in (1, 2):
         feeds = {n: rng.standard_normal((batch, 4, 6, 6)).astype(np.float32) for n in ("x", "r")}
         want = run(masked, feeds)
-        for library in (False, True) if library_built() else (False,):
+        for library in (False, True) if kernel_library_or_none() else (False,):
             got = run(out, feeds, library=library)
             for g, w in zip(got, want):
                 assert g.shape == w.shape and rel_err(g, w) <= 1e-4, f"seed {seed}, library {library}"
@@ -387,5 +378,5 @@ def test_batchnorm_after_a_conv_is_folded_and_then_its_residual_and_relu_fuse():
     for batch in (1, 2):
         feeds = {n: rng.standard_normal((batch, 4, 6, 6)).astype(np.float32) for n in ("x", "r")}
         want = run(masked, feeds)[0]
-        for library in (False, True) if library_built() else (False,):
+        for library in (False, True) if kernel_library_or_none() else (False,):
             assert rel_err(run(out, feeds, library=library)[0], want) <= 1e-4, f"seed {seed}, library {library}"

@@ -16,17 +16,10 @@ import ctprune
 from ctprune.runtime import session as runtime
 from ctprune.errors import CtpruneError
 from ctprune.lab.layer_model import pattern_and_dense_models, random_layer_patterns
+from conftest import kernel_library_or_none, skip_without_library
 
 
-def _built() -> bool:
-    try:
-        runtime.kernel_library_path()
-        return True
-    except CtpruneError:
-        return False
-
-
-needs_library = pytest.mark.skipif(not _built(), reason="ctprune's kernel library is not built (pip install -e .)")
+needs_library = skip_without_library()
 
 
 def executed_ops(model: onnx.ModelProto, feeds, tmp_path, options: ort.SessionOptions, library: bool) -> list[str]:
@@ -115,7 +108,7 @@ def test_bench_models_table_and_cli(tmp_path, capsys):
     rows = bench_models([dense_path, pattern_model], threads=1, batch=3, repeats=5, progress=False)
     assert [r.model for r in rows] == [str(dense_path), "#2 layer"]
     assert rows[0].runs_with == "onnxruntime"
-    assert rows[1].runs_with == ("ctprune kernels" if _built() else "reference function (library not built)")
+    assert rows[1].runs_with == ("ctprune kernels" if kernel_library_or_none() else "reference function (library not built)")
     assert rows[0].speedup == 1.0 and all(r.median_ms > 0 and r.p10_ms <= r.median_ms <= r.p90_ms for r in rows)
     assert rows[1].speedup == pytest.approx(rows[0].median_ms / rows[1].median_ms)
     table = render_bench(rows)

@@ -15,24 +15,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from ctprune.errors import CtpruneError
 from ctprune.lab.layer_model import sparse_and_dense_models
 from ctprune.rewrite.sparse_conv import Activation
-from ctprune.runtime import kernel_library_path, session_options
+from ctprune.runtime import session_options
+from conftest import skip_without_library
 
 SEED = int(os.environ.get("CTPRUNE_TEST_SEED", secrets.randbits(32)))
 ACTIVATIONS = [Activation.none(), Activation.relu(), Activation.clip(0.0, 6.0), Activation.clip(-0.3, 0.4),
                Activation.hard_swish(), Activation.hard_sigmoid_mul(0.2, 0.5), Activation.silu()]
 
 
-def _library_or_none():
-    try:
-        return kernel_library_path()
-    except CtpruneError:
-        return None
-
-
-pytestmark = pytest.mark.skipif(_library_or_none() is None, reason="ctprune's kernel library is not built")
+pytestmark = skip_without_library()
 
 
 def _tiers():
