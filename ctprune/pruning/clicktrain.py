@@ -9,19 +9,16 @@ end. state_dict() / load_state_dict() make a resumed run continue exactly (impor
 
 What scores the weights (`importance`). "gradient": ClickTrain's (w * dL/dw)^2 accumulated over batches (ImportanceMeter;
 `average="gradient"` squares the averaged first-order term instead); "magnitude": w^2; "blend": the two, each divided
-by its layer mean, summed. The default is magnitude: starting from a converged model, every gradient-based score
-chose worse masks on the Fashion-MNIST ResNet-20 at 8x (one 188-step fine-tune, 5k test images: magnitude 90.0%,
-(w*g)^2 88.2%, (w*mean g)^2 88.8%, blend 87.8%; examples/RESULTS_clicktrain.md).
+by its layer mean, summed. The default is magnitude: starting from a converged model, the gradient-based scores
+chose worse masks (figures: examples/RESULTS_clicktrain.md, "Design notes").
 
 What the soft phase does (`soft_mode`). "gradual" (default): each selection runs at a ratio that rises from patterns
 alone (2.25x) to the target on a cubic (Zhu & Gupta's gradual pruning schedule) and zeroes the weights it removes;
 with `regrow` (default) they keep training until the next selection, which may bring them back (soft masks, as in
-soft filter pruning), so kernels are judged on the network as it adapts instead of once on the dense model. On the
-Fashion-MNIST ResNet-20 at 8x (5k test images): after 312 steps ahead of one-shot on 5 of 5 seeds (90.94% vs 90.60%;
-without regrowth seed 0 fell from 91.06% to 90.78%); after 937 and 1,874 steps level with it (-0.06 over 4 seeds,
-+0.03 over 3), and ahead of the lasso form (92.08% vs 91.62%, seed 0). "lasso": the masks are chosen at the
-target ratio from the start and a group lasso fades the to-be-pruned weights out (the paper's form); with magnitude
-scores its re-selections never changed a mask.
+soft filter pruning), so kernels are judged on the network as it adapts instead of once on the dense model; on short
+fine-tunes that beats one-shot pruning and the lasso form (examples/RESULTS_clicktrain.md, "Design notes"). "lasso":
+the masks are chosen at the target ratio from the start and a group lasso fades the to-be-pruned weights out (the
+paper's form).
 
 How the lasso soft phase pushes (`lasso`). "penalty": lambda * sum of group norms added to the loss (the paper's
 form; goes through momentum and the gradient clip). "proximal" (default): after each optimizer step, every
