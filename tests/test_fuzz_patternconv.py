@@ -80,11 +80,9 @@ def typed_value(value, kind):
             "TENSOR": np.array(ints, np.int64)}[kind]
 
 
-def mutate(rng, case):
-    """Applies one random mutation to `case` in place; returns its description."""
+def mutate_attributes(rng, case, kind):
+    """One change to the attributes (`kind`); returns its description."""
     a = case["attrs"]
-    kind = rng.choice(["retype", "relength", "revalue", "drop", "extra", "order", "x", "w", "b", "z", "nonfinite",
-                       "geometry", "activation"])
     names = sorted(a)
     if kind == "retype":
         name = str(rng.choice(names))
@@ -114,29 +112,43 @@ def mutate(rng, case):
         return "unknown attribute"
     if kind == "order":
         k = len(a.get("kernel_filters", []))
-        if k >= 2:
-            i, j = (int(v) for v in rng.choice(k, 2, replace=False))
-            which = str(rng.choice(["kernel_filters", "kernel_channels", "kernel_patterns", "all"]))
-            for name in (["kernel_filters", "kernel_channels", "kernel_patterns"] if which == "all" else [which]):
-                if name in a and isinstance(a[name], list) and len(a[name]) == k:
-                    a[name][i], a[name][j] = a[name][j], a[name][i]
-            return f"swap kernels {i}, {j} ({which})"
-        return "order (too few kernels)"
+        if k < 2:
+            return "order (too few kernels)"
+        i, j = (int(v) for v in rng.choice(k, 2, replace=False))
+        which = str(rng.choice(["kernel_filters", "kernel_channels", "kernel_patterns", "all"]))
+        for name in (["kernel_filters", "kernel_channels", "kernel_patterns"] if which == "all" else [which]):
+            if name in a and isinstance(a[name], list) and len(a[name]) == k:
+                a[name][i], a[name][j] = a[name][j], a[name][i]
+        return f"swap kernels {i}, {j} ({which})"
+    if kind == "geometry":
+        a["strides"] = [int(v) for v in rng.choice([1, 2, 3], 2)]
+        a["pads"] = [int(v) for v in rng.integers(0, 4, 4)]
+        return f"strides {a['strides']} pads {a['pads']}"
+    lo, hi = (float(v) for v in rng.choice(SPECIAL_FLOATS, 2))
+    a["activation_min"], a["activation_max"] = lo, hi
+    return f"activation ({lo}, {hi})"
+
+
+def mutate_x(rng, case):
+    shape = list(case["x"].shape)
+    how = int(rng.integers(0, 4))
+    if how == 0 and len(shape) > 1:
+        shape[1] = max(0, shape[1] + int(rng.choice([-1, 1])))
+    elif how == 1:
+        shape = shape[:3] if rng.random() < 0.5 else shape + [2]
+    elif how == 2 and len(shape) >= 4:
+        shape[2], shape[3] = int(rng.choice([0, 1, 2, 3, 300])), int(rng.choice([0, 1, 2, 3, 40]))
+    elif shape:
+        shape[0] = int(rng.choice([0, 4]))
+    if int(np.prod(shape)) <= MAX_ELEMENTS:
+        case["x"] = rng.standard_normal(shape).astype(np.float32)
+    return f"X shape {shape}"
+
+
+def mutate_tensors(rng, case, kind):
+    """One change to the inputs (`kind`: x, w, b, z shapes, or NaN/Inf values); returns its description."""
     if kind == "x":
-        x = case["x"]
-        shape = list(x.shape)
-        how = int(rng.integers(0, 4))
-        if how == 0 and len(shape) > 1:
-            shape[1] = max(0, shape[1] + int(rng.choice([-1, 1])))
-        elif how == 1:
-            shape = shape[:3] if rng.random() < 0.5 else shape + [2]
-        elif how == 2 and len(shape) >= 4:
-            shape[2], shape[3] = int(rng.choice([0, 1, 2, 3, 300])), int(rng.choice([0, 1, 2, 3, 40]))
-        elif shape:
-            shape[0] = int(rng.choice([0, 4]))
-        if int(np.prod(shape)) <= MAX_ELEMENTS:
-            case["x"] = rng.standard_normal(shape).astype(np.float32)
-        return f"X shape {shape}"
+        return mutate_x(rng, case)
     if kind == "w":
         k = case["w"].shape[0]
         shape = [[k + 1, 4], [max(0, k - 1), 4], [k, 3], [k * 4], [k, 4, 1]][int(rng.integers(0, 5))]
@@ -148,23 +160,23 @@ def mutate(rng, case):
         case["b"] = rng.standard_normal(shape).astype(np.float32)
         return f"B shape {shape}"
     if kind == "z":
-        y = case["x"].shape
-        shape = [[1], [2], [1, 1, 1, 1], list(y), []][int(rng.integers(0, 5))]
+        shape = [[1], [2], [1, 1, 1, 1], list(case["x"].shape), []][int(rng.integers(0, 5))]
         case["z"] = rng.standard_normal(shape).astype(np.float32)
         return f"Z shape {shape}"
-    if kind == "nonfinite":
-        which = str(rng.choice(["x", "w", "b", "z"]))
-        t = case[which]
-        if t is not None and t.size:
-            t.reshape(-1)[int(rng.integers(0, t.size))] = rng.choice([np.nan, np.inf, -np.inf])
-        return f"non-finite in {which}"
-    if kind == "geometry":
-        a["strides"] = [int(v) for v in rng.choice([1, 2, 3], 2)]
-        a["pads"] = [int(v) for v in rng.integers(0, 4, 4)]
-        return f"strides {a['strides']} pads {a['pads']}"
-    lo, hi = (float(v) for v in rng.choice(SPECIAL_FLOATS, 2))
-    a["activation_min"], a["activation_max"] = lo, hi
-    return f"activation ({lo}, {hi})"
+    which = str(rng.choice(["x", "w", "b", "z"]))
+    t = case[which]
+    if t is not None and t.size:
+        t.reshape(-1)[int(rng.integers(0, t.size))] = rng.choice([np.nan, np.inf, -np.inf])
+    return f"non-finite in {which}"
+
+
+def mutate(rng, case):
+    """Applies one random mutation to `case` in place; returns its description."""
+    kind = str(rng.choice(["retype", "relength", "revalue", "drop", "extra", "order", "x", "w", "b", "z", "nonfinite",
+                           "geometry", "activation"]))
+    if kind in ("x", "w", "b", "z", "nonfinite"):
+        return mutate_tensors(rng, case, kind)
+    return mutate_attributes(rng, case, kind)
 
 
 def build(case, with_function: bool):
