@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import shutil
 
 import numpy as np
@@ -171,6 +172,7 @@ class Pipeline(PruneOptions):
             recalibration.fold()
         student.cpu()
         plan.apply(weights)
+        del pruner  # its importance scores and per-weight masks (a float each) are not needed past the plan
         self.student = student
         trained = write_back(model, student)
         self.masked_dense = trained
@@ -284,8 +286,14 @@ class Pipeline(PruneOptions):
         return build_report(
             self.original, pruned, plan, ratio=self.ratio, method=self.method,
             kept_dense=getattr(self, "kept_dense", {}), notes=self.notes, accuracy=accuracy, agreement=agreement,
-            latency_ms=latency_ms(self.original, pruned, threads=self.latency_threads, batch=1),
+            latency_ms=latency_ms(self._model_path() or self.original, pruned, threads=self.latency_threads,
+                                  batch=1),
             train=self._train_report(), **extra)
+
+    def _model_path(self):
+        """The input model's file when it came from one: onnxruntime then reads it (and its external data) itself,
+        without a serialized copy of every weight in memory."""
+        return self.model if isinstance(self.model, (str, os.PathLike)) else None
 
     def _evaluate(self, pruned: onnx.ModelProto, plan_report: dict):
         """Accuracy before/after and top-1 agreement on eval data, with the pruned model run in onnxruntime."""
@@ -296,7 +304,8 @@ class Pipeline(PruneOptions):
         # The deployed model must be the trained one: its outputs equal the lifted student's.
         ref = _torch_batched(self.student, x[: max(step, min(len(x), 64))], step)
         n = len(ref)
-        err = float(np.abs(pruned_out[:n] - ref).max() / max(np.abs(ref).max(), 1e-12))
+        # relative to the output's scale, which may be ~0 where a sigmoid saturates (a pruned detector on noise)
+        err = float(np.abs(pruned_out[:n] - ref).max() / max(np.abs(ref).max(), 1e-6))
         if err > 1e-3:
             raise RuntimeError(f"internal error: the pruned ONNX model disagrees with the trained module ({err:.2e})")
         if self.eval_set is None:
