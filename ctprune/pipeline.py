@@ -158,6 +158,7 @@ class Pipeline(PruneOptions):
         pruner_class = OneShotPruner if self.schedule == "oneshot" else ClickTrainPruner
         pruner = pruner_class(weights, ratio=ratio, patterns=self.patterns, skipped=skipped, macs=macs,
                               allocation=self.allocation, sparse=decision.sparse, costs=decision.cost,
+                              max_density=decision.max_density,
                               **(self.pruner_options or {}))
         if self._epochs() == 0:
             if pruner.importance_kind != "magnitude":  # gradient importance needs a few batches first

@@ -135,3 +135,22 @@ def test_both_crops_then_prunes_every_form():
     assert any("channels cropped" in n for n in report["notes"])
     assert report["params"]["after"] < report["params"]["before"] / 2  # depthwise, stem and head stay dense
     _check_equal(result)
+
+
+def test_budget_is_not_spent_above_a_layers_break_even_density():
+    torch.manual_seed(1)
+    weights = {"a": torch.nn.Parameter(torch.randn(64, 64, 1, 1)), "b": torch.nn.Parameter(torch.randn(64, 64, 1, 1))}
+    sparse = {"a": SparseTarget(4), "b": SparseTarget(4)}
+    with torch.no_grad():  # "b" keeps its importance in a few input channels: uncapped, "a" takes most of the budget
+        weights["b"].mul_(0.01)[:, :4] += 1.0
+    free = ClickTrainPruner({n: torch.nn.Parameter(w.detach().clone()) for n, w in weights.items()}, ratio=4,
+                            sparse=sparse).prune_now()
+    capped = ClickTrainPruner({n: torch.nn.Parameter(w.detach().clone()) for n, w in weights.items()}, ratio=4,
+                              sparse=sparse, max_density={"a": 0.3}).prune_now()
+    density = {n: l.weights_after / l.weights_before for n, l in capped.sparse.items()}
+    assert free.sparse["a"].weights_after / 4096 > 0.3 + 0.05
+    assert density["a"] <= 0.3 + 4 / 4096 and capped.ratio_achieved == pytest.approx(4.0, rel=0.01)
+    # a cap the budget cannot live with is lifted, not obeyed by pruning past the ratio asked
+    tight = ClickTrainPruner({n: torch.nn.Parameter(w.detach().clone()) for n, w in weights.items()}, ratio=2,
+                             sparse=sparse, max_density={"a": 0.2, "b": 0.2}).prune_now()
+    assert tight.ratio_achieved == pytest.approx(2.0, rel=0.01)

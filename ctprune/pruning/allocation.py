@@ -35,6 +35,7 @@ class LayerGroups:
     forced: torch.Tensor
     dense_weights: int  # the layer's weights before pruning
     cost: float = 1.0  # multiply-adds (or their equivalent) per weight, relative or absolute
+    max_density: float | None = None  # above this the layer's compact form is no faster than dense (sparse_cost.py)
 
 
 def check_ratio(ratio: float) -> float:
@@ -121,6 +122,14 @@ def _relative_costs(layers: Mapping[str, LayerGroups]) -> dict[str, float]:
     return {n: (l.cost / mean if mean > 0 else 1.0) for n, l in layers.items()}
 
 
+def _speed_cap(layer: LayerGroups) -> float:
+    """Kept weights above which the layer would run no faster than dense: the budget is not spent there (a layer
+    that can never win keeps the usual ceiling and stays a dense op holding its zeros)."""
+    if layer.max_density is None or layer.max_density <= 0:
+        return float("inf")
+    return layer.max_density * layer.dense_weights
+
+
 def _weight_bounds(layers, budget, density, spread) -> dict[str, tuple[float, float]]:
     """{layer: (min kept weights, max kept weights)}; the relative floors yield to the forced groups when tight."""
     forced = {n: float(l.sizes[l.forced].sum()) for n, l in layers.items()}
@@ -131,5 +140,11 @@ def _weight_bounds(layers, budget, density, spread) -> dict[str, tuple[float, fl
     if extra > room:
         scale = max(room, 0) / extra if extra else 0.0
         floors = {n: forced[n] + scale * (floors[n] - forced[n]) for n in layers}
-    ceilings = {n: max(floors[n], min(full[n], l.dense_weights * density * spread)) for n, l in layers.items()}
+    free = {n: max(floors[n], min(full[n], l.dense_weights * density * spread)) for n, l in layers.items()}
+    ceilings = {n: max(floors[n], min(free[n], _speed_cap(l))) for n, l in layers.items()}
+    short = budget - sum(ceilings.values())
+    if short > 0:  # the speed caps cannot hold the budget: lift them evenly rather than prune past the ratio asked
+        room = sum(free.values()) - sum(ceilings.values())
+        lift = min(1.0, short / room) if room > 0 else 0.0
+        ceilings = {n: ceilings[n] + lift * (free[n] - ceilings[n]) for n in layers}
     return {n: (floors[n], ceilings[n]) for n in layers}

@@ -105,9 +105,11 @@ class ClickTrainPruner(TrainHooks):
         regrow: bool = True,
         sparse: Mapping[str, SparseTarget] | None = None,
         costs: Mapping[str, float] | None = None,
+        max_density: Mapping[str, float] | None = None,
     ):
         self.sparse = dict(sparse or {})  # layers pruned in blocks (pruning/layers.py); the rest are 3x3 pattern layers
         self.costs = dict(costs or {})
+        self.max_density = dict(max_density or {})  # sparse layers: the density above which they gain no speed
         check_prunable(weights, self.sparse)
         if soft_mode not in SOFT_MODES:
             raise ValueError(f"soft_mode must be one of {', '.join(SOFT_MODES)}, got {soft_mode!r}")
@@ -305,6 +307,7 @@ class ClickTrainPruner(TrainHooks):
             allocation=self.allocation,
             sparse=self.sparse,
             costs=self.costs,
+            max_density=self.max_density,
         )
         self.selections += 1
         if previous is not None and log.isEnabledFor(logging.DEBUG):  # comparing masks costs a pass over every layer

@@ -47,6 +47,7 @@ class PrunableLayers:
     skipped: dict[str, str] = field(default_factory=dict)
     macs: dict[str, int] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)
+    max_density: dict[str, float] = field(default_factory=dict)  # sparse layers' break-even density (sparse_cost.py)
 
     @property
     def pattern_names(self) -> list[str]:
@@ -80,6 +81,7 @@ def decide_layers(conv_layers: Iterable, fc_layers: Iterable, parameters: Mappin
             per_group = layer.out_channels // max(int(layer.group), 1)
             block = CONV_BLOCK if int(layer.group) == 1 or per_group % CONV_BLOCK == 0 else 1
             out.sparse[name] = SparseTarget(block, transposed=False, kind="conv")
+            out.max_density[name] = _break_even("conv", parameters[layer.weight_name].shape, layer, block)
         if getattr(layer, "macs", None) is not None:
             out.macs[name] = int(layer.macs)
             # a weight costs at least its read from memory: a Conv on a 1x1 image (squeeze-excite) is an FC layer
@@ -92,9 +94,21 @@ def decide_layers(conv_layers: Iterable, fc_layers: Iterable, parameters: Mappin
             continue
         out.weights[layer.node_name] = parameters[layer.weight_name]
         out.sparse[layer.node_name] = SparseTarget(FC_BLOCK, transposed=layer.transposed, kind="fc")
+        out.max_density[layer.node_name] = _break_even("fc", (layer.out_features, layer.in_features), None, FC_BLOCK)
         out.macs[layer.node_name] = int(layer.macs)
         out.cost[layer.node_name] = FC_COST_PER_WEIGHT
     return out
+
+
+def _break_even(kind: str, weight_shape, layer, block: int) -> float:
+    """The density below which SparseConv beats the dense op on this layer (0: never), from rewrite/sparse_cost.py."""
+    from ctprune.rewrite.sparse_cost import break_even_density
+
+    input_hw = tuple(layer.input_shape[1:]) if layer is not None and getattr(layer, "input_shape", None) else None
+    if layer is not None and (input_hw is None or None in input_hw):
+        return 0.0
+    stride = layer.strides[0] if layer is not None and getattr(layer, "strides", None) else 1
+    return float(break_even_density(kind, tuple(weight_shape), input_hw, stride, block))
 
 
 def prunable_convs(

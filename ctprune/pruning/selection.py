@@ -33,6 +33,7 @@ def select_plan(
     allocation: str = "importance",
     sparse: Mapping[str, SparseTarget] | None = None,
     costs: Mapping[str, float] | None = None,
+    max_density: Mapping[str, float] | None = None,
 ) -> PruningPlan:
     """importance {layer: (O, C, T) in the layer's mask view} -> the plan meeting `ratio` over these layers
     (RatioError if it cannot). Layers named in `sparse` are pruned in blocks; the others are 3x3 pattern layers.
@@ -50,6 +51,9 @@ def select_plan(
     block_scores = {n: block_importance(importance[n], sparse[n].block) for n in sparse}
     sparse_groups = {n: _block_groups(s, importance[n].shape[0], sparse[n].block, costs.get(n, 1.0))
                      for n, s in block_scores.items()}
+    for n, cap in (max_density or {}).items():
+        if n in sparse_groups:
+            sparse_groups[n].max_density = cap
     voters, library, assignments = None, PatternLibrary.empty(), {}
     for _ in range(2 if pattern_imp else 1):
         groups = dict(sparse_groups)
