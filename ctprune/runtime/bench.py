@@ -66,6 +66,10 @@ def _load(source: ModelSource, index: int) -> tuple[str, onnx.ModelProto]:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({err})") from err
 
 
+def _serialized(source) -> bytes:
+    return source if isinstance(source, bytes) else source.SerializeToString()
+
+
 def uses_ctprune_ops(model: onnx.ModelProto) -> bool:
     return any(node.domain == DOMAIN for node in model.graph.node)
 
@@ -124,7 +128,10 @@ def bench_models(
         runs_with.append(
             ("ctprune kernels" if library else "reference function (library not built)") if custom else "onnxruntime"
         )
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        # a file is read by onnxruntime itself: no serialized copy of every weight beside the parsed model
+        path = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+        del model
+        session = ort.InferenceSession(path or _serialized(source), options, providers=["CPUExecutionProvider"])
         names.append(name)
         sessions.append(session)
         feeds.append(random_feeds(session, batch, np.random.default_rng(seed), name))
