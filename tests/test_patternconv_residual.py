@@ -19,7 +19,7 @@ from ctprune.lab.layer_model import pattern_conv_model, random_pattern_layer
 from ctprune.ops.reference import pattern_conv_function, pattern_conv_numpy
 
 from test_patternconv_kernel import (  # noqa: F401
-    ACTIVATIONS, ORT_ERRORS, TIERS, library, poisoned_output, tier_available)
+    ACTIVATIONS, ORT_ERRORS, TIERS, poisoned_output, tier_available)
 
 SEED = int(os.environ.get("CTPRUNE_TEST_SEED", secrets.randbits(32)))
 
