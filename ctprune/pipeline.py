@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import math
 import os
-import shutil
 
 import numpy as np
 import onnx
@@ -66,11 +65,6 @@ class Pipeline(PruneOptions):
             return pruned, {}
         report = self._report(pruned, plan_report)
         return pruned, report
-
-    def cleanup(self) -> None:
-        """A finished run needs no checkpoint: remove it so the next run starts fresh."""
-        if self.checkpoint_dir is not None and getattr(self, "_finished", False):
-            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
     # ---- stages ---------------------------------------------------------------------------------------------------
     def _lift(self, model):
