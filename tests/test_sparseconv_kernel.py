@@ -163,6 +163,53 @@ def test_nan_and_inf_propagate_like_onnxruntime(tier):
             assert np.allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-4 * np.abs(expected[finite]).max())
 
 
+def _aligned(array):
+    """A 64-byte-aligned copy, so that the kernels read X in place and may stream Y (their aligned 1x1 path)."""
+    raw = np.empty(array.size + 16, dtype=np.float32)
+    start = (-raw.ctypes.data % 64) // 4
+    out = raw[start:start + array.size].reshape(array.shape)
+    out[...] = array
+    return out
+
+
+@pytest.mark.parametrize("tier", TIERS, indirect=True)
+@pytest.mark.parametrize("streamed", [False, True])
+def test_pointwise_in_place_streamed_and_fused_check(tier, streamed, monkeypatch):
+    """The 1x1 in-place path with the non-finite check inside the tile loop (forced on small inputs), with and without
+    streaming stores: values as the dense Conv, every output written, NaN/inf where the dense Conv has them."""
+    monkeypatch.setenv("CTPRUNE_SPARSE_FUSED_CHECK_BYTES", "0")
+    monkeypatch.setenv("CTPRUNE_SPARSE_STREAM_BYTES", "0" if streamed else str(1 << 40))
+    rng = np.random.default_rng([SEED, int(streamed), TIERS.index(tier)])
+    shapes = [((24, 16, 1, 1), (1, 16, 8, 8)), ((19, 40, 1, 1), (1, 40, 4, 12)), ((33, 12, 1, 1), (2, 12, 16, 16)),
+              ((8, 70, 1, 1), (1, 70, 2, 8))]
+    for weight_shape, x_shape in shapes:
+        for poisoned in (False, True):
+            case = dict(weight_shape=weight_shape, x_shape=x_shape, geometry={}, block=int(rng.choice([1, 2, 4, 8])),
+                        density=float(rng.choice([0.1, 0.3, 1.0])), empty=int(rng.integers(0, 2)),
+                        bias=bool(rng.integers(0, 2)), activation=ACTIVATIONS[int(rng.integers(0, len(ACTIVATIONS)))],
+                        residual=str(rng.choice(["none", "full", "one"])), threads=int(rng.integers(1, 3)))
+            sparse, dense, feeds, y_shape = _models(case, rng)
+            if poisoned:  # one value per run of channels: some land in channels that no block keeps
+                x = feeds["X"].reshape(-1)
+                x[rng.choice(x.size, 3, replace=False)] = [np.nan, np.inf, -np.inf]
+            feeds = {name: _aligned(value) for name, value in feeds.items()}
+            expected = plain_run(dense, feeds)
+            session = ort.InferenceSession(sparse.SerializeToString(), session_options(case["threads"]),
+                                           providers=["CPUExecutionProvider"])
+            out = _aligned(np.full(y_shape, np.nan, dtype=np.float32))
+            binding = session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            binding.bind_ortvalue_output("Y", ort.OrtValue.ortvalue_from_numpy(out))
+            session.run_with_iobinding(binding)
+            msg = f"CTPRUNE_TEST_SEED={SEED} case={case} poisoned={poisoned}"
+            np.testing.assert_array_equal(np.isnan(out), np.isnan(expected), err_msg=msg)
+            finite = np.isfinite(expected)
+            np.testing.assert_array_equal(np.isinf(out), np.isinf(expected), err_msg=msg)
+            scale = max(1e-3, float(np.abs(expected[finite]).max())) if finite.any() else 1.0
+            assert np.abs(out[finite] - expected[finite]).max(initial=0.0) <= 2e-5 * scale, msg
+
+
 def _malformed(**overrides):
     rng = np.random.default_rng(0)
     sparse, _, _ = sparse_and_dense_models(rng, (8, 4, 3, 3), (1, 4, 6, 6), 0.5, 4, function=False)

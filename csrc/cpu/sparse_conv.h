@@ -49,6 +49,15 @@ struct SparseConvJob {
   const float* residual;      // (O, OH, OW) of this image, or nullptr
   SparseEpilogue epilogue;
   float* out;                 // (O, OH, OW) of this image
+  // Streaming (non-temporal) stores for Y: set when Y is much larger than L2 (it would only evict the input) and every
+  // full vector of every output plane is aligned (plane a multiple of the lanes, Y aligned).
+  bool stream;
+  // The non-finite check fused into the tile loop (X read in place: a separate pass over X would read it from memory
+  // once more): when check_channels > 0, the call that starts at position 0 reads every channel's span of each tile
+  // (channel c at packed + c * check_plane) before the blocks do, and sets *nonfinite when one holds NaN or +-inf.
+  int check_channels;
+  size_t check_plane;
+  int* nonfinite;
 };
 
 // Blocks at positions [position_begin, position_end) over tiles [tile_begin, tile_end) of one image.

@@ -29,6 +29,8 @@ struct Avx2 {
   static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V Load(const float* p) { return _mm256_loadu_ps(p); }
   static void StoreU(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static void Stream(float* p, V v) { _mm256_stream_ps(p, v); }
+  static void Fence() { _mm_sfence(); }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V Add(V a, V b) { return _mm256_add_ps(a, b); }
   static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }

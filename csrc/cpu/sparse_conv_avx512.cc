@@ -33,6 +33,8 @@ struct Zmm {
   static V Broadcast(const float* p) { return _mm512_set1_ps(*p); }
   static V Load(const float* p) { return _mm512_loadu_ps(p); }
   static void StoreU(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void Stream(float* p, V v) { _mm512_stream_ps(p, v); }
+  static void Fence() { _mm_sfence(); }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V Add(V a, V b) { return _mm512_add_ps(a, b); }
   static V Mul(V a, V b) { return _mm512_mul_ps(a, b); }

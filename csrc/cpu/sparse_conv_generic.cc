@@ -36,6 +36,8 @@ struct Lanes {
     return r;
   }
   static void StoreU(float* p, V v) { std::memcpy(p, v.v, sizeof(v.v)); }
+  static void Stream(float* p, V v) { StoreU(p, v); }
+  static void Fence() {}
   static V Fma(V a, V b, V c) {
     for (int i = 0; i < N; ++i) c.v[i] += a.v[i] * b.v[i];
     return c;
