@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sparse", action="store_true", help="SparseConv's 1x1 and FC shapes instead (bench_sparse.py)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[4], help="--sparse: block sizes (FC: 8 unless given)")
-    parser.add_argument("--kinds", nargs="+", default=["conv", "fc"], choices=["conv", "fc"], help="--sparse: layers")
+    parser.add_argument("--kinds", nargs="+", default=["conv", "fc"], choices=["conv", "fc", "general"], help="--sparse: layers")
     args = parser.parse_args(argv)
     if args.sparse:
         from ctprune.lab.bench_sparse import main_sparse

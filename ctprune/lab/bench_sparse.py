@@ -2,6 +2,7 @@
 
     python -m ctprune.lab.bench_layers --sparse                 # 1x1 and FC shapes at 2x..16x, 1 thread, batch 1
     python -m ctprune.lab.bench_layers --sparse --threads 1 2 --blocks 1 4 8
+    python -m ctprune.lab.bench_layers --sparse --kinds general   # kxk, grouped and strided Convs (the general path)
 
 Both models run in the same process, same thread count, same input; timing alternates blocks of runs between the two
 sessions and reports medians (bench_layers._time_pair). Layers are built by ctprune.lab.layer_model (random block
@@ -22,6 +23,18 @@ POINTWISE = [
     (2048, 512, 7),
 ]
 FC = [(4096, 25088), (4096, 4096), (1000, 1280)]  # (O, I)
+# The general path (packed, shifted taps): (label, weight shape, input shape, geometry). Grouped 3x3 as in ResNeXt /
+# RegNet, 5x5 and 1x7 / 7x1 as in Inception, strided 1x1 (ResNet's downsampling shortcut) and a strided 3x3.
+GENERAL = [
+    ("3x3 g4", (128, 32, 3, 3), (1, 128, 28, 28), dict(group=4, pads=(1, 1, 1, 1))),
+    ("3x3 g8", (256, 32, 3, 3), (1, 256, 14, 14), dict(group=8, pads=(1, 1, 1, 1))),
+    ("5x5", (64, 64, 5, 5), (1, 64, 28, 28), dict(pads=(2, 2, 2, 2))),
+    ("1x7", (128, 128, 1, 7), (1, 128, 17, 17), dict(pads=(0, 3, 0, 3))),
+    ("7x1", (128, 128, 7, 1), (1, 128, 17, 17), dict(pads=(3, 0, 3, 0))),
+    ("1x1 s2", (512, 256, 1, 1), (1, 256, 56, 56), dict(strides=(2, 2))),
+    ("1x1 s2", (1024, 512, 1, 1), (1, 512, 28, 28), dict(strides=(2, 2))),
+    ("3x3 s2", (128, 64, 3, 3), (1, 64, 56, 56), dict(strides=(2, 2), pads=(1, 1, 1, 1))),
+]
 RATIOS = [2.0, 4.0, 8.0, 16.0]
 
 
@@ -29,13 +42,23 @@ def bench_sparse_layer(kind, shape, ratio, block, batch, threads, library, rng, 
     from ctprune.lab.bench_layers import _time_pair, session
     from ctprune.lab.layer_model import sparse_and_dense_models
 
+    geometry = {}
     if kind == "fc":
         O, I = shape
         weight_shape, x_shape, macs = (O, I), (batch, I), O * I * batch
+    elif kind == "general":
+        _, weight_shape, x_shape, geometry = shape
+        x_shape = (batch,) + tuple(x_shape[1:])
+        sh, sw = geometry.get("strides", (1, 1))
+        pt, pl, pb, pr = geometry.get("pads", (0, 0, 0, 0))
+        oh = (x_shape[2] + pt + pb - weight_shape[2]) // sh + 1
+        ow = (x_shape[3] + pl + pr - weight_shape[3]) // sw + 1
+        macs = int(np.prod(weight_shape)) * oh * ow * batch
     else:
         C, O, H = shape
         weight_shape, x_shape, macs = (O, C, 1, 1), (batch, C, H, H), O * C * H * H * batch
-    sparse, dense, compact = sparse_and_dense_models(rng, weight_shape, x_shape, 1.0 / ratio, block, function=False)
+    sparse, dense, compact = sparse_and_dense_models(rng, weight_shape, x_shape, 1.0 / ratio, block, function=False,
+                                                     **geometry)
     x = rng.standard_normal(x_shape).astype(np.float32)
     s_dense, s_sparse = session(dense, threads), session(sparse, threads, library)
     (t_dense, best_dense), (t_sparse, best_sparse) = _time_pair([s_dense, s_sparse], x, runs, block_runs)
@@ -52,8 +75,13 @@ def render(rows) -> str:
              "dense GFLOP/s | useful GFLOP/s | bytes / kept weight |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        shape = (f"C{r['shape'][0]} O{r['shape'][1]} {r['shape'][2]}x{r['shape'][2]}" if r["kind"] == "conv1x1"
-                 else f"{r['shape'][0]}x{r['shape'][1]}")
+        if r["kind"] == "conv1x1":
+            shape = f"C{r['shape'][0]} O{r['shape'][1]} {r['shape'][2]}x{r['shape'][2]}"
+        elif r["kind"] == "general":
+            label, ws, xs, _ = r["shape"]
+            shape = f"{label} C{xs[1]} O{ws[0]} {xs[2]}x{xs[3]}"
+        else:
+            shape = f"{r['shape'][0]}x{r['shape'][1]}"
         lines.append(f"| {r['kind']} | {shape} | {r['ratio']:g}x | {r['block']} | {r['threads']} | {r['dense_ms']:.3f} | "
                      f"{r['sparse_ms']:.3f} | {r['speedup']:.2f}x | {r['best_speedup']:.2f}x | "
                      f"{r['dense_gflops']:.1f} | {r['useful_gflops']:.1f} | {r['bytes_per_weight']:.2f} |")
@@ -88,6 +116,8 @@ def main_sparse(args) -> int:
             for r in ratios:
                 if "conv" in args.kinds:
                     cases += [("conv1x1", s, r, b, t) for s in POINTWISE]
+                if "general" in args.kinds:
+                    cases += [("general", s, r, b, t) for s in GENERAL]
                 if "fc" in args.kinds:
                     cases += [("fc", s, r, b, t) for s in FC]
     rows = []

@@ -12,14 +12,24 @@ The model: SparseConv time / dense time = FIXED + SLOPE * density. FIXED is what
 keeps (writing the output, the epilogue, the loop over blocks and tiles: large when a layer has few input channels or
 a large image, so each output has little work), SLOPE the cost of the kept multiply-adds relative to the dense op's.
 Constants are conservative fits (upper envelope, so a layer is kept sparse only where it was faster on every shape
-measured like it) to `python -m ctprune.lab.bench_layers --sparse --threads 1 --ratios 2 4 8 16 --blocks 4 8`
-(BENCHMARKS.md, "SparseConv"; 1 thread, batch 1, Xeon with AVX-512, onnxruntime 1.32):
+measured like it) to (BENCHMARKS.md, "SparseConv"; batch 1, Xeon with AVX-512, onnxruntime 1.32):
+
+    python -m ctprune.lab.bench_layers --sparse --threads 1 --ratios 2 4 8 16 --blocks 4 8 --kinds conv
+    python -m ctprune.lab.bench_layers --sparse --kinds general --threads 1 2 --ratios 2 4 8 16 --blocks 4 8
+    python -m ctprune.lab.bench_layers --sparse --threads 2 --ratios 4 8 --blocks 8 --kinds conv fc
+
 - 1x1 stride 1, per layer fits of 1/speedup over density: FIXED 0.01-0.62 (median 0.3; >= 0.45 on C <= 64 or H*W >=
-  3136), SLOPE 0.3-1.9 (median 0.85). Measured break-even densities 0.4-0.9 (2.5x-1.1x); every one of the 22 shapes
-  faster than dense from 4x on (block 4 and 8).
+  3136), SLOPE 0.3-1.9 (median 0.85); every one of the 22 shapes faster than dense from 2x on (block 4 and 8).
+- 1x1 stride 2 (subsampled into aligned planes, then the 1x1 path): FIXED <= 0.21, SLOPE <= 1.0.
+- every other Conv (kxk, grouped, dilated, strided kxk: packed planes, shifted unaligned reads): FIXED falls with the
+  dense multiply-adds per output K = Cg * kh * kw (K 288: 0.53-0.72, 576: 0.49, 896: 0.23, 1600: 0.14), about 300 / K
+  capped at 0.75; SLOPE <= 1.45 (grouped <= 1.02).
+- 2 threads: onnxruntime's dense op gains more from the second core than SparseConv does (1x1 at 8x: median 2.9x on
+  1 thread, 1.8x on 2): the costs are scaled by THREADS_FACTOR (FIXED, SLOPE); the general path's 2-thread slope is
+  twice its 1-thread one, and grouped 3x3 layers were slower than dense at 16x on 2 threads (so K 288 never qualifies).
+- blocks 1 and 2 (not measured on this machine for Convs): a block of 1 feeds one multiply-add per input load, so
+  slower per kept MAC: SLOPE scaled by BLOCK_SLOPE_FACTOR, a guess on the safe side.
 - FC at batch 1 (bandwidth-bound; see FC_* below).
-- other Convs (kxk, strided 1x1, dilated, grouped): not benchmarked yet; a deliberately cautious guess (the general
-  path reads shifted unaligned rows and packs the input).
 """
 
 from __future__ import annotations
@@ -32,19 +42,23 @@ MIN_DENSE_MACS = 20_000  # below this a call is fixed overheads on both sides: k
 
 # (FIXED, SLOPE) per form; the 1x1 FIXED depends on how much work each output has (see _pointwise_fixed).
 POINTWISE_SLOPE = {1: 3.0, 2: 2.0, 4: 1.5, 8: 1.5}  # block 1 feeds one FMA per input load: much slower per kept MAC
-GENERAL = {1: (0.6, 4.0), 2: (0.6, 3.0), 4: (0.5, 2.5), 8: (0.5, 2.5)}
+STRIDED_POINTWISE = (0.25, 1.0)  # 1x1 stride > 1, blocks 4 and 8
+GENERAL_FIXED_WORK, GENERAL_FIXED_MAX, GENERAL_SLOPE = 300.0, 0.75, 1.45  # FIXED = min(max, work / K); blocks 4, 8
+BLOCK_SLOPE_FACTOR = {1: 2.0, 2: 1.4, 4: 1.0, 8: 1.0}
+THREADS_FACTOR = {"conv1x1": (1.6, 1.6), "conv1x1s": (1.6, 1.6), "conv": (1.5, 2.0)}  # 2 threads or more
 FC = {1: (0.1, 2.0), 2: (0.1, 1.6), 4: (0.1, 1.3), 8: (0.1, 1.25)}
 
 
 def layer_form(kind: str, weight_shape: Sequence[int], stride: int | Sequence[int] = 1) -> str:
-    """"fc", "conv1x1" (1x1 stride 1: the aligned fast path) or "conv" (every other Conv)."""
+    """"fc", "conv1x1" (1x1 stride 1: the aligned fast path), "conv1x1s" (1x1 strided: subsampled, then that path) or
+    "conv" (every other Conv)."""
     if kind == "fc" or len(weight_shape) == 2:
         return "fc"
     if kind != "conv":
         raise ValueError(f"kind must be 'conv' or 'fc', got {kind!r}")
     strides = (stride, stride) if isinstance(stride, int) else tuple(stride)
-    if tuple(weight_shape[2:]) == (1, 1) and strides == (1, 1):
-        return "conv1x1"
+    if tuple(weight_shape[2:]) == (1, 1):
+        return "conv1x1" if strides == (1, 1) else "conv1x1s"
     return "conv"
 
 
@@ -53,15 +67,24 @@ def _pointwise_fixed(in_channels: int, pixels: int) -> float:
     return 0.6 if in_channels <= 64 or pixels >= 3136 else 0.3
 
 
-def _fixed_and_slope(form: str, weight_shape, input_hw, stride, block: int) -> tuple[float, float]:
+def _fixed_and_slope(form: str, weight_shape, input_hw, stride, block: int, threads: int = 1) -> tuple[float, float]:
     if block not in (1, 2, 4, 8):
         raise ValueError(f"no calibration for block {block} (blocks are 1, 2, 4, 8)")
     if form == "fc":
         return FC[block]
     if form == "conv1x1":
         h, w = (int(v) for v in input_hw)
-        return _pointwise_fixed(int(weight_shape[1]), h * w), POINTWISE_SLOPE[block]
-    return GENERAL[block]
+        fixed, slope = _pointwise_fixed(int(weight_shape[1]), h * w), POINTWISE_SLOPE[block]
+    elif form == "conv1x1s":
+        fixed, slope = STRIDED_POINTWISE[0], STRIDED_POINTWISE[1] * BLOCK_SLOPE_FACTOR[block]
+    else:
+        work = math.prod(int(d) for d in weight_shape[1:])  # dense multiply-adds per output
+        fixed = min(GENERAL_FIXED_MAX, GENERAL_FIXED_WORK / max(1, work))
+        slope = GENERAL_SLOPE * BLOCK_SLOPE_FACTOR[block]
+    if int(threads) > 1:
+        fixed_factor, slope_factor = THREADS_FACTOR[form]
+        fixed, slope = fixed * fixed_factor, slope * slope_factor
+    return fixed, slope
 
 
 def _dense_macs(form, weight_shape, input_hw, stride) -> int:
@@ -82,10 +105,9 @@ def estimated_speedup(
     block: int,
     threads: int = 1,
 ) -> float:
-    """Dense time / SparseConv time, estimated (see the module doc). `threads` is accepted for the interface; the
-    calibration is single-threaded (2 threads measured alike within noise on the 1x1 shapes)."""
+    """Dense time / SparseConv time, estimated (see the module doc); `threads` > 1 uses the 2-thread calibration."""
     form = layer_form(kind, weight_shape, stride)
-    fixed, slope = _fixed_and_slope(form, weight_shape, input_hw, stride, int(block))
+    fixed, slope = _fixed_and_slope(form, weight_shape, input_hw, stride, int(block), threads)
     if _dense_macs(form, weight_shape, input_hw, stride) < MIN_DENSE_MACS:
         return 1.0
     return 1.0 / (fixed + slope * min(1.0, max(0.0, float(density))))
@@ -109,5 +131,5 @@ def break_even_density(kind: str, weight_shape: Sequence[int], input_hw, stride,
     form = layer_form(kind, weight_shape, stride)
     if _dense_macs(form, weight_shape, input_hw, stride) < MIN_DENSE_MACS:
         return 0.0
-    fixed, slope = _fixed_and_slope(form, weight_shape, input_hw, stride, int(block))
+    fixed, slope = _fixed_and_slope(form, weight_shape, input_hw, stride, int(block), threads)
     return max(0.0, min(1.0, (1.0 / MARGIN - fixed) / slope))
