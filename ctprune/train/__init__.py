@@ -4,8 +4,9 @@
 """
 
 from ctprune.train.data import Dataset, load_data, synthetic_data
+from ctprune.train.evaluation import evaluate, resolve_device
 from ctprune.train.hooks import TrainHooks
-from ctprune.train.loop import TrainResult, evaluate, fine_tune, resolve_device
+from ctprune.train.loop import TrainResult, fine_tune
 
 __all__ = ["Dataset", "load_data", "synthetic_data", "TrainHooks", "TrainResult", "fine_tune", "evaluate",
            "resolve_device"]
