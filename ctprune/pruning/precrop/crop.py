@@ -29,6 +29,24 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
     out = onnx.ModelProto()
     out.CopyFrom(model)
     cg = cg or channel_graph(out)
+    _check_plan(cg, keep)
+    graph = out.graph
+    nodes = {node_label(n): n for n in graph.node}
+    cuts, new_shapes, const_of = _cuts(cg, keep, nodes)
+    uses = TensorReaders(graph)
+    _write_cut_constants(graph, nodes, uses, cuts, new_shapes, const_of)
+    for label, layout in cg.depthwise_convs.items():
+        channels = len(cg.kept_features(layout, keep))
+        for attr in nodes[label].attribute:
+            if attr.name == "group":
+                attr.i = channels
+    drop_unread(graph, [name for name, count in uses.items() if count > 0])
+    _sync_graph_inputs(out)
+    _reinfer_value_info(out)
+    return out
+
+
+def _check_plan(cg: ChannelGraph, keep: dict[str, np.ndarray]) -> None:
     for key, group in cg.groups.items():
         kept = keep.get(key)
         if kept is None:
@@ -37,11 +55,11 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
             raise GraphError(f"the crop plan cuts {group.describe()}, which must stay whole: {group.frozen}")
         if len(kept) == 0 or kept.max(initial=0) >= group.size:
             raise GraphError(f"the crop plan's channels for {group.describe()} are out of range")
-    graph = out.graph
-    consts = ConstantTable(graph)
-    nodes = {node_label(n): n for n in graph.node}
 
-    # Every (node, input slot) that reads a constant: the list of cuts (axis, indices) it needs.
+
+def _cuts(cg: ChannelGraph, keep: dict[str, np.ndarray], nodes: dict[str, onnx.NodeProto]):
+    """Per (node, input slot) that reads a constant to be cut: the cuts (axis, indices) it needs, or for a Reshape's
+    shape the new value of dim 1; and the constant each such site reads."""
     cuts: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = defaultdict(list)
     const_of: dict[tuple[str, int], str] = {}
     for s in cg.slices:
@@ -51,32 +69,26 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
         cuts[(s.node, s.slot)].append((s.axis, idx))
         const_of[(s.node, s.slot)] = s.const
 
-    # Reshape shapes are "cuts" too: a new value for dim 1.
     new_shapes: dict[tuple[str, int], int] = {}
     for label, (slot, layout) in cg.reshapes.items():
         kept_features = len(cg.kept_features(layout, keep))
         if kept_features != layout.features:
             new_shapes[(label, slot)] = kept_features
             const_of[(label, slot)] = nodes[label].input[slot]
+    return cuts, new_shapes, const_of
 
-    # Group consumers by constant; copy a constant for every consumer whose cut differs from the others'.
-    uses = TensorReaders(graph)
+
+def _write_cut_constants(graph: onnx.GraphProto, nodes: dict[str, onnx.NodeProto], uses: TensorReaders,
+                         cuts, new_shapes, const_of) -> None:
+    """Replace every cut constant; copy a constant for every reader whose cut differs from the others'."""
+    consts = ConstantTable(graph)
     taken = taken_names(graph)
     by_const: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for site, name in const_of.items():
         by_const[name].append(site)
     for name, sites in by_const.items():
         original = consts.get(name)
-        values = []
-        for site in sites:
-            if site in new_shapes:
-                v = original.copy()
-                v[1] = new_shapes[site]
-            else:
-                v = original
-                for axis, idx in cuts[site]:
-                    v = np.take(v, idx, axis=axis)
-            values.append(v)
+        values = [_cut_value(original, cuts[site], new_shapes.get(site)) for site in sites]
         differ = any(v.shape != values[0].shape or not np.array_equal(values[0], v) for v in values[1:])
         shared = name in consts.aliases or uses[name] > len(sites) or differ
         if not shared:
@@ -94,21 +106,26 @@ def crop_model(model: onnx.ModelProto, keep: dict[str, np.ndarray], cg: ChannelG
             node = nodes[site[0]]
             node.input[site[1]] = copy_name
 
-    for label, layout in cg.depthwise_convs.items():
-        channels = len(cg.kept_features(layout, keep))
-        for attr in nodes[label].attribute:
-            if attr.name == "group":
-                attr.i = channels
 
-    drop_unread(graph, [name for name, count in uses.items() if count > 0])
-    _sync_graph_inputs(out)
-    del graph.value_info[:]
+def _cut_value(original: np.ndarray, cuts: list[tuple[int, np.ndarray]], new_channels: int | None) -> np.ndarray:
+    """The constant one reader sees: a Reshape shape with a new dim 1, or `original` taken along every cut."""
+    if new_channels is not None:
+        v = original.copy()
+        v[1] = new_channels
+        return v
+    v = original
+    for axis, idx in cuts:
+        v = np.take(v, idx, axis=axis)
+    return v
+
+
+def _reinfer_value_info(model: onnx.ModelProto) -> None:
+    del model.graph.value_info[:]
     try:
-        inferred = onnx.shape_inference.infer_shapes(out)
-        graph.value_info.extend(inferred.graph.value_info)
+        inferred = onnx.shape_inference.infer_shapes(model)
+        model.graph.value_info.extend(inferred.graph.value_info)
     except Exception as exc:  # a model onnx cannot infer is still valid; onnxruntime infers at load time
         log.warning("shape inference on the cropped model failed: %s", exc)
-    return out
 
 
 def _sync_graph_inputs(model: onnx.ModelProto) -> None:
