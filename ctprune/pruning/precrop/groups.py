@@ -10,6 +10,7 @@ and `block`, how many consecutive features one channel covers (1 on NCHW tensors
 
 The walk also records every constant that must be sliced when channels go (`Slice`), every Conv whose `group` attribute
 follows its channel count, and every Reshape whose constant shape names a channel count. `crop.py` replays those.
+The result is a `ChannelGraph`; it and the types it holds are defined in `channels.py`.
 
 Groups touching graph inputs/outputs, or ops whose channel semantics we do not know, are *frozen* (never cropped) and the
 reason is kept for the report. Ties that contradict each other (e.g. adding tensors whose channel layouts do not line
@@ -19,7 +20,6 @@ up) raise `GraphError` naming the nodes.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -27,6 +27,7 @@ import onnx
 from ctprune.errors import GraphError
 from ctprune.graph.constants import ConstantTable
 from ctprune.graph.shapes import inferred_shape_table
+from ctprune.pruning.precrop.channels import ChannelGraph, ChannelGroup, Layer, Layout, Slice
 
 log = logging.getLogger(__name__)
 
@@ -43,93 +44,6 @@ ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Pow"}
 PER_CHANNEL_PARAMS = {"BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2)}
 # Ops that consume a tensor without looking at its channel count in a way that matters for the values.
 HARMLESS_CONSUMERS = {"Shape", "Size"}
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A tensor's channel axis: segments (space id, channels) side by side, `block` features per channel."""
-
-    segments: tuple[tuple[int, int], ...]
-    block: int = 1
-
-    @property
-    def channels(self) -> int:
-        return sum(n for _, n in self.segments)
-
-    @property
-    def features(self) -> int:
-        return self.channels * self.block
-
-
-@dataclass
-class Slice:
-    """Slice constant `const` (input `slot` of node `node`) along `axis` by the kept features of `layout`."""
-
-    node: str
-    slot: int
-    const: str
-    axis: int
-    layout: Layout
-
-
-@dataclass
-class ChannelGroup:
-    """Channels that stay or go together. `size` channels; `frozen` says why it can't be cropped (None: croppable)."""
-
-    key: str
-    size: int
-    members: list[str] = field(default_factory=list)
-    frozen: str | None = None
-
-    def describe(self) -> str:
-        tied = f" (tied with {', '.join(repr(m) for m in self.members[1:6])}" if len(self.members) > 1 else ""
-        if tied and len(self.members) > 6:
-            tied += f" and {len(self.members) - 6} more"
-        return f"channel group {self.key!r} ({self.size} channels){tied + ')' if tied else ''}"
-
-
-@dataclass
-class Layer:
-    """A weight-carrying node (Conv, Gemm, MatMul) and the layouts of its input and output channels."""
-
-    name: str
-    op: str
-    weight: str
-    kernel: int  # spatial positions per (in, out) channel pair (kh*kw; 1 for Gemm)
-    in_layout: Layout
-    out_layout: Layout
-    depthwise: bool = False
-    group: int = 1
-    weight_count: int = 0
-    kernel_shape: tuple[int, ...] = ()
-
-
-@dataclass
-class ChannelGraph:
-    """Everything the solver and the surgery need to know about a graph's channels."""
-
-    groups: dict[str, ChannelGroup]
-    space_group: dict[int, str]  # space id → group key
-    space_size: dict[int, int]
-    layers: list[Layer]
-    slices: list[Slice]
-    depthwise_convs: dict[str, Layout]  # Conv node name → layout whose channel count is its `group` attribute
-    reshapes: dict[str, tuple[int, Layout]]  # Reshape node name → (shape input slot, output layout)
-
-    def group_of(self, space: int) -> ChannelGroup:
-        return self.groups[self.space_group[space]]
-
-    def kept_features(self, layout: Layout, keep: dict[str, np.ndarray]) -> np.ndarray:
-        """Indices along a tensor's channel/feature axis that stay, given kept channel indices per group."""
-        parts, offset = [], 0
-        for space, n in layout.segments:
-            kept = keep[self.space_group[space]]
-            parts.append(offset + kept)
-            offset += n
-        channels = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        if layout.block == 1:
-            return channels.astype(np.int64)
-        return (channels[:, None] * layout.block + np.arange(layout.block)[None, :]).reshape(-1).astype(np.int64)
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -457,43 +371,40 @@ class _Walker:
         self.layouts[node.output[0]] = new
 
     def squeeze(self, node, label) -> None:
+        # Unsqueeze's axes index its output, Squeeze's its input.
+        rank = self.rank(node.output[0] if node.op_type == "Unsqueeze" else node.input[0])
+        self.axes_past_channels(node, label, rank, empty_means_all=False)
+
+    def reduce(self, node, label) -> None:
+        self.axes_past_channels(node, label, self.rank(node.input[0]), empty_means_all=True)
+
+    def axes_past_channels(self, node, label, rank: int | None, empty_means_all: bool) -> None:
+        """Squeeze/Unsqueeze/Reduce*: the output keeps the input's channels when every axis lies past axis 1.
+
+        With `empty_means_all` (Reduce*) an empty list means every axis, the channel axis included."""
         layout = self.layouts.get(node.input[0])
         if layout is None:
             return
-        axes = _attr(node, "axes")
-        if axes is None and len(node.input) > 1 and node.input[1] in self.consts:
-            axes = [int(a) for a in self.consts.get(node.input[1]).reshape(-1)]
-        rank_in = self.rank(node.input[0])
-        rank = self.rank(node.output[0]) if node.op_type == "Unsqueeze" else rank_in
-        if axes is None or rank is None:
+        axes = self.ints_attr_or_input(node, "axes")
+        if axes is None or (empty_means_all and not axes) or rank is None:
             return self.unknown(node, label)
         axes = [a + rank if a < 0 else a for a in axes]
         if any(a <= 1 for a in axes):
             return self.unknown(node, label)
         self.layouts[node.output[0]] = layout
 
-    def reduce(self, node, label) -> None:
-        layout = self.layouts.get(node.input[0])
-        if layout is None:
-            return
-        axes = _attr(node, "axes")
-        if axes is None and len(node.input) > 1 and node.input[1] in self.consts:
-            axes = [int(a) for a in self.consts.get(node.input[1]).reshape(-1)]
-        rank = self.rank(node.input[0])
-        if not axes or rank is None:
-            return self.unknown(node, label)
-        axes = [a + rank if a < 0 else a for a in axes]
-        if any(a <= 1 for a in axes):
-            return self.unknown(node, label)
-        self.layouts[node.output[0]] = layout
+    def ints_attr_or_input(self, node, name: str) -> list[int] | None:
+        """An int-list attribute, or the same list as constant input 1 (newer opsets); None when neither is there."""
+        values = _attr(node, name)
+        if values is None and len(node.input) > 1 and node.input[1] in self.consts:
+            values = [int(v) for v in self.consts.get(node.input[1]).reshape(-1)]
+        return values
 
     def pad(self, node, label) -> None:
         layout = self.layouts.get(node.input[0])
         if layout is None:
             return
-        pads = _attr(node, "pads")
-        if pads is None and len(node.input) > 1 and node.input[1] in self.consts:
-            pads = list(self.consts.get(node.input[1]).reshape(-1))
+        pads = self.ints_attr_or_input(node, "pads")
         rank = self.rank(node.input[0])
         if pads is None or rank is None or len(node.input) > 3 and node.input[3]:
             return self.unknown(node, label)
