@@ -46,28 +46,29 @@ KernelTable WithSparse(KernelTable table, SparseKernels sparse) {
   return table;
 }
 
-// The CPU is probed once; the override is read on every call so a process can pin a tier before creating a session.
+// A tier's own functions (even Table(), compiled under its target pragma) may use that tier's instructions, so a
+// tier's table is built only on a CPU that runs it. The CPU is probed once; the override is read on every call so a
+// process can pin a tier before creating a session.
 Selection Select() {
   static const CpuFeatures cpu = DetectCpu();
-  const KernelTable generic_table = WithSparse(generic::Table(), generic::SparseTable());
-  const KernelTable generic16_table = WithSparse(generic::Table16(), generic::SparseTable16());
-  const KernelTable avx2_table = WithSparse(avx2::Table(), avx2::SparseTable());
-  const KernelTable avx512_table = WithSparse(avx512::Table(), avx512::SparseTable());
-  const KernelTable best = cpu.avx512 ? avx512_table : cpu.avx2 ? avx2_table : generic_table;
+  const auto generic_table = [] { return WithSparse(generic::Table(), generic::SparseTable()); };
+  const auto avx2_table = [] { return WithSparse(avx2::Table(), avx2::SparseTable()); };
+  const auto avx512_table = [] { return WithSparse(avx512::Table(), avx512::SparseTable()); };
+  const auto best = [&] { return cpu.avx512 ? avx512_table() : cpu.avx2 ? avx2_table() : generic_table(); };
 
   const char* forced = std::getenv("CTPRUNE_FORCE_ISA");
-  if (forced == nullptr || *forced == '\0') return {best, ""};
-  if (std::strcmp(forced, "generic") == 0) return {generic_table, ""};
-  if (std::strcmp(forced, "generic16") == 0) return {generic16_table, ""};
+  if (forced == nullptr || *forced == '\0') return {best(), ""};
+  if (std::strcmp(forced, "generic") == 0) return {generic_table(), ""};
+  if (std::strcmp(forced, "generic16") == 0) return {WithSparse(generic::Table16(), generic::SparseTable16()), ""};
   if (std::strcmp(forced, "avx2") == 0) {
-    if (cpu.avx2) return {avx2_table, ""};
-    return {best, "CTPRUNE_FORCE_ISA=avx2 but this CPU or OS does not support AVX2 with FMA"};
+    if (cpu.avx2) return {avx2_table(), ""};
+    return {best(), "CTPRUNE_FORCE_ISA=avx2 but this CPU or OS does not support AVX2 with FMA"};
   }
   if (std::strcmp(forced, "avx512") == 0) {
-    if (cpu.avx512) return {avx512_table, ""};
-    return {best, "CTPRUNE_FORCE_ISA=avx512 but this CPU or OS does not support AVX-512 (F and VL)"};
+    if (cpu.avx512) return {avx512_table(), ""};
+    return {best(), "CTPRUNE_FORCE_ISA=avx512 but this CPU or OS does not support AVX-512 (F and VL)"};
   }
-  return {best, std::string("CTPRUNE_FORCE_ISA=") + forced + " is not one of generic, generic16, avx2, avx512"};
+  return {best(), std::string("CTPRUNE_FORCE_ISA=") + forced + " is not one of generic, generic16, avx2, avx512"};
 }
 
 }  // namespace
