@@ -154,3 +154,32 @@ def test_budget_is_not_spent_above_a_layers_break_even_density():
     tight = ClickTrainPruner({n: torch.nn.Parameter(w.detach().clone()) for n, w in weights.items()}, ratio=2,
                              sparse=sparse, max_density={"a": 0.2, "b": 0.2}).prune_now()
     assert tight.ratio_achieved == pytest.approx(2.0, rel=0.01)
+
+
+def test_layers_kept_dense_store_only_their_kept_weights():
+    """A sparse layer the cost model keeps as a dense op (too small to gain) holds its kept weights compactly in the
+    file; onnxruntime folds them back into the dense weight when the session loads."""
+    import onnxruntime as ort
+
+    model = _gated_model(np.random.default_rng(7))
+    result = ctprune.prune(model, ratio=8, epochs=0, seed=2)
+    from ctprune.rewrite.model import COMPACT_HOLD_DENSITY
+
+    kept = [l["name"] for l in result.report["layers"] if l["form"] == "dense-kept"
+            and l["weights_after"] / l["weights_before"] < COMPACT_HOLD_DENSITY]
+    assert kept, "the tiny layers of this net are expected to stay dense"
+    nodes = {n.name: n for n in result.model.graph.node}
+    producers = {o: n for n in result.model.graph.node for o in n.output}
+    inits = {t.name: t for t in result.model.graph.initializer}
+    rows = {l["name"]: l for l in result.report["layers"]}
+    for name in kept:
+        rebuilt = producers[nodes[name].input[1]]
+        scatter = producers[rebuilt.input[0]]
+        assert rebuilt.op_type == "Reshape" and scatter.op_type == "ScatterElements"
+        assert np.prod(inits[scatter.input[2]].dims) == rows[name]["weights_after"]  # the kept weights, no more
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(__import__("tempfile").mkdtemp()) + "/opt.onnx"
+    ort.InferenceSession(result.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    prelude = {producers[nodes[name].input[1]].name for name in kept}
+    assert not prelude & {n.name for n in onnx.load(so.optimized_model_filepath).graph.node}  # folded at load
+    _check_equal(result)

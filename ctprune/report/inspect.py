@@ -43,12 +43,14 @@ def count_parameters(model: onnx.ModelProto) -> int:
     total = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in FLOAT_TYPES)
     shape_values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
                     if t.data_type == onnx.TensorProto.INT64 and len(t.dims) == 1}
+    # zeros a ScatterElements fills with stored weights (a dense weight rebuilt at load) hold no parameters
+    scaffolds = {n.input[0] for n in model.graph.node if n.op_type == "ScatterElements"}
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value" and a.t.data_type in FLOAT_TYPES:
                     total += math.prod(a.t.dims)
-        elif node.op_type == "ConstantOfShape" and node.input[0] in shape_values:
+        elif node.op_type == "ConstantOfShape" and node.input[0] in shape_values and node.output[0] not in scaffolds:
             value = next((a.t for a in node.attribute if a.name == "value"), None)
             if value is None or value.data_type in FLOAT_TYPES:
                 total += int(math.prod(int(d) for d in shape_values[node.input[0]]))

@@ -48,6 +48,8 @@ from ctprune.rewrite.upgrade import upgraded
 log = logging.getLogger(__name__)
 
 SPARSE_OPS = ("Conv", "Gemm", "MatMul")
+# A layer kept as a dense op stores only its kept weights (4-byte value + 4-byte position each) below this density.
+COMPACT_HOLD_DENSITY = 0.45
 Z_INPUT = {OP_TYPE: 3, SPARSE_OP_TYPE: 5}  # where each op's residual Z sits: X, W, B, Z / X, W, I, P, B, Z
 
 
@@ -159,6 +161,7 @@ class _Rewrite:
         self.internal: set[str] = set()  # tensors fusion made internal: their value_info goes once, in finish()
         self.maybe_unread: set[str] = set()
         self.with_residual: set[str] = set()  # op types that took a Z somewhere
+        self.prelude: list[onnx.NodeProto] = []  # constant-only nodes that go first (dense weights rebuilt at load)
 
     def constant(self, name: str):
         return self.constants.value(name)
@@ -241,6 +244,7 @@ class _Rewrite:
             raise GraphError(f"{where}: SparseConv takes float32 weights, {node.input[1]!r} is {weight.dtype}")
         fc = node.op_type != "Conv"
         mask = layer.mask()
+        stored_weight, stored_mask = weight, mask
         if fc and layer.transposed:  # stored (I, O): SparseConv's FC weight is (O, I)
             weight, mask = weight.T, mask.T
         density = float(mask.mean())
@@ -250,7 +254,9 @@ class _Rewrite:
         stride = geometry.get("strides", [1, 1])[0]
         if not sparse_beats_dense("fc" if fc else "conv", tuple(weight.shape), hw, stride, density, layer.block,
                                   threads=threads):
-            return f"SparseConv would be slower than the dense {node.op_type} at density {density:.3f}: kept dense (zeros held)"
+            held = self._hold_compactly(node, stored_weight, stored_mask.astype(bool))
+            return (f"SparseConv would be slower than the dense {node.op_type} at density {density:.3f}: kept dense"
+                    + (" (kept weights stored compactly, rebuilt when the session loads)" if held else " (zeros held)"))
         output = node.output[0]
         bias = ""
         if fc and len(node.input) > 2 and node.input[2]:
@@ -287,6 +293,32 @@ class _Rewrite:
         log.debug("%s -> SparseConv: density %.3f", key, density)
         return None
 
+    def _hold_compactly(self, node, weight: np.ndarray, mask: np.ndarray) -> bool:
+        """A layer that stays a dense op keeps only its kept weights in the file: values and int32 flat positions,
+        scattered into zeros by standard ops with constant inputs, which onnxruntime folds into the dense weight
+        when the session loads (the op then runs as fast as before). Only where that is smaller than the weight."""
+        if mask.mean() >= COMPACT_HOLD_DENSITY or weight.size >= 2**31:
+            return False
+        name = node.input[1]
+        positions = np.flatnonzero(mask.reshape(-1)).astype(np.int32)
+        values = weight.reshape(-1)[positions].astype(np.float32)
+        tag = unique_name(f"{name}.kept", self.taken)
+        inits = {f"{tag}.values": values, f"{tag}.positions": positions,
+                 f"{tag}.size": np.array([weight.size], np.int64), f"{tag}.shape": np.array(weight.shape, np.int64)}
+        for init_name, value in inits.items():
+            self.taken.add(init_name)
+            self.graph.initializer.append(numpy_helper.from_array(value, init_name))
+        zeros, flat, rebuilt = (unique_name(f"{tag}.{part}", self.taken) for part in ("zeros", "flat", "dense"))
+        self.prelude += [
+            helper.make_node("ConstantOfShape", [f"{tag}.size"], [zeros], name=zeros,
+                             value=numpy_helper.from_array(np.zeros(1, np.float32))),
+            helper.make_node("ScatterElements", [zeros, f"{tag}.positions", f"{tag}.values"], [flat], name=flat, axis=0),
+            helper.make_node("Reshape", [flat, f"{tag}.shape"], [rebuilt], name=rebuilt),
+        ]
+        node.input[1] = rebuilt
+        self.maybe_unread.add(name)
+        return True
+
     def _fc_bias(self, node, out_features: int) -> str:
         """A Gemm's C as the (O,) bias SparseConv reads (a (1, O) C is reshaped into a new initializer)."""
         value = self.constant(node.input[2])
@@ -299,7 +331,7 @@ class _Rewrite:
 
     def finish(self) -> None:
         graph = self.graph
-        nodes = [node for i, node in enumerate(graph.node) if i not in self.fused_away]
+        nodes = self.prelude + [node for i, node in enumerate(graph.node) if i not in self.fused_away]
         del graph.node[:]
         graph.node.extend(nodes)
         forget_value_info(graph, self.internal)
