@@ -52,13 +52,29 @@ def masked_weight(rng: np.random.Generator, patterns: LayerPatterns) -> np.ndarr
     return (rng.standard_normal(mask.shape).astype(np.float32) * mask).astype(np.float32)
 
 
-def _single_node_model(node, input_shape, initializers, opset, functions=()) -> onnx.ModelProto:
+def _weight_initializers(weight: np.ndarray, bias: Optional[np.ndarray],
+                         weight_name: str = "W") -> tuple[list[onnx.TensorProto], list[str]]:
+    """The float32 initializers `weight_name` (and B when there is a bias) and the conv node's inputs: X, W (, B)."""
+    initializers = [numpy_helper.from_array(np.asarray(weight, dtype=np.float32), weight_name)]
+    inputs = ["X", weight_name]
+    if bias is not None:
+        initializers.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "B"))
+        inputs.append("B")
+    return initializers, inputs
+
+
+def _clip_bounds(lo: float, hi: float) -> list[onnx.TensorProto]:
+    """The float32 scalars "lo" and "hi" that a Clip node reads."""
+    return [numpy_helper.from_array(np.array(v, dtype=np.float32), n) for n, v in (("lo", lo), ("hi", hi))]
+
+
+def _model_with_inputs(nodes, initializers, inputs, opset, functions=()) -> onnx.ModelProto:
+    """`nodes` -> Y over the graph inputs `inputs` ((name, shape) pairs, X first) in a model of the default opset
+    `opset`, plus ctprune's domain when `functions` are given."""
+    y_dims = ["N", "O", "OH", "OW"][: len(inputs[0][1])]  # Y has X's rank
     graph = helper.make_graph(
-        [node],
-        "layer",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(input_shape))],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", "O", "OH", "OW"])],
-        initializers,
+        nodes, "layer", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, y_dims)], initializers,
     )
     imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(DOMAIN, VERSION)] if functions else [])
     return _with_ir(helper.make_model(graph, opset_imports=imports, functions=list(functions)))
@@ -80,11 +96,7 @@ def pattern_conv_layer_model(
     opset: int = 17,
 ) -> onnx.ModelProto:
     """X -> PatternConv -> Y, carrying the model-local reference function."""
-    initializers = [numpy_helper.from_array(compact.weights.astype(np.float32), "W")]
-    inputs = ["X", "W"]
-    if bias is not None:
-        initializers.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "B"))
-        inputs.append("B")
+    initializers, inputs = _weight_initializers(compact.weights, bias)
     node = onnx.NodeProto()
     node.op_type, node.domain, node.name = "PatternConv", DOMAIN, "pattern_conv"
     node.input.extend(inputs)
@@ -94,7 +106,7 @@ def pattern_conv_layer_model(
     node.attribute.append(helper.make_attribute("group", 1))
     node.attribute.append(helper.make_attribute("activation_min", float(activation[0])))
     node.attribute.append(helper.make_attribute("activation_max", float(activation[1])))
-    return _single_node_model(node, input_shape, initializers, opset, [pattern_conv_function(opset)])
+    return _model_with_inputs([node], initializers, [("X", list(input_shape))], opset, [pattern_conv_function(opset)])
 
 
 def dense_conv_layer_model(
@@ -107,26 +119,15 @@ def dense_conv_layer_model(
     opset: int = 17,
 ) -> onnx.ModelProto:
     """X -> Conv (-> Clip when an activation is given) -> Y: onnxruntime's own dense path on the same weights."""
-    initializers = [numpy_helper.from_array(np.asarray(weight, dtype=np.float32), "W")]
-    inputs = ["X", "W"]
-    if bias is not None:
-        initializers.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "B"))
-        inputs.append("B")
+    initializers, inputs = _weight_initializers(weight, bias)
     lo, hi = activation
     if np.isinf(lo) and np.isinf(hi):
         conv = helper.make_node("Conv", inputs, ["Y"], name="conv", strides=list(strides), pads=list(pads))
-        return _single_node_model(conv, input_shape, initializers, opset)
-    initializers += [numpy_helper.from_array(np.array(v, dtype=np.float32), n) for n, v in (("lo", lo), ("hi", hi))]
+        return _model_with_inputs([conv], initializers, [("X", list(input_shape))], opset)
+    initializers += _clip_bounds(lo, hi)
     conv = helper.make_node("Conv", inputs, ["conv_out"], name="conv", strides=list(strides), pads=list(pads))
     clip = helper.make_node("Clip", ["conv_out", "lo", "hi"], ["Y"], name="clip")
-    graph = helper.make_graph(
-        [conv, clip],
-        "layer",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, list(input_shape))],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["N", "O", "OH", "OW"])],
-        initializers,
-    )
-    return _with_ir(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+    return _model_with_inputs([conv, clip], initializers, [("X", list(input_shape))], opset)
 
 
 def pattern_and_dense_models(
@@ -224,11 +225,7 @@ def pattern_conv_model(layer: PatternLayer, x_shape, bias=None, strides=(1, 1), 
                  kernel_patterns=layer.kernel_patterns.tolist(), strides=list(strides), pads=list(pads),
                  dilations=[1, 1], group=1, activation_min=float(activation[0]), activation_max=float(activation[1]))
     attrs.update(overrides)
-    inits = [onnx.numpy_helper.from_array(layer.weights, "W")]
-    inputs = ["X", "W"]
-    if bias is not None:
-        inits.append(onnx.numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
-        inputs.append("B")
+    inits, inputs = _weight_initializers(layer.weights, bias)
     if z_shape is not None:
         inputs += [""] * (3 - len(inputs)) + ["Z"]
     node = helper.make_node("PatternConv", inputs, ["Y"], domain=DOMAIN)
@@ -241,18 +238,13 @@ def pattern_conv_model(layer: PatternLayer, x_shape, bias=None, strides=(1, 1), 
 def dense_conv_model(layer: PatternLayer, x_shape, bias=None, strides=(1, 1), pads=(1, 1, 1, 1),
                      activation=(-math.inf, math.inf)) -> onnx.ModelProto:
     """onnxruntime's Conv on the masked dense weight, followed by Clip when there is an activation."""
-    inits = [onnx.numpy_helper.from_array(layer.dense, "Wd")]
-    inputs = ["X", "Wd"]
-    if bias is not None:
-        inits.append(onnx.numpy_helper.from_array(np.asarray(bias, np.float32), "B"))
-        inputs.append("B")
+    inits, inputs = _weight_initializers(layer.dense, bias, "Wd")
     lo, hi = activation
     clip = not (math.isinf(lo) and lo < 0 and math.isinf(hi) and hi > 0)
     nodes = [helper.make_node("Conv", inputs, ["Yc" if clip else "Y"], kernel_shape=[3, 3], strides=list(strides),
                               pads=list(pads))]
     if clip:
-        inits += [onnx.numpy_helper.from_array(np.array(v, np.float32), n)
-                  for v, n in ((max(lo, -3.4e38), "lo"), (min(hi, 3.4e38), "hi"))]
+        inits += _clip_bounds(max(lo, -3.4e38), min(hi, 3.4e38))
         nodes.append(helper.make_node("Clip", ["Yc", "lo", "hi"], ["Y"]))
     return _graph_model(nodes, inits, x_shape, [("", 17)])
 
@@ -293,16 +285,6 @@ def masked_random_weight(rng: np.random.Generator, mask: np.ndarray) -> np.ndarr
     w = rng.standard_normal(mask.shape).astype(np.float32) * np.float32(np.sqrt(2.0 / fan_in))
     w[w == 0] = 1e-3  # a kept weight must not be exactly zero: the compactor reads the mask from nonzeros
     return (w * mask).astype(np.float32)
-
-
-def _model_with_inputs(nodes, initializers, inputs, opset, functions=()) -> onnx.ModelProto:
-    y_dims = ["N", "O", "OH", "OW"][: len(inputs[0][1])]  # Y has X's rank
-    graph = helper.make_graph(
-        nodes, "layer", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, y_dims)], initializers,
-    )
-    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(DOMAIN, VERSION)] if functions else [])
-    return _with_ir(helper.make_model(graph, opset_imports=imports, functions=list(functions)))
 
 
 def sparse_conv_layer_model(
@@ -364,11 +346,7 @@ def dense_layer_model(
 
     act = activation or Activation()
     weight = np.asarray(weight, dtype=np.float32)
-    initializers = [numpy_helper.from_array(weight, "W")]
-    inputs = ["X", "W"]
-    if bias is not None:
-        initializers.append(numpy_helper.from_array(np.asarray(bias, dtype=np.float32), "B"))
-        inputs.append("B")
+    initializers, inputs = _weight_initializers(weight, bias)
     if weight.ndim == 2:
         nodes = [helper.make_node("Gemm", inputs, ["t0"], transB=1)]
     else:
@@ -382,8 +360,7 @@ def dense_layer_model(
         if act.min == 0.0 and np.isinf(act.max) and act.max > 0:
             nodes.append(helper.make_node("Relu", [last], ["t2"]))
         else:
-            initializers += [numpy_helper.from_array(np.array(v, dtype=np.float32), n)
-                             for n, v in (("lo", act.min), ("hi", act.max))]
+            initializers += _clip_bounds(act.min, act.max)
             nodes.append(helper.make_node("Clip", [last, "lo", "hi"], ["t2"]))
         last = "t2"
     if act.kind == ACTIVATION_HARDSIGMOID_MUL:
