@@ -11,7 +11,7 @@ were. Per listed layer (weight from an initializer or a Constant node):
   the Conv), an activation (Relu, constant Clip; for SparseConv also HardSwish, x * HardSigmoid(x), x * Sigmoid(x));
   the fused node writes the last fused node's output name, so the graph outside is unchanged;
 - a sparse layer that would run slower than onnxruntime's dense op (rewrite/sparse_cost.py) stays as it is, a dense
-  op holding its zeros, and `kept_dense` says why;
+  op with its pruned weights zero (stored compactly when that is smaller), and `kept_dense` says why;
 - the dense weight (and fused constants) are dropped when nothing else reads them, from the initializers and, for
   IR-3 style models, from the graph inputs too.
 The model gains the `ai.ctprune` opset import (version 1) and a model-local function per op it uses, stamped with

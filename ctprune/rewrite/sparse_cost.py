@@ -1,4 +1,5 @@
-"""Would a SparseConv beat onnxruntime's dense op on this layer? A cost model calibrated on this project's CPU.
+"""Would a SparseConv beat onnxruntime's dense op on this layer? A cost model calibrated per kernel tier (AVX-512,
+AVX2: CALIBRATIONS below; the tier is the one the library will run, runtime/cpu.py).
 
     sparse_beats_dense(kind, weight_shape, input_hw, stride, density, block, threads=1) -> bool
     estimated_speedup(...)                                                              -> float (dense time / sparse time)
@@ -12,7 +13,7 @@ The model: SparseConv time / dense time = FIXED + SLOPE * density. FIXED is what
 keeps (writing the output, the epilogue, the loop over blocks and tiles: large when a layer has few input channels or
 a large image, so each output has little work), SLOPE the cost of the kept multiply-adds relative to the dense op's.
 Constants are conservative fits (upper envelope, so a layer is kept sparse only where it was faster on every shape
-measured like it) to (BENCHMARKS.md, "SparseConv"; batch 1, Xeon with AVX-512, onnxruntime 1.32):
+measured like it). The AVX-512 tier's, to (BENCHMARKS.md, "SparseConv"; batch 1, Xeon with AVX-512, onnxruntime 1.32):
 
     python -m ctprune.lab.bench_layers --sparse --threads 1 --ratios 2 4 8 16 --blocks 4 8 --kinds conv
     python -m ctprune.lab.bench_layers --sparse --kinds general --threads 1 2 --ratios 2 4 8 16 --blocks 4 8
@@ -35,18 +36,58 @@ measured like it) to (BENCHMARKS.md, "SparseConv"; batch 1, Xeon with AVX-512, o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
+
+from ctprune.runtime.cpu import kernel_tier
 
 MARGIN = 1.1  # keep a layer sparse only when expected >= 10% faster: never slower, and the measurements are noisy
 MIN_DENSE_MACS = 20_000  # below this a call is fixed overheads on both sides: keep it dense
 
-# (FIXED, SLOPE) per form; the 1x1 FIXED depends on how much work each output has (see _pointwise_fixed).
-POINTWISE_SLOPE = {1: 3.0, 2: 2.0, 4: 1.5, 8: 1.5}  # block 1 feeds one FMA per input load: much slower per kept MAC
-STRIDED_POINTWISE = (0.25, 1.0)  # 1x1 stride > 1, blocks 4 and 8
-GENERAL_FIXED_WORK, GENERAL_FIXED_MAX, GENERAL_SLOPE = 300.0, 0.75, 1.45  # FIXED = min(max, work / K); blocks 4, 8
-BLOCK_SLOPE_FACTOR = {1: 2.0, 2: 1.4, 4: 1.0, 8: 1.0}
-THREADS_FACTOR = {"conv1x1": (1.6, 1.6), "conv1x1s": (1.6, 1.6), "conv": (1.5, 2.0)}  # 2 threads or more
-FC = {1: (0.1, 2.0), 2: (0.1, 1.6), 4: (0.1, 1.3), 8: (0.1, 1.25)}
+
+@dataclass(frozen=True)
+class Calibration:
+    """(FIXED, SLOPE) per form on one tier of the kernels; the 1x1 FIXED depends on how much work each output has."""
+
+    pointwise_fixed: tuple[tuple[int, int, float], ...]  # (max input channels, min pixels, FIXED): first that fits
+    pointwise_slope: dict[int, float]  # per block: block 1 feeds one FMA per input load, much slower per kept MAC
+    strided_pointwise: tuple[float, float]  # 1x1 stride > 1, blocks 4 and 8
+    general_fixed_work: float  # every other Conv: FIXED = min(general_fixed_max, work / K), K = Cg * kh * kw
+    general_fixed_max: float
+    general_slope: float
+    fc: dict[int, tuple[float, float]]  # per block
+    block_slope_factor: dict[int, float] = field(default_factory=lambda: {1: 2.0, 2: 1.4, 4: 1.0, 8: 1.0})
+    threads_factor: dict[str, tuple[float, float]] = field(  # 2 threads or more: (FIXED, SLOPE) scaled
+        default_factory=lambda: {"conv1x1": (1.6, 1.6), "conv1x1s": (1.6, 1.6), "conv": (1.5, 2.0)})
+
+
+CALIBRATIONS = {
+    # Xeon (Sapphire Rapids) with AVX-512, onnxruntime 1.32: the measurements in the module doc.
+    "avx512": Calibration(
+        pointwise_fixed=((64, 0, 0.6), (1 << 30, 3136, 0.6), (1 << 30, 0, 0.3)),
+        pointwise_slope={1: 3.0, 2: 2.0, 4: 1.5, 8: 1.5},
+        strided_pointwise=(0.25, 1.0),
+        general_fixed_work=300.0, general_fixed_max=0.75, general_slope=1.45,
+        fc={1: (0.1, 2.0), 2: (0.1, 1.6), 4: (0.1, 1.3), 8: (0.1, 1.25)},
+    ),
+    # AMD EPYC Zen 3 with AVX2 + FMA, onnxruntime 1.32 (bench_layers --sparse --quick --ratios 4 8 [16] --blocks 4,
+    # kinds conv, general, fc): 8 floats a vector, 16 registers, so each load feeds fewer multiply-adds and the dense op
+    # is relatively stronger. 1x1 with C <= 32 lost to dense even at 8x (0.50-0.83x); C 64-192 won only from 8x;
+    # C >= 256 won from 4x (1.2-1.4x). Block 8 not measured here: taken as block 4.
+    "avx2": Calibration(
+        pointwise_fixed=((32, 0, 1.2), (64, 0, 0.75), (255, 3136, 0.6), (255, 0, 0.5), (1 << 30, 0, 0.2)),
+        pointwise_slope={1: 4.6, 2: 3.2, 4: 2.6, 8: 2.6},
+        strided_pointwise=(0.35, 2.6),
+        general_fixed_work=300.0, general_fixed_max=0.75, general_slope=3.4,
+        fc={1: (0.15, 2.4), 2: (0.15, 2.0), 4: (0.15, 1.6), 8: (0.15, 1.5)},
+    ),
+}
+CALIBRATIONS["generic"] = CALIBRATIONS["avx2"]  # not measured: the portable tier is no faster than AVX2
+
+
+def calibration(tier: str | None = None) -> Calibration:
+    """The calibration of the kernel tier that will run (runtime/cpu.kernel_tier), or of `tier`."""
+    return CALIBRATIONS[tier or kernel_tier()]
 
 
 def layer_form(kind: str, weight_shape: Sequence[int], stride: int | Sequence[int] = 1) -> str:
@@ -62,27 +103,30 @@ def layer_form(kind: str, weight_shape: Sequence[int], stride: int | Sequence[in
     return "conv"
 
 
-def _pointwise_fixed(in_channels: int, pixels: int) -> float:
+def _pointwise_fixed(cal: Calibration, in_channels: int, pixels: int) -> float:
     # Few input channels or a large image: each output has little work next to its write and epilogue.
-    return 0.6 if in_channels <= 64 or pixels >= 3136 else 0.3
+    return next(fixed for most_channels, least_pixels, fixed in cal.pointwise_fixed
+                if in_channels <= most_channels and pixels >= least_pixels)
 
 
-def _fixed_and_slope(form: str, weight_shape, input_hw, stride, block: int, threads: int = 1) -> tuple[float, float]:
+def _fixed_and_slope(form: str, weight_shape, input_hw, stride, block: int, threads: int = 1,
+                     tier: str | None = None) -> tuple[float, float]:
+    cal = calibration(tier)
     if block not in (1, 2, 4, 8):
         raise ValueError(f"no calibration for block {block} (blocks are 1, 2, 4, 8)")
     if form == "fc":
-        return FC[block]
+        return cal.fc[block]
     if form == "conv1x1":
         h, w = (int(v) for v in input_hw)
-        fixed, slope = _pointwise_fixed(int(weight_shape[1]), h * w), POINTWISE_SLOPE[block]
+        fixed, slope = _pointwise_fixed(cal, int(weight_shape[1]), h * w), cal.pointwise_slope[block]
     elif form == "conv1x1s":
-        fixed, slope = STRIDED_POINTWISE[0], STRIDED_POINTWISE[1] * BLOCK_SLOPE_FACTOR[block]
+        fixed, slope = cal.strided_pointwise[0], cal.strided_pointwise[1] * cal.block_slope_factor[block]
     else:
         work = math.prod(int(d) for d in weight_shape[1:])  # dense multiply-adds per output
-        fixed = min(GENERAL_FIXED_MAX, GENERAL_FIXED_WORK / max(1, work))
-        slope = GENERAL_SLOPE * BLOCK_SLOPE_FACTOR[block]
+        fixed = min(cal.general_fixed_max, cal.general_fixed_work / max(1, work))
+        slope = cal.general_slope * cal.block_slope_factor[block]
     if int(threads) > 1:
-        fixed_factor, slope_factor = THREADS_FACTOR[form]
+        fixed_factor, slope_factor = cal.threads_factor[form]
         fixed, slope = fixed * fixed_factor, slope * slope_factor
     return fixed, slope
 
@@ -104,10 +148,12 @@ def estimated_speedup(
     density: float,
     block: int,
     threads: int = 1,
+    tier: str | None = None,
 ) -> float:
-    """Dense time / SparseConv time, estimated (see the module doc); `threads` > 1 uses the 2-thread calibration."""
+    """Dense time / SparseConv time, estimated (see the module doc); `threads` > 1 uses the 2-thread calibration;
+    `tier` defaults to the kernel tier this machine runs."""
     form = layer_form(kind, weight_shape, stride)
-    fixed, slope = _fixed_and_slope(form, weight_shape, input_hw, stride, int(block), threads)
+    fixed, slope = _fixed_and_slope(form, weight_shape, input_hw, stride, int(block), threads, tier)
     if _dense_macs(form, weight_shape, input_hw, stride) < MIN_DENSE_MACS:
         return 1.0
     return 1.0 / (fixed + slope * min(1.0, max(0.0, float(density))))
@@ -121,15 +167,17 @@ def sparse_beats_dense(
     density: float,
     block: int,
     threads: int = 1,
+    tier: str | None = None,
 ) -> bool:
     """True when SparseConv is expected to be faster than onnxruntime's dense op by the margin."""
-    return estimated_speedup(kind, weight_shape, input_hw, stride, density, block, threads) >= MARGIN
+    return estimated_speedup(kind, weight_shape, input_hw, stride, density, block, threads, tier) >= MARGIN
 
 
-def break_even_density(kind: str, weight_shape: Sequence[int], input_hw, stride, block: int, threads: int = 1) -> float:
+def break_even_density(kind: str, weight_shape: Sequence[int], input_hw, stride, block: int, threads: int = 1,
+                       tier: str | None = None) -> float:
     """The largest density at which SparseConv still beats dense by the margin (0 when it never does)."""
     form = layer_form(kind, weight_shape, stride)
     if _dense_macs(form, weight_shape, input_hw, stride) < MIN_DENSE_MACS:
         return 0.0
-    fixed, slope = _fixed_and_slope(form, weight_shape, input_hw, stride, int(block), threads)
+    fixed, slope = _fixed_and_slope(form, weight_shape, input_hw, stride, int(block), threads, tier)
     return max(0.0, min(1.0, (1.0 / MARGIN - fixed) / slope))
