@@ -46,6 +46,9 @@ struct SparseConvJob {
   int vectors;                // flat vectors that hold OH * flat_row outputs
   int tile_vectors;           // vectors per tile (the last tiles may be one vector shorter)
   int tiles;
+  // Tiles per pass: each block runs over a pass's tiles before the next block starts, so that a block's weights stay in
+  // L1 and each output plane is written in runs of a pass's width rather than a tile's (1: every block per tile).
+  int pass_tiles;
   const float* residual;      // (O, OH, OW) of this image, or nullptr
   SparseEpilogue epilogue;
   float* out;                 // (O, OH, OW) of this image

@@ -75,6 +75,7 @@ class SparseConvKernel {
   std::vector<OffsetsFor> offsets_;  // a few recent input sizes
   size_t stream_bytes_;       // Y bytes from which the 1x1 path streams its stores (CTPRUNE_SPARSE_STREAM_BYTES)
   size_t fused_check_bytes_;  // X bytes from which the non-finite check runs inside the tile loop
+  long pass_bytes_;           // input bytes (all channels) of one pass of tiles on the 8-lane tier (CTPRUNE_SPARSE_PASS_BYTES)
   bool poison_output_;  // CTPRUNE_POISON_OUTPUT=1: fill Y with NaN first, so unwritten elements show in tests
 };
 
