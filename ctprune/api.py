@@ -80,8 +80,9 @@ def _ratio_value(ratio) -> float:
     return value
 
 
-def prune(model, ratio, *, output=None, report_path=None, **options) -> PruneResult:
+def prune(model, ratio, *, output=None, report_path=None, keep_masked_dense=True, **options) -> PruneResult:
     """Prune an ONNX CNN; see contract.md. `output` (a path) saves the model there atomically; `report_path` the JSON.
+    `keep_masked_dense=False` leaves PruneResult.masked_dense None, sparing a full copy of the weights for the run.
 
     `options`: the fields of ctprune.options.PruneOptions (method, data, eval_data, epochs, ...; the CLI's flags).
     `schedule="oneshot"` is the prune-after baseline (magnitude masks chosen once, then the same fine-tune), kept for
@@ -113,7 +114,8 @@ def prune(model, ratio, *, output=None, report_path=None, **options) -> PruneRes
                         input_size=_plain(opts.input_size), mean=_plain(opts.mean), std=_plain(opts.std))
         prepare_run_folder(checkpoint_dir, settings, resume)
 
-    pipeline = Pipeline(model=model, ratio=ratio_value, checkpoint_dir=checkpoint_dir, **dataclasses.asdict(opts))
+    pipeline = Pipeline(model=model, ratio=ratio_value, checkpoint_dir=checkpoint_dir,
+                        keep_masked_dense=keep_masked_dense, **dataclasses.asdict(opts))
     with _run_guard(checkpoint_dir, model_path, data, pipeline):
         pruned, report = pipeline.run()
         result = PruneResult(model=pruned, report=report, masked_dense=pipeline.masked_dense)

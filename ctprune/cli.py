@@ -85,7 +85,7 @@ def prune_command(model, ratio, output, **options):
     from ctprune.graph.save import default_output_path
 
     output = output or str(default_output_path(model))
-    result = api.prune(model, ratio=ratio_value, output=output, **options)
+    result = api.prune(model, ratio=ratio_value, output=output, keep_masked_dense=False, **options)
     if not options.get("quiet") and result.report:  # empty on torchrun's other ranks
         click.echo(render_report(result.report))
         click.echo(f"wrote {result.output_path}")

@@ -38,6 +38,7 @@ class Pipeline(PruneOptions):
     ratio: float
     checkpoint_dir: object = None
     pruner_options: dict | None = None  # extra ClickTrainPruner knobs (warmup, soft, lasso_lambda, ...), for experiments
+    keep_masked_dense: bool = True  # pattern methods: keep the masked dense model (PruneResult.masked_dense)
 
     # ---- the pass -------------------------------------------------------------------------------------------------
     def run(self) -> tuple[onnx.ModelProto, dict]:
@@ -101,7 +102,11 @@ class Pipeline(PruneOptions):
                                 "so ctprune cannot make synthetic inputs: give --data.")
             check_input_size(kw["input_size"], self.input_shape)  # given without data, it must still fit
             per_sample = 4 * math.prod(self.input_shape[1:])
-            samples = max(2 * self.batch_size if self._epochs() else 8, min(SYNTHETIC_SAMPLES, SYNTHETIC_BYTES // per_sample))
+            budget = min(SYNTHETIC_SAMPLES, SYNTHETIC_BYTES // per_sample)
+            if self._epochs():
+                samples = max(2 * self.batch_size, budget)
+            else:  # only the calibration batches and the check read it; the same draw's first samples
+                samples = max(8, min(budget, max(self.batch_size * CALIBRATION_BATCHES, CHECK_SAMPLES)))
             train = synthetic_data(self.input_shape, samples, seed=self.seed)
             self.notes.append(f"no --data: {samples} synthetic (random normal) inputs stood in for data, "
                               "the dense model's outputs for labels; accuracy was not measured")
@@ -140,7 +145,13 @@ class Pipeline(PruneOptions):
         from ctprune.pruning import ClickTrainPruner, OneShotPruner
         from ctprune.rewrite import rewrite_model
 
-        student = self._lift(model)
+        student = self._student(model)
+        if model is self.original and self._model_path() is not None:
+            # From here on the weights live in the lifted modules: the input model is read for its graph and
+            # dims only (the latency step reads the file itself), so its copy of every weight is dropped.
+            from ctprune.graph.writeback import without_trained
+
+            model = self.original = without_trained(model, student)
         layers, decision = self._decide(model, student)
         weights, skipped, macs = decision.weights, decision.skipped, decision.macs
         if not weights:
@@ -166,16 +177,36 @@ class Pipeline(PruneOptions):
             student.cpu()  # trained on CUDA perhaps; everything after runs on the CPU
             recalibration.fold()
         student.cpu()
-        plan.apply(weights)
         del pruner  # its importance scores and per-weight masks (a float each) are not needed past the plan
+        plan.apply(weights)
         self.student = student
-        trained = write_back(model, student)
-        self.masked_dense = trained
         self.kept_dense: dict[str, str] = {}
-        pruned = rewrite_model(trained, plan.layer_patterns(), sparse=plan.sparse, kept_dense=self.kept_dense,
-                               threads=self.latency_threads)
+        if self.keep_masked_dense:
+            trained = self.masked_dense = write_back(model, student)
+            pruned = rewrite_model(trained, plan.layer_patterns(), sparse=plan.sparse, kept_dense=self.kept_dense,
+                                   threads=self.latency_threads)
+        else:
+            # One copy of the weights beside the module's: the opset upgrade runs on the graph before the trained
+            # weights go in, and the rewrite edits that model in place; the result is copied out of its arena,
+            # which still holds the dense weights the rewrite dropped.
+            from ctprune.rewrite.upgrade import upgraded
+
+            trained = write_back(upgraded(model), student)
+            rewritten = rewrite_model(trained, plan.layer_patterns(), sparse=plan.sparse, kept_dense=self.kept_dense,
+                                      threads=self.latency_threads, in_place=True)
+            pruned = onnx.ModelProto()
+            pruned.CopyFrom(rewritten)
+            del trained, rewritten
         self._finished = True
-        return pruned, {"kind": "pattern", "plan": plan, "masked_dense": trained, "pattern_input": model}
+        return pruned, {"kind": "pattern", "plan": plan}
+
+    def _student(self, model):
+        """The module that is pruned. At --epochs 0 with no eval data the teacher is read only before pruning
+        (the class count), so the lifted teacher itself is pruned instead of a second copy of every weight."""
+        if self._epochs() == 0 and self.eval_set is None and model is self.original and self.teacher is not None:
+            student, self.teacher = self.teacher, None
+            return student
+        return self._lift(model)
 
     def _recalibration(self, model, layers, weights, student):
         """Training-time BatchNorm after each pruned Conv whose BN was folded at export (see recalibrate.py)."""
@@ -278,6 +309,7 @@ class Pipeline(PruneOptions):
         if plan_report["kind"] != "precrop":
             extra["patterns"] = plan.library.to_list()
         accuracy, agreement = self._evaluate(pruned, plan_report)
+        self.student = self.teacher = None  # the latency step's sessions load the weights again: free the modules
         return build_report(
             self.original, pruned, plan, ratio=self.ratio, method=self.method,
             kept_dense=getattr(self, "kept_dense", {}), notes=self.notes, accuracy=accuracy, agreement=agreement,

@@ -28,6 +28,7 @@ from ctprune.graph.load import default_opset
 from ctprune.graph.normalize import BN_STAT_SLOTS, PASS_THROUGH, WEIGHT_SLOTS, normalize
 from ctprune.graph.ops import OPS, OpNode, op_key
 from ctprune.graph.shapes import shape_table
+from ctprune.graph.weightless import detached, stored_tensor
 
 __all__ = ["lift", "TrainableGraph", "check_supported"]
 
@@ -55,7 +56,9 @@ def lift(model, input_shape=None) -> "TrainableGraph":
 
         model = load_model(model)
     check_supported(model)
-    return TrainableGraph(normalize(model, input_shape))
+    # The preparation passes run on a copy without the large weights; the module reads those from `model` itself.
+    light, weights = detached(model)
+    return TrainableGraph(normalize(light, input_shape, weights=weights), stored=weights)
 
 
 def _attr_name(prefix: str, onnx_name: str, taken: set[str]) -> str:
@@ -71,7 +74,8 @@ def _attr_name(prefix: str, onnx_name: str, taken: set[str]) -> str:
 class TrainableGraph(nn.Module):
     """An ONNX graph as an nn.Module: forward(*inputs) runs the nodes in topological order."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, stored=None):
+        """`stored`: {name: TensorProto} for the initializers of `model` that are placeholders (weightless.py)."""
         super().__init__()
         graph = model.graph
         opset = default_opset(model)
@@ -91,7 +95,7 @@ class TrainableGraph(nn.Module):
         self._static: dict[str, torch.Tensor] = {}
         taken: set[str] = set()
         for init in graph.initializer:
-            array = onnx.numpy_helper.to_array(init)
+            array = onnx.numpy_helper.to_array(stored_tensor(init, stored))
             value = torch.from_numpy(array if array.flags.writeable else array.copy())
             name = init.name
             if name in weights and value.is_floating_point():

@@ -24,7 +24,7 @@ from ctprune.graph.load import default_opset
 from ctprune.graph.ops import OPS, OpNode, op_key
 from ctprune.graph.ops.tensor import constant_value
 from ctprune.graph.shapes import infer_shapes, shape_table
-from ctprune.graph.weightless import FLOAT_TYPES
+from ctprune.graph.weightless import FLOAT_TYPES, stored_tensor
 
 __all__ = ["normalize", "WEIGHT_SLOTS", "PASS_THROUGH", "FLOAT_TYPES"]
 
@@ -44,8 +44,9 @@ BN_STAT_SLOTS = {"BatchNormalization": (3, 4)}
 PASS_THROUGH = {"Identity", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Cast", "Flatten"}
 
 
-def normalize(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
-    """A lifting-ready copy of ``model`` (the argument is not modified)."""
+def normalize(model: onnx.ModelProto, input_shape=None, weights=None) -> onnx.ModelProto:
+    """A lifting-ready copy of ``model`` (the argument is not modified). ``weights``: {name: TensorProto} for the
+    initializers of ``model`` that are placeholders (a detached copy, weightless.py); constant folding reads them."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     drop_initializer_inputs(out)
@@ -53,7 +54,7 @@ def normalize(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
         set_input_shapes(out, input_shape)
     _constants_to_initializers(out)
     out = infer_shapes(out)
-    folded = _fold_constants(out)
+    folded = _fold_constants(out, weights)
     if folded:
         log.debug("folded %d constant nodes", folded)
         out = infer_shapes(out)
@@ -116,7 +117,7 @@ def _weight_feeders(model) -> set[str]:
     return reach
 
 
-def _fold_constants(model) -> int:
+def _fold_constants(model, weights=None) -> int:
     graph = model.graph
     opset = default_opset(model)
     protos = {t.name: t for t in graph.initializer}
@@ -125,7 +126,7 @@ def _fold_constants(model) -> int:
 
     def value_of(name):
         if name not in consts:
-            consts[name] = onnx.numpy_helper.to_array(protos[name])
+            consts[name] = onnx.numpy_helper.to_array(stored_tensor(protos[name], weights))
         return consts[name]
 
     feeders = _weight_feeders(model)

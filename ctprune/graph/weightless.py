@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-__all__ = ["detached", "reattached", "DETACH_MIN_ELEMENTS", "FLOAT_TYPES"]
+__all__ = ["detached", "reattached", "stored_tensor", "DETACH_MIN_ELEMENTS", "FLOAT_TYPES"]
 
 DETACH_MIN_ELEMENTS = 1024  # float tensors above this size skip the serialisation round trip
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -33,15 +33,19 @@ def _copy_fields(source, target, skip: str) -> None:
             setattr(target, field.name, value)
 
 
-def detached(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    """(a copy of `model` whose large float weights are placeholders, {name: the weight}); `model` is untouched."""
+def detached(model: onnx.ModelProto, names=None) -> tuple[onnx.ModelProto, dict]:
+    """(a copy of `model` whose large float weights are placeholders, {name: the weight}); `model` is untouched.
+    `names`: exactly the initializers of these names become placeholders instead (whatever their size and type)."""
     light = onnx.ModelProto()
     _copy_fields(model, light, skip="graph")
     _copy_fields(model.graph, light.graph, skip="initializer")
     weights = {}
     for tensor in model.graph.initializer:
-        if (int(np.prod(tensor.dims)) > DETACH_MIN_ELEMENTS and tensor.data_type in FLOAT_TYPES
-                and tensor.data_location != onnx.TensorProto.EXTERNAL):
+        if names is not None:
+            detach = tensor.name in names
+        else:
+            detach = int(np.prod(tensor.dims)) > DETACH_MIN_ELEMENTS and tensor.data_type in FLOAT_TYPES
+        if detach and tensor.data_location != onnx.TensorProto.EXTERNAL:
             weights[tensor.name] = tensor
             placeholder = light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
             placeholder.data_location = onnx.TensorProto.EXTERNAL
@@ -52,8 +56,16 @@ def detached(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
 
 
 def reattached(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
-    """`model` (a pass's result on a detached copy) with its placeholders replaced by `weights`, in place."""
+    """`model` (a pass's result on a detached copy) with its placeholders replaced by `weights`, in place; a
+    placeholder `weights` does not hold stays one."""
     for tensor in model.graph.initializer:
-        if any(entry.value == _PLACEHOLDER for entry in tensor.external_data):
+        if tensor.name in weights and any(entry.value == _PLACEHOLDER for entry in tensor.external_data):
             tensor.CopyFrom(weights[tensor.name])
     return model
+
+
+def stored_tensor(tensor: onnx.TensorProto, weights: dict | None) -> onnx.TensorProto:
+    """The tensor holding `tensor`'s values: itself, or for a placeholder `detached` left, its entry in `weights`."""
+    if weights and tensor.name in weights and any(entry.value == _PLACEHOLDER for entry in tensor.external_data):
+        return weights[tensor.name]
+    return tensor

@@ -11,14 +11,16 @@ Node names, graph inputs/outputs, metadata and opsets stay as they were.
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import onnx
 import onnx.numpy_helper
 
 from ctprune.errors import GraphError
+from ctprune.graph.weightless import detached
 
-__all__ = ["write_back", "trained_tensors"]
+__all__ = ["write_back", "trained_tensors", "without_trained"]
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,9 @@ def trained_tensors(tg) -> dict[str, np.ndarray]:
 def write_back(original: onnx.ModelProto, tg, tensors: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """A copy of ``original`` carrying ``tg``'s tensors (or the given ``tensors``) under their names."""
     values = trained_tensors(tg) if tensors is None else tensors
-    model = onnx.ModelProto()
-    model.CopyFrom(original)
+    # The initializers about to be replaced are not copied first: a protobuf arena keeps a replaced value's bytes
+    # until the whole model is freed, so a full copy would hold every weight twice.
+    model, _ = detached(original, names=values.keys())
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
@@ -44,7 +47,7 @@ def write_back(original: onnx.ModelProto, tg, tensors: dict[str, np.ndarray] | N
             init = initializers[name]
             dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
             _check_shape(name, list(init.dims), value)
-            init.CopyFrom(onnx.numpy_helper.from_array(value.astype(dtype, copy=False), name))
+            _set_tensor(init, value.astype(dtype, copy=False), name)
         elif name in producers:
             node = producers[name]
             if node.op_type != "Constant":
@@ -59,6 +62,29 @@ def write_back(original: onnx.ModelProto, tg, tensors: dict[str, np.ndarray] | N
         else:
             raise GraphError(f"write_back: the model has no initializer or node producing tensor {name!r}")
     return model
+
+
+def without_trained(original: onnx.ModelProto, tg) -> onnx.ModelProto:
+    """A copy of `original` holding no values for the tensors `tg` lifted as trainable (their initializers keep name,
+    type and dims): enough for `write_back(copy, tg)`, without a second copy of every weight beside the module's."""
+    names = set(tg.onnx_parameters()) | set(tg.onnx_buffers())
+    light, _ = detached(original, names=names)
+    return light
+
+
+def _set_tensor(target: onnx.TensorProto, value: np.ndarray, name: str) -> None:
+    """target.CopyFrom(numpy_helper.from_array(value, name)) without the intermediate tensor's copy of the values
+    (a 400 MB FC weight would be held three times at once) for the types from_array stores as raw bytes."""
+    if value.dtype not in _RAW_TYPES or sys.byteorder != "little":
+        target.CopyFrom(onnx.numpy_helper.from_array(value, name))
+        return
+    target.CopyFrom(onnx.numpy_helper.from_array(np.empty((), value.dtype), name))  # type and name
+    target.dims.extend(value.shape)
+    target.raw_data = np.ascontiguousarray(value).tobytes()
+
+
+_RAW_TYPES = {np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
+                                     np.uint8, np.uint16, np.uint32, np.uint64, np.bool_)}
 
 
 def _constant_tensor(node) -> onnx.TensorProto | None:

@@ -309,6 +309,7 @@ class ClickTrainPruner(TrainHooks):
             costs=self.costs,
             max_density=self.max_density,
         )
+        del importance  # a float per weight: freed before the masks (another float per weight) are installed
         self.selections += 1
         if previous is not None and log.isEnabledFor(logging.DEBUG):  # comparing masks costs a pass over every layer
             log.debug("selection %d: %.1f%% of weight masks changed", self.selections, 100 * _changed(previous, self.plan))

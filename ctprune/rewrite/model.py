@@ -243,18 +243,18 @@ class _Rewrite:
         if weight.dtype != np.float32:
             raise GraphError(f"{where}: SparseConv takes float32 weights, {node.input[1]!r} is {weight.dtype}")
         fc = node.op_type != "Conv"
-        mask = layer.mask()
+        mask = layer.kept_mask()
         stored_weight, stored_mask = weight, mask
         if fc and layer.transposed:  # stored (I, O): SparseConv's FC weight is (O, I)
             weight, mask = weight.T, mask.T
-        density = float(mask.mean())
+        density = _density(mask)
         x_shape = self.shapes.get(node.input[0])
         geometry = {} if fc else _sparse_geometry(node, x_shape, where)
         hw = tuple(x_shape[2:]) if (not fc and x_shape and len(x_shape) == 4) else None
         stride = geometry.get("strides", [1, 1])[0]
         if not sparse_beats_dense("fc" if fc else "conv", tuple(weight.shape), hw, stride, density, layer.block,
                                   threads=threads):
-            held = self._hold_compactly(node, stored_weight, stored_mask.astype(bool))
+            held = self._hold_compactly(node, stored_weight, stored_mask)
             return (f"SparseConv would be slower than the dense {node.op_type} at density {density:.3f}: kept dense"
                     + (" (kept weights stored compactly, rebuilt when the session loads)" if held else " (zeros held)"))
         output = node.output[0]
@@ -278,7 +278,7 @@ class _Rewrite:
                           "sigmoid_mul": lambda a: Activation.silu()}[act.kind](act)
         compact = compact_sparse_from_dense(weight * mask if folded is not None else weight, layer.block,
                                             require_masked=require_masked, group=geometry.get("group", 1),
-                                            mask=mask.astype(bool), where=where)
+                                            mask=mask, where=where)
         prefix = unique_name(f"{node.input[1]}.sparse", self.taken)
         graph.initializer.extend(compact.initializers(prefix))
         if residual:
@@ -343,6 +343,11 @@ class _Rewrite:
             _add_function(self.model, op, residual=op in self.with_residual)
 
 
+def _density(mask: np.ndarray) -> float:
+    """Kept fraction of a bool mask, as the mean of its 0/1 float32 form reads (float32-rounded), without that form."""
+    return float(np.float32(int(np.count_nonzero(mask)) / mask.size))
+
+
 def _fold_batchnorm_dense(rewrite: _Rewrite, conv, weight: np.ndarray, bn):
     """(weight, new bias name) with the BatchNormalization folded into a dense Conv weight, or None."""
     _, scale, shift = bn
@@ -388,7 +393,7 @@ def _add_function(model: onnx.ModelProto, op_type: str, residual: bool = False) 
 
 def rewrite_model(
     model: onnx.ModelProto, layers: Mapping[str, LayerPatterns], *, sparse: Mapping | None = None,
-    require_masked: bool = True, kept_dense: dict | None = None, threads: int = 1,
+    require_masked: bool = True, kept_dense: dict | None = None, threads: int = 1, in_place: bool = False,
 ) -> onnx.ModelProto:
     """A new model where each Conv named in `layers` is a PatternConv and each layer named in `sparse`
     ({name: pruning.plan.SparseLayer}) a SparseConv unless it would be slower than dense (see the module doc);
@@ -396,9 +401,11 @@ def rewrite_model(
     `threads`: the intra-op threads the speed decision assumes.
 
     `require_masked`: weights outside a layer's kept set must be zero (GraphError otherwise); False drops them.
+    `in_place`: edit `model` itself where it needs no opset upgrade (no copy of its weights); the dense weights it
+    drops then stay in its protobuf arena until it is freed, so keep a copy of the result, not the model.
     """
     sparse = dict(sparse or {})
-    model = upgraded(model)
+    model = upgraded(model, in_place=in_place)
     graph = model.graph
     lookup = _node_lookup(graph)
     indices = {key: _find_layer(graph, key, lookup=lookup) for key in layers}

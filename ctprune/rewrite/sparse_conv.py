@@ -146,6 +146,17 @@ def _blocks(weight_shape: Sequence[int], block: int, group: int) -> list[tuple[i
             for g in range(group) for first in range(0, per_group, block)]
 
 
+def _first_outside(flat: np.ndarray, kept: np.ndarray, rows: int = 256) -> tuple[int, int] | None:
+    """(output channel, column) of the first nonzero weight outside `kept`, or None. Row chunks: a 100M-weight FC
+    layer gets no whole-weight temporaries."""
+    for start in range(0, flat.shape[0], rows):
+        bad = (flat[start:start + rows] != 0) & ~kept[start:start + rows]
+        if bad.any():
+            o, c = (int(v[0]) for v in np.nonzero(bad))
+            return start + o, c
+    return None
+
+
 def compact_sparse_from_dense(
     weight: np.ndarray,
     block: int,
@@ -180,8 +191,9 @@ def compact_sparse_from_dense(
     kept = (flat != 0) if mask is None else np.asarray(mask, dtype=bool).reshape(flat.shape)
     if mask is not None and np.asarray(mask).size != flat.size:
         raise GraphError(f"{where}: the mask has {np.asarray(mask).size} elements, the weight {flat.size}")
-    if mask is not None and require_masked and np.any(flat[~kept] != 0):
-        o, c = (int(v[0]) for v in np.nonzero((flat != 0) & ~kept))
+    outside = _first_outside(flat, kept) if mask is not None and require_masked else None
+    if outside is not None:
+        o, c = outside
         raise GraphError(f"{where}: the weight is nonzero outside the mask (first: output channel {o}, column {c})")
 
     blocks = _blocks(weight.shape, block, group)

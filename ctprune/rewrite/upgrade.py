@@ -25,8 +25,8 @@ def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     return reattached(onnx.version_converter.convert_version(light, opset), weights)
 
 
-def upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy at opset >= 13 and IR version >= 8."""
+def upgraded(model: onnx.ModelProto, in_place: bool = False) -> onnx.ModelProto:
+    """A copy at opset >= 13 and IR version >= 8; `in_place`: `model` itself where no opset conversion is needed."""
     opset = default_opset(model)
     if opset < MIN_OPSET:
         log.info("upgrading the model from opset %d to %d for the PatternConv function", opset, MIN_OPSET)
@@ -34,7 +34,7 @@ def upgraded(model: onnx.ModelProto) -> onnx.ModelProto:
             model = _convert_opset(model, MIN_OPSET)
         except Exception as err:  # the converter raises bare RuntimeErrors naming the op
             raise GraphError(f"could not upgrade the model from opset {opset} to {MIN_OPSET}: {err}") from err
-    else:
+    elif not in_place:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         model = copy
