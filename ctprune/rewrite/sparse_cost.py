@@ -70,15 +70,16 @@ CALIBRATIONS = {
         general_fixed_work=300.0, general_fixed_max=0.75, general_slope=1.45,
         fc={1: (0.1, 2.0), 2: (0.1, 1.6), 4: (0.1, 1.3), 8: (0.1, 1.25)},
     ),
-    # AMD EPYC Zen 3 with AVX2 + FMA, onnxruntime 1.32 (bench_layers --sparse --quick --ratios 4 8 [16] --blocks 4,
-    # kinds conv, general, fc): 8 floats a vector, 16 registers, so each load feeds fewer multiply-adds and the dense op
-    # is relatively stronger. 1x1 with C <= 32 lost to dense even at 8x (0.50-0.83x); C 64-192 won only from 8x;
-    # C >= 256 won from 4x (1.2-1.4x). Block 8 not measured here: taken as block 4.
+    # AMD EPYC Zen 3 with AVX2 + FMA, onnxruntime 1.32, the kernel of commit bf09c40 (tests/data/sparse_cost_avx2.csv:
+    # bench_layers --sparse --quick --ratios 4 8 --blocks 4 8 --kinds conv general; FC from --kinds fc): 8 floats a
+    # vector and 16 registers, so the dense op is relatively stronger than with AVX-512. Upper envelope of the
+    # measured time ratios: 1x1 FIXED by input channels (<= 32: 0.58, <= 255: 0.35, more: 0.23), SLOPE 1.4 (block 8:
+    # 1.6); kxk FIXED min(0.5, 150 / K), SLOPE 2.6.
     "avx2": Calibration(
-        pointwise_fixed=((32, 0, 1.2), (64, 0, 0.75), (255, 3136, 0.6), (255, 0, 0.5), (1 << 30, 0, 0.2)),
-        pointwise_slope={1: 4.6, 2: 3.2, 4: 2.6, 8: 2.6},
-        strided_pointwise=(0.35, 2.6),
-        general_fixed_work=300.0, general_fixed_max=0.75, general_slope=3.4,
+        pointwise_fixed=((32, 0, 0.58), (255, 0, 0.35), (1 << 30, 0, 0.23)),
+        pointwise_slope={1: 2.8, 2: 1.9, 4: 1.4, 8: 1.6},
+        strided_pointwise=(0.2, 1.0),
+        general_fixed_work=150.0, general_fixed_max=0.5, general_slope=2.6,
         fc={1: (0.15, 2.4), 2: (0.15, 2.0), 4: (0.15, 1.6), 8: (0.15, 1.5)},
     ),
 }
