@@ -4,6 +4,7 @@ model's, through the model-local functions and through ctprune's kernels."""
 
 from __future__ import annotations
 
+import math
 import secrets
 
 import numpy as np
@@ -57,6 +58,27 @@ def test_mobilenetv2_auto_prunes_every_pointwise_conv(keep_bn):
     assert "HardSwish" not in ops or forms.get(convs[-1].name) == "dense-kept"
     onnx.checker.check_model(result.model, full_check=True)
     _check_equal(result)
+    # the report's MACs after pruning count the kept weights of every rewritten layer (shapes behind ctprune's ops
+    # included): the masked dense model's nonzero weights times output pixels, plus block padding at most
+    nonzero = nonzero_macs(result.masked_dense)
+    assert nonzero <= report["macs"]["after"] <= 1.15 * nonzero, (report["macs"], nonzero)
+
+
+def nonzero_macs(model: onnx.ModelProto) -> int:
+    """Multiply-adds per sample of a standard-ONNX model's Conv and Gemm/MatMul layers, counting nonzero weights."""
+    from ctprune.graph.layers import shaped_model
+    from ctprune.graph.shapes import shape_table
+
+    m = shaped_model(model)
+    shapes, weights = shape_table(m), {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    total = 0
+    for node in m.graph.node:
+        w = weights.get(node.input[1]) if len(node.input) > 1 else None
+        if w is None or node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        pixels = math.prod(shapes[node.output[0]][2:]) if node.op_type == "Conv" else 1
+        total += int(np.count_nonzero(w)) * pixels
+    return total
 
 
 def _gated_model(rng):

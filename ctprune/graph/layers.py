@@ -16,6 +16,7 @@ from ctprune.graph.constants import constant_dims
 from ctprune.graph.normalize import drop_initializer_inputs, set_input_shapes
 from ctprune.graph.ops.nn import same_pads
 from ctprune.graph.shapes import infer_shapes, shape_table
+from ctprune.ops.names import DOMAIN as CTPRUNE_DOMAIN
 
 __all__ = ["ConvLayer", "FCLayer", "ConvAttributes", "conv_attributes", "conv_layers", "fc_layers", "shaped_model"]
 
@@ -114,7 +115,19 @@ def shaped_model(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
         if len(dims) > 0 and not dims[0].HasField("dim_value"):
             dims[0].Clear()
             dims[0].dim_value = 1
+    declared = {vi.name: vi for vi in m.graph.value_info}
     del m.graph.value_info[:]
+    if input_shape is None:
+        # onnx's inference does not see through ctprune's ops (their functions rebuild weights from attributes): the
+        # types the rewriter kept for their outputs still hold when the input shape is the stored one
+        for node in m.graph.node:
+            for name in (o for o in node.output if node.domain == CTPRUNE_DOMAIN and o in declared):
+                vi = m.graph.value_info.add()
+                vi.CopyFrom(declared[name])
+                dims = vi.type.tensor_type.shape.dim
+                if len(dims) > 0 and not dims[0].HasField("dim_value"):
+                    dims[0].Clear()
+                    dims[0].dim_value = 1
     return infer_shapes(m)
 
 
