@@ -1,6 +1,6 @@
 """Drive the PatternConv GPU kernel without onnxruntime: build it, call it through its C ABI, and make test layers.
 
-Two builds of the same kernel code (csrc/cuda/):
+Two builds of the same kernel code (csrc/cuda/), through ctprune.lab.cuda_library as SparseConv's:
 - ``build_cuda_kernel``: nvcc compiles ``pattern_conv_impl.cu`` into a small shared library (needs the CUDA toolkit;
   running it needs a GPU). ``CudaPatternConv`` calls it on torch CUDA tensors, on torch's current stream.
 - ``build_emulator``: g++ compiles ``pattern_conv_emulate.cc``, which runs the kernel's own block/thread steps on the
@@ -13,17 +13,14 @@ and ``dense_weight`` rebuilds the masked dense weight it stands for, the referen
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import math
-import os
 import pathlib
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ctprune.lab.cuda_library import (CSRC, INVALID_SHAPE, Emulator, KernelCallError, PreparedCudaKernel,
+                                      build_cuda_library, build_emulator_library, cuda_sources)
 
 __all__ = [
     "CSRC",
@@ -36,20 +33,13 @@ __all__ = [
     "EmulatedPatternConv",
     "CudaPatternConv",
     "KernelCallError",
+    "INVALID_SHAPE",
     "KERNEL_CONFIGS",
     "SPLIT_CONFIGS",
 ]
 
-log = logging.getLogger(__name__)
-
-CSRC = pathlib.Path(__file__).resolve().parents[2] / "csrc"
 KERNEL_CONFIGS = (11, 12, 14, 21, 22, 24, 41, 42, 44)  # 10 * filters per thread + pixels per thread
 SPLIT_CONFIGS = (211, 344, 811, 524)  # 100 * channel splits + the above
-INVALID_ATTRIBUTES, INVALID_SHAPE = -1, -2
-
-
-class KernelCallError(RuntimeError):
-    """The kernel library returned a non-zero status (the message names it)."""
 
 
 @dataclass
@@ -132,86 +122,32 @@ def dense_weight(layer: PatternConvLayer) -> np.ndarray:
     return dense.reshape(layer.weight_shape)
 
 
-def _digest(paths) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(pathlib.Path(p).read_bytes())
-    return h.hexdigest()[:16]
-
-
 # The spec checks every build of a GPU kernel links (ops/op_spec.h: free of onnxruntime).
 SPEC_SOURCES = ("ops/op_spec.cc", "ops/pattern_conv_spec.cc")
 
 
 def _sources():
-    cuda = CSRC / "cuda"
-    if not cuda.is_dir():
-        raise FileNotFoundError(f"kernel sources not found at {cuda}: the harness needs a source checkout")
-    spec = [CSRC / name for name in SPEC_SOURCES] + [(CSRC / name).with_suffix(".h") for name in SPEC_SOURCES]
-    return sorted(list(cuda.glob("*.h")) + list(cuda.glob("*.cuh")) + list(cuda.glob("*.cc")) + list(cuda.glob("*.cu"))
-                  + spec)
-
-
-def _build(out: pathlib.Path, command: list[str]) -> pathlib.Path:
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    log.info("building %s", out.name)
-    subprocess.run(command + ["-o", str(tmp)], check=True, capture_output=True, text=True)
-    os.replace(tmp, out)  # atomic: parallel test workers may build at once
-    return out
-
-
-def default_build_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("CTPRUNE_KERNEL_BUILD_DIR", tempfile.gettempdir())) / "ctprune-kernels"
+    return cuda_sources(SPEC_SOURCES)
 
 
 def build_emulator(build_dir: pathlib.Path | None = None) -> pathlib.Path:
     """g++ build of the CPU emulation of the GPU kernel; cached by source digest."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        raise FileNotFoundError("no C++ compiler (g++) found")
-    out = (build_dir or default_build_dir()) / f"pattern_conv_emulate-{_digest(_sources())}.so"
-    return _build(out, [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{CSRC}",
-                        str(CSRC / "cuda" / "pattern_conv_emulate.cc")] + [str(CSRC / s) for s in SPEC_SOURCES])
+    return build_emulator_library("pattern_conv", SPEC_SOURCES, _sources(), build_dir)
 
 
 def build_cuda_kernel(build_dir: pathlib.Path | None = None, arch: str | None = None) -> pathlib.Path:
     """nvcc build of the GPU kernel as a standalone library; arch like 'sm_90' (default: the current GPU's)."""
-    nvcc = shutil.which("nvcc")
-    if not nvcc:
-        raise FileNotFoundError("nvcc not found on PATH")
-    if arch is None:
-        import torch
-
-        major, minor = torch.cuda.get_device_capability()
-        arch = f"sm_{major}{minor}"
-    out = (build_dir or default_build_dir()) / f"pattern_conv_cuda-{arch}-{_digest(_sources())}.so"
-    return _build(out, [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch}", f"-I{CSRC}",
-                        str(CSRC / "cuda" / "pattern_conv_impl.cu")]  # cudart linked statically (nvcc default)
-                  + [str(CSRC / s) for s in SPEC_SOURCES])
-
-
-def _error(status: int, lib, err: ctypes.Array | None = None) -> KernelCallError:
-    if status == INVALID_ATTRIBUTES and err is not None:
-        return KernelCallError(f"invalid PatternConv attributes: {err.value.decode()}")
-    if hasattr(lib, "ctprune_pattern_conv_cuda_status_string"):
-        return KernelCallError(f"PatternConv kernel status {status}: "
-                               f"{lib.ctprune_pattern_conv_cuda_status_string(status).decode()}")
-    return KernelCallError(f"PatternConv emulator status {status}")
+    return build_cuda_library("pattern_conv", SPEC_SOURCES, _sources(), build_dir, arch)
 
 
 class EmulatedPatternConv:
     """The GPU kernel's code run on the CPU (numpy in, numpy out)."""
 
     def __init__(self, library: pathlib.Path | None = None):
-        self.lib = ctypes.CDLL(str(library or build_emulator()))
-        f = self.lib.ctprune_pattern_conv_emulate
-        f.restype = ctypes.c_int
-        f.argtypes = [ctypes.POINTER(_Desc)] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p] + [
-            ctypes.c_int64] * 3 + [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_char_p,
-            ctypes.c_int]
+        # after the input's shape: the SM count and config the plan is made for, and the plan written back
+        self.emulator = Emulator(library or build_emulator(), "PatternConv", "ctprune_pattern_conv", _Desc, 3,
+                                 [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)])
+        self.lib = self.emulator.lib
         self.lib.ctprune_fastdivmod_selftest.restype = ctypes.c_int64
         self.lib.ctprune_fastdivmod_selftest.argtypes = [ctypes.c_uint32, ctypes.c_int64]
 
@@ -227,79 +163,29 @@ class EmulatedPatternConv:
         wts = np.ascontiguousarray(layer.weights, dtype=np.float32)
         bias = None if layer.bias is None else np.ascontiguousarray(layer.bias, dtype=np.float32)
         plan = (ctypes.c_int64 * 8)()
-        err = ctypes.create_string_buffer(512)
-        desc = layer.desc()
-        status = self.lib.ctprune_pattern_conv_emulate(
-            ctypes.byref(desc), x.ctypes.data, wts.ctypes.data, None if bias is None else bias.ctypes.data,
-            None if z is None else z.ctypes.data, 0 if z is None else z.size, y.ctypes.data, n, h, w, num_sms,
-            force_config, plan, err, len(err))
-        if status != 0:
-            raise _error(status, self.lib, err)
+        self.emulator.run(layer, x, wts, bias, z, y, n, h, w, num_sms, force_config, plan)
         return y, dict(zip(("ft", "px", "nimg", "TR", "TC", "CC", "blocks", "splits"), list(plan)))
 
     def divmod_mismatches(self, seed: int = 0, trials: int = 200_000) -> int:
         return int(self.lib.ctprune_fastdivmod_selftest(seed, trials))
 
 
-class CudaPatternConv:
+class CudaPatternConv(PreparedCudaKernel):
     """The GPU kernel for one layer, prepared on the current CUDA device; call it on torch CUDA tensors."""
 
-    _lib = None
-
-    @classmethod
-    def library(cls, path: pathlib.Path | None = None):
-        if cls._lib is None:
-            lib = ctypes.CDLL(str(path or build_cuda_kernel()))
-            lib.ctprune_pattern_conv_cuda_prepare.restype = ctypes.c_int
-            lib.ctprune_pattern_conv_cuda_prepare.argtypes = [
-                ctypes.POINTER(_Desc), ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int]
-            lib.ctprune_pattern_conv_cuda.restype = ctypes.c_int
-            lib.ctprune_pattern_conv_cuda.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [
-                ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int]
-            lib.ctprune_pattern_conv_cuda_release.restype = None
-            lib.ctprune_pattern_conv_cuda_release.argtypes = [ctypes.c_void_p]
-            lib.ctprune_pattern_conv_cuda_status_string.restype = ctypes.c_char_p
-            lib.ctprune_pattern_conv_cuda_status_string.argtypes = [ctypes.c_int]
-            cls._lib = lib
-        return cls._lib
-
-    def __init__(self, layer: PatternConvLayer, library: pathlib.Path | None = None):
-        self.lib = self.library(library)
-        self.layer = layer
-        self.handle = ctypes.c_void_p()
-        err = ctypes.create_string_buffer(512)
-        desc = layer.desc()
-        status = self.lib.ctprune_pattern_conv_cuda_prepare(ctypes.byref(desc), ctypes.byref(self.handle), err, len(err))
-        if status != 0:
-            raise _error(status, self.lib, err)
+    OP, PREFIX, DESC = "PatternConv", "ctprune_pattern_conv", _Desc
+    SHAPE_ARGS = 3  # n, h, w
+    EXTRA_ARGTYPES = (ctypes.c_int,)  # force_config
+    build_library = staticmethod(build_cuda_kernel)
 
     def __call__(self, x, w, b=None, z=None, *, out=None, force_config: int = 0):
         """x (N, C, H, W), w (K, 4), b (O,) or None, z (the residual: one element or y's shape) or None: contiguous
         float32 torch CUDA tensors. Runs on the current stream and returns y (N, O, OH, OW)."""
         import torch
 
-        for name, t in (("x", x), ("w", w), ("b", b), ("z", z), ("out", out)):
-            if t is not None and (t.dtype != torch.float32 or not t.is_cuda or not t.is_contiguous()):
-                raise ValueError(f"{name} must be a contiguous float32 CUDA tensor, got {t.dtype} on {t.device}")
+        self.check_tensors(x=x, w=w, b=b, z=z, out=out)
         n, _, h, wd = x.shape
         oh, ow = self.layer.output_size(h, wd)
         if out is None:
             out = torch.empty((n, self.layer.weight_shape[0], oh, ow), device=x.device, dtype=torch.float32)
-        status = self.lib.ctprune_pattern_conv_cuda(
-            self.handle, x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(),
-            None if z is None else z.data_ptr(), 0 if z is None else z.numel(), out.data_ptr(), n, h, wd,
-            torch.cuda.current_stream().cuda_stream, force_config)
-        if status != 0:
-            raise _error(status, self.lib)
-        return out
-
-    def close(self):
-        if self.handle:
-            self.lib.ctprune_pattern_conv_cuda_release(self.handle)
-            self.handle = ctypes.c_void_p()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing left to free
-            pass
+        return self.launch(x, w, b, z, out, (n, h, wd), (force_config,))

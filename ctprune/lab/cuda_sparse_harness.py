@@ -1,6 +1,6 @@
 """Drive the SparseConv GPU kernels without onnxruntime: build them, call them through their C ABI, make test layers.
 
-The same two builds as PatternConv's (ctprune.lab.cuda_harness, whose build helpers this reuses):
+The same two builds as PatternConv's (ctprune.lab.cuda_harness), through ctprune.lab.cuda_library:
 - ``build_sparse_cuda_kernel``: nvcc compiles ``sparse_conv_impl.cu`` into a small shared library (running it needs a
   GPU); ``CudaSparseConv`` calls it on torch CUDA tensors, on torch's current stream.
 - ``build_sparse_emulator``: g++ compiles ``sparse_conv_emulate.cc``, which runs the kernels' own thread steps on the
@@ -15,13 +15,12 @@ from __future__ import annotations
 import ctypes
 import math
 import pathlib
-import shutil
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ctprune.lab.cuda_harness import CSRC, INVALID_ATTRIBUTES, KernelCallError, _build, _digest, _sources, \
-    default_build_dir
+from ctprune.lab.cuda_harness import _sources
+from ctprune.lab.cuda_library import CSRC, Emulator, PreparedCudaKernel, build_cuda_library, build_emulator_library
 
 __all__ = [
     "SparseLayer",
@@ -135,38 +134,12 @@ def _sparse_sources():
 
 def build_sparse_emulator(build_dir: pathlib.Path | None = None) -> pathlib.Path:
     """g++ build of the CPU emulation of the SparseConv GPU kernels; cached by source digest."""
-    import os
-
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not cxx:
-        raise FileNotFoundError("no C++ compiler (g++) found")
-    out = (build_dir or default_build_dir()) / f"sparse_conv_emulate-{_digest(_sparse_sources())}.so"
-    return _build(out, [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", f"-I{CSRC}",
-                        str(CSRC / "cuda" / "sparse_conv_emulate.cc")] + [str(CSRC / s) for s in SPARSE_SPEC_SOURCES])
+    return build_emulator_library("sparse_conv", SPARSE_SPEC_SOURCES, _sparse_sources(), build_dir)
 
 
 def build_sparse_cuda_kernel(build_dir: pathlib.Path | None = None, arch: str | None = None) -> pathlib.Path:
     """nvcc build of the SparseConv GPU kernels as a standalone library; arch like 'sm_90' (default: this GPU's)."""
-    nvcc = shutil.which("nvcc")
-    if not nvcc:
-        raise FileNotFoundError("nvcc not found on PATH")
-    if arch is None:
-        import torch
-
-        major, minor = torch.cuda.get_device_capability()
-        arch = f"sm_{major}{minor}"
-    out = (build_dir or default_build_dir()) / f"sparse_conv_cuda-{arch}-{_digest(_sparse_sources())}.so"
-    return _build(out, [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch={arch}", f"-I{CSRC}",
-                        str(CSRC / "cuda" / "sparse_conv_impl.cu")] + [str(CSRC / s) for s in SPARSE_SPEC_SOURCES])
-
-
-def _error(status: int, lib, err=None) -> KernelCallError:
-    if status == INVALID_ATTRIBUTES and err is not None:
-        return KernelCallError(f"invalid SparseConv attributes: {err.value.decode()}")
-    if hasattr(lib, "ctprune_sparse_conv_cuda_status_string"):
-        return KernelCallError(f"SparseConv kernel status {status}: "
-                               f"{lib.ctprune_sparse_conv_cuda_status_string(status).decode()}")
-    return KernelCallError(f"SparseConv emulator status {status}")
+    return build_cuda_library("sparse_conv", SPARSE_SPEC_SOURCES, _sparse_sources(), build_dir, arch)
 
 
 def _shape_args(layer: SparseLayer, shape) -> tuple[int, int, int, int]:
@@ -179,11 +152,8 @@ class EmulatedSparseConv:
     """The SparseConv GPU kernels' code run on the CPU (numpy in, numpy out)."""
 
     def __init__(self, library: pathlib.Path | None = None):
-        self.lib = ctypes.CDLL(str(library or build_sparse_emulator()))
-        f = self.lib.ctprune_sparse_conv_emulate
-        f.restype = ctypes.c_int
-        f.argtypes = [ctypes.POINTER(_Desc)] + [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p] + [
-            ctypes.c_int64] * 4 + [ctypes.c_char_p, ctypes.c_int]
+        self.emulator = Emulator(library or build_sparse_emulator(), "SparseConv", "ctprune_sparse_conv", _Desc, 4)
+        self.lib = self.emulator.lib
 
     def __call__(self, layer: SparseLayer, x: np.ndarray, z: np.ndarray | None = None,
                  w: np.ndarray | None = None) -> np.ndarray:
@@ -196,78 +166,26 @@ class EmulatedSparseConv:
         oh, ow = layer.output_size(h, wd)
         o = int(layer.compact.weight_shape[0])
         y = np.full((n, o) if layer.fc else (n, o, max(oh, 0), max(ow, 0)), np.nan, dtype=np.float32)
-        err = ctypes.create_string_buffer(512)
-        desc = layer.desc()
-        status = self.lib.ctprune_sparse_conv_emulate(
-            ctypes.byref(desc), x.ctypes.data, wts.ctypes.data, None if bias is None else bias.ctypes.data,
-            None if z is None else z.ctypes.data, 0 if z is None else z.size, y.ctypes.data, n, c, h, wd, err,
-            len(err))
-        if status != 0:
-            raise _error(status, self.lib, err)
+        self.emulator.run(layer, x, wts, bias, z, y, n, c, h, wd)
         return y
 
 
-class CudaSparseConv:
+class CudaSparseConv(PreparedCudaKernel):
     """The SparseConv GPU kernels for one layer, prepared on the current CUDA device; call on torch CUDA tensors."""
 
-    _lib = None
-
-    @classmethod
-    def library(cls, path: pathlib.Path | None = None):
-        if cls._lib is None:
-            lib = ctypes.CDLL(str(path or build_sparse_cuda_kernel()))
-            lib.ctprune_sparse_conv_cuda_prepare.restype = ctypes.c_int
-            lib.ctprune_sparse_conv_cuda_prepare.argtypes = [
-                ctypes.POINTER(_Desc), ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int]
-            lib.ctprune_sparse_conv_cuda.restype = ctypes.c_int
-            lib.ctprune_sparse_conv_cuda.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p] + [
-                ctypes.c_int64] * 4 + [ctypes.c_void_p]
-            lib.ctprune_sparse_conv_cuda_release.restype = None
-            lib.ctprune_sparse_conv_cuda_release.argtypes = [ctypes.c_void_p]
-            lib.ctprune_sparse_conv_cuda_status_string.restype = ctypes.c_char_p
-            lib.ctprune_sparse_conv_cuda_status_string.argtypes = [ctypes.c_int]
-            cls._lib = lib
-        return cls._lib
-
-    def __init__(self, layer: SparseLayer, library: pathlib.Path | None = None):
-        self.lib = self.library(library)
-        self.layer = layer
-        self.handle = ctypes.c_void_p()
-        err = ctypes.create_string_buffer(512)
-        desc = layer.desc()
-        status = self.lib.ctprune_sparse_conv_cuda_prepare(ctypes.byref(desc), ctypes.byref(self.handle), err,
-                                                           len(err))
-        if status != 0:
-            raise _error(status, self.lib, err)
+    OP, PREFIX, DESC = "SparseConv", "ctprune_sparse_conv", _Desc
+    SHAPE_ARGS = 4  # n, c, h, w (an FC's x (N, I) as (N, I, 1, 1))
+    build_library = staticmethod(build_sparse_cuda_kernel)
 
     def __call__(self, x, w, b=None, z=None, *, out=None):
         """x (N, C, H, W) or (N, I), w (K, block), b (O,) or None, z (one element or y's shape) or None: contiguous
         float32 torch CUDA tensors. Runs on the current stream and returns y."""
         import torch
 
-        for name, t in (("x", x), ("w", w), ("b", b), ("z", z), ("out", out)):
-            if t is not None and (t.dtype != torch.float32 or not t.is_cuda or not t.is_contiguous()):
-                raise ValueError(f"{name} must be a contiguous float32 CUDA tensor, got {t.dtype} on {t.device}")
+        self.check_tensors(x=x, w=w, b=b, z=z, out=out)
         n, c, h, wd = _shape_args(self.layer, x.shape)
         oh, ow = self.layer.output_size(h, wd)
         o = int(self.layer.compact.weight_shape[0])
         if out is None:
             out = torch.empty((n, o) if self.layer.fc else (n, o, oh, ow), device=x.device, dtype=torch.float32)
-        status = self.lib.ctprune_sparse_conv_cuda(
-            self.handle, x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(),
-            None if z is None else z.data_ptr(), 0 if z is None else z.numel(), out.data_ptr(), n, c, h, wd,
-            torch.cuda.current_stream().cuda_stream)
-        if status != 0:
-            raise _error(status, self.lib)
-        return out
-
-    def close(self):
-        if self.handle:
-            self.lib.ctprune_sparse_conv_cuda_release(self.handle)
-            self.handle = ctypes.c_void_p()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: nothing left to free
-            pass
+        return self.launch(x, w, b, z, out, (n, c, h, wd))
