@@ -44,6 +44,22 @@ def _time_blocks(fns, runs: int, per_block: int):
     return [statistics.median(t) for t in times]
 
 
+def time_against_dense(fp32, tf32, ours, y, runs: int, per_block: int) -> tuple[float, float, float, float]:
+    """(rel err, fp32 s, tf32 s, ours s): the dense contenders and ours (which writes y) warmed up, ours checked
+    against fp32 (max |y - fp32| / max |fp32|), then the three timed by _time_blocks."""
+    import torch
+
+    for fn in (fp32, tf32, ours):  # warm up: cuDNN autotuning, module load
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    ref = fp32()
+    ours()
+    torch.cuda.synchronize()
+    err = float((y - ref).abs().max() / ref.abs().max())
+    return (err, *_time_blocks([fp32, tf32, ours], runs, per_block))
+
+
 def bench_layer(channels: int, size: int, ratio: float, batch: int, rng, runs: int, per_block: int) -> dict:
     import torch
 
@@ -68,16 +84,7 @@ def bench_layer(channels: int, size: int, ratio: float, batch: int, rng, runs: i
         return run
 
     ours = lambda: kernel(x, w, bias, out=y)
-    fp32, tf32 = dense_fn(False), dense_fn(True)
-    for fn in (fp32, tf32, ours):  # warm up: cuDNN autotuning, module load
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    ref = fp32()
-    ours()
-    torch.cuda.synchronize()
-    err = float((y - ref).abs().max() / ref.abs().max())
-    t_fp32, t_tf32, t_ours = _time_blocks([fp32, tf32, ours], runs, per_block)
+    err, t_fp32, t_tf32, t_ours = time_against_dense(dense_fn(False), dense_fn(True), ours, y, runs, per_block)
     kernel.close()
     kept = len(layer.kernel_filters)
     useful = 2.0 * 4 * kept * size * size * batch
@@ -100,6 +107,25 @@ def summary(rows) -> str:
                           ["ratio", "batch", "median vs fp32", "min", "max", "median vs tf32"])
 
 
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU; says so on stderr where it does not."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    print("bench_cuda: no CUDA GPU here (torch.cuda.is_available() is False); run it on a GPU machine.",
+          file=sys.stderr)
+    return False
+
+
+def publish(text: str, markdown: str | None) -> None:
+    """Print the tables, and write them to `markdown` where given."""
+    print(text)
+    if markdown:
+        with open(markdown, "w") as f:
+            f.write(text)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer timed blocks")
@@ -119,9 +145,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    if not torch.cuda.is_available():
-        print("bench_cuda: no CUDA GPU here (torch.cuda.is_available() is False); run it on a GPU machine.",
-              file=sys.stderr)
+    if not cuda_available():
         return 2
     from tqdm import tqdm
 
@@ -138,10 +162,7 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name()
     text = (f"PatternConv CUDA kernel vs cuDNN (torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
             f"{device})\n\n{render(rows)}\n\n{summary(rows)}\n")
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
+    publish(text, args.markdown)
     return 0
 
 

@@ -13,11 +13,9 @@ fp32| / max |fp32|.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
-from ctprune.lab.bench_layers import median_summary
+from ctprune.lab.bench_cuda import cuda_available, publish, summary, time_against_dense
 from ctprune.lab.bench_sparse import FC, POINTWISE
 
 RATIOS = [2.0, 4.0, 8.0]
@@ -27,7 +25,6 @@ BATCHES = [1, 32]
 def bench_sparse_layer(kind: str, shape, ratio: float, batch: int, rng, runs: int, per_block: int) -> dict:
     import torch
 
-    from ctprune.lab.bench_cuda import _time_blocks
     from ctprune.lab.cuda_sparse_harness import CudaSparseConv, random_sparse_layer
 
     if kind == "fc":
@@ -54,16 +51,7 @@ def bench_sparse_layer(kind: str, shape, ratio: float, batch: int, rng, runs: in
         return run
 
     ours = lambda: kernel(x, w, bias, out=y)
-    fp32, tf32 = dense_fn(False), dense_fn(True)
-    for fn in (fp32, tf32, ours):  # warm up: cuDNN autotuning, module load
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    ref = fp32()
-    ours()
-    torch.cuda.synchronize()
-    err = float((y - ref).abs().max() / ref.abs().max())
-    t_fp32, t_tf32, t_ours = _time_blocks([fp32, tf32, ours], runs, per_block)
+    err, t_fp32, t_tf32, t_ours = time_against_dense(dense_fn(False), dense_fn(True), ours, y, runs, per_block)
     kernel.close()
     kept = layer.compact.kept
     dense_weights = int(np.prod(weight_shape))
@@ -83,18 +71,11 @@ def render(rows) -> str:
     return "\n".join(lines)
 
 
-def summary(rows) -> str:
-    return median_summary(rows, ["ratio", "batch"], "vs_fp32", "vs_tf32",
-                          ["ratio", "batch", "median vs fp32", "min", "max", "median vs tf32"])
-
-
 def main_sparse(args) -> int:
     """bench_cuda --sparse: `args` from bench_cuda's parser (quick, batch, ratios, runs, seed, markdown)."""
     import torch
 
-    if not torch.cuda.is_available():
-        print("bench_cuda: no CUDA GPU here (torch.cuda.is_available() is False); run it on a GPU machine.",
-              file=sys.stderr)
+    if not cuda_available():
         return 2
     from tqdm import tqdm
 
@@ -110,8 +91,5 @@ def main_sparse(args) -> int:
     torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     text = (f"SparseConv CUDA kernels vs cuDNN/cuBLAS (torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}, "
             f"{torch.cuda.get_device_name()})\n\n{render(rows)}\n\n{summary(rows)}\n")
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
+    publish(text, args.markdown)
     return 0
