@@ -22,12 +22,9 @@ import numpy as np
 import onnx
 from onnxscript import FLOAT, script
 from onnxscript import opset13 as op
-from onnxscript.values import Opset
 
-from ctprune.ops.names import DOMAIN, MIN_OPSET, OP_TYPE, VERSION
-
-
-ctprune_opset = Opset(DOMAIN, VERSION)
+from ctprune.ops.local_function import ctprune_opset, model_local_function
+from ctprune.ops.names import MIN_OPSET, OP_TYPE
 
 
 @script(ctprune_opset, default_opset=op)
@@ -70,19 +67,7 @@ def pattern_conv_function(opset: int = MIN_OPSET, residual: bool = False) -> onn
     function cannot test whether an optional input was given (onnxruntime crashes on an Add of a missing input), so
     a model with any fused residual uses this form for all its PatternConv nodes, the others passing a one-element
     zero as Z."""
-    if opset < MIN_OPSET:
-        raise ValueError(f"the PatternConv function needs default-domain opset >= {MIN_OPSET}, got {opset}")
-    function = PatternConv.to_function_proto()
-    del function.opset_import[:]
-    function.opset_import.append(onnx.helper.make_opsetid("", int(opset)))
-    if residual:
-        clip = function.node[-1]  # Y = Clip(conv, min, max): Z goes in between
-        assert clip.op_type == "Clip" and list(function.output) == list(clip.output)
-        function.input.append("Z")
-        summed = "conv_plus_residual"
-        function.node.insert(len(function.node) - 1, onnx.helper.make_node("Add", [clip.input[0], "Z"], [summed]))
-        function.node[-1].input[0] = summed
-    return function
+    return model_local_function(PatternConv, OP_TYPE, MIN_OPSET, opset, residual)
 
 
 def dense_weight_from_compact(
@@ -110,23 +95,31 @@ def conv2d_numpy(
     B: Optional[np.ndarray] = None,
     strides: Sequence[int] = (1, 1),
     pads: Sequence[int] = (0, 0, 0, 0),
+    dilations: Sequence[int] = (1, 1),
+    group: int = 1,
 ) -> np.ndarray:
-    """Plain 2-D convolution (group 1, dilation 1) in float64: the textbook sum over taps."""
+    """Plain 2-D convolution in float64: the textbook sum over taps, group by group."""
     X = np.asarray(X, dtype=np.float64)
     weight = np.asarray(weight, dtype=np.float64)
     N, C, H, Wd = X.shape
-    O, _, KH, KW = weight.shape
+    O, Cg, KH, KW = weight.shape
     top, left, bottom, right = pads
     sh, sw = strides
+    dh, dw = dilations
     padded = np.zeros((N, C, H + top + bottom, Wd + left + right))
     padded[:, :, top : top + H, left : left + Wd] = X
-    OH = (H + top + bottom - KH) // sh + 1
-    OW = (Wd + left + right - KW) // sw + 1
+    OH = (H + top + bottom - dh * (KH - 1) - 1) // sh + 1
+    OW = (Wd + left + right - dw * (KW - 1) - 1) // sw + 1
     Y = np.zeros((N, O, OH, OW))
-    for ky in range(KH):
-        for kx in range(KW):
-            window = padded[:, :, ky : ky + sh * (OH - 1) + 1 : sh, kx : kx + sw * (OW - 1) + 1 : sw]
-            Y += np.einsum("nchw,oc->nohw", window, weight[:, :, ky, kx])
+    per_group = O // group
+    for g in range(group):
+        xs = padded[:, g * Cg : (g + 1) * Cg]
+        ws = weight[g * per_group : (g + 1) * per_group]
+        for ky in range(KH):
+            for kx in range(KW):
+                y0, x0 = ky * dh, kx * dw
+                window = xs[:, :, y0 : y0 + sh * (OH - 1) + 1 : sh, x0 : x0 + sw * (OW - 1) + 1 : sw]
+                Y[:, g * per_group : (g + 1) * per_group] += np.einsum("nchw,oc->nohw", window, ws[:, :, ky, kx])
     if B is not None:
         Y += np.asarray(B, dtype=np.float64)[None, :, None, None]
     return Y

@@ -24,19 +24,16 @@ import numpy as np
 import onnx
 from onnxscript import FLOAT, INT64, script
 from onnxscript import opset13 as op
-from onnxscript.values import Opset
 
+from ctprune.ops.local_function import ctprune_opset, model_local_function
+from ctprune.ops.reference import conv2d_numpy
 from ctprune.ops.names import (
     ACTIVATION_HARDSIGMOID_MUL,
     ACTIVATION_NONE,
     ACTIVATION_SIGMOID_MUL,
-    DOMAIN,
     SPARSE_MIN_OPSET,
     SPARSE_OP_TYPE,
-    VERSION,
 )
-
-ctprune_opset = Opset(DOMAIN, VERSION)
 
 
 @script(ctprune_opset, default_opset=op)
@@ -124,20 +121,7 @@ def sparse_conv_function(opset: int = SPARSE_MIN_OPSET, residual: bool = False) 
     residual: the form with the sixth input Z, added before the clip. As for PatternConv, a model carries one form:
     where any SparseConv node has a residual, every SparseConv node of the model must pass a Z (a one-element zero
     when it has none)."""
-    if opset < SPARSE_MIN_OPSET:
-        raise ValueError(f"the SparseConv function needs default-domain opset >= {SPARSE_MIN_OPSET}, got {opset}")
-    function = SparseConv.to_function_proto()
-    del function.opset_import[:]
-    function.opset_import.append(onnx.helper.make_opsetid("", int(opset)))
-    if residual:
-        at = [i for i, node in enumerate(function.node) if node.op_type == "Clip"]
-        assert len(at) == 1
-        clip = function.node[at[0]]
-        function.input.append("Z")
-        summed = "conv_plus_residual"
-        function.node.insert(at[0], onnx.helper.make_node("Add", [clip.input[0], "Z"], [summed]))
-        function.node[at[0] + 1].input[0] = summed
-    return function
+    return model_local_function(SparseConv, SPARSE_OP_TYPE, SPARSE_MIN_OPSET, opset, residual)
 
 
 def blocks_of(weight_shape: Sequence[int], block: int, group: int = 1) -> list[tuple[int, int, int]]:
@@ -208,27 +192,7 @@ def sparse_conv_numpy(
         if B is not None:
             Y = Y + np.asarray(B, dtype=np.float64)
     else:
-        N, C, H, Wd = X.shape
-        O, Cg, KH, KW = dense.shape
-        top, left, bottom, right = pads
-        sh, sw = strides
-        dh, dw = dilations
-        padded = np.zeros((N, C, H + top + bottom, Wd + left + right))
-        padded[:, :, top : top + H, left : left + Wd] = X
-        OH = (H + top + bottom - dh * (KH - 1) - 1) // sh + 1
-        OW = (Wd + left + right - dw * (KW - 1) - 1) // sw + 1
-        Y = np.zeros((N, O, OH, OW))
-        per_group = O // group
-        for g in range(group):
-            xs = padded[:, g * Cg : (g + 1) * Cg]
-            ws = dense[g * per_group : (g + 1) * per_group]
-            for ky in range(KH):
-                for kx in range(KW):
-                    y0, x0 = ky * dh, kx * dw
-                    window = xs[:, :, y0 : y0 + sh * (OH - 1) + 1 : sh, x0 : x0 + sw * (OW - 1) + 1 : sw]
-                    Y[:, g * per_group : (g + 1) * per_group] += np.einsum("nchw,oc->nohw", window, ws[:, :, ky, kx])
-        if B is not None:
-            Y += np.asarray(B, dtype=np.float64)[None, :, None, None]
+        Y = conv2d_numpy(X, dense, B, strides, pads, dilations, group)
     if Z is not None:
         Y = Y + np.asarray(Z, dtype=np.float64)
     return apply_activation(np.clip(Y, activation_min, activation_max), activation, activation_alpha, activation_beta)
