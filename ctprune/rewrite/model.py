@@ -99,8 +99,19 @@ def _conv_geometry(node: onnx.NodeProto, where: str) -> tuple[list[int], list[in
 def _fold_batchnorm(graph, conv, compact, bn, constants: ConstantTable, taken) -> tuple[CompactPatternWeights, str] | None:
     """The compact weights and the name of a new bias initializer with the BatchNormalization folded in, or None
     where the Conv's bias is not a constant or the shapes disagree."""
+    folded = _folded_batchnorm_bias(graph, conv, compact.weight_shape[0], bn, constants, taken)
+    if folded is None:
+        return None
+    scale, name = folded
+    weights = (compact.weights * scale[compact.kernel_filters][:, None]).astype(np.float32)
+    return dataclasses.replace(compact, weights=weights), name
+
+
+def _folded_batchnorm_bias(graph, conv, out_channels: int, bn, constants: ConstantTable, taken):
+    """(the BatchNormalization's per-output-channel scale, the name of a new bias initializer holding the Conv's bias
+    folded with it), or None where the Conv's bias is not a constant or the shapes disagree; the caller scales the
+    weights."""
     _, scale, shift = bn
-    out_channels = compact.weight_shape[0]
     bias = np.zeros(out_channels)
     if len(conv.input) > 2 and conv.input[2]:
         bias = constants.value(conv.input[2])
@@ -108,10 +119,9 @@ def _fold_batchnorm(graph, conv, compact, bn, constants: ConstantTable, taken) -
             return None
     if scale.shape != (out_channels,) or np.size(bias) != out_channels:
         return None
-    weights = (compact.weights * scale[compact.kernel_filters][:, None]).astype(np.float32)
     name = unique_name(f"{conv.name or conv.output[0]}.folded_bias", taken)
     graph.initializer.append(numpy_helper.from_array((bias.reshape(-1) * scale + shift).astype(np.float32), name))
-    return dataclasses.replace(compact, weights=weights), name
+    return scale, name
 
 
 def _pattern_conv_node(conv, inputs, output, compact: CompactPatternWeights, strides, pads, lo, hi) -> onnx.NodeProto:
@@ -350,19 +360,11 @@ def _density(mask: np.ndarray) -> float:
 
 def _fold_batchnorm_dense(rewrite: _Rewrite, conv, weight: np.ndarray, bn):
     """(weight, new bias name) with the BatchNormalization folded into a dense Conv weight, or None."""
-    _, scale, shift = bn
-    out_channels = weight.shape[0]
-    bias = np.zeros(out_channels)
-    if len(conv.input) > 2 and conv.input[2]:
-        bias = rewrite.constant(conv.input[2])
-        if bias is None:
-            return None
-    if scale.shape != (out_channels,) or np.size(bias) != out_channels:
+    folded = _folded_batchnorm_bias(rewrite.graph, conv, weight.shape[0], bn, rewrite.constants, rewrite.taken)
+    if folded is None:
         return None
-    folded = (weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32)
-    name = unique_name(f"{conv.name or conv.output[0]}.folded_bias", rewrite.taken)
-    rewrite.graph.initializer.append(numpy_helper.from_array((bias.reshape(-1) * scale + shift).astype(np.float32), name))
-    return folded, name
+    scale, name = folded
+    return (weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32), name
 
 
 def _give_every_node_a_residual(graph: onnx.GraphProto, zero_name: str, op_type: str) -> None:
