@@ -45,6 +45,16 @@ def check_ratio(ratio: float) -> float:
     return ratio
 
 
+def check_reachable(ratio: float, largest: float, layers: int, floor: str) -> None:
+    """RatioError naming the largest reachable ratio over `layers` layers when `ratio` is beyond it; floor: what every
+    layer keeps at the least, which sets that largest ratio."""
+    if ratio > largest * (1 + 1e-9):
+        raise RatioError(
+            f"a {ratio:g}x ratio cannot be reached: with {floor}, "
+            f"the largest reachable ratio over these {layers} layers is {math.floor(largest * 100) / 100:g}x."
+        )
+
+
 def largest_ratio(layers: Mapping[str, LayerGroups]) -> float:
     """Dense weights over the weights of the groups every layer must keep."""
     floor = sum(float(l.sizes[l.forced].sum()) for l in layers.values())
@@ -58,12 +68,8 @@ def weight_budget(layers: Mapping[str, LayerGroups], ratio: float) -> int:
     total = sum(l.dense_weights for l in layers.values())
     if total == 0:
         raise RatioError("there is no prunable layer to reach the ratio with.")
-    largest = largest_ratio(layers)
-    if ratio > largest * (1 + 1e-9):
-        raise RatioError(
-            f"a {ratio:g}x ratio cannot be reached: with every output channel keeping at least one group of weights, "
-            f"the largest reachable ratio over these {len(layers)} layers is {math.floor(largest * 100) / 100:g}x."
-        )
+    check_reachable(ratio, largest_ratio(layers), len(layers),
+                    "every output channel keeping at least one group of weights")
     return round(total / ratio)
 
 

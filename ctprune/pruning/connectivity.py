@@ -42,18 +42,12 @@ PATTERN_RATIO = 9 / 4  # what 4-of-9 patterns alone give
 
 def kernel_budget(shapes: Mapping[str, tuple[int, int]], ratio: float) -> int:
     """Kept kernels in all for `ratio` over layers {name: (O, C)}; RatioError if unreachable."""
-    ratio = float(ratio)
-    if not math.isfinite(ratio) or ratio <= 1.0:
-        raise RatioError(f"the compression ratio must be a number greater than 1 (like 8x), got {ratio:g}.")
+    ratio = check_ratio(ratio)
     total_kernels = sum(o * c for o, c in shapes.values())
     if total_kernels == 0:
         raise RatioError("there is no prunable 3x3 Conv kernel to reach the ratio with.")
-    largest = largest_ratio(shapes)
-    if ratio > largest * (1 + 1e-9):
-        raise RatioError(
-            f"a {ratio:g}x ratio cannot be reached: with every filter keeping at least one 4-weight kernel, the largest "
-            f"reachable ratio over these {len(shapes)} layers is {math.floor(largest * 100) / 100:g}x."
-        )
+    check_reachable(ratio, largest_ratio(shapes), len(shapes),
+                    "every filter keeping at least one 4-weight kernel")
     if ratio < PATTERN_RATIO:
         log.warning("ratio %.3gx is below what 4-of-9 patterns alone give: every kernel is kept, the result is 2.25x", ratio)
         return total_kernels
@@ -82,7 +76,8 @@ def keep_bounds(shapes: Mapping[str, tuple[int, int]], target: int, spread: floa
     return {n: (floors[n], ceilings[n]) for n in shapes}
 
 
-from ctprune.pruning.allocation import ALLOCATIONS, COST_EXPONENTS, LayerGroups, allocate_groups  # noqa: E402
+from ctprune.pruning.allocation import (ALLOCATIONS, COST_EXPONENTS, LayerGroups, allocate_groups,  # noqa: E402
+                                       check_ratio, check_reachable)
 
 
 def kernel_costs(shapes: Mapping[str, tuple[int, int]], macs: Mapping[str, int] | None) -> dict[str, float]:
