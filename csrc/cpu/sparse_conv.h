@@ -8,7 +8,7 @@
 // s > 1 splits the padded input into s_h * s_w phase planes; a tap reads phase ((ky*d_h) % s_h, (kx*d_w) % s_w). A
 // 1x1 Conv without pads has flat_row = OW and one phase, so its flat index is the output index and an aligned plane
 // stride makes every input load aligned; when X's planes already are (H*W a multiple of the lanes), X is read in
-// place. A register tile is `block` output channels x `vectors` consecutive vectors of the flat index: each loaded
+// place, and on the 8-lane tiers also when X itself is not vector-aligned (its loads then cross cache lines). A register tile is `block` output channels x `vectors` consecutive vectors of the flat index: each loaded
 // input vector feeds the block's channels (weights broadcast).
 //
 // FC form. X (N, I), Y (N, O): a block's rows stream once; one vector holds lanes / block rows of the block (their

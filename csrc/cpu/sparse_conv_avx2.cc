@@ -1,5 +1,5 @@
 // AVX2 + FMA tier of the SparseConv kernels (8 lanes, 16 ymm registers: a tile holds block x vectors sums, the tile's
-// input vectors and one broadcast weight). Compiled for that ISA by the pragma below only, so the library still loads
+// input vectors and one broadcast weight; 4 channels x 3 vectors fill them, and a block of 8 runs as two of those). Compiled for that ISA by the pragma below only, so the library still loads
 // on any x86-64; dispatch.cc hands it out only when CPUID and XCR0 say it can run.
 #include <immintrin.h>
 
@@ -23,7 +23,8 @@ namespace {
 struct Avx2 {
   using V = __m256;
   static constexpr int L = 8;
-  static constexpr int kTileVectors[4] = {6, 4, 2, 1};
+  static constexpr int kTileVectors[4] = {6, 4, 3, 3};
+  static constexpr bool kSplitBlock8 = true;
   static V Zero() { return _mm256_setzero_ps(); }
   static V Set1(float x) { return _mm256_set1_ps(x); }
   static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
