@@ -70,16 +70,17 @@ CALIBRATIONS = {
         general_fixed_work=300.0, general_fixed_max=0.75, general_slope=1.45,
         fc={1: (0.1, 2.0), 2: (0.1, 1.6), 4: (0.1, 1.3), 8: (0.1, 1.25)},
     ),
-    # AMD EPYC Zen 3 with AVX2 + FMA, onnxruntime 1.32, the kernel of commit bf09c40 (tests/data/sparse_cost_avx2.csv:
-    # bench_layers --sparse --quick --ratios 4 8 --blocks 4 8 --kinds conv general; FC from --kinds fc): 8 floats a
-    # vector and 16 registers, so the dense op is relatively stronger than with AVX-512. Upper envelope of the
-    # measured time ratios: 1x1 FIXED by input channels (<= 32: 0.58, <= 255: 0.35, more: 0.23), SLOPE 1.4 (block 8:
-    # 1.6); kxk FIXED min(0.5, 150 / K), SLOPE 2.6.
+    # AMD EPYC Zen 3 with AVX2 + FMA, onnxruntime 1.32, the kernel of commit 5026f93 (tests/data/sparse_cost_avx2.csv:
+    # bench_layers --sparse --quick --ratios 4 8 --blocks 4 8 --kinds conv general, the median of three runs; FC from
+    # --kinds fc, kernel of bf09c40): 8 floats a vector and 16 registers, so the dense op is relatively stronger than
+    # with AVX-512. Upper envelope of the measured time ratios: 1x1 FIXED by input channels (<= 32: 0.41, <= 255:
+    # 0.37, more: 0.24), SLOPE 1.4 (blocks 4 and 8: a block of 8 runs as two of 4); 1x1 stride 2 FIXED 0.21, SLOPE
+    # 1.0; kxk FIXED min(0.57, 205 / K), SLOPE 2.6.
     "avx2": Calibration(
-        pointwise_fixed=((32, 0, 0.58), (255, 0, 0.35), (1 << 30, 0, 0.23)),
-        pointwise_slope={1: 2.8, 2: 1.9, 4: 1.4, 8: 1.6},
-        strided_pointwise=(0.2, 1.0),
-        general_fixed_work=150.0, general_fixed_max=0.5, general_slope=2.6,
+        pointwise_fixed=((32, 0, 0.41), (255, 0, 0.37), (1 << 30, 0, 0.24)),
+        pointwise_slope={1: 2.8, 2: 1.9, 4: 1.4, 8: 1.4},
+        strided_pointwise=(0.21, 1.0),
+        general_fixed_work=205.0, general_fixed_max=0.57, general_slope=2.6,
         fc={1: (0.15, 2.4), 2: (0.15, 2.0), 4: (0.15, 1.6), 8: (0.15, 1.5)},
     ),
 }
