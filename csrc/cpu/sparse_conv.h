@@ -55,6 +55,9 @@ struct SparseConvJob {
   // Streaming (non-temporal) stores for Y: set when Y is much larger than L2 (it would only evict the input) and every
   // full vector of every output plane is aligned (plane a multiple of the lanes, Y aligned).
   bool stream;
+  // Prefetch each row's input a few rows ahead (tiers with T::kPrefetchRows > 0): set when a tile's input of all
+  // channels is well past L1, so that the rows come from L2.
+  bool prefetch;
   // The non-finite check fused into the tile loop (X read in place: a separate pass over X would read it from memory
   // once more): when check_channels > 0, the call that starts at position 0 reads every channel's span of each tile
   // (channel c at packed + c * check_plane) before the blocks do, and sets *nonfinite when one holds NaN or +-inf.

@@ -25,6 +25,7 @@ struct Avx2 {
   static constexpr int L = 8;
   static constexpr int kTileVectors[4] = {6, 4, 3, 3};
   static constexpr bool kSplitBlock8 = true;
+  static constexpr int kPrefetchRows = 8;
   static V Zero() { return _mm256_setzero_ps(); }
   static V Set1(float x) { return _mm256_set1_ps(x); }
   static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }

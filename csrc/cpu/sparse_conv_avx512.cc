@@ -29,6 +29,7 @@ struct Zmm {
   static constexpr int L = 16;
   static constexpr int kTileVectors[4] = {8, 8, 6, 3};
   static constexpr bool kSplitBlock8 = false;
+  static constexpr int kPrefetchRows = 0;
   static V Zero() { return _mm512_setzero_ps(); }
   static V Set1(float x) { return _mm512_set1_ps(x); }
   static V Broadcast(const float* p) { return _mm512_set1_ps(*p); }

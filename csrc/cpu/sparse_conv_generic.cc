@@ -24,6 +24,7 @@ struct Lanes {
   static constexpr int L = N;
   static constexpr int kTileVectors[4] = {T1, T2, T4, T8};
   static constexpr bool kSplitBlock8 = false;
+  static constexpr int kPrefetchRows = 0;
   static V Set1(float x) {
     V r;
     for (int i = 0; i < N; ++i) r.v[i] = x;
