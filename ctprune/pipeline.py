@@ -340,10 +340,22 @@ class Pipeline(PruneOptions):
         t_pred = _torch_batched(self.teacher, x, step).reshape(len(x), -1).argmax(1)
         p_pred = pruned_out.reshape(len(x), -1).argmax(1)
         agreement = float((t_pred == p_pred).mean())
+        self._warn_if_one_answer(t_pred, p_pred)
         if self.eval_set.y is not None:
             y = self.eval_set.y
             return {"before": float((t_pred == y).mean()), "after": float((p_pred == y).mean())}, agreement
         return None, agreement
+
+    def _warn_if_one_answer(self, dense_pred: np.ndarray, pruned_pred: np.ndarray) -> None:
+        """A pruned model that gives one answer for every evaluation input while the dense model gives several has
+        lost its function (e.g. a crop that pushed every activation below a ReLU's floor): say so in the log and
+        the report rather than ship it silently."""
+        if len(np.unique(pruned_pred)) == 1 and len(np.unique(dense_pred)) > 1:
+            note = (f"warning: the pruned model predicts class {int(pruned_pred[0])} for every one of the "
+                    f"{len(pruned_pred)} evaluation inputs (the dense model does not): it has lost its function; "
+                    "try a lower ratio or another --method")
+            log.warning("%s", note)
+            self.notes.append(note)
 
     def _train_report(self) -> dict:
         from ctprune.train import resolve_device

@@ -236,3 +236,22 @@ def test_macs_allocation_cuts_more_macs_at_the_same_ratio(resnet_path, tmp_path,
     assert after["macs"] <= after["balanced"] < after["importance"]
     code, _, stderr = _cli(capsys, resnet_path, "--ratio", "6x", "--epochs", "0", "--allocation", "latency")
     assert code != 0 and "allocation" in stderr
+
+
+def test_a_model_that_gives_one_answer_is_reported():
+    """A pruned model predicting one class for every input (while the dense model does not) gets a warning in the
+    report's notes; a model that still discriminates gets none."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from ctprune.pipeline import Pipeline
+
+    rng = np.random.default_rng()
+    dense = rng.integers(0, 10, 200)
+    run = SimpleNamespace(notes=[])
+    Pipeline._warn_if_one_answer(run, dense, np.full(200, 3))
+    assert len(run.notes) == 1 and "class 3 for every one of the 200" in run.notes[0]
+    Pipeline._warn_if_one_answer(run, dense, rng.integers(0, 10, 200))
+    Pipeline._warn_if_one_answer(run, np.full(200, 3), np.full(200, 3))  # the dense model answers the same: no news
+    assert len(run.notes) == 1
