@@ -111,24 +111,25 @@ def shaped_model(model: onnx.ModelProto, input_shape=None) -> onnx.ModelProto:
     if input_shape is not None:
         set_input_shapes(m, input_shape)
     for vi in m.graph.input:  # per-sample numbers: a dynamic batch counts as 1
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) > 0 and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = 1
+        _batch_of_one(vi)
     declared = {vi.name: vi for vi in m.graph.value_info}
     del m.graph.value_info[:]
     if input_shape is None:
         # onnx's inference does not see through ctprune's ops (their functions rebuild weights from attributes): the
         # types the rewriter kept for their outputs still hold when the input shape is the stored one
-        for node in m.graph.node:
-            for name in (o for o in node.output if node.domain == CTPRUNE_DOMAIN and o in declared):
+        for node in (n for n in m.graph.node if n.domain == CTPRUNE_DOMAIN):
+            for name in (o for o in node.output if o in declared):
                 vi = m.graph.value_info.add()
                 vi.CopyFrom(declared[name])
-                dims = vi.type.tensor_type.shape.dim
-                if len(dims) > 0 and not dims[0].HasField("dim_value"):
-                    dims[0].Clear()
-                    dims[0].dim_value = 1
+                _batch_of_one(vi)
     return infer_shapes(m)
+
+
+def _batch_of_one(vi: onnx.ValueInfoProto) -> None:
+    dims = vi.type.tensor_type.shape.dim
+    if len(dims) > 0 and not dims[0].HasField("dim_value"):
+        dims[0].Clear()
+        dims[0].dim_value = 1
 
 
 def conv_layers(model: onnx.ModelProto, input_shape=None) -> list[ConvLayer]:

@@ -137,27 +137,12 @@ def _sparse_conv_row(node, attrs, shapes) -> LayerRow:
     values = shapes.get(node.input[1]) or [0, 0]
     kept = int(values[0]) * int(values[1])
     bias = weight_shape[0] if len(node.input) > 4 and node.input[4] else 0
-    pixels = _sparse_output_pixels(node, attrs, shapes, weight_shape) if len(weight_shape) == 4 else 1
+    y = shapes.get(node.output[0])  # known once shaped_model keeps the types of ctprune ops' outputs
+    pixels = math.prod(y[2:]) if y and len(y) == 4 and None not in y[2:] else 1
     kernel = "x".join(map(str, weight_shape[2:])) if len(weight_shape) == 4 else ""
     in_ch = weight_shape[1] * int(attrs.get("group", 1))
     return LayerRow(node.name, "SparseConv", kernel, in_ch, weight_shape[0], int(attrs.get("group", 1)), kept + bias,
                     kept * pixels, False)
-
-
-def _sparse_output_pixels(node, attrs, shapes, weight_shape) -> int:
-    """Output pixels per sample: from the output's inferred shape, else from X and the Conv attributes (onnx's shape
-    inference does not know the custom op, so a fused SparseConv's output often has no shape)."""
-    y = shapes.get(node.output[0])
-    if y and len(y) == 4 and None not in y[2:]:
-        return math.prod(y[2:])
-    x = shapes.get(node.input[0])
-    if not x or len(x) != 4 or None in x[2:]:
-        return 1
-    kernel = weight_shape[2:]
-    pads = list(attrs.get("pads", [0] * 4))
-    strides, dilations = list(attrs.get("strides", [1, 1])), list(attrs.get("dilations", [1, 1]))
-    return math.prod((x[2 + i] + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
-                     for i in range(2))
 
 
 def layer_table(model: onnx.ModelProto, input_shape=None, method: str = "auto",

@@ -41,7 +41,7 @@ from ctprune.graph.readers import TensorReaders
 from ctprune.graph.shapes import inferred_shape_table
 from ctprune.ops.names import DOMAIN, OP_TYPE, SPARSE_OP_TYPE, VERSION
 from ctprune.ops.reference import pattern_conv_function
-from ctprune.rewrite.fusion import RESIDUAL_OPS, FusedActivation, fusable_activation, fusable_batchnorm, fusable_residual
+from ctprune.rewrite.fusion import FusedActivation, fusable_activation, fusable_batchnorm, fusable_residual
 from ctprune.rewrite.pattern_conv import CompactPatternWeights, LayerPatterns, compact_from_dense
 from ctprune.rewrite.upgrade import upgraded
 
@@ -157,7 +157,7 @@ def _sparse_geometry(node: onnx.NodeProto, x_shape, where: str) -> dict:
 class _Rewrite:
     """The state of one rewrite: the graph being edited, names taken, what each tensor is read by, what goes."""
 
-    def __init__(self, model: onnx.ModelProto, need_shapes: bool):
+    def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph
         # Constants, names and readers are indexed once, before any node changes (the rewrite asks only about
@@ -165,8 +165,9 @@ class _Rewrite:
         self.constants = ConstantTable(self.graph, aliases=False)
         self.taken = taken_names(self.graph)
         self.reads = TensorReaders(self.graph)
-        # Shapes decide which residual Adds fuse and resolve SAME pads; inferred once, before any node changes.
-        self.shapes = inferred_shape_table(model, symbolic=True) if need_shapes else {}
+        # Shapes decide which residual Adds fuse, resolve SAME pads and type ctprune's outputs (finish()); inferred
+        # once, before any node changes.
+        self.shapes = inferred_shape_table(model, symbolic=True)
         self.fused_away: set[int] = set()
         self.internal: set[str] = set()  # tensors fusion made internal: their value_info goes once, in finish()
         self.maybe_unread: set[str] = set()
@@ -264,7 +265,7 @@ class _Rewrite:
         stride = geometry.get("strides", [1, 1])[0]
         if not sparse_beats_dense("fc" if fc else "conv", tuple(weight.shape), hw, stride, density, layer.block,
                                   threads=threads):
-            held = self._hold_compactly(node, stored_weight, stored_mask)
+            held = density < COMPACT_HOLD_DENSITY and self._hold_compactly(node, stored_weight, stored_mask)
             return (f"SparseConv would be slower than the dense {node.op_type} at density {density:.3f}: kept dense"
                     + (" (kept weights stored compactly, rebuilt when the session loads)" if held else " (zeros held)"))
         output = node.output[0]
@@ -306,8 +307,9 @@ class _Rewrite:
     def _hold_compactly(self, node, weight: np.ndarray, mask: np.ndarray) -> bool:
         """A layer that stays a dense op keeps only its kept weights in the file: values and int32 flat positions,
         scattered into zeros by standard ops with constant inputs, which onnxruntime folds into the dense weight
-        when the session loads (the op then runs as fast as before). Only where that is smaller than the weight."""
-        if mask.mean() >= COMPACT_HOLD_DENSITY or weight.size >= 2**31:
+        when the session loads (the op then runs as fast as before). The caller holds it so only below
+        COMPACT_HOLD_DENSITY, where it is smaller than the weight; int32 positions cap the weight at 2**31."""
+        if weight.size >= 2**31:
             return False
         name = node.input[1]
         positions = np.flatnonzero(mask.reshape(-1)).astype(np.int32)
@@ -345,12 +347,25 @@ class _Rewrite:
         del graph.node[:]
         graph.node.extend(nodes)
         forget_value_info(graph, self.internal)
+        self._type_own_outputs()
         drop_unread(graph, self.maybe_unread)
         used = {n.op_type for n in graph.node if n.domain == DOMAIN}
         for op in self.with_residual:
             _give_every_node_a_residual(graph, unique_name(f"ctprune.zero_residual.{op}", self.taken), op)
         for op in sorted(used):
             _add_function(self.model, op, residual=op in self.with_residual)
+
+
+    def _type_own_outputs(self) -> None:
+        """Declare the type of each ctprune op's output (the shape the replaced node's output had): onnx's shape
+        inference does not see through their functions, so without it every tensor after the first one is
+        untyped for any tool that reads the model (ctprune inspect's MACs among them)."""
+        graph = self.graph
+        typed = {v.name for v in graph.value_info} | {o.name for o in graph.output}
+        for node in (n for n in graph.node if n.domain == DOMAIN):
+            dims = self.shapes.get(node.output[0])
+            if node.output[0] not in typed and dims is not None:
+                graph.value_info.append(helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, dims))
 
 
 def _density(mask: np.ndarray) -> float:
@@ -414,8 +429,7 @@ def rewrite_model(
     indices.update({key: _find_layer(graph, key, SPARSE_OPS, lookup=lookup) for key in sparse})
     if len(set(indices.values())) != len(indices):
         raise GraphError("two keys of the layer map name the same node")
-    need_shapes = bool(sparse) or any(node.op_type in RESIDUAL_OPS for node in graph.node)
-    rewrite = _Rewrite(model, need_shapes)
+    rewrite = _Rewrite(model)
     for key, index in sorted(indices.items(), key=lambda item: item[1]):
         if key in layers:
             rewrite.pattern(key, index, layers[key], require_masked)
