@@ -256,7 +256,10 @@ class Pipeline(PruneOptions):
         sample = self.train_set.x[: min(len(self.train_set), 64)]
         plan = plan_crop(self.original, ratio, pai=self.pai, data=sample, channel_multiple=self.channel_multiple,
                          pretrained=self.init == "pretrained", seed=self.seed, drop_branches=self.drop_branches)
-        cropped = apply_crop(self.original, plan)
+        # The kept channels get back the dense model's output statistics (restore.py), measured on the training
+        # images; not on synthetic inputs (their statistics are not the data's) nor for weights re-initialised anyway.
+        restore = self.data is not None and self.init == "pretrained"
+        cropped = apply_crop(self.original, plan, data=self.train_set.x if restore else None)
         student = self._lift(cropped)
         if self.init == "scratch":
             _reinitialise(student, self.seed)

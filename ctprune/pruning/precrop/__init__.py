@@ -2,11 +2,12 @@
 
     plan = plan_crop(model, ratio=4, pai="synflow-macs")  # groups, densities, kept channels per group
     plan.ratio_achieved, plan.report_layers()
-    smaller = apply_crop(model, plan)                      # standard ONNX ops, smaller Conv/BN/Gemm constants
+    smaller = apply_crop(model, plan, data=x)              # standard ONNX ops, smaller Conv/BN/Gemm constants;
+                                                           # `data`: per-channel statistics restored on these inputs
 
 Pieces, one job each: groups.py (channel groups on the ONNX graph), densities.py (PAI layer-wise densities),
 branches.py (residual branches the densities call empty, dropped whole), solve.py (joint kept-channel counts, rounded
-to a channel multiple), crop.py (the graph surgery).
+to a channel multiple), crop.py (the graph surgery), restore.py (the dense model's per-channel statistics put back).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ctprune.pruning.precrop.crop import crop_model
 from ctprune.pruning.precrop.densities import PAI_METHODS, Densities, layer_densities
 from ctprune.graph.constants import ConstantTable
 from ctprune.pruning.precrop.groups import ChannelGraph, ChannelGroup, Layer, channel_graph
+from ctprune.pruning.precrop.restore import match_statistics
 from ctprune.pruning.precrop.solve import TOLERANCE, check_reachable, solve_keep_counts, weight_model
 
 __all__ = ["plan_crop", "apply_crop", "CropPlan", "channel_graph", "ChannelGroup", "PAI_METHODS"]
@@ -206,12 +208,21 @@ def _make_plan(model, cg, dens, counts, ratio, multiple, pretrained, notes, drop
     return plan
 
 
-def apply_crop(model: onnx.ModelProto, plan: CropPlan) -> onnx.ModelProto:
-    """A new model with only the planned channels: smaller standard Conv/BN/Gemm constants, same graph inputs/outputs."""
-    model = _with_constant_weights(model)
+def apply_crop(model: onnx.ModelProto, plan: CropPlan, data: np.ndarray | None = None) -> onnx.ModelProto:
+    """A new model with only the planned channels: smaller standard Conv/BN/Gemm constants, same graph inputs/outputs.
+
+    `data`: inputs (float32, the model's layout; the first few hundred are used) on which every cropped Conv's kept
+    output channels are given the mean and spread they have in `model` (restore.py). Without it a network whose
+    BatchNormalization was folded into its Convs can lose its input-dependent signal to the crop.
+    """
+    dense = model = _with_constant_weights(model)
     if plan.dropped:
         model = remove_branches(model, plan.dropped)
-    return crop_model(model, plan.keep, channel_graph(model))
+    cg = channel_graph(model)
+    cropped = crop_model(model, plan.keep, cg)
+    if data is not None:
+        cropped = match_statistics(dense, cropped, cg, plan.keep, data)
+    return cropped
 
 
 def _conv_total(cg: ChannelGraph) -> float:
