@@ -176,12 +176,13 @@ def _aligned(array):
 @pytest.mark.parametrize("streamed", [False, True])
 def test_pointwise_in_place_streamed_and_fused_check(tier, streamed, monkeypatch):
     """The 1x1 in-place path with the non-finite check inside the tile loop (forced on small inputs), with and without
-    streaming stores: values as the dense Conv, every output written, NaN/inf where the dense Conv has them."""
+    streaming stores, planes of whole vectors and planes whose last vector is partial (read and written through a lane
+    mask): values as the dense Conv, every output written, NaN/inf where the dense Conv has them."""
     monkeypatch.setenv("CTPRUNE_SPARSE_FUSED_CHECK_BYTES", "0")
     monkeypatch.setenv("CTPRUNE_SPARSE_STREAM_BYTES", "0" if streamed else str(1 << 40))
     rng = np.random.default_rng([SEED, int(streamed), TIERS.index(tier)])
     shapes = [((24, 16, 1, 1), (1, 16, 8, 8)), ((19, 40, 1, 1), (1, 40, 4, 12)), ((33, 12, 1, 1), (2, 12, 16, 16)),
-              ((8, 70, 1, 1), (1, 70, 2, 8))]
+              ((8, 70, 1, 1), (1, 70, 2, 8)), ((21, 24, 1, 1), (2, 24, 7, 7)), ((9, 20, 1, 1), (1, 20, 3, 5))]
     for weight_shape, x_shape in shapes:
         for poisoned in (False, True):
             case = dict(weight_shape=weight_shape, x_shape=x_shape, geometry={}, block=int(rng.choice([1, 2, 4, 8])),
@@ -208,6 +209,53 @@ def test_pointwise_in_place_streamed_and_fused_check(tier, streamed, monkeypatch
             np.testing.assert_array_equal(np.isinf(out), np.isinf(expected), err_msg=msg)
             scale = max(1e-3, float(np.abs(expected[finite]).max())) if finite.any() else 1.0
             assert np.abs(out[finite] - expected[finite]).max(initial=0.0) <= 2e-5 * scale, msg
+
+
+def _at_page_end(array):
+    """A copy of `array` that ends where an inaccessible page begins (reading past its end faults), and the mapping
+    that holds it."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    pages = (array.nbytes + page - 1) // page + 1
+    mapping = mmap.mmap(-1, pages * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    libc = ctypes.CDLL(None, use_errno=True)
+    guard = ctypes.c_void_p(address + (pages - 1) * page)
+    prot_none = 0  # PROT_NONE (the mmap module does not export it)
+    assert libc.mprotect(guard, ctypes.c_size_t(page), prot_none) == 0, ctypes.get_errno()
+    out = np.frombuffer(mapping, dtype=np.float32, count=array.size, offset=(pages - 1) * page - array.nbytes)
+    out = out.reshape(array.shape)
+    out[...] = array
+    return out, mapping
+
+
+@pytest.mark.parametrize("tier", TIERS, indirect=True)
+@pytest.mark.parametrize("fused_check", [False, True])
+def test_pointwise_in_place_reads_no_further_than_x(tier, fused_check, monkeypatch):
+    """X read in place whose planes end in a partial vector, with X's last byte just before an inaccessible page: the
+    kernels (and the non-finite check) read the last plane's partial vector through a lane mask, never past X."""
+    monkeypatch.setenv("CTPRUNE_SPARSE_FUSED_CHECK_BYTES", "0" if fused_check else str(1 << 40))
+    rng = np.random.default_rng([SEED, int(fused_check), TIERS.index(tier)])
+    for weight_shape, x_shape in [((8, 3, 1, 1), (1, 3, 7, 7)), ((6, 5, 1, 1), (2, 5, 3, 5)),
+                                  ((12, 9, 1, 1), (1, 9, 14, 14))]:
+        case = dict(weight_shape=weight_shape, x_shape=x_shape, geometry={}, block=int(rng.choice([1, 2, 4, 8])),
+                    density=0.5, empty=0, bias=True, activation=Activation.relu(), residual="none", threads=1)
+        sparse, dense, feeds, y_shape = _models(case, rng)
+        expected = plain_run(dense, feeds)
+        x, mapping = _at_page_end(feeds["X"])
+        session = ort.InferenceSession(sparse.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
+        x_value = ort.OrtValue.ortvalue_from_numpy(x)
+        assert x_value.data_ptr() == x.ctypes.data  # the kernel sees X itself, not a copy
+        out = np.full(y_shape, np.nan, dtype=np.float32)
+        binding = session.io_binding()
+        binding.bind_ortvalue_input("X", x_value)
+        binding.bind_ortvalue_output("Y", ort.OrtValue.ortvalue_from_numpy(out))
+        session.run_with_iobinding(binding)
+        msg = f"CTPRUNE_TEST_SEED={SEED} case={case}"
+        assert not np.isnan(out).any(), "unwritten (poisoned) outputs: " + msg
+        assert np.abs(out - expected).max() <= 2e-5 * max(1e-3, float(np.abs(expected).max())), msg
 
 
 def _malformed(**overrides):

@@ -8,7 +8,8 @@
 // s > 1 splits the padded input into s_h * s_w phase planes; a tap reads phase ((ky*d_h) % s_h, (kx*d_w) % s_w). A
 // 1x1 Conv without pads has flat_row = OW and one phase, so its flat index is the output index and an aligned plane
 // stride makes every input load aligned; when X's planes already are (H*W a multiple of the lanes), X is read in
-// place, and on the 8-lane tiers also when X itself is not vector-aligned (its loads then cross cache lines). A register tile is `block` output channels x `vectors` consecutive vectors of the flat index: each loaded
+// place, and on the 8-lane tiers whatever X's alignment and plane size (its loads then cross cache lines; the plane's
+// partial last vector is read through a lane mask). A register tile is `block` output channels x `vectors` consecutive vectors of the flat index: each loaded
 // input vector feeds the block's channels (weights broadcast).
 //
 // FC form. X (N, I), Y (N, O): a block's rows stream once; one vector holds lanes / block rows of the block (their
@@ -49,6 +50,9 @@ struct SparseConvJob {
   // Tiles per pass: each block runs over a pass's tiles before the next block starts, so that a block's weights stay in
   // L1 and each output plane is written in runs of a pass's width rather than a tile's (1: every block per tile).
   int pass_tiles;
+  // The plane's last vector holds only `tail` outputs (0: every vector is whole); flat_row == OW only. That vector is
+  // read and written through a lane mask, so that X can be read in place whatever its plane size.
+  int tail;
   const float* residual;      // (O, OH, OW) of this image, or nullptr
   SparseEpilogue epilogue;
   float* out;                 // (O, OH, OW) of this image

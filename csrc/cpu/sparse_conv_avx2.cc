@@ -33,6 +33,10 @@ struct Avx2 {
   static void StoreU(float* p, V v) { _mm256_storeu_ps(p, v); }
   static void Stream(float* p, V v) { _mm256_stream_ps(p, v); }
   static void Fence() { _mm_sfence(); }
+  using M = __m256i;
+  static M Mask(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static V MaskLoad(const float* p, M m) { return _mm256_maskload_ps(p, m); }
+  static void MaskStore(float* p, M m, V v) { _mm256_maskstore_ps(p, m, v); }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V Add(V a, V b) { return _mm256_add_ps(a, b); }
   static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }

@@ -40,6 +40,16 @@ struct Lanes {
   static void StoreU(float* p, V v) { std::memcpy(p, v.v, sizeof(v.v)); }
   static void Stream(float* p, V v) { StoreU(p, v); }
   static void Fence() {}
+  struct M {
+    int n;
+  };
+  static M Mask(int n) { return M{n}; }
+  static V MaskLoad(const float* p, M m) {
+    V r = Zero();
+    std::memcpy(r.v, p, sizeof(float) * static_cast<size_t>(m.n));
+    return r;
+  }
+  static void MaskStore(float* p, M m, V v) { std::memcpy(p, v.v, sizeof(float) * static_cast<size_t>(m.n)); }
   static V Fma(V a, V b, V c) {
     for (int i = 0; i < N; ++i) c.v[i] += a.v[i] * b.v[i];
     return c;

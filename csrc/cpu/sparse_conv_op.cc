@@ -130,10 +130,11 @@ SparseGeometry MakeGeometry(const ops::SparseConvSpec& s, const std::vector<int6
     g.flat_row = static_cast<int>(g.OW);
     g.vectors = static_cast<int>((outputs + lanes - 1) / lanes);
     g.subsample = s.stride_h > 1 || s.stride_w > 1;
-    // The 8-lane tiers read X in place even when it is not vector-aligned: on Zen 3 a copy of X cost more than the
-    // loads that cross cache lines (C96 O24 56x56 at 8x, where each input value is read less than once).
+    // The 8-lane tiers read X in place even when it is not vector-aligned, and whatever the plane size (the plane's
+    // partial last vector goes through a lane mask): on Zen 3 a copy of X cost more than the loads that cross cache
+    // lines (C96 O24 56x56 at 8x, where each input value is read less than once; 7x7 and 14x14 planes).
     const bool aligned = reinterpret_cast<uintptr_t>(x) % (sizeof(float) * lanes) == 0;
-    g.in_place = !g.subsample && outputs % static_cast<size_t>(lanes) == 0 && (aligned || lanes == 8);
+    g.in_place = !g.subsample && (lanes == 8 || (aligned && outputs % static_cast<size_t>(lanes) == 0));
     g.plane = g.in_place ? outputs : RoundUp(outputs, 16);
     plane_floats = static_cast<double>(g.plane);
   } else {
@@ -449,6 +450,7 @@ void SparseConvKernel::Compute(OrtKernelContext* context) {
   // AVX2 on Zen 3: with C >= 512 (a tile's input >= 48 KB) prefetching gained up to 1.25x (C2048 O512 7x7); at C 256-320
   // (24-30 KB) it lost up to 10%.
   job.prefetch = tile_bytes * g.C > (40L << 10);
+  job.tail = job.flat_row == job.OW ? static_cast<int>((g.OH * g.OW) % k.lanes) : 0;
   job.residual = residual;
   job.epilogue = SparseEpilogue{bias, z_offset, s.activation_min, s.activation_max, s.has_clamp(),
                                 static_cast<int>(s.activation), s.activation_alpha, s.activation_beta};

@@ -34,7 +34,7 @@ struct SparsePlan {
 // Per-call layout of a Conv's input (see cpu/sparse_conv.h).
 struct SparseGeometry {
   int64_t N = 0, C = 0, H = 0, W = 0, OH = 0, OW = 0;
-  bool in_place = false;   // the kernels read X itself (1x1, stride 1, no pads, planes of whole vectors)
+  bool in_place = false;   // the kernels read X itself (1x1, stride 1, no pads; 8 lanes, or aligned planes of whole vectors)
   bool subsample = false;  // 1x1 without pads, stride > 1: the plane is X[::sh, ::sw]
   int flat_row = 0;        // output row length of the flat index
   int phase_rows = 0;      // rows of each phase plane (general layout)
