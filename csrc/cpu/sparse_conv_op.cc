@@ -283,7 +283,7 @@ SparseConvKernel::SparseConvKernel(const OrtApi& api, const OrtKernelInfo* info,
   if (!isa_error.empty()) throw InvalidNode(isa_error);
   stream_bytes_ = EnvBytes("CTPRUNE_SPARSE_STREAM_BYTES", static_cast<size_t>(2) << 20);
   fused_check_bytes_ = EnvBytes("CTPRUNE_SPARSE_FUSED_CHECK_BYTES", static_cast<size_t>(1) << 20);
-  pass_bytes_ = static_cast<long>(EnvBytes("CTPRUNE_SPARSE_PASS_BYTES", static_cast<size_t>(16) << 10));
+  pass_bytes_ = static_cast<long>(EnvBytes("CTPRUNE_SPARSE_PASS_BYTES", static_cast<size_t>(128) << 10));
   const char* poison = std::getenv("CTPRUNE_POISON_OUTPUT");
   poison_output_ = poison != nullptr && std::strcmp(poison, "1") == 0;
 }
@@ -441,10 +441,12 @@ void SparseConvKernel::Compute(OrtKernelContext* context) {
   job.vectors = g.vectors;
   job.tiles = (g.vectors + k.tile_vectors[bi] - 1) / k.tile_vectors[bi];
   job.tile_vectors = (g.vectors + job.tiles - 1) / job.tiles;
-  // The 8-lane tiers run each block over a pass of tiles whose input of all channels fits half of L1: with few input
-  // channels a block has few rows per tile, and writing each output plane one tile at a time across every block was
-  // memory-bound (AVX2 on Zen 3, C16 O96 112x112 at 8x: 0.3-0.6x dense before, 0.8-1.4x after). The 16-lane tiers
-  // keep one tile per pass (not measured there).
+  // The 8-lane tiers run each block over a pass of tiles whose input of all channels fits a quarter of L2: with few
+  // input channels a block has few rows per tile, and writing each output plane one tile at a time across every block
+  // was memory-bound (AVX2 on Zen 3, C16 O96 112x112 at 8x: 0.3-0.6x dense before, 0.8-1.4x after); passes that fit
+  // half of L1 (16 KB) cost a call per block and tile on C 128-512 at 14-56 px (one-process A/B, 8x, 22 1x1 shapes:
+  // 64 KB and 128 KB +5-10% on the medians against 16 KB, 256 KB and whole planes no better). The 16-lane tiers keep
+  // one tile per pass (not measured there).
   const long tile_bytes = static_cast<long>(job.tile_vectors) * k.lanes * static_cast<long>(sizeof(float));
   job.pass_tiles = k.lanes == 8 ? static_cast<int>(std::max(1L, pass_bytes_ / (tile_bytes * g.C))) : 1;
   // AVX2 on Zen 3: with C >= 512 (a tile's input >= 48 KB) prefetching gained up to 1.25x (C2048 O512 7x7); at C 256-320
