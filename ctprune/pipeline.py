@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from ctprune.options import PruneOptions
+from ctprune.runtime.memory import release_freed_memory
 from ctprune.errors import DataError, GraphError, RatioError
 from ctprune.train.data import check_input_size, require_fixed_input
 from ctprune.train.loop import first_output as _first
@@ -47,7 +48,9 @@ class Pipeline(PruneOptions):
         torch.manual_seed(self.seed)
         self.notes: list[str] = []
         self.masked_dense = None
-        self.original = load_model(self.model)
+        # pattern/auto read the input's weights once, into the lifted module: from a file they stay there until then
+        file_backed = self.method in ("pattern", "auto") and self._model_path() is not None
+        self.original = load_model(self.model, file_backed=file_backed)
         check_supported(self.original)  # every unsupported op, named, before any work
         self.teacher = self._lift(self.original).eval()
         self.input_shape = list(self.teacher.input_shapes[0])
@@ -160,6 +163,7 @@ class Pipeline(PruneOptions):
                     else "no layer ctprune can prune (every Conv is depthwise or the first, no FC layer but the head)")
             hint = "--method auto or precrop" if self.method == "pattern" else "--method precrop (or --prune-head)"
             raise GraphError(f"the model has {what}" + (f" — {reasons}" if reasons else "") + f". Try {hint}.")
+        release_freed_memory()  # what loading and lifting freed, before the selection's own peak
         pruner_class = OneShotPruner if self.schedule == "oneshot" else ClickTrainPruner
         pruner = pruner_class(weights, ratio=ratio, patterns=self.patterns, skipped=skipped, macs=macs,
                               allocation=self.allocation, sparse=decision.sparse, costs=decision.cost,
@@ -178,6 +182,7 @@ class Pipeline(PruneOptions):
             recalibration.fold()
         student.cpu()
         del pruner  # its importance scores and per-weight masks (a float each) are not needed past the plan
+        release_freed_memory()
         plan.apply(weights)
         self.student = student
         self.kept_dense: dict[str, str] = {}
@@ -186,17 +191,25 @@ class Pipeline(PruneOptions):
             pruned = rewrite_model(trained, plan.layer_patterns(), sparse=plan.sparse, kept_dense=self.kept_dense,
                                    threads=self.latency_threads)
         else:
-            # One copy of the weights beside the module's: the opset upgrade runs on the graph before the trained
-            # weights go in, and the rewrite edits that model in place; the result is copied out of its arena,
-            # which still holds the dense weights the rewrite dropped.
+            # No second copy of the pruned layers' weights: the opset upgrade runs on the graph before the trained
+            # weights go in, the pruned layers' weights stay in the module (the rewrite reads them from there and
+            # writes only their compact forms), and the rewrite edits that model in place; the result is copied
+            # out of its arena, which still holds what the rewrite dropped.
+            from ctprune.graph.writeback import trained_tensors
             from ctprune.rewrite.upgrade import upgraded
 
-            trained = write_back(upgraded(model), student)
+            values = trained_tensors(student)
+            pruned_ids = {id(w) for w in weights.values()}  # weights are keyed by layer; the model by tensor name
+            held = {n: values[n] for n, p in student.onnx_parameters().items() if id(p) in pruned_ids}
+            trained = write_back(upgraded(model), student, tensors=values, hold=held)
+            del values
             rewritten = rewrite_model(trained, plan.layer_patterns(), sparse=plan.sparse, kept_dense=self.kept_dense,
-                                      threads=self.latency_threads, in_place=True)
+                                      threads=self.latency_threads, in_place=True, held=held)
+            del held
             pruned = onnx.ModelProto()
             pruned.CopyFrom(rewritten)
             del trained, rewritten
+            release_freed_memory()
         self._finished = True
         return pruned, {"kind": "pattern", "plan": plan}
 
@@ -313,6 +326,7 @@ class Pipeline(PruneOptions):
             extra["patterns"] = plan.library.to_list()
         accuracy, agreement = self._evaluate(pruned, plan_report)
         self.student = self.teacher = None  # the latency step's sessions load the weights again: free the modules
+        release_freed_memory()
         return build_report(
             self.original, pruned, plan, ratio=self.ratio, method=self.method,
             kept_dense=getattr(self, "kept_dense", {}), notes=self.notes, accuracy=accuracy, agreement=agreement,

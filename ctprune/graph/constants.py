@@ -14,6 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ctprune.graph.ops.tensor import constant_value
+from ctprune.graph.weightless import stored_array
 
 __all__ = ["ConstantTable", "constant_dims"]
 
@@ -27,7 +28,9 @@ def _is_constant_node(node: onnx.NodeProto) -> bool:
 class ConstantTable:
     """Constant tensors of a graph by name, indexed once (a lookup per question, not a scan of every node)."""
 
-    def __init__(self, graph: onnx.GraphProto, aliases: bool = True):
+    def __init__(self, graph: onnx.GraphProto, aliases: bool = True, held: dict | None = None):
+        """`held`: {initializer name: array} values of initializers that are placeholders (weightless.py)."""
+        self.held = held or {}
         self.initializers = {t.name: t for t in graph.initializer}
         self.constant_nodes: dict[str, onnx.NodeProto] = {}
         self.aliases: dict[str, str] = {}
@@ -44,7 +47,7 @@ class ConstantTable:
     def get(self, name: str) -> np.ndarray:
         name = self.aliases.get(name, name)
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            return stored_array(self.initializers[name], self.held)
         node = self.constant_nodes[name]
         return np.asarray(constant_value({a.name: helper.get_attribute_value(a) for a in node.attribute}))
 

@@ -28,7 +28,7 @@ from ctprune.graph.load import default_opset
 from ctprune.graph.normalize import BN_STAT_SLOTS, PASS_THROUGH, WEIGHT_SLOTS, normalize
 from ctprune.graph.ops import OPS, OpNode, op_key
 from ctprune.graph.shapes import shape_table
-from ctprune.graph.weightless import detached, stored_tensor
+from ctprune.graph.weightless import detached, stored_array
 
 __all__ = ["lift", "TrainableGraph", "check_supported"]
 
@@ -95,7 +95,7 @@ class TrainableGraph(nn.Module):
         self._static: dict[str, torch.Tensor] = {}
         taken: set[str] = set()
         for init in graph.initializer:
-            array = onnx.numpy_helper.to_array(stored_tensor(init, stored))
+            array = stored_array(init, stored)
             value = torch.from_numpy(array if array.flags.writeable else array.copy())
             name = init.name
             if name in weights and value.is_floating_point():

@@ -18,11 +18,13 @@ log = logging.getLogger(__name__)
 MIN_OPSET, MAX_OPSET = 7, 22  # the default-domain opsets the interpreter's ops understand (9..21 are tested)
 
 
-def load_model(source, input_shape=None) -> onnx.ModelProto:
+def load_model(source, input_shape=None, file_backed: bool = False) -> onnx.ModelProto:
     """Load and check a model. ``source``: a path (str/Path), raw bytes, or a ModelProto (copied).
 
-    External data next to a path is loaded too. ``input_shape`` (optional) is only validated here; normalize() applies it.
-    The returned proto is the user's model, untouched, the base for write_back().
+    External data next to a path is loaded too; with ``file_backed`` (a path only) the large float weights, inline or
+    external, stay in their files as references read one tensor at a time (filebacked.py). ``input_shape``
+    (optional) is only validated here; normalize() applies it. The returned proto is the user's model, untouched,
+    the base for write_back().
     """
     label, raw = "<bytes>", None
     if isinstance(source, onnx.ModelProto):
@@ -40,9 +42,15 @@ def load_model(source, input_shape=None) -> onnx.ModelProto:
             raise ModelLoadError(f"{label}: is a directory, not an ONNX file")
         if not path.is_file():  # a FIFO would block read_bytes forever: refuse it from its stat
             raise ModelLoadError(f"{label}: is not a regular file (a FIFO, device or socket); give the .onnx file")
-        raw = path.read_bytes()
-        model = _parse(raw, label)
-        if _uses_external_data(model):
+        if file_backed:
+            from ctprune.graph.filebacked import load_file_backed
+
+            model = _nonempty(load_file_backed(path), label)
+            raw = path  # the checker reads the file itself, without its weights beside a parsed copy in Python
+        else:
+            raw = path.read_bytes()
+            model = _parse(raw, label)
+        if not file_backed and _uses_external_data(model):
             raw = path  # the checker resolves external data itself
             try:
                 onnx.load_external_data_for_model(model, str(path.parent))
@@ -70,6 +78,10 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as e:
         raise ModelLoadError(f"{label}: not an ONNX model, or a truncated one (the bytes do not parse: {e})") from None
+    return _nonempty(model, label)
+
+
+def _nonempty(model: onnx.ModelProto, label: str) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         # Protobuf accepts many random byte strings as a message with no known fields.
         raise ModelLoadError(f"{label}: not an ONNX model (it parses to an empty graph)")

@@ -24,7 +24,7 @@ from ctprune.graph.load import default_opset
 from ctprune.graph.ops import OPS, OpNode, op_key
 from ctprune.graph.ops.tensor import constant_value
 from ctprune.graph.shapes import infer_shapes, shape_table
-from ctprune.graph.weightless import FLOAT_TYPES, stored_tensor
+from ctprune.graph.weightless import FLOAT_TYPES, stored_array
 
 __all__ = ["normalize", "WEIGHT_SLOTS", "PASS_THROUGH", "FLOAT_TYPES"]
 
@@ -126,7 +126,7 @@ def _fold_constants(model, weights=None) -> int:
 
     def value_of(name):
         if name not in consts:
-            consts[name] = onnx.numpy_helper.to_array(stored_tensor(protos[name], weights))
+            consts[name] = stored_array(protos[name], weights)
         return consts[name]
 
     feeders = _weight_feeders(model)

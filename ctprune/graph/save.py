@@ -66,8 +66,10 @@ def _inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
 
 def external_data_files(model_path: str | os.PathLike) -> list[pathlib.Path]:
     """The files a model's external-data tensors name (resolved beside the model), without reading any weights."""
-    try:
-        model = onnx.load(os.fspath(model_path), load_external_data=False)
+    from ctprune.graph.filebacked import load_file_backed
+
+    try:  # the weights stay in the file: only the graph is parsed
+        model = load_file_backed(model_path)
     except Exception:  # not ONNX at all: loading the model says so, with its own message
         return []
     folder = pathlib.Path(model_path).parent
@@ -75,6 +77,8 @@ def external_data_files(model_path: str | os.PathLike) -> list[pathlib.Path]:
     for tensor in _all_tensors(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+            if location == pathlib.Path(model_path).name:  # the model's own inline weights, referenced in place
+                continue
             if location and folder / location not in found:
                 found.append(folder / location)
     return found

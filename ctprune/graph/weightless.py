@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-__all__ = ["detached", "reattached", "stored_tensor", "DETACH_MIN_ELEMENTS", "FLOAT_TYPES"]
+__all__ = ["detached", "reattached", "stored_tensor", "stored_array", "is_placeholder", "DETACH_MIN_ELEMENTS",
+           "FLOAT_TYPES"]
 
 DETACH_MIN_ELEMENTS = 1024  # float tensors above this size skip the serialisation round trip
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -35,7 +36,8 @@ def _copy_fields(source, target, skip: str) -> None:
 
 def detached(model: onnx.ModelProto, names=None) -> tuple[onnx.ModelProto, dict]:
     """(a copy of `model` whose large float weights are placeholders, {name: the weight}); `model` is untouched.
-    `names`: exactly the initializers of these names become placeholders instead (whatever their size and type)."""
+    `names`: exactly the initializers of these names become placeholders instead (whatever their size and type,
+    file-backed ones too; other external data stays as it is)."""
     light = onnx.ModelProto()
     _copy_fields(model, light, skip="graph")
     _copy_fields(model.graph, light.graph, skip="initializer")
@@ -45,7 +47,7 @@ def detached(model: onnx.ModelProto, names=None) -> tuple[onnx.ModelProto, dict]
             detach = tensor.name in names
         else:
             detach = int(np.prod(tensor.dims)) > DETACH_MIN_ELEMENTS and tensor.data_type in FLOAT_TYPES
-        if detach and tensor.data_location != onnx.TensorProto.EXTERNAL:
+        if detach and (tensor.data_location != onnx.TensorProto.EXTERNAL or (names is not None and _file_backed(tensor))):
             weights[tensor.name] = tensor
             placeholder = light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
             placeholder.data_location = onnx.TensorProto.EXTERNAL
@@ -53,6 +55,12 @@ def detached(model: onnx.ModelProto, names=None) -> tuple[onnx.ModelProto, dict]
         else:
             light.graph.initializer.append(tensor)
     return light, weights
+
+
+def _file_backed(tensor: onnx.TensorProto) -> bool:
+    from ctprune.graph.filebacked import is_file_backed
+
+    return is_file_backed(tensor)
 
 
 def reattached(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
@@ -66,6 +74,21 @@ def reattached(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
 
 def stored_tensor(tensor: onnx.TensorProto, weights: dict | None) -> onnx.TensorProto:
     """The tensor holding `tensor`'s values: itself, or for a placeholder `detached` left, its entry in `weights`."""
-    if weights and tensor.name in weights and any(entry.value == _PLACEHOLDER for entry in tensor.external_data):
+    if weights and tensor.name in weights and is_placeholder(tensor):
         return weights[tensor.name]
     return tensor
+
+
+def is_placeholder(tensor: onnx.TensorProto) -> bool:
+    return any(entry.value == _PLACEHOLDER for entry in tensor.external_data)
+
+
+def stored_array(tensor: onnx.TensorProto, weights: dict | None = None) -> np.ndarray:
+    """`tensor`'s values: a placeholder's from `weights` (a TensorProto, or the array itself), a file-backed
+    tensor's from its file (filebacked.py)."""
+    from ctprune.graph.filebacked import file_backed_array, is_file_backed
+
+    stored = stored_tensor(tensor, weights)
+    if isinstance(stored, np.ndarray):
+        return stored
+    return file_backed_array(stored) if is_file_backed(stored) else onnx.numpy_helper.to_array(stored)

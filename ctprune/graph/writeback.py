@@ -18,9 +18,10 @@ import onnx
 import onnx.numpy_helper
 
 from ctprune.errors import GraphError
+from ctprune.graph.filebacked import materialized
 from ctprune.graph.weightless import detached
 
-__all__ = ["write_back", "trained_tensors", "without_trained"]
+__all__ = ["write_back", "trained_tensors", "without_trained", "set_tensor"]
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,12 @@ def trained_tensors(tg) -> dict[str, np.ndarray]:
     return out
 
 
-def write_back(original: onnx.ModelProto, tg, tensors: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
-    """A copy of ``original`` carrying ``tg``'s tensors (or the given ``tensors``) under their names."""
+def write_back(original: onnx.ModelProto, tg, tensors: dict[str, np.ndarray] | None = None,
+               hold=()) -> onnx.ModelProto:
+    """A copy of ``original`` carrying ``tg``'s tensors (or the given ``tensors``) under their names.
+
+    Initializers named in ``hold`` stay placeholders (weightless.py) whose values the caller keeps: the rewrite
+    reads a pruned layer's weight from there and writes only its compact form into the model."""
     values = trained_tensors(tg) if tensors is None else tensors
     # The initializers about to be replaced are not copied first: a protobuf arena keeps a replaced value's bytes
     # until the whole model is freed, so a full copy would hold every weight twice.
@@ -42,12 +47,15 @@ def write_back(original: onnx.ModelProto, tg, tensors: dict[str, np.ndarray] | N
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {o: n for n in graph.node for o in n.output}
+    hold = set(hold)
     for name, value in values.items():
+        if name in hold and name in initializers:
+            continue
         if name in initializers:
             init = initializers[name]
             dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
             _check_shape(name, list(init.dims), value)
-            _set_tensor(init, value.astype(dtype, copy=False), name)
+            set_tensor(init, value.astype(dtype, copy=False), name)
         elif name in producers:
             node = producers[name]
             if node.op_type != "Constant":
@@ -61,7 +69,7 @@ def write_back(original: onnx.ModelProto, tg, tensors: dict[str, np.ndarray] | N
             node.CopyFrom(new)
         else:
             raise GraphError(f"write_back: the model has no initializer or node producing tensor {name!r}")
-    return model
+    return materialized(model)  # constants left in the input's file (file-backed loading) come inline
 
 
 def without_trained(original: onnx.ModelProto, tg) -> onnx.ModelProto:
@@ -72,7 +80,7 @@ def without_trained(original: onnx.ModelProto, tg) -> onnx.ModelProto:
     return light
 
 
-def _set_tensor(target: onnx.TensorProto, value: np.ndarray, name: str) -> None:
+def set_tensor(target: onnx.TensorProto, value: np.ndarray, name: str) -> None:
     """target.CopyFrom(numpy_helper.from_array(value, name)) without the intermediate tensor's copy of the values
     (a 400 MB FC weight would be held three times at once) for the types from_array stores as raw bytes."""
     if value.dtype not in _RAW_TYPES or sys.byteorder != "little":

@@ -75,7 +75,12 @@ def weight_budget(layers: Mapping[str, LayerGroups], ratio: float) -> int:
 
 def allocate_groups(layers: Mapping[str, LayerGroups], budget: int, spread: float = 2.5,
                     exponent: float = 0.0) -> dict[str, torch.Tensor]:
-    """{layer: (n,) bool, True = kept} whose kept sizes add up to `budget` weights (to within one group)."""
+    """{layer: (n,) bool, True = kept} whose kept sizes add up to `budget` weights (to within one group).
+
+    Memory stays near 12 bytes per group (VGG-19's FC layers offer 15 M groups): each layer ranks its own groups
+    once and keeps only its candidates' values, positions and running sizes; the global ranking is never built —
+    the cut between the layers is a value threshold found by bisection, ties taken in layer order, as one stable
+    sort of all candidates would take them."""
     if spread < 1.0:
         raise ValueError(f"spread must be >= 1, got {spread}")
     total = sum(l.dense_weights for l in layers.values())
@@ -84,41 +89,101 @@ def allocate_groups(layers: Mapping[str, LayerGroups], budget: int, spread: floa
     bounds = _weight_bounds(layers, budget, density, spread)
     keep, pools = {}, []
     for name, layer in layers.items():
-        sizes = layer.sizes.to(torch.float64)
-        score = layer.scores.detach().double().reshape(-1)
-        l2 = torch.linalg.vector_norm(score)
-        score = score / l2 if l2 > 0 else torch.full_like(score, 1.0 / math.sqrt(score.numel()))
-        value = score / (costs[name] ** exponent) / sizes
         kept = layer.forced.clone().reshape(-1)
+        order, values, cum = _ranked_candidates(layer, costs[name] ** exponent)
+        have = float(layer.sizes.reshape(-1)[kept].sum())
         lo, hi = bounds[name]
-        rest = torch.nonzero(~kept).reshape(-1)
-        rest = rest[torch.sort(value[rest], descending=True, stable=True).indices]
-        cum = torch.cumsum(sizes[rest], 0)
-        have = float(sizes[kept].sum())
         # enough groups to reach the floor (the last one may cross it); no more than fit under the ceiling
-        n_lo = int(torch.searchsorted(cum, torch.tensor(lo - have - 1e-9, dtype=torch.float64))) + 1 if lo > have else 0
-        n_lo = min(n_lo, len(rest))
-        n_hi = int(torch.searchsorted(cum, torch.tensor(hi - have, dtype=torch.float64), right=True))
-        kept[rest[:n_lo]] = True
-        cand = rest[n_lo:max(n_lo, n_hi)]
-        pools.append((name, cand, value[cand], sizes[cand]))
+        n_lo = _count_below(cum, lo - have - 1e-9) + 1 if lo > have else 0
+        n_lo = min(n_lo, len(order))
+        n_hi = _count_at_most(cum, hi - have)
+        kept[order[:n_lo].long()] = True
+        stop = max(n_lo, n_hi)
+        base = cum[n_lo - 1] if n_lo > 0 else 0
+        pools.append((name, order[n_lo:stop], -values[n_lo:stop], cum[n_lo:stop] - base))
         keep[name] = kept
-    remaining = budget - sum(float(layers[n].sizes.double()[keep[n]].sum()) for n in layers)
+        del order, values, cum
+    remaining = budget - sum(float(layers[n].sizes.reshape(-1)[keep[n]].sum()) for n in layers)
     if remaining > 0 and pools:
-        values = torch.cat([p[2] for p in pools])
-        sizes = torch.cat([p[3] for p in pools])
-        owners = torch.cat([torch.full((len(p[1]),), i, dtype=torch.long) for i, p in enumerate(pools)])
-        positions = torch.cat([torch.arange(len(p[1])) for p in pools])
-        order = torch.sort(values, descending=True, stable=True).indices
-        count = int(torch.searchsorted(torch.cumsum(sizes[order], 0), torch.tensor(remaining - 0.5, dtype=torch.float64)))
-        chosen = order[: count + 1] if count < len(order) else order
-        # chosen groups split by owning layer in one sort (a mask per layer made this quadratic in the layer count)
-        chosen_owners = owners[chosen]
-        by_owner = positions[chosen][torch.argsort(chosen_owners, stable=True)]
-        counts = torch.bincount(chosen_owners, minlength=len(pools)).tolist()
-        for (name, cand, _, _), mine in zip(pools, torch.split(by_owner, counts)):
-            keep[name][cand[mine]] = True
+        for (name, cand, _, _), count in zip(pools, _threshold_counts(pools, remaining - 0.5)):
+            keep[name][cand[:count].long()] = True
     return keep
+
+
+def _ranked_candidates(layer: LayerGroups, cost_factor: float):
+    """A layer's unforced groups by value (normalised score / cost factor / size), best first, ties by position:
+    (positions int32, values float32, running sum of sizes)."""
+    sizes = layer.sizes.reshape(-1)
+    scores = layer.scores.detach().reshape(-1)
+    l2 = float(torch.linalg.vector_norm(scores, dtype=torch.float64))
+    if l2 > 0:
+        value = scores.float() / (l2 * cost_factor)
+    else:
+        value = torch.full((len(scores),), 1.0 / math.sqrt(len(scores)) / cost_factor)
+    value.div_(sizes)
+    forced = layer.forced.reshape(-1)
+    value[forced] = -math.inf  # last in the ranking, and cut off: they are kept already
+    values, order = torch.sort(value, descending=True, stable=True)
+    del value
+    m = len(order) - int(forced.sum())
+    whole = torch.int32 if float(sizes.sum()) < 2 ** 31 else torch.int64  # sizes are whole numbers of weights
+    cum = torch.cumsum(sizes[order[:m]].to(whole), 0, dtype=whole)
+    return order[:m].to(torch.int32), values[:m], cum
+
+
+def _count_below(cum: torch.Tensor, x: float) -> int:
+    """Entries of the (non-decreasing, integer) `cum` below x."""
+    return int(torch.searchsorted(cum, torch.tensor([math.ceil(x)], dtype=cum.dtype)))
+
+
+def _count_at_most(cum: torch.Tensor, x: float) -> int:
+    return int(torch.searchsorted(cum, torch.tensor([math.floor(x)], dtype=cum.dtype), right=True))
+
+
+def _threshold_counts(pools, target: float) -> list[int]:
+    """How many of each pool's candidates (ranked best first; pools hold their values negated, so ascending) the
+    shortest prefix of the merged ranking whose sizes reach `target` takes; every candidate when none does."""
+    def sizes_at_least(v: float) -> tuple[list[int], float]:
+        key = torch.tensor([-v], dtype=torch.float32)
+        counts = [int(torch.searchsorted(neg, key, right=True)) for _, _, neg, _ in pools]
+        return counts, sum(float(cum[c - 1]) for (_, _, _, cum), c in zip(pools, counts) if c)
+
+    everything = [len(cand) for _, cand, _, _ in pools]
+    if sum(float(cum[-1]) for _, _, _, cum in pools if len(cum)) < target:
+        return everything
+    # the largest value v (bisection over float32 bit patterns, which order non-negative floats) whose groups of
+    # value >= v reach the target: the merged ranking's crossing group has value v
+    lo, hi = 0, 0x7F800000  # 0.0 reaches the target (checked above), +inf may not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sizes_at_least(_float_of_bits(mid))[1] >= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    v = _float_of_bits(lo)
+    key = torch.tensor([-v], dtype=torch.float32)
+    above = [int(torch.searchsorted(neg, key)) for _, _, neg, _ in pools]  # value > v
+    at_least = sizes_at_least(v)[0]
+    need = target - sum(float(cum[c - 1]) for (_, _, _, cum), c in zip(pools, above) if c)
+    counts = list(above)
+    for i, (_, _, _, cum) in enumerate(pools):  # the ties at v, in layer order, until the target is reached
+        if need <= 0:
+            break
+        start = float(cum[above[i] - 1]) if above[i] else 0.0
+        tie_sizes = cum[above[i]:at_least[i]].double() - start
+        if len(tie_sizes) == 0:
+            continue
+        if float(tie_sizes[-1]) < need:
+            counts[i] = at_least[i]
+            need -= float(tie_sizes[-1])
+        else:
+            counts[i] = above[i] + int(torch.searchsorted(tie_sizes, torch.tensor([need], dtype=torch.float64))) + 1
+            need = 0
+    return counts
+
+
+def _float_of_bits(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32))
 
 
 def _relative_costs(layers: Mapping[str, LayerGroups]) -> dict[str, float]:

@@ -41,7 +41,7 @@ import torch
 from ctprune.errors import GraphError
 from ctprune.pruning.allocation import check_ratio
 from ctprune.pruning.connectivity import PATTERN_RATIO, kernel_budget
-from ctprune.pruning.importance import ImportanceMeter, magnitude_importance
+from ctprune.pruning.importance import ImportanceMeter, LazyImportance, MagnitudeImportance, magnitude_importance
 from ctprune.pruning.layers import SparseTarget, mask_view
 from ctprune.pruning.patterns import TAPS
 from ctprune.pruning.plan import PruningPlan
@@ -233,13 +233,13 @@ class ClickTrainPruner(TrainHooks):
 
     def prune_now(self) -> PruningPlan:
         """Select the final plan now and hard-mask the weights: from accumulated importance, else from magnitude."""
-        self._select(final=True)
+        self._select(final=True, install=False)
         return self.plan
 
     def final_plan(self) -> PruningPlan:
         """The plan the trained weights obey; selects it now if training ended before the hard phase began."""
         if not self.hard:
-            self._select(final=True)
+            self._select(final=True, install=False)
         return self.plan
 
     # -- resume -------------------------------------------------------------------------------------------------------
@@ -288,13 +288,22 @@ class ClickTrainPruner(TrainHooks):
         start, end = 1.0 / PATTERN_RATIO, 1.0 / self.ratio
         return max(PATTERN_RATIO, 1.0 / (end + (start - end) * (1.0 - progress) ** 3))  # max: rounding at progress 0
 
-    def _select(self, final: bool, step: int | None = None) -> None:
-        """Select patterns and kept kernels: at the target ratio, or (gradual soft phase, `step` given) on the ramp."""
+    def _select(self, final: bool, step: int | None = None, install: bool = True) -> None:
+        """Select patterns and kept kernels: at the target ratio, or (gradual soft phase, `step` given) on the ramp.
+        install=False (a final selection no training step follows): mask the weights without keeping a float mask
+        per weight for the steps."""
         importance, kind = self._importance()
         previous = self.plan
         gradual = not final and self.soft_mode == "gradual"
-        importance = {n: (mask_view(imp.reshape(self.weights[n].shape), self.sparse[n]) if n in self.sparse else imp)
-                      for n, imp in importance.items()}
+        layer_importance = importance
+        if kind == "magnitude":  # squares of the weights in each layer's view, summed by blocks a few rows at a time
+            importance = MagnitudeImportance({n: mask_view(w, self.sparse.get(n)) for n, w in self.weights.items()})
+        else:
+            def view(n):  # sparse layers' importance in their (O, C, T) mask view
+                imp = layer_importance[n]
+                return mask_view(imp.reshape(self.weights[n].shape), self.sparse[n]) if n in self.sparse else imp
+
+            importance = LazyImportance(layer_importance, view)
         self.plan = select_plan(
             importance,
             {n: tuple(w.shape) for n, w in self.weights.items()},
@@ -309,10 +318,15 @@ class ClickTrainPruner(TrainHooks):
             costs=self.costs,
             max_density=self.max_density,
         )
-        del importance  # a float per weight: freed before the masks (another float per weight) are installed
+        del importance, layer_importance  # a float per weight: freed before the masks (another each) are installed
         self.selections += 1
         if previous is not None and log.isEnabledFor(logging.DEBUG):  # comparing masks costs a pass over every layer
             log.debug("selection %d: %.1f%% of weight masks changed", self.selections, 100 * _changed(previous, self.plan))
+        if not install:  # the last selection, no training step after it: the weights are masked once, layer by layer
+            self.hard = True
+            self.plan.apply(self.weights)
+            log.info("hard masks on: %.2fx over %d layers (%s importance)", self.plan.ratio_achieved, len(self.plan.all_layers()), kind)
+            return
         self._install_masks()
         if gradual:  # the removed weights start from zero; with regrow they may train back until the next selection
             self._mask_weights()

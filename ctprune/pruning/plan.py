@@ -84,6 +84,18 @@ class SparseLayer:
         m = np.repeat(self.keep, self.block, axis=0)[: self.out_channels]
         return m.T if self.transposed else m.reshape(self.weight_shape)
 
+    def zero_removed(self, weight: torch.Tensor) -> None:
+        """Zero the removed weights of `weight` (the stored tensor) in place, block by block through views: no mask
+        in the weight's shape (a float one, transposed for an FC layer stored (I, O), would hold two more copies
+        of a 400 MB layer)."""
+        view = weight.t() if self.transposed else weight.reshape(weight.shape[0], -1)  # (O, C * T)
+        removed = ~torch.from_numpy(self.keep).to(weight.device)  # (blocks, C * T)
+        full = self.out_channels // self.block
+        if full:
+            view[: full * self.block].view(full, self.block, -1).masked_fill_(removed[:full, None, :], 0.0)
+        if self.out_channels % self.block:
+            view[full * self.block:].masked_fill_(removed[full][None, :], 0.0)
+
     def to_dict(self) -> dict:
         return {"weight_shape": list(self.weight_shape), "block": self.block, "transposed": self.transposed,
                 "keep": np.packbits(self.keep, axis=1).tolist(), "columns": int(self.keep.shape[1]),
@@ -145,7 +157,9 @@ class PruningPlan:
         """Zero every weight the plan removes, in place."""
         with torch.no_grad():
             for name, w in weights.items():
-                if name in self.layers or name in self.sparse:
+                if name in self.sparse:
+                    self.sparse[name].zero_removed(w)
+                elif name in self.layers:
                     w.mul_(self.layer_mask(name, w.device, w.dtype))
 
     # -- the rewriter reads layer patterns ----------------------------------------------------------------------------

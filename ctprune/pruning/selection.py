@@ -19,6 +19,7 @@ from ctprune.pruning.connectivity import allocate_kernels, kernel_groups
 from ctprune.pruning.layers import SparseTarget
 from ctprune.pruning.patterns import PatternLibrary
 from ctprune.pruning.plan import PruningPlan, SparseLayer
+from ctprune.runtime.memory import release_freed_memory
 
 
 def select_plan(
@@ -42,14 +43,24 @@ def select_plan(
     multiply-adds per weight; "macs": per multiply-add; see ctprune.pruning.connectivity). `costs`: multiply-adds per
     weight by layer, where known (FC layers: an equivalent, pruning/layers.py); else from `macs`."""
     sparse = dict(sparse or {})
-    importance = {n: imp.detach().float() for n, imp in importance.items()}
-    pattern_imp = {n: imp for n, imp in importance.items() if n not in sparse}
+    pattern_imp = {n: importance[n].detach().float() for n in importance if n not in sparse}
     if not sparse:
         return _pattern_only(pattern_imp, weight_shapes, ratio, patterns, spread, skipped, importance_kind, macs,
                              allocation)
     costs = _costs(weight_shapes, macs, costs)
-    block_scores = {n: block_importance(importance[n], sparse[n].block) for n in sparse}
-    sparse_groups = {n: _block_groups(s, importance[n].shape[0], sparse[n].block, costs.get(n, 1.0))
+    # A sparse layer's importance is read once, for its block sums: with a lazy mapping (magnitude_importance) only
+    # one layer's float per weight is alive at a time.
+    block_scores, out_channels = {}, {}
+    for n in sparse:
+        if hasattr(importance, "block_sums"):  # MagnitudeImportance: summed a few rows at a time
+            block_scores[n] = importance.block_sums(n, sparse[n].block)
+            out_channels[n] = importance.views[n].shape[0]
+            continue
+        imp = importance[n]
+        out_channels[n] = imp.shape[0]
+        block_scores[n] = block_importance(imp.detach().float(), sparse[n].block)
+        del imp
+    sparse_groups = {n: _block_groups(s, out_channels[n], sparse[n].block, costs.get(n, 1.0))
                      for n, s in block_scores.items()}
     for n, cap in (max_density or {}).items():
         if n in sparse_groups:
@@ -65,10 +76,12 @@ def select_plan(
         keep = allocate_groups(groups, weight_budget(groups, ratio), spread=spread,
                                exponent=COST_EXPONENTS[_checked(allocation)])
         voters = {n: keep[n].reshape(pattern_imp[n].shape[:2]) for n in pattern_imp}
+        del groups
+        release_freed_memory()  # the ranking's work space, before the second round makes its own
     plan = PruningPlan.from_selection(library, assignments, voters, weight_shapes, ratio, skipped=skipped,
                                       importance=importance_kind, macs=macs)
     for n, target in sparse.items():
-        o = importance[n].shape[0]
+        o = out_channels[n]
         plan.sparse[n] = SparseLayer(tuple(int(d) for d in weight_shapes[n]), target.block, target.transposed,
                                      keep[n].reshape(-1, block_scores[n].shape[1]).cpu().numpy(), (macs or {}).get(n),
                                      target.kind, o)

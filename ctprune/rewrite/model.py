@@ -39,6 +39,8 @@ from ctprune.graph.layers import conv_attributes
 from ctprune.graph.load import default_opset
 from ctprune.graph.readers import TensorReaders
 from ctprune.graph.shapes import inferred_shape_table
+from ctprune.graph.weightless import is_placeholder
+from ctprune.graph.writeback import set_tensor
 from ctprune.ops.names import DOMAIN, OP_TYPE, SPARSE_OP_TYPE, VERSION
 from ctprune.ops.reference import pattern_conv_function
 from ctprune.rewrite.fusion import FusedActivation, fusable_activation, fusable_batchnorm, fusable_residual
@@ -157,12 +159,13 @@ def _sparse_geometry(node: onnx.NodeProto, x_shape, where: str) -> dict:
 class _Rewrite:
     """The state of one rewrite: the graph being edited, names taken, what each tensor is read by, what goes."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, held: dict | None = None):
         self.model = model
         self.graph = model.graph
+        self.held = held or {}  # values of placeholder initializers (write_back's hold)
         # Constants, names and readers are indexed once, before any node changes (the rewrite asks only about
         # tensors of the original graph); Identity aliases are not followed: a layer folds what it reads directly.
-        self.constants = ConstantTable(self.graph, aliases=False)
+        self.constants = ConstantTable(self.graph, aliases=False, held=self.held)
         self.taken = taken_names(self.graph)
         self.reads = TensorReaders(self.graph)
         # Shapes decide which residual Adds fuse, resolve SAME pads and type ctprune's outputs (finish()); inferred
@@ -349,6 +352,9 @@ class _Rewrite:
         forget_value_info(graph, self.internal)
         self._type_own_outputs()
         drop_unread(graph, self.maybe_unread)
+        for tensor in graph.initializer:  # held weights still read (layers kept dense) go in now
+            if tensor.name in self.held and is_placeholder(tensor):
+                set_tensor(tensor, np.asarray(self.held[tensor.name]), tensor.name)
         used = {n.op_type for n in graph.node if n.domain == DOMAIN}
         for op in self.with_residual:
             _give_every_node_a_residual(graph, unique_name(f"ctprune.zero_residual.{op}", self.taken), op)
@@ -411,6 +417,7 @@ def _add_function(model: onnx.ModelProto, op_type: str, residual: bool = False) 
 def rewrite_model(
     model: onnx.ModelProto, layers: Mapping[str, LayerPatterns], *, sparse: Mapping | None = None,
     require_masked: bool = True, kept_dense: dict | None = None, threads: int = 1, in_place: bool = False,
+    held: dict | None = None,
 ) -> onnx.ModelProto:
     """A new model where each Conv named in `layers` is a PatternConv and each layer named in `sparse`
     ({name: pruning.plan.SparseLayer}) a SparseConv unless it would be slower than dense (see the module doc);
@@ -420,6 +427,8 @@ def rewrite_model(
     `require_masked`: weights outside a layer's kept set must be zero (GraphError otherwise); False drops them.
     `in_place`: edit `model` itself where it needs no opset upgrade (no copy of its weights); the dense weights it
     drops then stay in its protobuf arena until it is freed, so keep a copy of the result, not the model.
+    `held`: {name: array} for initializers `model` holds as placeholders (write_back's `hold`): pruned weights are
+    read from there, and only those still read at the end (layers kept dense) are written into the model.
     """
     sparse = dict(sparse or {})
     model = upgraded(model, in_place=in_place)
@@ -429,7 +438,7 @@ def rewrite_model(
     indices.update({key: _find_layer(graph, key, SPARSE_OPS, lookup=lookup) for key in sparse})
     if len(set(indices.values())) != len(indices):
         raise GraphError("two keys of the layer map name the same node")
-    rewrite = _Rewrite(model)
+    rewrite = _Rewrite(model, held)
     for key, index in sorted(indices.items(), key=lambda item: item[1]):
         if key in layers:
             rewrite.pattern(key, index, layers[key], require_masked)
