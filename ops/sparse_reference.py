@@ -10,10 +10,10 @@ Two references with one meaning:
 The function is written against opset 13 and valid for any default-domain opset from 13 up (every op it uses means
 the same from 13 on); `sparse_conv_function(opset)` re-stamps it with the model's opset, as for PatternConv.
 
-An ONNX function cannot branch on an attribute, so the activation is computed branch-free: with c the clipped output,
-    gate = HardSigmoid(c) * [activation == 1] + Sigmoid(c) * [activation == 2] + [activation == 0];   Y = c * gate
-Each product with a 0/1 flag is exact (the gates are finite unless c is NaN, and then Y is NaN anyway), so Y is
-exactly c, c * HardSigmoid(c) or c * Sigmoid(c).
+An ONNX function cannot branch on an attribute, so the activation picks its gate with Where: with c the clipped output,
+    gate = Where(activation == 1, HardSigmoid(c), Where(activation == 2, Sigmoid(c), 1));   Y = c * gate
+so Y is exactly c, c * HardSigmoid(c) or c * Sigmoid(c). (Not a sum of gates times 0/1 flags: an unused gate may be
+NaN where Y is not, e.g. HardSigmoid(+-inf) with alpha 0, and NaN times 0 is NaN.)
 """
 
 from __future__ import annotations
@@ -106,11 +106,10 @@ def SparseConv(
 
     clipped = op.Clip(conv, op.Constant(value_float=activation_min), op.Constant(value_float=activation_max))
     kind = op.Constant(value_int=activation)
-    hard = op.Cast(op.Equal(kind, op.Constant(value_int=1)), to=FLOAT.dtype)
-    smooth = op.Cast(op.Equal(kind, op.Constant(value_int=2)), to=FLOAT.dtype)
-    plain = op.Cast(op.Equal(kind, op.Constant(value_int=0)), to=FLOAT.dtype)
-    gate = op.Add(op.Add(op.Mul(op.HardSigmoid(clipped, alpha=activation_alpha, beta=activation_beta), hard),
-                         op.Mul(op.Sigmoid(clipped), smooth)), plain)
+    gate = op.Where(op.Equal(kind, op.Constant(value_int=1)),
+                    op.HardSigmoid(clipped, alpha=activation_alpha, beta=activation_beta),
+                    op.Where(op.Equal(kind, op.Constant(value_int=2)), op.Sigmoid(clipped),
+                             op.Constant(value_float=1.0)))
     Y = op.Mul(clipped, gate)
     return Y
 

@@ -217,3 +217,25 @@ def test_kernel_tier_matches_the_override(monkeypatch):
     assert cpu.kernel_tier() == best
     monkeypatch.delenv(cpu.FORCE_ISA_ENV)
     assert cpu.kernel_tier() == best
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2])
+def test_function_gate_of_an_infinite_output_with_alpha_zero(kind):
+    """An unused gate must not leak into Y: with activation_alpha 0, HardSigmoid(+-inf) is NaN, which a sum of gates
+    times 0/1 flags turned into a NaN output for activation 0 and 2 (where Y is +inf); the kernel gives the spec's Y."""
+    from ctprune.lab.layer_model import sparse_conv_layer_model
+    from ctprune.rewrite.sparse_conv import Activation
+
+    weight = np.array([[1.0, 0.0, 2.0], [0.5, 0.0, -1.0], [0.0, 3.0, 0.0]], np.float32)
+    compact = compact_sparse_from_dense(weight, 1)
+    bias = np.array([np.inf, -np.inf, 1.0], np.float32)
+    act = Activation(kind=kind, alpha=0.0, beta=0.5)
+    model = sparse_conv_layer_model(compact, [2, 3], bias=bias, activation=act)
+    x = np.random.default_rng(SEED).standard_normal((2, 3)).astype(np.float32)
+    got = run(model, {"X": x})
+    want = sparse_conv_numpy(x, weight, bias, activation=kind, activation_alpha=0.0, activation_beta=0.5)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=seed_msg())
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=seed_msg())
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, err_msg=seed_msg())
+    np.testing.assert_array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
