@@ -60,8 +60,9 @@ demo: setup $(DEPS)/fashion-mnist/train_12k.npz
 bench: setup
 	$(PY) -m ctprune.lab.bench_layers
 
-# The kernel library built with AddressSanitizer (build/asan/), and the PatternConv fuzz test run against it
-# (tests/test_fuzz_patternconv.py; FUZZ_MUTATIONS=N, default 1000; FUZZ_SEED=N replays one). Python is not
+# The kernel library built with AddressSanitizer (build/asan/), and the fuzz tests of both ops run against it
+# (tests/test_fuzz_patternconv.py, tests/test_fuzz_sparseconv.py, harness in tests/fuzz_harness.py; FUZZ_MUTATIONS=N
+# per op, default 1000; FUZZ_SEED=N replays one). Python is not
 # instrumented, so the sanitizer's runtime must come first in the process: it is LD_PRELOADed (without it onnxruntime's
 # dlopen of the library fails with "ASan runtime does not come first in initial library list"), and libstdc++ with it
 # (else ASan's __cxa_throw interceptor finds no real one and the first C++ exception, onnx's or onnxruntime's, aborts
@@ -87,7 +88,7 @@ $(ASAN_LIB): $(ASAN_OBJECTS)
 asan: setup $(ASAN_LIB)
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
 		CTPRUNE_KERNEL_LIBRARY=$(abspath $(ASAN_LIB)) FUZZ_MUTATIONS=$(FUZZ_MUTATIONS) \
-		$(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz_patternconv.py
+		$(PY) -m pytest -q -s -p no:cacheprovider tests/test_fuzz_patternconv.py tests/test_fuzz_sparseconv.py
 
 clean:
 	rm -rf build *.egg-info ctprune/_lib/*.so

@@ -24,7 +24,7 @@ MARKED = {
                     "test_graph_parity.py::test_paddle_weights_are_constant_nodes",
                     "test_graph_parity.py::test_tf_model_is_nhwc"),
     "slow": ("test_real_models_every_conv.py", "test_hardening_kill.py", "test_hardening_graph_size.py",
-             "test_fuzz_patternconv.py", "test_train_examples.py", "test_precrop_real.py"),
+             "test_fuzz_patternconv.py", "test_fuzz_sparseconv.py", "test_train_examples.py", "test_precrop_real.py"),
 }
 
 
