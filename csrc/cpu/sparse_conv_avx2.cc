@@ -36,7 +36,23 @@ struct Avx2 {
   using M = __m256i;
   static M Mask(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
   static V MaskLoad(const float* p, M m) { return _mm256_maskload_ps(p, m); }
-  static void MaskStore(float* p, M m, V v) { _mm256_maskstore_ps(p, m, v); }
+  // Lanes [0, n) through 4-, 2- and 1-lane stores: vmaskmovps to memory measured ~15 cycles on Zen 3.
+  static void StoreFirst(float* p, V v, int n) {
+    __m128 part = _mm256_castps256_ps128(v);
+    if (n >= 4) {
+      _mm_storeu_ps(p, part);
+      part = _mm256_extractf128_ps(v, 1);
+      p += 4;
+      n -= 4;
+    }
+    if (n >= 2) {
+      _mm_storel_pi(reinterpret_cast<__m64*>(p), part);
+      part = _mm_movehl_ps(part, part);
+      p += 2;
+      n -= 2;
+    }
+    if (n >= 1) _mm_store_ss(p, part);
+  }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V Add(V a, V b) { return _mm256_add_ps(a, b); }
   static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }

@@ -40,7 +40,7 @@ struct Zmm {
   using M = __mmask16;
   static M Mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static V MaskLoad(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
-  static void MaskStore(float* p, M m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  static void StoreFirst(float* p, V v, int n) { _mm512_mask_storeu_ps(p, Mask(n), v); }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V Add(V a, V b) { return _mm512_add_ps(a, b); }
   static V Mul(V a, V b) { return _mm512_mul_ps(a, b); }

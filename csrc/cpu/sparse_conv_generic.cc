@@ -49,7 +49,7 @@ struct Lanes {
     std::memcpy(r.v, p, sizeof(float) * static_cast<size_t>(m.n));
     return r;
   }
-  static void MaskStore(float* p, M m, V v) { std::memcpy(p, v.v, sizeof(float) * static_cast<size_t>(m.n)); }
+  static void StoreFirst(float* p, V v, int n) { std::memcpy(p, v.v, sizeof(float) * static_cast<size_t>(n)); }
   static V Fma(V a, V b, V c) {
     for (int i = 0; i < N; ++i) c.v[i] += a.v[i] * b.v[i];
     return c;
