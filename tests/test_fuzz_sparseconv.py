@@ -9,14 +9,16 @@ missing or unknown attribute, block, block_order (a swap keeps it a permutation:
 differently), weight_shape, group, the Conv geometry (or Conv geometry on an FC), the activation; the compact inputs'
 values, shapes and dtypes (P's pointers, I's columns, W's rows and lanes), W, I or P as a runtime input instead of an
 initializer; the shapes of X, B and Z; NaN/+-Inf in X, W, B and Z. The kernel (ctprune's library) runs it; when it
-returns an output, the model-local function (ops/sparse_reference.py, plain onnxruntime) runs the same node and the
-two must agree. The runner, the comparison, the crash and hang accounting and the seeds (FUZZ_SEED, FUZZ_MUTATIONS,
-default 500; FUZZ_TIMEOUT) are tests/fuzz_harness.py's; `make asan` runs this test against the library built with
-AddressSanitizer.
+returns an output, the model-local function (ops/sparse_reference.py, plain onnxruntime) runs the same node and the two
+must agree. Each mutation runs on a random kernel tier of this CPU with the 1x1 path's size thresholds at their defaults
+or forced, into an output poisoned with NaN (kernel_paths). The runner, the comparison, the crash and hang accounting
+and the seeds (FUZZ_SEED, FUZZ_MUTATIONS, default 500; FUZZ_TIMEOUT) are tests/fuzz_harness.py's; `make asan` runs this
+test against the library built with AddressSanitizer.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -272,7 +274,28 @@ def build(case, with_function: bool):
     return model.SerializeToString()
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_tiers():
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    return ["generic", "generic16"] + (["avx2"] if " avx2 " in flags and " fma " in flags else []) \
+        + (["avx512"] if " avx512f " in flags and " avx512vl " in flags else [])
+
+
+def kernel_paths(seed, index):
+    """The environment the kernel runs one mutation with, from the mutation's own stream (the case does not depend on
+    it): a random tier this CPU runs (CTPRUNE_FORCE_ISA), the 1x1 path's thresholds at their defaults or forced on
+    small inputs (non-finite check fused into the tile loop, streaming stores, passes of one tile), and the output
+    poisoned with NaN first, so that an output the kernel never writes shows as a NaN mask the function lacks."""
+    rng = np.random.default_rng([seed, index, 1])
+    return {"CTPRUNE_FORCE_ISA": str(rng.choice(cpu_tiers())), "CTPRUNE_POISON_OUTPUT": "1",
+            "CTPRUNE_SPARSE_FUSED_CHECK_BYTES": str(rng.choice([0, 1 << 20])),
+            "CTPRUNE_SPARSE_STREAM_BYTES": str(rng.choice([0, 2 << 20])),
+            "CTPRUNE_SPARSE_PASS_BYTES": str(rng.choice([1, 128 << 10]))}
+
+
 def run_one(seed, index, library):
+    paths = kernel_paths(seed, index)
+    os.environ.update(paths)  # read when the kernel is created
     rng = np.random.default_rng([seed, index])
     case = valid_case(rng)
     what = [mutate(rng, case) for _ in range(int(rng.integers(1, 4)))]
@@ -283,7 +306,7 @@ def run_one(seed, index, library):
     # SparseConv has no list that may be empty (block_order has NB >= 1 entries, the geometry fixed lengths), so the
     # C API's reading of STRINGS / empty FLOATS as an empty INTS list never makes a node the kernel should refuse valid.
     return dict(run_kernel_and_function("SparseConv", build(case, False), build(case, True), feeds, library),
-                mutations=what)
+                mutations=what, tier=paths["CTPRUNE_FORCE_ISA"])
 
 
 def test_fuzzed_nodes_never_crash_hang_or_disagree():
