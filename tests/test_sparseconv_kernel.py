@@ -280,7 +280,7 @@ def _initializer(model, suffix, array):
 @pytest.mark.parametrize("what", [
     "block_3", "block_order_dup", "block_order_short", "weight_shape_3d", "group_bad", "strides_zero", "pads_neg",
     "activation_9", "min_gt_max", "p_decreasing", "p_wrong_end", "i_out_of_range", "i_not_increasing", "w_shape",
-    "x_channels", "missing_block_order", "float_block",
+    "x_channels", "missing_block_order", "float_block", "p_past_rows",
 ])
 def test_malformed_nodes_fail_cleanly(what):
     model = {
@@ -313,6 +313,12 @@ def test_malformed_nodes_fail_cleanly(what):
         _initializer(model, ".columns", cols)
     elif what == "w_shape":
         _initializer(model, ".values", np.zeros((3, 4), np.float32))
+    elif what == "p_past_rows":  # P rises past the rows of I, then falls back to end at them (a fuzz find: it read I
+        # out of bounds)
+        cols = onnx.numpy_helper.to_array([t for t in model.graph.initializer if t.name.endswith(".columns")][0])
+        _initializer(model, ".columns", cols[:2].copy())
+        _initializer(model, ".values", np.zeros((2, 4), np.float32))
+        _initializer(model, ".blocks", np.array([0, 5, 2], np.int32))
     elif what == "x_channels":
         x = rng.standard_normal((1, 5, 6, 6)).astype(np.float32)
         model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 5
@@ -320,3 +326,5 @@ def test_malformed_nodes_fail_cleanly(what):
         sess = ort.InferenceSession(model.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
         sess.run(None, {"X": x})
     assert "SparseConv" in str(err.value) or "block" in str(err.value), str(err.value)
+    if what == "p_past_rows":  # refused before I is read, not by a later block's check after reading past its end
+        assert "past the rows of I" in str(err.value), str(err.value)

@@ -97,6 +97,8 @@ void CheckSparseIndices(const SparseConvSpec& s, const std::vector<int64_t>& poi
     const int64_t r0 = pointer[static_cast<size_t>(p)], r1 = pointer[static_cast<size_t>(p) + 1];
     Require(r0 <= r1, "P must be non-decreasing, but P[" + Str(p) + "] = " + Str(r0) + " > P[" + Str(p + 1) +
                           "] = " + Str(r1));
+    // before reading I: a P that rises past the rows of I and falls back to end at K passes the checks above
+    Require(r1 <= K, "P[" + Str(p + 1) + "] = " + Str(r1) + " is past the rows of I (" + Str(K) + ")");
     Require(r1 - r0 <= width, "block position " + Str(p) + " keeps " + Str(r1 - r0) + " columns, more than the " +
                                   Str(width) + " a block has");
     for (int64_t r = r0; r < r1; ++r) {
