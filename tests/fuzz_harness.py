@@ -232,7 +232,8 @@ def check_fuzz(script, seed=None, mutations=None):
     except Exception as err:
         pytest.skip(f"kernel library not built: {err}")
     results, crashes, hangs = fuzz(script, seed, mutations, library)
-    counts = {s: sum(r["status"] == s for r in results) for s in ("error", "compared", "function-refused")}
+    counts = {s: sum(r["status"] == s for r in results)
+              for s in ("error", "compared", "function-refused", "harness-error")}
     counts["of them the C API's blind spot"] = sum(r.get("api_gap", False) for r in results)
     wrong = [r for r in results if r["status"] == "compared" and r["problem"]]
     print(f"fuzz seed {seed}: {mutations} mutations of {os.path.basename(script)}, {counts}, crashes {len(crashes)}, "
