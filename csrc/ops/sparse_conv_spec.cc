@@ -105,9 +105,10 @@ void CheckSparseIndices(const SparseConvSpec& s, const std::vector<int64_t>& poi
       const int64_t c = columns[static_cast<size_t>(r)];
       Require(c >= 0 && c < width, "I[" + Str(r) + "] = " + Str(c) + " is outside the column space 0.." +
                                        Str(width - 1));
-      Require(r == r0 || c > columns[static_cast<size_t>(r) - 1],
-              "the columns of a block must be strictly increasing, but I[" + Str(r) + "] = " + Str(c) +
-                  " follows " + Str(columns[static_cast<size_t>(r) - 1]));
+      // the message reads I[r - 1], so it is built only when there is one (Require evaluates it every time)
+      if (r > r0 && c <= columns[static_cast<size_t>(r) - 1])
+        throw InvalidNode("the columns of a block must be strictly increasing, but I[" + Str(r) + "] = " + Str(c) +
+                          " follows " + Str(columns[static_cast<size_t>(r) - 1]));
     }
   }
 }
