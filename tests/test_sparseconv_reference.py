@@ -237,5 +237,7 @@ def test_function_gate_of_an_infinite_output_with_alpha_zero(kind):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=seed_msg())
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want), err_msg=seed_msg())
     finite = np.isfinite(want)
-    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, err_msg=seed_msg())
+    # float32 sums of O(1) terms against float64: an output near 0 (SiLU of a small sum) is off by ~1e-7 absolute,
+    # which is no relative bound (seed 1896410946: -0.0042585 vs -0.0042584, 2.8e-5 relative)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5, atol=1e-5, err_msg=seed_msg())
     np.testing.assert_array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
