@@ -88,6 +88,31 @@ def mutate_attribute(rng, case, kind):
     return "unknown attribute"
 
 
+def mutate_b(rng, case):
+    """B of another length or rank; returns its description."""
+    o = case["b"].size if case["b"] is not None else 4
+    shape = [[o + 1], [max(0, o - 1)], [1, o], []][int(rng.integers(0, 4))]
+    case["b"] = rng.standard_normal(shape).astype(np.float32)
+    return f"B shape {shape}"
+
+
+def mutate_x(rng, case):
+    """One change to X's shape (channels, rank, spatial size or batch); returns its description."""
+    shape = list(case["x"].shape)
+    how = int(rng.integers(0, 4))
+    if how == 0 and len(shape) > 1:
+        shape[1] = max(0, shape[1] + int(rng.choice([-1, 1])))
+    elif how == 1:
+        shape = shape[:-1] if rng.random() < 0.5 else shape + [2]
+    elif how == 2 and len(shape) >= 4:
+        shape[2], shape[3] = int(rng.choice([0, 1, 2, 3, 300])), int(rng.choice([0, 1, 2, 3, 40]))
+    elif shape:
+        shape[0] = int(rng.choice([0, 4]))
+    if int(np.prod(shape)) <= MAX_ELEMENTS:
+        case["x"] = rng.standard_normal(shape).astype(np.float32)
+    return f"X shape {shape}"
+
+
 def add_attributes(node, case):
     """Writes case["attrs"] into `node`, each with its type from case["kinds"] or else its natural one (a list INTS,
     even when empty)."""

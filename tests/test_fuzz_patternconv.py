@@ -19,8 +19,8 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the worker runs this file as a script
-from fuzz_harness import (ATTRIBUTE_MUTATIONS, MAX_ELEMENTS, SPECIAL_FLOATS, add_attributes, check_fuzz,  # noqa: E402
-                          mutate_attribute, run_kernel_and_function, worker_main)
+from fuzz_harness import (ATTRIBUTE_MUTATIONS, SPECIAL_FLOATS, add_attributes, check_fuzz,  # noqa: E402
+                          mutate_attribute, mutate_b, mutate_x, run_kernel_and_function, worker_main)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -74,22 +74,6 @@ def mutate_attributes(rng, case, kind):
     return f"activation ({lo}, {hi})"
 
 
-def mutate_x(rng, case):
-    shape = list(case["x"].shape)
-    how = int(rng.integers(0, 4))
-    if how == 0 and len(shape) > 1:
-        shape[1] = max(0, shape[1] + int(rng.choice([-1, 1])))
-    elif how == 1:
-        shape = shape[:3] if rng.random() < 0.5 else shape + [2]
-    elif how == 2 and len(shape) >= 4:
-        shape[2], shape[3] = int(rng.choice([0, 1, 2, 3, 300])), int(rng.choice([0, 1, 2, 3, 40]))
-    elif shape:
-        shape[0] = int(rng.choice([0, 4]))
-    if int(np.prod(shape)) <= MAX_ELEMENTS:
-        case["x"] = rng.standard_normal(shape).astype(np.float32)
-    return f"X shape {shape}"
-
-
 def mutate_tensors(rng, case, kind):
     """One change to the inputs (`kind`: x, w, b, z shapes, or NaN/Inf values); returns its description."""
     if kind == "x":
@@ -100,10 +84,7 @@ def mutate_tensors(rng, case, kind):
         case["w"] = rng.standard_normal(shape).astype(np.float32)
         return f"W shape {shape}"
     if kind == "b":
-        o = case["b"].size if case["b"] is not None else 4
-        shape = [[o + 1], [max(0, o - 1)], [1, o], []][int(rng.integers(0, 4))]
-        case["b"] = rng.standard_normal(shape).astype(np.float32)
-        return f"B shape {shape}"
+        return mutate_b(rng, case)
     if kind == "z":
         shape = [[1], [2], [1, 1, 1, 1], list(case["x"].shape), []][int(rng.integers(0, 5))]
         case["z"] = rng.standard_normal(shape).astype(np.float32)

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the worker runs this file as a script
 from fuzz_harness import (ATTRIBUTE_MUTATIONS, HUGE, MAX_ELEMENTS, SPECIAL_FLOATS, add_attributes,  # noqa: E402
-                          check_fuzz, mutate_attribute, run_kernel_and_function, worker_main)
+                          check_fuzz, mutate_attribute, mutate_b, mutate_x, run_kernel_and_function, worker_main)
 
 COMPACT = {"w": "W", "i": "I", "p": "P"}  # case keys of the compact inputs and their names in the node
 
@@ -178,22 +178,6 @@ def mutate_index(rng, case, key):
     return f"{COMPACT[key]} (too short to swap)"
 
 
-def mutate_x(rng, case):
-    shape = list(case["x"].shape)
-    how = int(rng.integers(0, 4))
-    if how == 0 and len(shape) > 1:
-        shape[1] = max(0, shape[1] + int(rng.choice([-1, 1])))
-    elif how == 1:
-        shape = shape[:-1] if rng.random() < 0.5 else shape + [2]
-    elif how == 2 and len(shape) >= 4:
-        shape[2], shape[3] = int(rng.choice([0, 1, 2, 3, 300])), int(rng.choice([0, 1, 2, 3, 40]))
-    elif shape:
-        shape[0] = int(rng.choice([0, 4]))
-    if int(np.prod(shape)) <= MAX_ELEMENTS:
-        case["x"] = rng.standard_normal(shape).astype(np.float32)
-    return f"X shape {shape}"
-
-
 def mutate_tensors(rng, case, kind):
     """One change to the inputs (`kind`); returns its description."""
     if kind == "x":
@@ -221,10 +205,7 @@ def mutate_tensors(rng, case, kind):
             case["runtime"].append(name)
         return f"{COMPACT[name]} a graph input"
     if kind == "b":
-        o = case["b"].size if case["b"] is not None else 4
-        shape = [[o + 1], [max(0, o - 1)], [1, o], []][int(rng.integers(0, 4))]
-        case["b"] = rng.standard_normal(shape).astype(np.float32)
-        return f"B shape {shape}"
+        return mutate_b(rng, case)
     if kind == "z":
         y = list(case["z"].shape) if case["z"] is not None and case["z"].ndim > 1 else [1, 1]
         shape = [[1], [2], [1] * len(y), y[:-1] + [y[-1] + 1], list(case["x"].shape), []][int(rng.integers(0, 6))]

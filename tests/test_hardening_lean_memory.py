@@ -25,8 +25,8 @@ from tests.conftest import light_model_path, randomize_placeholders
 
 
 def conv_net(rng, opset: int = 13) -> onnx.ModelProto:
-    """Conv(3->32) Relu Conv(32->64) Relu GlobalAveragePool Flatten Gemm(64->10): the middle Conv's weight (73 kB)
-    and the Gemm's are over the file-backed threshold only with a low threshold; the 32->64 one is at any."""
+    """Conv(3->32) Relu Conv(32->64) Relu GlobalAveragePool Flatten Gemm(64->10): only the 32->64 weight (73 kB) is
+    over the default file-backed threshold (64 kB); the others need a lower one."""
     w1 = rng.standard_normal((32, 3, 3, 3)).astype(np.float32)
     w2 = rng.standard_normal((64, 32, 3, 3)).astype(np.float32) * 0.1
     fc = rng.standard_normal((10, 64)).astype(np.float32)

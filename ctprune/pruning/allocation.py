@@ -126,9 +126,10 @@ def _ranked_candidates(layer: LayerGroups, cost_factor: float):
     values, order = torch.sort(value, descending=True, stable=True)
     del value
     m = len(order) - int(forced.sum())
+    order = order[:m].to(torch.int32)  # the sort's int64 positions freed before the running sizes are made
     whole = torch.int32 if float(sizes.sum()) < 2 ** 31 else torch.int64  # sizes are whole numbers of weights
-    cum = torch.cumsum(sizes[order[:m]].to(whole), 0, dtype=whole)
-    return order[:m].to(torch.int32), values[:m], cum
+    cum = torch.index_select(sizes, 0, order).to(whole).cumsum_(0)
+    return order, values[:m], cum
 
 
 def _count_below(cum: torch.Tensor, x: float) -> int:

@@ -322,18 +322,17 @@ class ClickTrainPruner(TrainHooks):
         self.selections += 1
         if previous is not None and log.isEnabledFor(logging.DEBUG):  # comparing masks costs a pass over every layer
             log.debug("selection %d: %.1f%% of weight masks changed", self.selections, 100 * _changed(previous, self.plan))
-        if not install:  # the last selection, no training step after it: the weights are masked once, layer by layer
-            self.hard = True
-            self.plan.apply(self.weights)
-            log.info("hard masks on: %.2fx over %d layers (%s importance)", self.plan.ratio_achieved, len(self.plan.all_layers()), kind)
-            return
-        self._install_masks()
+        if install:
+            self._install_masks()
         if gradual:  # the removed weights start from zero; with regrow they may train back until the next selection
             self._mask_weights()
             log.debug("gradual selection after step %d: %.2fx", step, self.plan.ratio_achieved)
         if final:
             self.hard = True
-            self._mask_weights()
+            if install:
+                self._mask_weights()
+            else:  # the last selection, no training step after it: the weights are masked once, layer by layer
+                self.plan.apply(self.weights)
             log.info("hard masks on: %.2fx over %d layers (%s importance)", self.plan.ratio_achieved, len(self.plan.all_layers()), kind)
 
     def _importance(self) -> tuple[dict[str, torch.Tensor], str]:
