@@ -8,11 +8,13 @@ settings all come from `PruneOptions` (a field's metadata holds its command-line
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 
 METHODS = ("auto", "pattern", "precrop", "both")
 ALLOCATIONS = ("importance", "balanced", "macs")
 PAI_METHODS = ("synflow", "synflow-macs", "snip", "grasp", "erk", "uniform")
+BLOCK_SIZES = (1, 4, 8, 16)  # filters per block of a pattern layer (ctprune/pruning/blocks.py)
 
 
 def _opt(help: str, *, choices=None, min=None, max=None, flag: bool = False, type=None, show_default: bool = True,
@@ -41,6 +43,10 @@ class PruneOptions:
     lr: float | None = field(default=None, metadata=_opt("Learning rate [default: by method].", type=float,
                                                          min=0.0, show_default=False))
     patterns: int = field(default=8, metadata=_opt("Size of the pattern library.", type=int, min=1, max=126))
+    block: int = field(default=1, metadata=_opt(
+        "3x3 pattern layers: filters in blocks of N similar ones that keep the same input channels with the same "
+        "pattern each (PatternConv computes such a block together); 1: every filter chooses alone.",
+        choices=BLOCK_SIZES, type=int))
     allocation: str = field(default="balanced", metadata=_opt(
         "How the budget is split between layers: by importance per square root of multiply-adds per weight "
         "(balanced); per multiply-add (macs: prunes high-resolution layers even more, faster, usually less "
@@ -84,8 +90,13 @@ class PruneOptions:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            if choices and value not in choices:
-                raise CtpruneError(f"{f.name} {value!r} is not one of {', '.join(choices)}.")
+            # a whole number must be one, not a string, float or bool that compares equal to one
+            wrong_kind = f.metadata.get("type") is int and (isinstance(value, bool)
+                                                            or not isinstance(value, numbers.Integral))
+            if choices and (wrong_kind or value not in choices):
+                raise CtpruneError(f"{f.name} {value!r} is not one of {', '.join(map(str, choices))}.")
+            if choices and f.metadata.get("type") is int:
+                setattr(self, f.name, int(value))
 
     def setting_values(self) -> dict:
         """The options a resumed run must repeat, by name (data sources and runtime knobs excluded)."""

@@ -167,7 +167,7 @@ class Pipeline(PruneOptions):
         pruner_class = OneShotPruner if self.schedule == "oneshot" else ClickTrainPruner
         pruner = pruner_class(weights, ratio=ratio, patterns=self.patterns, skipped=skipped, macs=macs,
                               allocation=self.allocation, sparse=decision.sparse, costs=decision.cost,
-                              max_density=decision.max_density,
+                              max_density=decision.max_density, block=self.block,
                               **(self.pruner_options or {}))
         if self._epochs() == 0:
             if pruner.importance_kind != "magnitude":  # gradient importance needs a few batches first
@@ -324,6 +324,8 @@ class Pipeline(PruneOptions):
             extra = {"weights": {"before": plan_report["prunable_before"]}}
         if plan_report["kind"] != "precrop":
             extra["patterns"] = plan.library.to_list()
+            if self.block > 1:
+                extra["block"] = self.block
         accuracy, agreement = self._evaluate(pruned, plan_report)
         self.student = self.teacher = None  # the latency step's sessions load the weights again: free the modules
         release_freed_memory()

@@ -36,10 +36,12 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 
 from ctprune.errors import GraphError
 from ctprune.pruning.allocation import check_ratio
+from ctprune.pruning.blocks import filter_blocks
 from ctprune.pruning.connectivity import PATTERN_RATIO, kernel_budget
 from ctprune.pruning.importance import ImportanceMeter, LazyImportance, MagnitudeImportance, magnitude_importance
 from ctprune.pruning.layers import SparseTarget, mask_view
@@ -81,6 +83,8 @@ class ClickTrainPruner(TrainHooks):
     skipped {conv name: reason} and macs {conv name: MACs} pass through to the plan for the report; allocation
     ("importance" | "balanced" | "macs") splits the kept kernels between layers by importance, by importance per
     square root of multiply-adds or per multiply-add (connectivity.py), the latter two using `macs`.
+    block: filters per block in the pattern layers (1: each filter alone); the blocks are clustered from the weights
+    at the first selection and kept for the later ones and in the plan (pruning/blocks.py).
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class ClickTrainPruner(TrainHooks):
         sparse: Mapping[str, SparseTarget] | None = None,
         costs: Mapping[str, float] | None = None,
         max_density: Mapping[str, float] | None = None,
+        block: int = 1,
     ):
         self.sparse = dict(sparse or {})  # layers pruned in blocks (pruning/layers.py); the rest are 3x3 pattern layers
         self.costs = dict(costs or {})
@@ -120,6 +125,10 @@ class ClickTrainPruner(TrainHooks):
         self.ratio = float(ratio)
         check_reachable(self.weights, self.sparse, self.ratio)  # RatioError now, not after training
         self.patterns = int(patterns)
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise ValueError(f"block must be a whole number of filters, at least 1, got {block!r}")
+        self.block = block
+        self._filter_blocks: dict[str, np.ndarray] | None = None  # pattern layers' block ids, fixed at first use
         self.spread = float(spread)
         if soft is None:
             soft = DEFAULT_SOFT[soft_mode]
@@ -249,6 +258,7 @@ class ClickTrainPruner(TrainHooks):
             "version": STATE_VERSION,
             "ratio": self.ratio,
             "patterns": self.patterns,
+            "block": self.block,
             "schedule": self.schedule.to_dict() if self.schedule else None,
             "meter": self.meter.state_dict(),
             "plan": self.plan.to_dict() if self.plan else None,
@@ -260,10 +270,13 @@ class ClickTrainPruner(TrainHooks):
     def load_state_dict(self, state: Mapping) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"pruning state version {state.get('version')} is not {STATE_VERSION}")
-        if float(state["ratio"]) != self.ratio or int(state["patterns"]) != self.patterns:
+        block = int(state.get("block", 1))
+        if float(state["ratio"]) != self.ratio or int(state["patterns"]) != self.patterns or block != self.block:
+            saved_blocks, blocks = ((f" in blocks of {block} filters", f" in blocks of {self.block}")
+                                    if block != self.block else ("", ""))
             raise ValueError(
-                f"the checkpoint pruned to {state['ratio']}x with {state['patterns']} patterns; this run asks for "
-                f"{self.ratio}x with {self.patterns}"
+                f"the checkpoint pruned to {state['ratio']}x with {state['patterns']} patterns{saved_blocks}; this run "
+                f"asks for {self.ratio}x with {self.patterns}{blocks}"
             )
         self.schedule = PruningSchedule(**state["schedule"]) if state["schedule"] else None
         self.meter = ImportanceMeter(self.weights, decay=self.schedule.importance_decay if self.schedule else None,
@@ -274,6 +287,8 @@ class ClickTrainPruner(TrainHooks):
         self._shrink = {n: float(v) for n, v in state.get("shrink", {}).items()}
         self.plan = PruningPlan.from_dict(state["plan"]) if state["plan"] else None
         if self.plan is not None:
+            if self.block > 1:  # the blocks the saved selections used
+                self._filter_blocks = {n: l.blocks for n, l in self.plan.layers.items() if l.blocks is not None}
             self._install_masks()
         self._restored = True
 
@@ -317,6 +332,7 @@ class ClickTrainPruner(TrainHooks):
             sparse=self.sparse,
             costs=self.costs,
             max_density=self.max_density,
+            blocks=self._blocks(),
         )
         del importance, layer_importance  # a float per weight: freed before the masks (another each) are installed
         self.selections += 1
@@ -334,6 +350,15 @@ class ClickTrainPruner(TrainHooks):
             else:  # the last selection, no training step after it: the weights are masked once, layer by layer
                 self.plan.apply(self.weights)
             log.info("hard masks on: %.2fx over %d layers (%s importance)", self.plan.ratio_achieved, len(self.plan.all_layers()), kind)
+
+    def _blocks(self) -> dict[str, np.ndarray] | None:
+        """The pattern layers' filter blocks: clustered from the weights at the first selection, then held so the
+        re-selections (and a resumed run) choose rows for the same blocks."""
+        if self.block == 1:
+            return None
+        if self._filter_blocks is None:
+            self._filter_blocks = {n: filter_blocks(w, self.block) for n, w in self._pattern_weights()}
+        return self._filter_blocks
 
     def _importance(self) -> tuple[dict[str, torch.Tensor], str]:
         """Accumulated (w * grad)^2; weight magnitude where no gradient was seen or it was all zero (a loss at its

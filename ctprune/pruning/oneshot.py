@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ctprune.pruning.blocks import filter_blocks
 from ctprune.pruning.clicktrain import ClickTrainPruner, check_prunable
 from ctprune.pruning.importance import magnitude_importance
 from ctprune.pruning.plan import PruningPlan
@@ -18,10 +19,14 @@ from ctprune.pruning.selection import select_plan
 
 
 def one_shot_plan(
-    weights: Mapping[str, torch.Tensor], ratio: float, patterns: int = 8, spread: float = 2.5, apply: bool = True, **plan_info
+    weights: Mapping[str, torch.Tensor], ratio: float, patterns: int = 8, spread: float = 2.5, apply: bool = True,
+    block: int = 1, **plan_info
 ) -> PruningPlan:
-    """Magnitude plan for {conv name: (O, C, 3, 3) weight}; zeroes the removed weights in place when `apply`."""
+    """Magnitude plan for {conv name: (O, C, 3, 3) weight}; zeroes the removed weights in place when `apply`.
+    block > 1: filters in blocks of that many sharing every kernel (pruning/blocks.py)."""
     check_prunable(weights)
+    if block > 1:
+        plan_info["blocks"] = {n: filter_blocks(w, block) for n, w in weights.items()}
     plan = select_plan(
         magnitude_importance(weights),
         {n: tuple(w.shape) for n, w in weights.items()},

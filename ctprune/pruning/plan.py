@@ -2,7 +2,8 @@
 rewriter consumes `layer_patterns()` and `sparse`, the report describes it (`layer_report()`, `totals()`).
 
 A pattern layer's `assignment` is (O, C) int: the id of the network library pattern kernel (o, c) keeps, or -1 when
-connectivity pruning removed the whole kernel. A sparse layer's `keep` is (blocks, C * T) bool: which input positions
+connectivity pruning removed the whole kernel; with `--block N` its `blocks` (O,) give each filter's block, and the
+filters of a block hold the same assignment row (pruning/blocks.py). A sparse layer's `keep` is (blocks, C * T) bool: which input positions
 (input channel x tap; FC: input feature) each block of `block` consecutive output channels keeps. The plan
 serialises to plain JSON types (`to_dict` / `from_dict`) for checkpoints.
 """
@@ -29,6 +30,12 @@ class PlanLayer:
     weight_shape: tuple[int, int, int, int]
     assignment: np.ndarray  # (O, C) int64
     macs: int | None = None  # dense multiply-adds per sample, when the caller knows them
+    blocks: np.ndarray | None = None  # (O,) int64 block id per filter (--block N); None: filters stand alone
+
+    @property
+    def block(self) -> int:
+        """Filters per block (the largest block's): 1 without blocks."""
+        return 1 if self.blocks is None else int(np.bincount(self.blocks).max())
 
     @property
     def weights_before(self) -> int:
@@ -128,12 +135,15 @@ class PruningPlan:
         skipped: Mapping[str, str] | None = None,
         importance: str = "gradient",
         macs: Mapping[str, int] | None = None,
+        blocks: Mapping[str, np.ndarray] | None = None,
     ) -> "PruningPlan":
         layers = {}
         for name, ids in assignments.items():
             a = ids.detach().cpu().numpy().astype(np.int64).copy()
             a[~keep[name].detach().cpu().numpy()] = REMOVED
-            layers[name] = PlanLayer(tuple(int(d) for d in weight_shapes[name]), a, (macs or {}).get(name))
+            b = (blocks or {}).get(name)
+            layers[name] = PlanLayer(tuple(int(d) for d in weight_shapes[name]), a, (macs or {}).get(name),
+                                     None if b is None else np.asarray(b, dtype=np.int64).copy())
         return cls(library, layers, float(ratio_target), dict(skipped or {}), importance)
 
     # -- training reads masks ---------------------------------------------------------------------------------------
@@ -173,7 +183,7 @@ class PruningPlan:
             remap[used] = np.arange(len(used))
             # index -1 reads remap[-1] = REMOVED, so removed kernels stay removed
             out[name] = LayerPatterns(
-                library=self.library.patterns[used].copy(), assignment=remap[layer.assignment]
+                library=self.library.patterns[used].copy(), assignment=remap[layer.assignment], blocks=layer.blocks
             )
         return out
 
@@ -198,6 +208,8 @@ class PruningPlan:
                     "form": "pattern",
                 }
             )
+            if layer.blocks is not None:  # filters that share every kernel (--block N)
+                rows[-1]["block"] = layer.block
             _add_macs(rows[-1], layer)
         for name, layer in self.sparse.items():
             shape = layer.weight_shape
@@ -269,23 +281,28 @@ class PruningPlan:
             "ratio_target": self.ratio_target,
             "skipped": dict(self.skipped),
             "importance": self.importance,
-            "layers": {
-                name: {"weight_shape": list(l.weight_shape), "assignment": l.assignment.tolist(), "macs": l.macs}
-                for name, l in self.layers.items()
-            },
+            "layers": {name: _layer_dict(l) for name, l in self.layers.items()},
             "sparse": {name: l.to_dict() for name, l in self.sparse.items()},
         }
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "PruningPlan":
         layers = {
-            name: PlanLayer(tuple(l["weight_shape"]), np.asarray(l["assignment"], dtype=np.int64), l.get("macs"))
+            name: PlanLayer(tuple(l["weight_shape"]), np.asarray(l["assignment"], dtype=np.int64), l.get("macs"),
+                            None if l.get("blocks") is None else np.asarray(l["blocks"], dtype=np.int64))
             for name, l in d["layers"].items()
         }
         library = PatternLibrary(np.asarray(d["library"])) if len(d["library"]) else PatternLibrary.empty()
         sparse = {name: SparseLayer.from_dict(l) for name, l in d.get("sparse", {}).items()}
         return cls(library, layers, float(d["ratio_target"]), dict(d.get("skipped", {})),
                    d.get("importance", "gradient"), sparse)
+
+
+def _layer_dict(layer: PlanLayer) -> dict:
+    d = {"weight_shape": list(layer.weight_shape), "assignment": layer.assignment.tolist(), "macs": layer.macs}
+    if layer.blocks is not None:
+        d["blocks"] = layer.blocks.tolist()
+    return d
 
 
 def _add_macs(row: dict, layer) -> None:

@@ -5,6 +5,11 @@ again by the kept kernels only (removed kernels should not decide which shapes t
 re-assigned and the budget re-allocated with the new scores. Sparse layers (1x1, other kernel sizes, FC) take part
 in the same allocation as groups of `block` output channels at one input position (pruning/allocation.py); a model
 with only sparse layers has an empty library.
+
+Blocks of filters (`blocks`, pruning/blocks.py): a blocked pattern layer is selected as if each block were one filter
+whose importance is the sum of its members': its pattern per (block, channel) and whether the (block, channel) keeps
+its kernels are chosen once, and every filter of the block gets that row. In the allocation one (block, channel) is
+one group of (filters in the block) x 4 weights, so the budget is met as per-filter kernels meet it.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from ctprune.pruning.allocation import COST_EXPONENTS, LayerGroups, allocate_groups, weight_budget
-from ctprune.pruning.connectivity import allocate_kernels, kernel_groups
+from ctprune.pruning.blocks import block_rows, block_sum
+from ctprune.pruning.connectivity import allocate_kernels, kernel_costs, kernel_groups
 from ctprune.pruning.layers import SparseTarget
 from ctprune.pruning.patterns import PatternLibrary
 from ctprune.pruning.plan import PruningPlan, SparseLayer
@@ -35,19 +42,29 @@ def select_plan(
     sparse: Mapping[str, SparseTarget] | None = None,
     costs: Mapping[str, float] | None = None,
     max_density: Mapping[str, float] | None = None,
+    blocks: Mapping[str, np.ndarray] | None = None,
 ) -> PruningPlan:
     """importance {layer: (O, C, T) in the layer's mask view} -> the plan meeting `ratio` over these layers
     (RatioError if it cannot). Layers named in `sparse` are pruned in blocks; the others are 3x3 pattern layers.
 
     allocation: how the budget is split between layers ("importance"; "balanced": importance per square root of
     multiply-adds per weight; "macs": per multiply-add; see ctprune.pruning.connectivity). `costs`: multiply-adds per
-    weight by layer, where known (FC layers: an equivalent, pruning/layers.py); else from `macs`."""
+    weight by layer, where known (FC layers: an equivalent, pruning/layers.py); else from `macs`.
+    blocks {pattern layer: (O,) block id per filter}: the layer's filters share their kernels block by block."""
     sparse = dict(sparse or {})
-    pattern_imp = {n: importance[n].detach().float() for n in importance if n not in sparse}
-    if not sparse:
+    blocks = {n: torch.as_tensor(np.asarray(b), dtype=torch.int64) for n, b in (blocks or {}).items()
+              if n not in sparse}
+    rows = {n: block_rows(ids) for n, ids in blocks.items()}
+    # a blocked layer's importance is summed per block as it is read: one layer's float per weight alive at a time
+    pattern_imp = {n: (block_sum(importance[n], blocks[n], len(rows[n])) if n in blocks
+                       else importance[n].detach().float()) for n in importance if n not in sparse}
+    if not sparse and not blocks:
         return _pattern_only(pattern_imp, weight_shapes, ratio, patterns, spread, skipped, importance_kind, macs,
                              allocation)
-    costs = _costs(weight_shapes, macs, costs)
+    if sparse:
+        costs = _costs(weight_shapes, macs, costs)
+    else:  # pattern layers only: the costs the per-filter path (allocate_kernels) uses
+        costs = kernel_costs({n: tuple(weight_shapes[n][:2]) for n in pattern_imp}, macs)
     # A sparse layer's importance is read once, for its block sums: with a lazy mapping (magnitude_importance) only
     # one layer's float per weight is alive at a time.
     block_scores, out_channels = {}, {}
@@ -72,14 +89,21 @@ def select_plan(
             library = PatternLibrary.generate(pattern_imp, size=patterns, voters=voters)
             assignments = {n: library.assign(imp) for n, imp in pattern_imp.items()}
             for n, imp in pattern_imp.items():
-                groups[n] = kernel_groups(library.kept_importance(imp, assignments[n]), costs.get(n, 1.0))
+                kept = library.kept_importance(imp, assignments[n])
+                if n in rows:
+                    groups[n] = block_kernel_groups(kept, rows[n], math.prod(weight_shapes[n]), costs.get(n, 1.0))
+                else:
+                    groups[n] = kernel_groups(kept, costs.get(n, 1.0))
         keep = allocate_groups(groups, weight_budget(groups, ratio), spread=spread,
                                exponent=COST_EXPONENTS[_checked(allocation)])
         voters = {n: keep[n].reshape(pattern_imp[n].shape[:2]) for n in pattern_imp}
         del groups
         release_freed_memory()  # the ranking's work space, before the second round makes its own
+    for n, ids in blocks.items():  # every filter takes its block's row
+        assignments[n], voters[n] = assignments[n][ids], voters[n][ids]
     plan = PruningPlan.from_selection(library, assignments, voters, weight_shapes, ratio, skipped=skipped,
-                                      importance=importance_kind, macs=macs)
+                                      importance=importance_kind, macs=macs,
+                                      blocks={n: ids.numpy() for n, ids in blocks.items()})
     for n, target in sparse.items():
         o = out_channels[n]
         plan.sparse[n] = SparseLayer(tuple(int(d) for d in weight_shapes[n]), target.block, target.transposed,
@@ -96,6 +120,17 @@ def block_importance(view: torch.Tensor, block: int) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
     return flat.reshape(-1, block, flat.shape[1]).sum(1)
+
+
+def block_kernel_groups(scores: torch.Tensor, rows: torch.Tensor, dense_weights: int, cost: float = 1.0) -> LayerGroups:
+    """A blocked pattern layer's (blocks, C) kernel scores as allocation groups: a (block, channel) keeps 4 weights in
+    each of the block's `rows` filters; every block's best channel is forced (no filter goes dead)."""
+    nb, c = scores.shape
+    flat = scores.detach().reshape(-1)
+    forced = torch.zeros(nb * c, dtype=torch.bool, device=flat.device)
+    forced[torch.argmax(scores.detach(), dim=1) + torch.arange(nb, device=flat.device) * c] = True
+    sizes = (4.0 * rows.to(flat.device, torch.float32))[:, None].expand(nb, c).reshape(-1)
+    return LayerGroups(flat, sizes, forced, int(dense_weights), cost)
 
 
 def _block_groups(scores: torch.Tensor, out_channels: int, block: int, cost: float) -> LayerGroups:

@@ -74,6 +74,9 @@ def render_report(report: dict) -> str:
     for form, row in (cw.get("by_form") or {}).items():
         summary.append([f"  {form} ({row['layers']})", f"{_fmt_int(row['before'])} -> {_fmt_int(row['after'])} "
                                                        f"({_fmt_ratio(row['before'], row['after'])})"])
+    if report.get("block"):
+        summary.append(["filter blocks", f"{report['block']} filters per block share every kernel "
+                                         "(3x3 pattern layers)"])
     summary += [
         ["params (model)", f"{_fmt_int(params.get('before'))} -> {_fmt_int(params.get('after'))}"],
         ["MACs / sample", f"{_fmt_int(macs.get('before'))} -> {_fmt_int(macs.get('after'))}"],

@@ -3,7 +3,10 @@
 A layer's pruning is described by `LayerPatterns`: a pattern library (P, 4) of tap indices (ky*3 + kx) and an (O, C)
 assignment of a pattern id to every kernel, -1 where the whole kernel was removed. `compact_from_dense` keeps, for every
 kept kernel, the 4 weights at its pattern's taps, in the spec's storage order: filters by decreasing number of kept
-kernels (ties: lower filter first), inside a filter by pattern id, then input channel.
+kernels (ties: lower filter first), inside a filter by pattern id, then input channel. A layer pruned in blocks of
+filters that share every kernel (`LayerPatterns.blocks`, `--block N`) breaks the ties by block id first, so a block's
+filters stand next to each other with the same kernel list (the kernel computes such a run of filters together);
+the graph's output channels keep their order (kernel_filters names each filter).
 
 Weights outside the assigned taps: by default they must already be zero (the weight is the hard-masked one the
 pruning engine trained), and a nonzero there raises GraphError, because dropping it silently would make the output
@@ -23,10 +26,12 @@ PLACEHOLDER_PATTERN = (1, 3, 4, 5)
 
 @dataclass(frozen=True)
 class LayerPatterns:
-    """One 3x3 Conv's pattern pruning: `library` (P, 4) int taps in 0..8; `assignment` (O, C) int, -1 = kernel removed."""
+    """One 3x3 Conv's pattern pruning: `library` (P, 4) int taps in 0..8; `assignment` (O, C) int, -1 = kernel removed;
+    `blocks` (O,) int block id per filter, or None (each filter alone)."""
 
     library: np.ndarray
     assignment: np.ndarray
+    blocks: np.ndarray | None = None
 
     def kept_kernels(self) -> int:
         return int((np.asarray(self.assignment) >= 0).sum())
@@ -103,7 +108,14 @@ def compact_from_dense(
     kept = assignment >= 0
     per_filter = kept.sum(axis=1)
     filter_rank = np.empty(O, dtype=np.int64)
-    filter_rank[np.lexsort((np.arange(O), -per_filter))] = np.arange(O)  # decreasing kept kernels, then filter id
+    if patterns.blocks is None:
+        keys = (np.arange(O), -per_filter)  # decreasing kept kernels, then filter id
+    else:
+        blocks = np.asarray(patterns.blocks)
+        if blocks.shape != (O,) or not np.issubdtype(blocks.dtype, np.integer):
+            raise GraphError(f"{where}: the filter blocks must be {O} integers (one per filter), got shape {blocks.shape}")
+        keys = (np.arange(O), blocks.astype(np.int64), -per_filter)  # decreasing kept kernels, block, filter id
+    filter_rank[np.lexsort(keys)] = np.arange(O)
     filters, channels = np.nonzero(kept)
     pattern_ids = assignment[filters, channels]
     order = np.lexsort((channels, pattern_ids, filter_rank[filters]))  # last key is the primary one
