@@ -87,6 +87,7 @@ def prune(model, ratio, *, output=None, report_path=None, keep_masked_dense=True
     `keep_masked_dense=False` leaves PruneResult.masked_dense None, sparing a full copy of the weights for the run.
 
     `options`: the fields of ctprune.options.PruneOptions (method, data, eval_data, epochs, ...; the CLI's flags).
+    `block=N` (1, 4, 8, 16): 3x3 pattern layers pruned in blocks of N similar filters that share every kernel.
     `schedule="oneshot"` is the prune-after baseline (magnitude masks chosen once, then the same fine-tune), kept for
     comparisons; ClickTrain's prune-during-fine-tuning is the default.
     """
