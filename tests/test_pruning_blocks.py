@@ -21,7 +21,7 @@ from torch import nn
 import ctprune
 from ctprune.cli import run
 from ctprune.errors import CtpruneError, GraphError
-from ctprune.pruning import ClickTrainPruner, PatternLibrary, PruningPlan, select_plan
+from ctprune.pruning import ClickTrainPruner, OneShotPruner, PruningPlan, one_shot_plan, select_plan
 from ctprune.pruning.blocks import filter_blocks
 from ctprune.pruning.importance import magnitude_importance
 from ctprune.rewrite.pattern_conv import LayerPatterns, compact_from_dense
@@ -262,6 +262,22 @@ def test_both_carries_the_block_into_its_pattern_stage(nets, monkeypatch):
     check_written_model(result, plan, 4, x)
 
 
+def test_fine_tuned_run_is_block_structured(nets, monkeypatch):
+    plans = []
+    final_plan = ClickTrainPruner.final_plan
+
+    def keep(self):
+        plans.append(final_plan(self))
+        return plans[-1]
+
+    monkeypatch.setattr(ClickTrainPruner, "final_plan", keep)
+    result = ctprune.prune(str(nets / "uneven.onnx"), ratio=6, epochs=1, batch_size=32, block=16, quiet=True,
+                           seed=fresh_seed() % 10_000)
+    assert result.report["ratio_achieved"] == pytest.approx(6.0, rel=0.02)
+    x = np.random.default_rng().standard_normal((2, 3, 16, 16)).astype(np.float32)
+    check_written_model(result, plans[-1], 16, x)
+
+
 @pytest.mark.parametrize("method", ["pattern", "auto"])
 def test_block_1_is_byte_identical_to_no_option(nets, method):
     seed = fresh_seed() % 10_000
@@ -356,6 +372,29 @@ def test_clicktrain_run_with_block_16_ends_block_structured():
         compact = compact_from_dense(w.detach().numpy(), plan.layer_patterns()[name], where=name)
         check_blocks_stored_together(compact.kernel_filters, compact.kernel_channels, compact.kernel_patterns,
                                      layer.blocks)
+
+
+def test_one_shot_baseline_prunes_in_blocks():
+    seed = fresh_seed()
+    net, opt, _ = fresh(seed, 8)
+    pruner = OneShotPruner(net.prunable(), ratio=6.0, patterns=6, block=8)
+    pruner.begin(10)
+    train(net, opt, pruner, make_batches(10, seed), range(10))
+    plan = pruner.final_plan()
+    for name, w in net.prunable().items():
+        layer = plan.layers[name]
+        assert np.bincount(layer.blocks).max() == 8
+        for b in np.unique(layer.blocks):
+            rows = layer.assignment[layer.blocks == b]
+            assert (rows == rows[0]).all(), (seed, name, b)
+        assert torch.equal(w.detach() != 0, plan.layer_mask(name).bool()), seed
+    weights = {n: w.detach().clone() for n, w in SmallNet().prunable().items()}
+    expected = {n: filter_blocks(w, 8) for n, w in weights.items()}  # from the weights before they are masked
+    direct = one_shot_plan(weights, 6.0, patterns=6, block=8)
+    for name, layer in direct.layers.items():
+        np.testing.assert_array_equal(layer.blocks, expected[name])
+        assert all((layer.assignment[layer.blocks == b] == layer.assignment[layer.blocks == b][0]).all()
+                   for b in np.unique(layer.blocks))
 
 
 def test_blocks_are_chosen_once_and_a_resumed_run_keeps_them():
