@@ -21,6 +21,8 @@ struct KernelTable {
   int max_vectors;  // largest tile, in vectors
   SelectTilesFn select_tiles;
   PackChannelFn pack;  // the input packing, in the same instruction set
+  int block_pixels;    // flat positions per filter-block tile (pattern_conv.h)
+  BlockStripFn block_strip;  // the filter-block kernel
   SparseKernels sparse;  // SparseConv's kernels in the same tier (sparse_conv_<tier>.cc)
 };
 

@@ -16,6 +16,17 @@
 // garbage columns, whatever the width (no per-row tails), and a kept kernel costs one weight broadcast per tap and
 // one fused load-multiply-add per tap and vector. The offset of each kept kernel's tap in the packed input of an image
 // (channel * plane + tap offset) is precomputed per input size, so the inner loop does no address arithmetic.
+//
+// Filter blocks. kBlockFilters consecutive filter positions whose kernel lists coincide entry by entry (same channel,
+// same pattern, same order; pattern_conv_plan.h finds them) are computed together in the broadcast form: a block tile
+// is T::kBlockPixels consecutive flat positions x kBlockFilters filters, the sums held as one 16-float row per pixel
+// (two ymm, one zmm). Per tap, one load of the block's 16 weights for that tap (regrouped once: one aligned 16-float
+// vector per kernel and tap) and per pixel one scalar broadcast of the input feeding every vector of the row: each
+// input load feeds 16 multiply-adds instead of one. A block with fewer filters (a run's remainder) runs with zero
+// weights in its unused lanes, whose outputs are never stored. The taps are applied in chunks of kBlockTapChunk over a
+// strip of tiles (the chunk's input rows and weights stay in cache while every tile of the strip uses them; the
+// partial sums wait in a pixel-major scratch), then the strip is written to Y through LxL transposes, each group of L
+// flat positions compacted to its valid outputs (garbage columns dropped) with one permutation shared by 16 filters.
 #pragma once
 
 #include <cstddef>
@@ -38,6 +49,10 @@ struct ConvGeometry {
   int tiles;           // tiles per filter: tiles * vectors * lanes >= OH * flat_row
 };
 
+constexpr int kBlockFilters = 16;      // filters per block
+constexpr int kBlockTapChunk = 96;     // taps per pass over a strip
+constexpr int kBlockStripPixels = 384;  // largest strip (a multiple of every tier's block tile and lanes)
+
 // Everything one image needs, read-only for the kernels except `out`. Filter positions index `filters`; position f
 // owns the kept kernels [kernel_begin[f], kernel_begin[f + 1]) in storage order (empty filters last).
 struct ImageJob {
@@ -52,11 +67,23 @@ struct ImageJob {
   float act_min, act_max;
   bool clamp;                   // apply [act_min, act_max]
   float* out;                   // (O, OH, OW) of this image
+  // Filter blocks (pattern_conv_plan.h): block b is filter positions [block_first[b], + block_count[b]), whose
+  // kernels are those of its first filter; tap t of the block (kernel t / 4, its t % 4-th tap) has the block's
+  // kBlockFilters weights at block_weights + (block_weight_begin[b] + t) * kBlockFilters (64-byte aligned, zero in
+  // the lanes past block_count[b]).
+  const int32_t* block_first;
+  const int32_t* block_count;
+  const int32_t* block_weight_begin;
+  const float* block_weights;
 };
 
 // Computes tiles [tile_begin, tile_end) of filter positions [filter_begin, filter_end).
 using FilterTilesFn = void (*)(const ConvGeometry& g, const ImageJob& job, int filter_begin, int filter_end,
                                int tile_begin, int tile_end);
+
+// Computes flat positions [pixel_begin, pixel_end) of filter block `block` (pixel_begin a multiple of the tier's block
+// tile, pixel_end - pixel_begin at most kBlockStripPixels) and writes their valid outputs.
+using BlockStripFn = void (*)(const ConvGeometry& g, const ImageJob& job, int block, int pixel_begin, int pixel_end);
 
 // Writes one packed plane (g.plane floats) for input channel `x` (H x W), and nothing outside it. Returns whether it
 // met a NaN or +-Inf (then the op mends the outputs a dense Conv would make NaN: pattern_conv_nonfinite.h).

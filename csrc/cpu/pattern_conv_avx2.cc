@@ -41,6 +41,30 @@ struct Avx2 {
     const V pairs = _mm256_shuffle_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8), _MM_SHUFFLE(2, 0, 2, 0));
     return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
   }
+
+  // Filter blocks: 6 pixels x 16 filters = 12 sums, + 2 weight vectors and the broadcast input.
+  static constexpr int kBlockPixels = 6;
+  using Index = __m256i;
+  static Index LoadIndex(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static V Permute(V v, Index i) { return _mm256_permutevar8x32_ps(v, i); }
+  static void Columns(const float* src, int stride, V (&r)[8]) {
+    V t[8], u[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_load_ps(src + i * stride);
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // r[i][0] r[i+1][0] r[i][1] r[i+1][1] | same for 4, 5
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // lanes 2, 3 | 6, 7
+    }
+    for (int i = 0; i < 8; i += 4) {
+      u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));          // column 0 of rows i..i+3 | 4
+      u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));      // column 1 | 5
+      u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));  // column 2 | 6
+      u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));  // column 3 | 7
+    }
+    for (int i = 0; i < 4; ++i) {
+      r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+      r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+  }
 };
 
 #include "cpu/pattern_conv_tiles.inc"
@@ -48,7 +72,10 @@ struct Avx2 {
 }  // namespace
 
 KernelTable Table() {
-  return {"avx2", Avx2::L, Avx2::kMaxVectors, &SelectFilterTilesFor<Avx2>, &PackChannel<Avx2>};
+  return {"avx2",          Avx2::L,
+          Avx2::kMaxVectors, &SelectFilterTilesFor<Avx2>,
+          &PackChannel<Avx2>, Avx2::kBlockPixels,
+          &BlockStrip<Avx2>,  {}};
 }
 
 }  // namespace avx2

@@ -46,6 +46,19 @@ struct Zmm {
     const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     return _mm512_permutex2var_ps(_mm512_loadu_ps(p), even, _mm512_loadu_ps(p + 16));
   }
+
+  // Filter blocks: 24 pixels x 16 filters = 24 sums, + the weight vector; the broadcast input is the multiply-add's
+  // embedded-broadcast operand.
+  static constexpr int kBlockPixels = 24;
+  using Index = __m512i;
+  static Index LoadIndex(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static V Permute(V v, Index i) { return _mm512_permutexvar_ps(i, v); }
+  static void Columns(const float* src, int stride, V (&r)[16]) {
+    // Column j is every stride-th float from src + j: one gather each.
+    const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(stride));
+    for (int j = 0; j < 16; ++j) r[j] = _mm512_i32gather_ps(rows, src + j, 4);
+  }
 };
 
 #include "cpu/pattern_conv_tiles.inc"
@@ -53,7 +66,8 @@ struct Zmm {
 }  // namespace
 
 KernelTable Table() {
-  return {"avx512", Zmm::L, Zmm::kMaxVectors, &SelectFilterTilesFor<Zmm>, &PackChannel<Zmm>};
+  return {"avx512", Zmm::L, Zmm::kMaxVectors, &SelectFilterTilesFor<Zmm>, &PackChannel<Zmm>, Zmm::kBlockPixels,
+          &BlockStrip<Zmm>, {}};
 }
 
 }  // namespace avx512

@@ -1,6 +1,7 @@
 // Portable tier of the PatternConv tile kernel: the same tile code as the SIMD tiers over a plain array of lanes, which
 // the compiler vectorises with whatever the baseline target allows. Also instantiated at 16 lanes and 24-vector tiles
-// so the tests can check the AVX-512 tiling logic on machines without AVX-512.
+// so the tests can check the AVX-512 tiling logic (filter blocks of 24-pixel tiles included) on machines without
+// AVX-512.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -16,7 +17,8 @@ namespace cpu {
 namespace generic {
 namespace {
 
-template <int N, int kTileVectors>
+// kPixels: flat positions per filter-block tile, as the SIMD tier of the same width has.
+template <int N, int kTileVectors, int kPixels>
 struct Lanes {
   struct V {
     float v[N];
@@ -73,6 +75,26 @@ struct Lanes {
     for (int i = 0; i < N; ++i) r.v[i] = p[2 * i];
     return r;
   }
+
+  static constexpr int kBlockPixels = kPixels;
+  struct Index {
+    int32_t i[N];
+  };
+  static Index LoadIndex(const int32_t* p) {
+    Index r;
+    std::memcpy(r.i, p, sizeof(r.i));
+    return r;
+  }
+  static V Permute(V v, Index i) {
+    V r;
+    for (int k = 0; k < N; ++k) r.v[k] = v.v[i.i[k]];
+    return r;
+  }
+  static void Columns(const float* src, int stride, V (&r)[N]) {
+    for (int j = 0; j < N; ++j) {
+      for (int i = 0; i < N; ++i) r[j].v[i] = src[i * stride + j];
+    }
+  }
 };
 
 #include "cpu/pattern_conv_tiles.inc"
@@ -80,13 +102,15 @@ struct Lanes {
 }  // namespace
 
 KernelTable Table() {
-  using T = Lanes<8, 8>;
-  return {"generic", T::L, T::kMaxVectors, &SelectFilterTilesFor<T>, &PackChannel<T>};
+  using T = Lanes<8, 8, 6>;
+  return {"generic", T::L, T::kMaxVectors, &SelectFilterTilesFor<T>, &PackChannel<T>, T::kBlockPixels,
+          &BlockStrip<T>, {}};
 }
 
 KernelTable Table16() {
-  using T = Lanes<16, 24>;
-  return {"generic16", T::L, T::kMaxVectors, &SelectFilterTilesFor<T>, &PackChannel<T>};
+  using T = Lanes<16, 24, 24>;
+  return {"generic16", T::L, T::kMaxVectors, &SelectFilterTilesFor<T>, &PackChannel<T>, T::kBlockPixels,
+          &BlockStrip<T>, {}};
 }
 
 }  // namespace generic

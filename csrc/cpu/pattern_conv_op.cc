@@ -1,6 +1,7 @@
 #include "cpu/pattern_conv_op.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -38,39 +39,93 @@ void PackItem(void* data, size_t item) {
   }
 }
 
+// The items of one call: every image's filter-block items (a block over a strip of flat positions; the strip outer,
+// so consecutive items share one strip's input rows in L2), then every image's per-filter items (a group of filter
+// positions over a block of tiles). Block items come first: they are the larger ones.
 struct ConvWork {
   const ConvGeometry* g;
   FilterTilesFn tiles;
+  BlockStripFn block_strip;
   ImageJob job;  // image 0; others offset by their index
-  int filter_count;
-  int filters_per_item;
+  const int32_t* group_begin;
+  const int32_t* group_end;
   int filter_items;
   int tiles_per_item;
   int tile_items;
+  int blocks;
+  int strip_pixels;
+  int strips;
+  size_t block_items;  // all images'
 };
 
-void ConvItem(void* data, size_t item) {
-  const ConvWork& w = *static_cast<const ConvWork*>(data);
-  const size_t per_image = static_cast<size_t>(w.filter_items) * w.tile_items;
-  const int n = static_cast<int>(item / per_image);
-  const int rest = static_cast<int>(item % per_image);
-  // Tile blocks outermost: consecutive items share one block's input rows in L2.
-  const int t0 = (rest / w.filter_items) * w.tiles_per_item;
-  const int f0 = (rest % w.filter_items) * w.filters_per_item;
+ImageJob JobOfImage(const ConvWork& w, int n) {
   ImageJob job = w.job;
   const size_t image_out = static_cast<size_t>(n) * w.g->O * w.g->OH * w.g->OW;  // Y and Z share the layout
   job.packed += static_cast<size_t>(n) * w.g->C * w.g->plane;
   job.out += image_out;
   if (job.residual != nullptr) job.residual += image_out;
-  w.tiles(*w.g, job, f0, std::min(w.filter_count, f0 + w.filters_per_item), t0,
+  return job;
+}
+
+void ConvItem(void* data, size_t item) {
+  const ConvWork& w = *static_cast<const ConvWork*>(data);
+  if (item < w.block_items) {
+    const size_t per_image = static_cast<size_t>(w.blocks) * w.strips;
+    const int n = static_cast<int>(item / per_image);
+    const int rest = static_cast<int>(item % per_image);
+    const int p0 = (rest / w.blocks) * w.strip_pixels;
+    const int total = w.g->OH * w.g->flat_row;
+    w.block_strip(*w.g, JobOfImage(w, n), rest % w.blocks, p0, std::min(total, p0 + w.strip_pixels));
+    return;
+  }
+  item -= w.block_items;
+  const size_t per_image = static_cast<size_t>(w.filter_items) * w.tile_items;
+  const int n = static_cast<int>(item / per_image);
+  const int rest = static_cast<int>(item % per_image);
+  // Tile blocks outermost: consecutive items share one block's input rows in L2.
+  const int t0 = (rest / w.filter_items) * w.tiles_per_item;
+  const int group = rest % w.filter_items;
+  w.tiles(*w.g, JobOfImage(w, n), w.group_begin[group], w.group_end[group], t0,
           std::min(w.g->tiles, t0 + w.tiles_per_item));
+}
+
+int EnvInt(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
 }
 
 }  // namespace
 
 PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* info, std::string node)
     : api_(api), node_(std::move(node)) {
-  plan_ = BuildPlan(ops::ParsePatternConv(ops::ReadAttributes(api, info, ops::PatternConvAttributeNames())));
+  // Filter blocks: on unless CTPRUNE_PATTERN_BLOCKS=0; CTPRUNE_PATTERN_BLOCK_PAD_MIN overrides the smallest remainder
+  // run as a padded block (both for the tests and A/B measurements).
+  BlockOptions blocks;
+  blocks.enabled = EnvInt("CTPRUNE_PATTERN_BLOCKS", 1) != 0;
+  blocks.pad_min = EnvInt("CTPRUNE_PATTERN_BLOCK_PAD_MIN", kBlockPadMin);
+  plan_ = BuildPlan(ops::ParsePatternConv(ops::ReadAttributes(api, info, ops::PatternConvAttributeNames())), blocks);
+  if (plan_.blocks() > 0) {
+    // A constant W of the right shape is regrouped once; anything else is checked and regrouped at run time.
+    int is_constant = 0;
+    const OrtValue* value = nullptr;
+    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &value);
+    if (status != nullptr) {
+      api.ReleaseStatus(status);
+    } else if (is_constant && value != nullptr) {
+      Ort::ConstValue w(value);
+      const auto type_shape = w.GetTensorTypeAndShapeInfo();
+      const std::vector<int64_t> ws = type_shape.GetShape();
+      if (type_shape.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && ws.size() == 2 && ws[0] == plan_.K &&
+          ws[1] == 4) {
+        const size_t floats = static_cast<size_t>(plan_.block_weight_begin.back()) * kBlockFilters;
+        block_weights_storage_.resize(floats + 16);
+        float* aligned = block_weights_storage_.data();
+        while (reinterpret_cast<uintptr_t>(aligned) % 64 != 0) ++aligned;
+        RegroupBlockWeights(plan_, w.GetTensorData<float>(), aligned);
+        block_weights_ = aligned;
+      }
+    }
+  }
   std::string isa_error;
   kernels_ = Kernels(&isa_error);
   if (!isa_error.empty()) throw InvalidNode(isa_error);
@@ -119,7 +174,8 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
     bias = b.GetTensorData<float>();
   }
   const int64_t N = xs[0];
-  const ConvGeometry g = MakeGeometry(plan_, xs[2], xs[3], kernels_.lanes, kernels_.max_vectors);
+  const ConvGeometry g =
+      MakeGeometry(plan_, xs[2], xs[3], kernels_.lanes, kernels_.max_vectors, kernels_.block_pixels);
   const FilterTilesFn tiles = kernels_.select_tiles(g.vectors);
   if (tiles == nullptr) throw InvalidNode("no kernel for this geometry");
 
@@ -142,38 +198,70 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   if (N == 0) return;
 
   // 1. Pack every input channel into its zero-padded plane, in parallel, noting channels with a NaN or +-Inf. The
-  // workspace is this call's (workspace.h): the planes (64-byte aligned: the mapping is page-aligned), then the flags.
+  // workspace is this call's (workspace.h): the planes (64-byte aligned: the mapping is page-aligned), the blocks'
+  // regrouped weights when W is not a constant (64-byte aligned: a plane is a multiple of 16 floats), then the flags.
   const size_t channels = static_cast<size_t>(N) * g.C, planes_bytes = channels * g.plane * sizeof(float);
-  const Workspace workspace(planes_bytes + channels);
+  const size_t regroup_bytes = plan_.blocks() > 0 && block_weights_ == nullptr
+                                   ? static_cast<size_t>(plan_.block_weight_begin.back()) * kBlockFilters * sizeof(float)
+                                   : 0;
+  const Workspace workspace(planes_bytes + regroup_bytes + channels);
   float* packed = workspace.as<float>();
-  uint8_t* non_finite = workspace.as<uint8_t>(planes_bytes);
+  uint8_t* non_finite = workspace.as<uint8_t>(planes_bytes + regroup_bytes);
+  const float* block_weights = block_weights_;
+  if (regroup_bytes > 0) {
+    float* regrouped = workspace.as<float>(planes_bytes);
+    RegroupBlockWeights(plan_, w.GetTensorData<float>(), regrouped);
+    block_weights = regrouped;
+  }
   PackWork pack{&g, kernels_.pack, x.GetTensorData<float>(), packed, non_finite, 1, 0};
   pack.channels_per_item = static_cast<int>(std::max<size_t>(1, 16384 / g.plane));
   pack.items_per_image = (g.C + pack.channels_per_item - 1) / pack.channels_per_item;
   ctx.ParallelFor(&PackItem, static_cast<size_t>(N) * pack.items_per_image, 0, &pack);
 
-  // 2. Convolve. A work item is a run of consecutive filters (filters come sorted by decreasing work, so items that
-  // start first are the heaviest) over a block of tiles, walked filter by filter so consecutive tiles of one kernel
-  // share their overlapping input rows in L1. A tile block's input rows of all channels stay within about half of
-  // L2 while every filter reads them (on 224x224 layers a whole channel plane alone is 200 KB); about 16 items per
-  // image keep 2+ threads busy.
+  // 2. Convolve. A per-filter work item is a group of consecutive filters (filters come sorted by decreasing work, so
+  // items that start first are the heaviest) over a block of tiles, walked filter by filter so consecutive tiles of
+  // one kernel share their overlapping input rows in L1. A tile block's input rows of all channels stay within about
+  // half of L2 while every filter reads them (on 224x224 layers a whole channel plane alone is 200 KB); about 16
+  // items per image keep 2+ threads busy. A filter-block item is one block over a strip of flat positions: strips
+  // whose input rows of all channels fit about half of L2, and at least 8 block items per image (for layers of 1-4
+  // blocks) so that 2 threads balance.
   const std::shared_ptr<const std::vector<int32_t>> offsets = Offsets(g);
   ConvWork work{};
   work.g = &g;
   work.tiles = tiles;
+  work.block_strip = kernels_.block_strip;
   work.job = ImageJob{packed,        offsets->data(), w.GetTensorData<float>(), plan_.kernel_begin.data(),
-                           plan_.filters.data(), bias,    z_offset,                 residual,
-                           plan_.act_min,   plan_.act_max, plan_.clamp,             out};
-  work.filter_count = plan_.O;
-  work.filters_per_item = std::max(1, std::min(16, plan_.O / 16));
-  work.filter_items = (plan_.O + work.filters_per_item - 1) / work.filters_per_item;
-  const int tile_items_wanted = work.filter_items >= 16 ? 1 : (16 + work.filter_items - 1) / work.filter_items;
+                      plan_.filters.data(), bias,    z_offset,                 residual,
+                      plan_.act_min,   plan_.act_max, plan_.clamp,             out,
+                      plan_.block_first.data(), plan_.block_count.data(), plan_.block_weight_begin.data(),
+                      block_weights};
+  work.group_begin = plan_.group_begin.data();
+  work.group_end = plan_.group_end.data();
+  work.filter_items = static_cast<int>(plan_.group_begin.size());
+  const int tile_items_wanted =
+      work.filter_items >= 16 ? 1 : (16 + work.filter_items - 1) / std::max(1, work.filter_items);
   constexpr long kTileBlockFloats = 256 * 1024 / sizeof(float);
   const long tile_floats = static_cast<long>(g.vectors) * kernels_.lanes;
   const long block_tiles = (kTileBlockFloats / plan_.C - 2L * g.flat_row) / tile_floats;
   work.tiles_per_item = static_cast<int>(std::max(1L, std::min<long>(block_tiles, g.tiles / tile_items_wanted)));
   work.tile_items = (g.tiles + work.tiles_per_item - 1) / work.tiles_per_item;
-  ctx.ParallelFor(&ConvItem, static_cast<size_t>(N) * work.filter_items * work.tile_items, 0, &work);
+
+  work.blocks = plan_.blocks();
+  if (work.blocks > 0) {
+    constexpr int kStripUnit = 24;  // a multiple of every tier's block tile and lanes (like kBlockStripPixels)
+    const long total = static_cast<long>(g.OH) * g.flat_row;
+    const long fit_rows = kTileBlockFloats / (static_cast<long>(plan_.C) * g.flat_row) - 2;
+    long strip = std::min<long>(kBlockStripPixels, std::max<long>(1, fit_rows) * g.flat_row);
+    const long strips_wanted = (8 + work.blocks - 1) / work.blocks;
+    strip = std::min(strip, (total + strips_wanted - 1) / strips_wanted);
+    strip = std::max<long>(kStripUnit, (strip + kStripUnit - 1) / kStripUnit * kStripUnit);
+    strip = std::min<long>(strip, kBlockStripPixels);
+    work.strip_pixels = static_cast<int>(strip);
+    work.strips = static_cast<int>((total + strip - 1) / strip);
+  }
+  work.block_items = static_cast<size_t>(N) * work.blocks * work.strips;
+  const size_t filter_items = static_cast<size_t>(N) * work.filter_items * work.tile_items;
+  ctx.ParallelFor(&ConvItem, work.block_items + filter_items, 0, &work);
 
   // 3. NaN and +-Inf the ONNX way: the outputs a dense Conv makes NaN through the pruned taps' zeros.
   if (std::find(non_finite, non_finite + channels, 1) == non_finite + channels) return;

@@ -45,6 +45,10 @@ class PatternConvKernel {
   std::vector<OffsetsFor> offsets_;  // a few recent input sizes
   std::shared_ptr<const ChannelKernels> by_channel_;  // guarded by offsets_mutex_
   bool poison_output_;  // CTPRUNE_POISON_OUTPUT=1: fill Y with NaN first, so unwritten elements show in tests
+  // The filter blocks' regrouped weights (ImageJob::block_weights), made once when W is a constant initializer of the
+  // right shape; otherwise each call regroups W into its workspace.
+  std::vector<float> block_weights_storage_;
+  const float* block_weights_ = nullptr;  // 64-byte aligned, inside block_weights_storage_
 };
 
 struct PatternConvOp : Ort::CustomOpBase<PatternConvOp, PatternConvKernel, /*WithStatus=*/true> {

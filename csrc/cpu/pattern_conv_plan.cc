@@ -13,7 +13,7 @@ void Require(bool ok, const std::string& message) {
 
 }  // namespace
 
-PatternConvPlan BuildPlan(const ops::PatternConvSpec& s) {
+PatternConvPlan BuildPlan(const ops::PatternConvSpec& s, const BlockOptions& options) {
   Require(s.stride_h == s.stride_w && (s.stride_h == 1 || s.stride_h == 2),
           "strides " + ops::ListStr({s.stride_h, s.stride_w}) +
               " are not supported by the CPU kernel (it runs [1, 1] and [2, 2])");
@@ -53,10 +53,75 @@ PatternConvPlan BuildPlan(const ops::PatternConvSpec& s) {
     p.kernel_begin.push_back(p.K);
   }
   p.kernel_begin.push_back(p.K);
+
+  // Runs of identical kernel lists, cut into blocks; the positions left over stay per filter.
+  const auto same_kernels = [&](int a, int b) {
+    const int ka = p.kernel_begin[a], kb = p.kernel_begin[b], n = p.kernel_begin[a + 1] - ka;
+    if (n == 0 || p.kernel_begin[b + 1] - kb != n) return false;
+    for (int i = 0; i < n; ++i) {
+      if (s.kernel_channels[ka + i] != s.kernel_channels[kb + i] || s.kernel_patterns[ka + i] != s.kernel_patterns[kb + i])
+        return false;
+    }
+    return true;
+  };
+  std::vector<char> in_block(static_cast<size_t>(p.O), 0);
+  p.block_weight_begin.push_back(0);
+  for (int run = 0; options.enabled && run < p.O;) {
+    int end = run + 1;
+    if (p.kernel_begin[run + 1] == p.kernel_begin[run]) {  // empty filters (all at the end) stay per filter
+      run = end;
+      continue;
+    }
+    while (end < p.O && same_kernels(run, end)) ++end;
+    for (int first = run; first < end; first += kBlockFilters) {
+      const int count = std::min(kBlockFilters, end - first);
+      if (count < kBlockFilters && count < std::max(1, options.pad_min)) break;
+      p.block_first.push_back(first);
+      p.block_count.push_back(count);
+      const int64_t vectors = p.block_weight_begin.back() + 4 * int64_t{p.kernel_begin[first + 1] - p.kernel_begin[first]};
+      Require(vectors < (int64_t{1} << 31), "too many kernels for the CPU kernel");
+      p.block_weight_begin.push_back(static_cast<int32_t>(vectors));
+      std::fill(in_block.begin() + first, in_block.begin() + first + count, 1);
+    }
+    run = end;
+  }
+
+  // Per-filter work items: up to 16 consecutive positions (fewer for small layers, so 2+ threads get several items),
+  // never across a block.
+  int singles = 0;
+  for (int f = 0; f < p.O; ++f) singles += !in_block[f];
+  const int per_item = std::max(1, std::min(16, singles / 16));
+  for (int f = 0; f < p.O;) {
+    if (in_block[f]) {
+      ++f;
+      continue;
+    }
+    int end = f + 1;
+    while (end < p.O && !in_block[end] && end - f < per_item) ++end;
+    p.group_begin.push_back(f);
+    p.group_end.push_back(end);
+    f = end;
+  }
   return p;
 }
 
-ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int lanes, int max_vectors) {
+void RegroupBlockWeights(const PatternConvPlan& p, const float* W, float* out) {
+  for (int b = 0; b < p.blocks(); ++b) {
+    const int first = p.block_first[b], count = p.block_count[b];
+    const int kernels = p.kernel_begin[first + 1] - p.kernel_begin[first];
+    float* dst = out + static_cast<size_t>(p.block_weight_begin[b]) * kBlockFilters;
+    for (int k = 0; k < kernels; ++k) {
+      for (int j = 0; j < 4; ++j, dst += kBlockFilters) {
+        for (int n = 0; n < kBlockFilters; ++n) {
+          dst[n] = n < count ? W[4 * static_cast<size_t>(p.kernel_begin[first + n] + k) + j] : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int lanes, int max_vectors,
+                          int block_pixels) {
   const int64_t Hp = H + p.pad_top + p.pad_bottom, Wp = W + p.pad_left + p.pad_right;
   Require(H >= 1 && W >= 1 && Hp >= 3 && Wp >= 3,
           "input height and width plus pads must be at least 3, got " + std::to_string(H) + "x" + std::to_string(W));
@@ -80,7 +145,9 @@ ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int la
   const int64_t total_vectors = (OH * flat_row + lanes - 1) / lanes;
   const int64_t tiles = (total_vectors + max_vectors - 1) / max_vectors;
   const int64_t vectors = (total_vectors + tiles - 1) / tiles;
-  const int64_t covered = tiles * vectors * lanes;  // flat outputs computed, garbage included
+  // Flat outputs computed, garbage included: by the per-filter tiles, and by the filter blocks' tiles.
+  const int64_t covered =
+      std::max(tiles * vectors * lanes, (OH * flat_row + block_pixels - 1) / block_pixels * block_pixels);
 
   // Every read of a tile is at most covered + the largest tap offset inside one plane (stride 1) or the last phase
   // (stride 2); the slack keeps the garbage lanes of the last tile inside the buffer.

@@ -24,15 +24,41 @@ struct PatternConvPlan {
   std::vector<int32_t> filters;       // (O) output channel of each filter position: filters with kernels in
                                       // storage order (heaviest first), then empty ones
   std::vector<int32_t> kernel_begin;  // (O + 1) first kept kernel of each filter position
+  // Filter blocks (pattern_conv.h, ImageJob): block b is filter positions [block_first[b], + block_count[b]); its
+  // regrouped weights are vectors [block_weight_begin[b], block_weight_begin[b + 1]) of kBlockFilters floats.
+  std::vector<int32_t> block_first, block_count;
+  std::vector<int32_t> block_weight_begin;  // (blocks + 1)
+  // The filter positions outside every block, computed one filter at a time, as work items of consecutive positions
+  // [group_begin[i], group_end[i]) (filters by decreasing work: the items that start first are the heaviest).
+  std::vector<int32_t> group_begin, group_end;
+
+  int blocks() const { return static_cast<int>(block_first.size()); }
+};
+
+// A run's remainder of at least this many filters (fewer than kBlockFilters) runs as a block padded with zero-weight
+// lanes, a shorter one filter by filter.
+constexpr int kBlockPadMin = 8;
+
+struct BlockOptions {
+  bool enabled = true;         // false: every filter one at a time
+  int pad_min = kBlockPadMin;  // see kBlockPadMin
 };
 
 // The plan of a spec that CheckPatternConv accepted; throws InvalidNode for what the CPU kernel cannot run (strides
-// other than [1, 1] and [2, 2]).
-PatternConvPlan BuildPlan(const ops::PatternConvSpec& spec);
+// other than [1, 1] and [2, 2]). Filter blocks: maximal runs of consecutive filter positions with at least one kernel
+// whose kernel lists coincide entry by entry (channel, pattern id, order), cut into blocks of kBlockFilters from the
+// run's start; the remainder is a padded block or per-filter positions (BlockOptions::pad_min).
+PatternConvPlan BuildPlan(const ops::PatternConvSpec& spec, const BlockOptions& blocks = BlockOptions());
 
-// Geometry of a call with input height H and width W for a tier with `lanes`-float vectors and tiles of at most
-// `max_vectors` vectors; throws InvalidNode when the padded input is smaller than 3x3 or too large to index.
-ConvGeometry MakeGeometry(const PatternConvPlan& plan, int64_t H, int64_t W, int lanes, int max_vectors);
+// Writes the blocks' weights regrouped (ImageJob::block_weights) from W (K, 4) into `out`, which holds
+// plan.block_weight_begin.back() * kBlockFilters floats.
+void RegroupBlockWeights(const PatternConvPlan& plan, const float* W, float* out);
+
+// Geometry of a call with input height H and width W for a tier with `lanes`-float vectors, tiles of at most
+// `max_vectors` vectors and filter-block tiles of `block_pixels` flat positions; throws InvalidNode when the padded
+// input is smaller than 3x3 or too large to index.
+ConvGeometry MakeGeometry(const PatternConvPlan& plan, int64_t H, int64_t W, int lanes, int max_vectors,
+                          int block_pixels);
 
 // (K, 4): channel * g.plane + g.tap_offset[tap] for each kept kernel's taps in ascending order (ImageJob::offsets).
 std::vector<int32_t> TapOffsets(const PatternConvPlan& plan, const ConvGeometry& g);

@@ -171,9 +171,16 @@ class PatternLayer:
         return len(self.kernel_filters)
 
 
-def random_pattern_layer(rng, out_channels, in_channels, kept_per_filter, library_size=8) -> PatternLayer:
+def random_pattern_layer(rng, out_channels, in_channels, kept_per_filter, library_size=8, block=None) -> PatternLayer:
     """A layer whose filter f keeps `kept_per_filter[f]` random input channels (an int applies to all filters), each
-    with a random pattern from a random library of `library_size` distinct 4-of-9 shapes (all used when possible)."""
+    with a random pattern from a random library of `library_size` distinct 4-of-9 shapes (all used when possible).
+
+    block: filter-block structure (the CPU kernel computes runs of filters with identical kernel lists 16 at a time).
+    An int cuts the filters into runs of that many (the last one shorter); a sequence gives the run sizes, the
+    filters past them stay single. A run's filters are random output channels that keep the same channels with the
+    same patterns (the first member's count; weights differ) and are adjacent in storage order."""
+    if block is not None:
+        return _block_pattern_layer(rng, out_channels, in_channels, kept_per_filter, library_size, block)
     counts = np.broadcast_to(np.asarray(kept_per_filter, dtype=np.int64), (out_channels,))
     library = ALL_PATTERNS[rng.choice(len(ALL_PATTERNS), library_size, replace=False)]
     total = int(counts.sum())
@@ -192,6 +199,41 @@ def random_pattern_layer(rng, out_channels, in_channels, kept_per_filter, librar
     kernel_filters = np.array([r[2] for r in rows], np.int64)
     weights = rng.standard_normal((len(rows), 4)).astype(np.float32)
 
+    dense = np.zeros((out_channels, in_channels, 9), np.float32)
+    for k in range(len(rows)):
+        dense[kernel_filters[k], kernel_channels[k], library[kernel_patterns[k]]] = weights[k]
+    return PatternLayer(library, kernel_filters, kernel_channels, kernel_patterns, weights,
+                        dense.reshape(out_channels, in_channels, 3, 3))
+
+
+def _block_pattern_layer(rng, out_channels, in_channels, kept_per_filter, library_size, block) -> PatternLayer:
+    counts = np.broadcast_to(np.asarray(kept_per_filter, dtype=np.int64), (out_channels,))
+    library = ALL_PATTERNS[rng.choice(len(ALL_PATTERNS), library_size, replace=False)]
+    if isinstance(block, (int, np.integer)):
+        sizes = [min(int(block), out_channels - i) for i in range(0, out_channels, int(block))]
+    else:
+        sizes = [int(v) for v in block]
+    assert sum(sizes) <= out_channels and all(v > 0 for v in sizes), (sizes, out_channels)
+    sizes += [1] * (out_channels - sum(sizes))
+    members = rng.permutation(out_channels)
+    units = np.split(members, np.cumsum(sizes)[:-1])
+    unit_counts = [int(counts[u[0]]) for u in units]
+    # Storage order: runs by non-increasing kernel count, ties in random order; a run's members one after another.
+    order = sorted(rng.permutation(len(units)).tolist(), key=lambda i: -unit_counts[i])
+    rows, used = [], 0
+    for i in order:
+        channels = rng.choice(in_channels, unit_counts[i], replace=False)
+        ids = rng.integers(0, library_size, unit_counts[i])
+        if used < library_size:  # every pattern in use when there are enough kernels
+            take = min(len(ids), library_size - used)
+            ids[:take] = np.arange(used, used + take)
+            used += take
+        kernels = sorted((int(p), int(c)) for p, c in zip(ids, channels))
+        rows += [(p, c, int(f)) for f in units[i] for p, c in kernels]
+    kernel_patterns = np.array([r[0] for r in rows], np.int64)
+    kernel_channels = np.array([r[1] for r in rows], np.int64)
+    kernel_filters = np.array([r[2] for r in rows], np.int64)
+    weights = rng.standard_normal((len(rows), 4)).astype(np.float32)
     dense = np.zeros((out_channels, in_channels, 9), np.float32)
     for k in range(len(rows)):
         dense[kernel_filters[k], kernel_channels[k], library[kernel_patterns[k]]] = weights[k]
