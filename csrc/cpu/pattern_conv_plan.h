@@ -36,8 +36,9 @@ struct PatternConvPlan {
 };
 
 // A run's remainder of at least this many filters (fewer than kBlockFilters) runs as a block padded with zero-weight
-// lanes, a shorter one filter by filter.
-constexpr int kBlockPadMin = 8;
+// lanes, a shorter one filter by filter. Measured on AVX2 Zen 3 (BENCHMARKS.md, "PatternConv block path"): runs of
+// 16 + R filters, padded vs per filter, break even at R = 9 (R = 8: per filter 4% faster, R = 10: padded 5% faster).
+constexpr int kBlockPadMin = 9;
 
 struct BlockOptions {
   bool enabled = true;         // false: every filter one at a time
