@@ -3,6 +3,12 @@
     python -m ctprune.lab.bench_layers            # the full table (minutes)
     python -m ctprune.lab.bench_layers --quick    # batch 1, fewer runs
     python -m ctprune.lab.bench_layers --sparse   # SparseConv: 1x1 and FC layers (ctprune/lab/bench_sparse.py)
+    python -m ctprune.lab.bench_layers --block 16 --ratios 2.25 4 8 --threads 1 --batch 1   # filter-block layers
+    python -m ctprune.lab.bench_layers --baseline OTHER.so ...   # also time another build of the library (A/B)
+
+--block N draws block-structured layers (runs of N filters keep the same channels with the same patterns: the CPU
+kernel computes them 16 at a time) on the kernel lab's six layers unless --layers says otherwise, and also times the
+same layer with the block path off (CTPRUNE_PATTERN_BLOCKS=0: every filter one at a time) in the same alternation.
 
 Both models run in the same process with the same thread count and the same input; timing alternates blocks of runs
 between the two sessions and reports medians, so drift on a shared machine hits both alike. "GFLOP/s" counts only the
@@ -29,11 +35,27 @@ from ctprune.lab.layer_model import (  # bench_cuda imports the last two from he
 
 # 3x3 layers of ResNet/VGG at CIFAR and ImageNet resolutions: (channels in = out, height = width).
 LAYER_SET = [(64, 56), (64, 32), (128, 28), (128, 16), (256, 14), (256, 8), (512, 7), (512, 4)]
+BLOCK_LAYER_SET = [(64, 56), (128, 28), (256, 14), (512, 7), (512, 14), (256, 56)]  # the kernel lab's (issue 16)
 RATIOS = [2.25, 4.0, 8.0, 16.0]
 
 
-def session(model: onnx.ModelProto, threads: int, library: str | None = None):
+def session(model: onnx.ModelProto, threads: int, library: str | None = None, env: dict | None = None):
+    """env: environment variables set while the session (and so the kernel, which reads them) is created."""
+    import os
+
     import onnxruntime as ort
+
+    if env:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return session(model, threads, library)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -59,29 +81,52 @@ def _time_pair(sessions, x, runs, block):
     return [(statistics.median(t), min(t)) for t in times]
 
 
-def bench_layer(channels, size, ratio, batch, threads, library, rng, runs=40, block=5):
-    layer = random_pattern_layer(rng, channels, channels, kept_per_filter_for_ratio(channels, ratio))
+def bench_layer(channels, size, ratio, batch, threads, library, rng, runs=40, block=5, filter_block=None,
+                baseline=None):
+    """filter_block: block-structured layer (runs of that many filters share channels and patterns), also timed with
+    the block path off ("per_filter_*"); baseline: another build of the library, timed on the same layer."""
+    layer = random_pattern_layer(rng, channels, channels, kept_per_filter_for_ratio(channels, ratio),
+                                 block=filter_block)
     x_shape = (batch, channels, size, size)
     x = rng.standard_normal(x_shape).astype(np.float32)
-    dense = session(dense_conv_model(layer, x_shape), threads)
-    pattern = session(pattern_conv_model(layer, x_shape), threads, library)
-    (t_dense, best_dense), (t_pattern, best_pattern) = _time_pair([dense, pattern], x, runs, block)
+    model = pattern_conv_model(layer, x_shape)
+    sessions = {"dense": session(dense_conv_model(layer, x_shape), threads), "pattern": session(model, threads, library)}
+    if filter_block:
+        sessions["per_filter"] = session(model, threads, library, env={"CTPRUNE_PATTERN_BLOCKS": "0"})
+    if baseline:
+        sessions["baseline"] = session(model, threads, baseline)
+    timed = dict(zip(sessions, _time_pair(list(sessions.values()), x, runs, block)))
+    (t_dense, best_dense), (t_pattern, best_pattern) = timed["dense"], timed["pattern"]
     useful_flops = 2.0 * 4 * layer.kept_kernels * size * size * batch
     dense_weights = channels * channels * 9
-    return dict(C=channels, H=size, ratio=ratio, achieved=dense_weights / (4 * layer.kept_kernels), batch=batch,
-                threads=threads, dense_ms=t_dense * 1e3, pattern_ms=t_pattern * 1e3, speedup=t_dense / t_pattern,
-                best_dense_ms=best_dense * 1e3, best_pattern_ms=best_pattern * 1e3, best_speedup=best_dense / best_pattern,
-                gflops=useful_flops / t_pattern / 1e9, dense_gflops=2.0 * dense_weights * size * size * batch / t_dense / 1e9)
+    row = dict(C=channels, H=size, ratio=ratio, achieved=dense_weights / (4 * layer.kept_kernels), batch=batch,
+               threads=threads, dense_ms=t_dense * 1e3, pattern_ms=t_pattern * 1e3, speedup=t_dense / t_pattern,
+               best_dense_ms=best_dense * 1e3, best_pattern_ms=best_pattern * 1e3, best_speedup=best_dense / best_pattern,
+               gflops=useful_flops / t_pattern / 1e9, dense_gflops=2.0 * dense_weights * size * size * batch / t_dense / 1e9)
+    for name in ("per_filter", "baseline"):
+        if name in timed:
+            t, best = timed[name]
+            row.update({f"{name}_ms": t * 1e3, f"{name}_speedup": t_dense / t, f"best_{name}_speedup": best_dense / best})
+    return row
+
+
+EXTRA_COLUMNS = {"per_filter": "block path off", "baseline": "baseline library"}
 
 
 def render(rows) -> str:
-    lines = ["| C=O | H=W | ratio | batch | threads | dense ms | PatternConv ms | speedup | best dense ms | "
-             "best PatternConv ms | best-of speedup | useful GFLOP/s | dense GFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    extra = [name for name in EXTRA_COLUMNS if rows and f"{name}_ms" in rows[0]]
+    head = ("| C=O | H=W | ratio | batch | threads | dense ms | PatternConv ms | speedup | best dense ms | "
+            "best PatternConv ms | best-of speedup | useful GFLOP/s | dense GFLOP/s |")
+    for name in extra:
+        head += f" {EXTRA_COLUMNS[name]} ms | {EXTRA_COLUMNS[name]} speedup |"
+    lines = [head, "|" + "---|" * (13 + 2 * len(extra))]
     for r in rows:
-        lines.append(f"| {r['C']} | {r['H']} | {r['ratio']:g}x | {r['batch']} | {r['threads']} | {r['dense_ms']:.3f} | "
-                     f"{r['pattern_ms']:.3f} | {r['speedup']:.2f}x | {r['best_dense_ms']:.3f} | "
-                     f"{r['best_pattern_ms']:.3f} | {r['best_speedup']:.2f}x | {r['gflops']:.1f} | {r['dense_gflops']:.1f} |")
+        line = (f"| {r['C']} | {r['H']} | {r['ratio']:g}x | {r['batch']} | {r['threads']} | {r['dense_ms']:.3f} | "
+                f"{r['pattern_ms']:.3f} | {r['speedup']:.2f}x | {r['best_dense_ms']:.3f} | "
+                f"{r['best_pattern_ms']:.3f} | {r['best_speedup']:.2f}x | {r['gflops']:.1f} | {r['dense_gflops']:.1f} |")
+        for name in extra:
+            line += f" {r[f'{name}_ms']:.3f} | {r[f'{name}_speedup']:.2f}x |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -100,8 +145,14 @@ def median_summary(rows, group_by: list[str], value: str, also: str, headers: li
 
 
 def summary(rows) -> str:
-    return median_summary(rows, ["ratio", "batch", "threads"], "speedup", "best_speedup",
+    text = median_summary(rows, ["ratio", "batch", "threads"], "speedup", "best_speedup",
                           ["ratio", "batch", "threads", "median speedup", "min", "max", "median best-of speedup"])
+    for name, title in EXTRA_COLUMNS.items():
+        if rows and f"{name}_ms" in rows[0]:
+            text += f"\n\n{title}:\n\n" + median_summary(
+                rows, ["ratio", "batch", "threads"], f"{name}_speedup", f"best_{name}_speedup",
+                ["ratio", "batch", "threads", "median speedup", "min", "max", "median best-of speedup"])
+    return text
 
 
 def main(argv=None) -> int:
@@ -115,6 +166,10 @@ def main(argv=None) -> int:
     parser.add_argument("--sparse", action="store_true", help="SparseConv's 1x1 and FC shapes instead (bench_sparse.py)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[4], help="--sparse: block sizes (FC: 8 unless given)")
     parser.add_argument("--kinds", nargs="+", default=["conv", "fc"], choices=["conv", "fc", "general"], help="--sparse: layers")
+    parser.add_argument("--block", type=int, default=None,
+                        help="block-structured layers: runs of N filters share channels and patterns")
+    parser.add_argument("--layers", nargs="+", default=None, help="CxH (C = O, H = W), e.g. 64x56 512x7")
+    parser.add_argument("--baseline", default=None, help="another build of the library to time on the same layers")
     args = parser.parse_args(argv)
     if args.sparse:
         from ctprune.lab.bench_sparse import main_sparse
@@ -129,10 +184,13 @@ def main(argv=None) -> int:
     batches = args.batch or ([1] if args.quick else [1, 8])
     runs = args.runs or (20 if args.quick else 60)
     rng = np.random.default_rng(args.seed)
-    cases = [(c, h, r, b, t) for t in args.threads for b in batches for r in args.ratios for c, h in LAYER_SET]
+    layer_set = ([tuple(int(v) for v in s.split("x")) for s in args.layers] if args.layers
+                 else BLOCK_LAYER_SET if args.block else LAYER_SET)
+    cases = [(c, h, r, b, t) for t in args.threads for b in batches for r in args.ratios for c, h in layer_set]
     rows = []
     for c, h, r, b, t in tqdm(cases, desc="layers", unit="layer"):
-        rows.append(bench_layer(c, h, r, b, t, library, rng, runs=runs if b == 1 else max(10, runs // 4)))
+        rows.append(bench_layer(c, h, r, b, t, library, rng, runs=runs if b == 1 else max(10, runs // 4),
+                                filter_block=args.block, baseline=args.baseline))
     print(render(rows))
     print()
     print(summary(rows))
