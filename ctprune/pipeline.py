@@ -1,11 +1,12 @@
 """One ctprune run, left to right: load → lift → prune while fine-tuning / crop → write back → rewrite → report.
 
 `ctprune.prune()` (api.py) checks paths and saves; this module does the work. Each stage is one method, so the data
-path reads top to bottom in `run()`. Every check on the user's input (model, ops, ratio, data) runs before training.
+path reads top to bottom in `_run()`. Every check on the user's input (model, ops, ratio, data) runs before training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -16,7 +17,7 @@ import onnx
 import torch
 
 from ctprune.options import PruneOptions
-from ctprune.runtime.memory import release_freed_memory
+from ctprune.runtime.memory import map_large_blocks, release_freed_memory
 from ctprune.errors import DataError, GraphError, RatioError
 from ctprune.train.data import check_input_size, require_fixed_input
 from ctprune.train.loop import first_output as _first
@@ -43,6 +44,11 @@ class Pipeline(PruneOptions):
 
     # ---- the pass -------------------------------------------------------------------------------------------------
     def run(self) -> tuple[onnx.ModelProto, dict]:
+        # without training the peak is the weights plus the selection's transients: none may linger in the heap
+        with map_large_blocks() if self._epochs() == 0 else contextlib.nullcontext():
+            return self._run()
+
+    def _run(self) -> tuple[onnx.ModelProto, dict]:
         from ctprune.graph import check_supported, load_model
 
         torch.manual_seed(self.seed)
