@@ -92,12 +92,32 @@ def check_block_case(library, rng, structure, *, C, ratio, threads, nonfinite, w
     model = pattern_conv_model(layer, x.shape, bias, strides, pads, activation, z_shape=None if z is None else z.shape)
     feeds = {"X": x} if z is None else {"X": x, "Z": z}
     got = kernel_session(model, library, threads).run(None, feeds)[0]
-    dense = dense_graph(layer.dense, bias, x.shape, strides, pads, activation, None if z is None else z.shape)
-    assert_same(got, dense_session(dense).run(None, feeds)[0], what + " (vs onnxruntime's Conv)")
+    z_shape = None if z is None else z.shape
+    dense = dense_graph(layer.dense, bias, x.shape, strides, pads, activation, z_shape)
+    unclipped = dense_session(dense_graph(layer.dense, bias, x.shape, strides, pads, ACTIVATIONS[0], z_shape)).run(
+        None, feeds)[0]
+    assert_same_scaled(got, dense_session(dense).run(None, feeds)[0], unclipped, what + " (vs onnxruntime's Conv)")
     model.functions.append(pattern_conv_function(17, residual=z is not None))
     function = dense_session(model).run(None, feeds)[0]  # plain onnxruntime: the model-local function
-    assert_same(got, function, what + " (vs the function)")
+    assert_same_scaled(got, function, unclipped, what + " (vs the function)")
     return got
+
+
+def assert_same_scaled(got, want, unclipped, where):
+    """As test_hardening_nan's assert_same (NaN, +Inf, -Inf masks equal; finite outputs within 1e-5), the yardstick
+    being the output's scale before the activation, as in test_patternconv_kernel: a narrow Clip leaves outputs of
+    ~0.4 from sums of ~20 over hundreds of taps, whose float32 rounding (~3e-5 absolute against onnxruntime's Conv at
+    C = 97, 2.25x, on the per-filter path and the block path alike) is not the clamp's."""
+    assert got.shape == want.shape, where
+    for name, mask in (("NaN", np.isnan), ("+Inf", np.isposinf), ("-Inf", np.isneginf)):
+        differ = mask(got) != mask(want)
+        assert not differ.any(), (f"{name} masks differ at {int(differ.sum())} of {got.size} outputs "
+                                  f"(first at {np.argwhere(differ)[0].tolist()}: got {got[differ][0]}, "
+                                  f"want {want[differ][0]}); {where}")
+    finite = np.isfinite(want)
+    scale = max(float(np.abs(unclipped[np.isfinite(unclipped)]).max(initial=0.0)), 1.0)
+    error = float(np.abs(got[finite] - want[finite]).max(initial=0.0)) / scale
+    assert error <= 1e-5, f"relative error {error:.2e} on finite outputs (scale {scale:.3g}); {where}"
 
 
 @pytest.mark.parametrize("structure", list(STRUCTURES))
