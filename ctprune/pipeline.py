@@ -195,7 +195,7 @@ class Pipeline(PruneOptions):
         if self.keep_masked_dense:
             trained = self.masked_dense = write_back(model, student)
             pruned = rewrite_model(trained, plan.layer_patterns(), sparse=plan.sparse, kept_dense=self.kept_dense,
-                                   threads=self.latency_threads)
+                                   threads=self.latency_threads, check_pattern_speed=True)
         else:
             # No second copy of the pruned layers' weights: the opset upgrade runs on the graph before the trained
             # weights go in, the pruned layers' weights stay in the module (the rewrite reads them from there and
@@ -210,7 +210,8 @@ class Pipeline(PruneOptions):
             trained = write_back(upgraded(model), student, tensors=values, hold=held)
             del values
             rewritten = rewrite_model(trained, plan.layer_patterns(), sparse=plan.sparse, kept_dense=self.kept_dense,
-                                      threads=self.latency_threads, in_place=True, held=held)
+                                      threads=self.latency_threads, in_place=True, held=held,
+                                      check_pattern_speed=True)
             del held
             pruned = onnx.ModelProto()
             pruned.CopyFrom(rewritten)

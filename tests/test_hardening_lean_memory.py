@@ -103,7 +103,7 @@ def test_pruning_from_a_file_equals_pruning_from_bytes(tmp_path, method):
     model = conv_net(np.random.default_rng(3))
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
-    common = dict(ratio=2.0, epochs=0, method=method, quiet=True, keep_masked_dense=False, first_conv_dense=False)
+    common = dict(ratio=8.0, epochs=0, method=method, quiet=True, keep_masked_dense=False, first_conv_dense=False)
     from_file = ctprune.prune(str(path), **common).model
     from_bytes = ctprune.prune(path.read_bytes(), **common).model
     assert from_file.SerializeToString() == from_bytes.SerializeToString()

@@ -24,8 +24,8 @@ def build_report(original: onnx.ModelProto, pruned: onnx.ModelProto, plan, *, ra
     totals.update(weights or {})
     dense = plan.dense_layers()
     if kept_dense:
-        notes.append(f"{len(kept_dense)} sparse layer(s) kept as dense ops, their pruned weights zero (SparseConv would "
-                     "be slower there): " + ", ".join(list(kept_dense)[:6]))
+        notes.append(f"{len(kept_dense)} pruned layer(s) kept as dense ops, their pruned weights zero (PatternConv or "
+                     "SparseConv would not be faster there): " + ", ".join(list(kept_dense)[:6]))
     if dense:
         notes.append("kept dense: " + by_reason(dense))
     return {

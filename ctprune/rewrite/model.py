@@ -10,8 +10,9 @@ were. Per listed layer (weight from an initializer or a Constant node):
   of a same-shaped tensor (input Z; the node then sits where the Add was, since the shortcut may be computed after
   the Conv), an activation (Relu, constant Clip; for SparseConv also HardSwish, x * HardSigmoid(x), x * Sigmoid(x));
   the fused node writes the last fused node's output name, so the graph outside is unchanged;
-- a sparse layer that would run slower than onnxruntime's dense op (rewrite/sparse_cost.py) stays as it is, a dense
-  op with its pruned weights zero (stored compactly when that is smaller), and `kept_dense` says why;
+- a sparse layer that would run slower than onnxruntime's dense op (rewrite/sparse_cost.py), and on request a
+  pattern layer whose PatternConv would not be faster (rewrite/pattern_cost.py), stays as it is, a dense op with its
+  pruned weights zero (stored compactly when that is smaller), and `kept_dense` says why;
 - the dense weight (and fused constants) are dropped when nothing else reads them, from the initializers and, for
   IR-3 style models, from the graph inputs too.
 The model gains the `ai.ctprune` opset import (version 1) and a model-local function per op it uses, stamped with
@@ -206,7 +207,13 @@ class _Rewrite:
         node = self.graph.node[bn[0]]
         return bn, node
 
-    def pattern(self, key: str, index: int, patterns: LayerPatterns, require_masked: bool) -> None:
+    def pattern(self, key: str, index: int, patterns: LayerPatterns, require_masked: bool,
+                check_speed: bool = False) -> str | None:
+        """Rewrite one pattern layer; returns why it stays dense (check_speed: PatternConv would not be faster),
+        or None when it became a PatternConv."""
+        from ctprune.rewrite.pattern_cost import pattern_beats_dense
+        from ctprune.rewrite.sparse_cost import MARGIN
+
         graph = self.graph
         conv = graph.node[index]
         where = f"Conv node {key!r}"
@@ -217,6 +224,13 @@ class _Rewrite:
         if weight.dtype != np.float32:
             raise GraphError(f"{where}: PatternConv takes float32 weights, {conv.input[1]!r} is {weight.dtype}")
         compact = compact_from_dense(weight, patterns, require_masked=require_masked, where=where)
+        if check_speed and require_masked:  # the weight is zero outside the kept taps: the dense Conv keeps it as is
+            faster, density, speedup = pattern_beats_dense(compact)
+            if not faster:
+                held = density < COMPACT_HOLD_DENSITY and self._hold_compactly(conv, weight, patterns.mask() != 0)
+                return (f"PatternConv would not be {MARGIN:g}x faster than the dense Conv at density {density:.3f} "
+                        f"(estimated {speedup:.2f}x): kept dense"
+                        + (" (kept weights stored compactly, rebuilt when the session loads)" if held else " (zeros held)"))
         output = conv.output[0]
         bias = conv.input[2] if len(conv.input) > 2 else ""
         bn = fusable_batchnorm(graph, output, self.reads, self.constants)
@@ -235,6 +249,7 @@ class _Rewrite:
         # `conv` is a view into graph.node: build the new node before writing it over `place`
         graph.node[place].CopyFrom(_pattern_conv_node(conv, inputs, output, compact, strides, pads, lo, hi))
         log.debug("%s -> PatternConv: %d of %d kernels kept", key, len(compact.weights), weight.shape[0] * weight.shape[1])
+        return None
 
     def _fold_away(self, bn_index: int, conv, output: str) -> str:
         bn_node = self.graph.node[bn_index]
@@ -417,12 +432,14 @@ def _add_function(model: onnx.ModelProto, op_type: str, residual: bool = False) 
 def rewrite_model(
     model: onnx.ModelProto, layers: Mapping[str, LayerPatterns], *, sparse: Mapping | None = None,
     require_masked: bool = True, kept_dense: dict | None = None, threads: int = 1, in_place: bool = False,
-    held: dict | None = None,
+    held: dict | None = None, check_pattern_speed: bool = False,
 ) -> onnx.ModelProto:
     """A new model where each Conv named in `layers` is a PatternConv and each layer named in `sparse`
     ({name: pruning.plan.SparseLayer}) a SparseConv unless it would be slower than dense (see the module doc);
-    `model` is not modified. `kept_dense`, when given, receives {name: why} for the sparse layers left dense;
-    `threads`: the intra-op threads the speed decision assumes.
+    `model` is not modified. `kept_dense`, when given, receives {name: why} for the layers left dense;
+    `threads`: the intra-op threads the sparse speed decision assumes. `check_pattern_speed`: a pattern layer whose
+    PatternConv would not be faster than the dense Conv (rewrite/pattern_cost.py) stays a dense Conv holding its
+    zeros, as a slower sparse layer always does (with `require_masked` only: the weight is the masked one).
 
     `require_masked`: weights outside a layer's kept set must be zero (GraphError otherwise); False drops them.
     `in_place`: edit `model` itself where it needs no opset upgrade (no copy of its weights); the dense weights it
@@ -441,9 +458,9 @@ def rewrite_model(
     rewrite = _Rewrite(model, held)
     for key, index in sorted(indices.items(), key=lambda item: item[1]):
         if key in layers:
-            rewrite.pattern(key, index, layers[key], require_masked)
-            continue
-        why = rewrite.sparse(key, index, sparse[key], require_masked, threads)
+            why = rewrite.pattern(key, index, layers[key], require_masked, check_pattern_speed)
+        else:
+            why = rewrite.sparse(key, index, sparse[key], require_masked, threads)
         if why is not None and kept_dense is not None:
             kept_dense[key] = why
     rewrite.finish()

@@ -1,0 +1,72 @@
+"""Would a PatternConv beat onnxruntime's dense Conv on this layer? The 3x3 counterpart of sparse_cost.py.
+
+    pattern_beats_dense(compact)          -> (bool, density, estimated speedup)
+    estimated_speedup(density, share)     -> float (dense time / PatternConv time)
+
+PatternConv's CPU kernel runs a layer in two ways (BENCHMARKS.md, "PatternConv block path"): filters whose kernel
+lists coincide and stand next to each other (`--block 16`) 16 at a time, every input load feeding 32 multiply-adds
+(the block path); every other filter alone, one multiply-add per load (the per-filter path). Time relative to the dense
+Conv is FIXED + SLOPE * density for each path, density = 4 * kept kernels / (O * C * 9), and a layer's estimate weighs
+the two paths by the share of its kept kernels in blocks.
+
+Constants: the upper envelope (the slowest of the six benchmark layers 64@56 .. 256@56 at each ratio) of the product
+kernel on the AMD EPYC Zen 3 (AVX2), 1 thread, batch 1, two seeds:
+
+    python -m ctprune.lab.bench_layers --block 16 --ratios 2.25 4 8 --threads 1 --batch 1 --seed 0   # and --seed 1
+
+- per filter (block path off): speedup 0.63x at density 4/9 (patterns alone), 1.25x at 1/4, 2.82x at 1/8: time
+  -0.128 + 3.86 * density, so a layer denser than 0.27 gains less than MARGIN and stays a dense Conv;
+- blocks of 16: 1.58x, 2.59x, 4.78x at the same densities: 0.055 + 1.33 * density, faster at every pattern density.
+The AVX-512 tier was measured on another machine only in the kernel lab (per filter: 0.43-0.58x at 4/9, 1.37x at 1/4,
+2.9x at 1/8, against a stronger dense Conv), which the same constants cover; the portable tier is no faster than AVX2.
+Two threads: the block path's best-of speedups at 8x were as on one thread; the estimate is not scaled.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ctprune.rewrite.pattern_conv import CompactPatternWeights
+from ctprune.rewrite.sparse_cost import MARGIN
+
+KEEP, TAPS = 4, 9
+BLOCK = 16  # filters the block path computes together
+PADDED_FROM = 9  # a run's remainder of this many filters or more runs as a padded block (csrc/cpu/pattern_conv_plan.cc)
+PER_FILTER = (-0.128, 3.86)  # (FIXED, SLOPE): time over the dense Conv's
+BLOCKED = (0.055, 1.33)
+LEAST_TIME = 0.1  # the per-filter fit's intercept is below zero: no layer is more than 10x faster than dense
+
+
+def block_share(compact: CompactPatternWeights) -> float:
+    """The share of kept kernels the block path computes: runs of consecutive filters (storage order) with identical
+    kernel lists, in blocks of 16 and a remainder of 9 or more, as the kernel's plan finds them."""
+    filters = np.asarray(compact.kernel_filters)
+    if filters.size == 0:
+        return 0.0
+    starts = np.flatnonzero(np.r_[True, filters[1:] != filters[:-1]])
+    ends = np.r_[starts[1:], filters.size]
+    lists = [(tuple(compact.kernel_channels[s:e]), tuple(compact.kernel_patterns[s:e])) for s, e in zip(starts, ends)]
+    blocked, run = 0, 1
+    for i in range(1, len(lists) + 1):
+        if i < len(lists) and lists[i] == lists[i - 1]:
+            run += 1
+            continue
+        in_blocks = run - run % BLOCK + (run % BLOCK if run % BLOCK >= PADDED_FROM else 0)
+        blocked += in_blocks * (ends[i - 1] - starts[i - 1])
+        run = 1
+    return blocked / filters.size
+
+
+def estimated_speedup(density: float, share: float = 0.0) -> float:
+    """Dense Conv time over PatternConv time for a layer of this density with `share` of its kept kernels in blocks."""
+    per_filter = max(LEAST_TIME, PER_FILTER[0] + PER_FILTER[1] * density)
+    blocked = max(LEAST_TIME, BLOCKED[0] + BLOCKED[1] * density)
+    return 1.0 / (share * blocked + (1.0 - share) * per_filter)
+
+
+def pattern_beats_dense(compact: CompactPatternWeights) -> tuple[bool, float, float]:
+    """(PatternConv expected at least MARGIN faster, the layer's density, the estimated speedup)."""
+    o, c = compact.weight_shape[:2]
+    density = KEEP * len(compact.weights) / max(1, o * c * TAPS)
+    speedup = estimated_speedup(density, block_share(compact))
+    return speedup >= MARGIN, density, speedup

@@ -1,0 +1,93 @@
+"""A pattern layer whose PatternConv would not be faster than onnxruntime's dense Conv stays a dense Conv holding its
+zeros (rewrite/pattern_cost.py): the estimate, the block share it reads from the compact layout, and the rewrite."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import ctprune
+from ctprune.lab.layer_model import masked_weight, random_layer_patterns
+from ctprune.pruning.patterns import ALL_PATTERNS
+from ctprune.rewrite.model import rewrite_model
+from ctprune.rewrite.pattern_conv import LayerPatterns, compact_from_dense
+from ctprune.rewrite.pattern_cost import BLOCK, PADDED_FROM, block_share, estimated_speedup, pattern_beats_dense
+from ctprune.rewrite.sparse_cost import MARGIN
+
+
+def test_the_estimate_falls_with_density_and_blocks_pay_where_single_filters_do_not():
+    densities = np.linspace(0.01, 4 / 9, 40)
+    for share in (0.0, 0.5, 1.0):
+        speed = [estimated_speedup(d, share) for d in densities]
+        assert all(a >= b for a, b in zip(speed, speed[1:])), share
+    assert estimated_speedup(4 / 9, 0.0) < 1.0 < MARGIN < estimated_speedup(4 / 9, 1.0)  # patterns alone
+    assert estimated_speedup(1 / 8, 0.0) > 2.5 and estimated_speedup(1 / 8, 1.0) > 4.0  # 8x
+    break_even = next(d for d in densities if estimated_speedup(d, 0.0) < MARGIN)
+    assert 0.25 < break_even < 0.3, break_even
+
+
+def _block_patterns(rng, o, c, runs, kept=4):
+    """Filters cut into runs of the given sizes (the rest single), a run's filters keeping the same kernels."""
+    library = ALL_PATTERNS[rng.choice(len(ALL_PATTERNS), 8, replace=False)]
+    assignment = np.full((o, c), -1, dtype=np.int64)
+    blocks = np.empty(o, dtype=np.int64)
+    order = rng.permutation(o)
+    start, block_id = 0, 0
+    for size in list(runs) + [1] * (o - sum(runs)):
+        members = order[start:start + size]
+        row = np.full(c, -1, dtype=np.int64)
+        row[rng.choice(c, kept, replace=False)] = rng.integers(0, 8, kept)
+        assignment[members] = row
+        blocks[members] = block_id
+        start, block_id = start + size, block_id + 1
+    return LayerPatterns(library=library, assignment=assignment, blocks=blocks)
+
+
+@pytest.mark.parametrize("runs, expected", [((16, 16), 1.0), ((16, 5), 16 / 21), ((16, PADDED_FROM), 1.0),
+                                            ((PADDED_FROM - 1,), 0.0), ((), 0.0), ((BLOCK + 3,), 16 / 19)])
+def test_block_share_counts_the_kernels_the_block_path_runs(runs, expected):
+    rng = np.random.default_rng()
+    o = max(sum(runs), 4)
+    patterns = _block_patterns(rng, o, 12, runs)
+    weight = masked_weight(rng, patterns)
+    got = block_share(compact_from_dense(weight, patterns))
+    # every filter keeps 4 kernels, so the share is the share of filters; single filters add to the denominator
+    assert got == pytest.approx(expected * sum(runs) / o if runs else 0.0), (runs, got)
+
+
+def _conv_model(weight: np.ndarray, hw: int) -> onnx.ModelProto:
+    o, c = weight.shape[:2]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])], "one_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, o, hw, hw])],
+        [numpy_helper.from_array(weight, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("kept_fraction, blocked, becomes", [(1.0, False, "Conv"), (0.25, False, "PatternConv"),
+                                                              (1.0, True, "PatternConv")])
+def test_rewrite_keeps_a_layer_dense_where_patternconv_would_not_be_faster(kept_fraction, blocked, becomes):
+    rng = np.random.default_rng()
+    o, c, hw = 32, 16, 10
+    patterns = (_block_patterns(rng, o, c, (16, 16), kept=c) if blocked
+                else random_layer_patterns(rng, o, c, kept_fraction=kept_fraction))
+    weight = masked_weight(rng, patterns)
+    model = _conv_model(weight, hw)
+    kept_dense: dict[str, str] = {}
+    out = rewrite_model(model, {"conv": patterns}, kept_dense=kept_dense, check_pattern_speed=True)
+    assert [n.op_type for n in out.graph.node if n.op_type in ("Conv", "PatternConv")] == [becomes]
+    faster, density, _ = pattern_beats_dense(compact_from_dense(weight, patterns))
+    assert faster == (becomes == "PatternConv")
+    assert ("conv" in kept_dense) == (becomes == "Conv")
+    if becomes == "Conv":
+        assert f"density {density:.3f}" in kept_dense["conv"] and "kept dense" in kept_dense["conv"]
+    unchecked = rewrite_model(model, {"conv": patterns})  # the default: every pattern layer a PatternConv
+    assert [n.op_type for n in unchecked.graph.node if n.op_type in ("Conv", "PatternConv")] == ["PatternConv"]
+    x = rng.standard_normal((1, c, hw, hw)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ctprune.InferenceSession(out.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
