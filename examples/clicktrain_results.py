@@ -4,11 +4,14 @@
 - compare: prune-during (ClickTrain) vs prune-after (one-shot magnitude patterns + connectivity, then the same
   fine-tune) on the ResNet-20 at 8x with the longer fine-tune (issue 4: within 1 point of dense in <= 15 minutes);
 - seeds: the same two rows at several seeds (the training subset, its order and the test images all follow the
-  seed) and budgets, with the per-seed results and their means (single runs differ by a few tenths of a point).
+  seed) and budgets, with the per-seed results and their means (single runs differ by a few tenths of a point);
+- blocks: per-filter patterns (block 1) vs blocks of 4 / 8 / 16 filters sharing channels and patterns (`--block N`,
+  what PatternConv's block kernel runs 16 filters at a time), both nets, at 4x and 8x, over seeds, same steps.
 
     .venv/bin/python examples/clicktrain_results.py                       # sweep and compare (about 45 min, 1 thread)
     .venv/bin/python examples/clicktrain_results.py --only compare        # re-run one section, keep the other's rows
     .venv/bin/python examples/clicktrain_results.py --only seeds --seeds 0,1,2 --seed-budgets 1x20000,1x0
+    .venv/bin/python examples/clicktrain_results.py --only blocks --blocks 1,16 --seeds 0,1,2
 
 Every run is recorded in examples/clicktrain_results.json (one record per net, ratio, schedule, budget and seed); the
 Markdown (examples/RESULTS_clicktrain.md) and the plot (examples/clicktrain_results.png) are rendered from all records,
@@ -56,25 +59,26 @@ def _budget(epochs: int, train_limit: int) -> str:
     return f"{epochs} epoch(s) on {train_limit or 60000} images"
 
 
-def _run(net, ratio, schedule, epochs, train_limit, eval_limit, seed, tmp, allocation="balanced") -> dict:
+def _run(net, ratio, schedule, epochs, train_limit, eval_limit, seed, tmp, allocation="balanced", block=1) -> dict:
     train = _subset(DATA / "train.npz", train_limit, seed, tmp)
     test = _subset(DATA / "test.npz", eval_limit, seed, tmp)
     start = time.perf_counter()
     result = ctprune.prune(str(MODELS[net]), ratio=ratio, data=str(train), eval_data=str(test), epochs=epochs,
-                           quiet=True, seed=seed, schedule=schedule, allocation=allocation)
+                           quiet=True, seed=seed, schedule=schedule, allocation=allocation,
+                           **({"block": block} if block != 1 else {}))
     r = result.report
     rec = {"net": net, "ratio": ratio, "schedule": schedule, "allocation": allocation, "budget": _budget(epochs, train_limit),
            "steps": r["train"]["steps"], "eval_images": eval_limit or 10000, "acc_dense": r["accuracy"]["before"],
            "acc_pruned": r["accuracy"]["after"], "ratio_achieved": r["ratio_achieved"], "train_s": r["train"]["seconds"],
            "wall_s": time.perf_counter() - start, "lat_dense": r["latency_ms"]["dense"],
-           "lat_pruned": r["latency_ms"]["pruned"], "seed": seed}
+           "lat_pruned": r["latency_ms"]["pruned"], "seed": seed, "block": block}
     print(json.dumps(rec), flush=True)
     return rec
 
 
 def _key(rec: dict) -> tuple:
     return (rec["net"], rec["ratio"], rec["schedule"], rec.get("allocation", "importance"), rec["budget"],
-            rec.get("seed", 0))
+            rec.get("seed", 0), rec.get("block", 1))
 
 
 def _seeds_table(records: list[dict]) -> str:
@@ -107,6 +111,37 @@ def _seeds_table(records: list[dict]) -> str:
     return f"### Prune-during (ClickTrain) vs prune-after (one-shot), same steps, over seeds\n\n```\n{table}\n```\n"
 
 
+def _blocks_table(records: list[dict]) -> str:
+    """Per-filter (block 1) vs filter blocks: each seed's accuracy, the means, and the whole model's speedup, for
+    every (net, ratio, budget) where block 1 and another block size ran at the same seeds."""
+    groups: dict[tuple, dict[int, dict[int, dict]]] = {}
+    for r in records:
+        if r["schedule"] == "clicktrain":
+            key = (r["net"], r["ratio"], r.get("allocation", "importance"), r["budget"])
+            groups.setdefault(key, {}).setdefault(r.get("block", 1), {})[r.get("seed", 0)] = r
+    rows = []
+    for (net, ratio, allocation, budget), by_block in sorted(groups.items()):
+        base = by_block.get(1, {})
+        for block, runs in sorted(by_block.items()):
+            seeds = sorted(set(runs) & set(base))
+            if block == 1 or not seeds:
+                continue
+            for b in (block,) if any(k == (net, ratio, budget, 1) for k, _ in rows) else (1, block):
+                acc = [100 * by_block[b][s]["acc_pruned"] for s in seeds]
+                ref = np.mean([100 * base[s]["acc_pruned"] for s in seeds])
+                rows.append(((net, ratio, budget, b), [
+                    net, f"{ratio:g}x", budget, str(b), ",".join(map(str, seeds)), " / ".join(f"{a:.2f}" for a in acc),
+                    f"{100 * float(np.mean([base[s]['acc_dense'] for s in seeds])):.2f}", f"{np.mean(acc):.2f}",
+                    f"{np.mean(acc) - ref:+.2f}"]))
+    if not rows:
+        return ""
+    headers = ["net", "ratio", "budget", "block", "seeds", "pruned acc per seed (%)", "dense %", "mean %",
+               "vs block 1"]
+    table = render_table(headers, [row for _, row in sorted(rows, key=lambda r: r[0])], align="lllrlrrrr")
+    return ("### Filter blocks (`--block N`): ClickTrain per filter vs blocks of N filters sharing channels and "
+            f"patterns, same steps, over seeds\n\n```\n{table}\n```\n")
+
+
 def _row(rec: dict) -> list[str]:
     pruning = "ClickTrain (during)" if rec["schedule"] == "clicktrain" else "one-shot (after)"
     return [rec["net"], f"{rec['ratio']:g}x", f"{pruning}, {rec.get('allocation', 'importance')}",
@@ -119,7 +154,7 @@ def main(argv=None):
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["sweep", "compare", "seeds", "all", "render"], default="all",
+    ap.add_argument("--only", choices=["sweep", "compare", "seeds", "blocks", "all", "render"], default="all",
                     help="run one section, sweep and compare (all), or nothing (re-render the tables and plot)")
     ap.add_argument("--nets", default="resnet20,vgg", help="nets of the sweep")
     ap.add_argument("--ratios", default="2.25,4,8,16", help="ratios of the sweep")
@@ -134,6 +169,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--allocation", default="balanced", help="how kept kernels are split between layers (ctprune --allocation)")
     ap.add_argument("--seeds", default="0,1,2", help="seeds: the seeds to run")
+    ap.add_argument("--blocks", default="1,4,8,16", help="blocks: the filter block sizes to compare (1: per filter)")
+    ap.add_argument("--block-ratios", default="4,8", help="blocks: the ratios")
     ap.add_argument("--seed-budgets", default="1x20000",
                     help="seeds: budgets as EPOCHSxIMAGES, comma-separated (IMAGES 0: all 60,000)")
     args = ap.parse_args(argv)
@@ -161,10 +198,16 @@ def main(argv=None):
             ap.error("--seed-budgets takes EPOCHSxIMAGES,... and --seeds integers, e.g. 1x20000,2x0 and 0,1,2")
         runs += [("resnet20", args.compare_ratio, s, epochs, limit, seed) for epochs, limit in budgets
                  for seed in seeds for s in args.schedules.split(",")]
+    runs = [run + (1,) for run in runs]
+    if args.only == "blocks":
+        runs += [(net, float(r), "clicktrain", args.epochs, args.train_limit, int(seed), int(block))
+                 for net in args.nets.split(",") for r in args.block_ratios.split(",")
+                 for seed in args.seeds.split(",") for block in args.blocks.split(",")]
     fresh = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for net, ratio, schedule, epochs, limit, seed in runs:
-            rec = _run(net, ratio, schedule, epochs, limit, args.eval_limit, seed, pathlib.Path(tmp), args.allocation)
+        for net, ratio, schedule, epochs, limit, seed, block in runs:
+            rec = _run(net, ratio, schedule, epochs, limit, args.eval_limit, seed, pathlib.Path(tmp), args.allocation,
+                       block)
             fresh[_key(rec)] = rec
             if store.exists():  # another invocation (e.g. the other schedule, run alongside) may have added records
                 records = {_key(r): r for r in json.loads(store.read_text())}
@@ -174,7 +217,8 @@ def main(argv=None):
     # The records may come from several invocations (one per section): name the script, not the last command line.
     command = "python examples/clicktrain_results.py"
     sections = []
-    seed0 = [r for r in records.values() if r.get("seed", 0) == 0]  # the per-net tables: seed 0 (the sweep's)
+    # the per-net tables: seed 0 (the sweep's), per-filter patterns
+    seed0 = [r for r in records.values() if r.get("seed", 0) == 0 and r.get("block", 1) == 1]
     steps_of = {r["budget"]: r["steps"] for r in seed0}
     # the sections: most rows first (the sweep), then by length
     for budget in sorted(steps_of, key=lambda b: (-sum(1 for r in seed0 if r["budget"] == b), steps_of[b])):
@@ -189,6 +233,7 @@ def main(argv=None):
             f"evaluation on {args.eval_limit or 10000} test images. `fine-tune s` is the training loop, `run s` the "
             "whole `ctprune.prune` call (teacher outputs, evaluation, latency). Latency: onnxruntime, 1 thread, "
             "batch 1, median.\n\n" + "\n".join(sections) + "\n" + _seeds_table(list(records.values()))
+            + "\n" + _blocks_table(list(records.values()))
             + "\n![accuracy vs ratio](clicktrain_results.png)\n")
     # Hand-written notes below the marker survive a re-run.
     old = RESULTS.read_text() if RESULTS.exists() else ""
