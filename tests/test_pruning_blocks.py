@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import pathlib
 import warnings
 
 import numpy as np
@@ -26,6 +27,8 @@ from ctprune.pruning.blocks import filter_blocks
 from ctprune.pruning.importance import magnitude_importance
 from ctprune.rewrite.pattern_conv import LayerPatterns, compact_from_dense
 from tests.conftest import kernel_library_or_none, rel_err, run_ort
+
+EXAMPLE_VGG = pathlib.Path(__file__).resolve().parent.parent / "examples" / "models" / "vgg_fmnist.onnx"
 from tests.graph_nets import export
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -433,3 +436,18 @@ def test_blocks_are_chosen_once_and_a_resumed_run_keeps_them():
     other = ClickTrainPruner(SmallNet().prunable(), ratio=6.0, patterns=6, block=8)
     with pytest.raises(ValueError, match="blocks of 4"):
         other.load_state_dict(ckpt["pruner"])
+
+
+def test_blocks_do_not_shift_the_budget_between_layer_kinds():
+    """A blocked pattern layer is valued per weight as its single filters would be (LayerGroups.value_scale): with
+    --block 16 the example VGG's 3x3 layers and its FC layer keep about what they keep per filter (without the
+    scale the 3x3 layers lost sqrt(16) = 4x in value and the FC layer kept far more)."""
+    def split(block):
+        result = ctprune.prune(str(EXAMPLE_VGG), ratio=8, epochs=0, block=block, quiet=True, seed=0)
+        rows = result.report["layers"]
+        conv = sum(r["weights_after"] for r in rows if r["form"] != "sparse")
+        fc = sum(r["weights_after"] for r in rows if r["form"] == "sparse")
+        return conv, fc
+
+    (conv1, fc1), (conv16, fc16) = split(1), split(16)
+    assert 0.7 < conv16 / conv1 < 1.4 and 0.7 < fc16 / fc1 < 1.4, (conv1, fc1, conv16, fc16)

@@ -36,6 +36,10 @@ class LayerGroups:
     dense_weights: int  # the layer's weights before pruning
     cost: float = 1.0  # multiply-adds (or their equivalent) per weight, relative or absolute
     max_density: float | None = None  # above this the layer's compact form is no faster than dense (sparse_cost.py)
+    # Values are multiplied by this after the L2 normalisation: a layer offering its weights as n groups of N
+    # single-filter groups' sums has an L2 norm sqrt(N) times theirs (uniform scores), so its groups' values per weight
+    # are sqrt(N) times lower than the same layer's single-filter kernels would be; sqrt(N) puts them back on one scale
+    value_scale: float = 1.0
 
 
 def check_ratio(ratio: float) -> float:
@@ -121,6 +125,8 @@ def _ranked_candidates(layer: LayerGroups, cost_factor: float):
     else:
         value = torch.full((len(scores),), 1.0 / math.sqrt(len(scores)) / cost_factor)
     value.div_(sizes)
+    if layer.value_scale != 1.0:
+        value.mul_(layer.value_scale)
     forced = layer.forced.reshape(-1)
     value[forced] = -math.inf  # last in the ranking, and cut off: they are kept already
     values, order = torch.sort(value, descending=True, stable=True)
