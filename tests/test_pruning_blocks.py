@@ -27,6 +27,7 @@ from ctprune.pruning.blocks import filter_blocks
 from ctprune.pruning.importance import magnitude_importance
 from ctprune.rewrite.pattern_conv import LayerPatterns, compact_from_dense
 from tests.conftest import kernel_library_or_none, rel_err, run_ort
+from tests.test_pruning_clicktrain import train
 
 EXAMPLE_VGG = pathlib.Path(__file__).resolve().parent.parent / "examples" / "models" / "vgg_fmnist.onnx"
 from tests.graph_nets import export
@@ -344,20 +345,6 @@ def fresh(seed, block):
     net = SmallNet()
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     return net, opt, ClickTrainPruner(net.prunable(), ratio=6.0, patterns=6, block=block)
-
-
-def train(net, opt, pruner, batches, steps):
-    for step in steps:
-        x, y = batches[step]
-        loss = F.cross_entropy(net(x), y)
-        extra = pruner.extra_loss(step)
-        if extra is not None:
-            loss = loss + extra
-        opt.zero_grad()
-        loss.backward()
-        pruner.after_backward(step)
-        opt.step()
-        pruner.after_step(step)
 
 
 def test_clicktrain_run_with_block_16_ends_block_structured():

@@ -194,16 +194,7 @@ def random_pattern_layer(rng, out_channels, in_channels, kept_per_filter, librar
         ids = pattern_ids[i : i + len(channels)]
         i += len(channels)
         rows += sorted((int(p), int(c), int(f)) for p, c in zip(ids, channels))
-    kernel_patterns = np.array([r[0] for r in rows], np.int64)
-    kernel_channels = np.array([r[1] for r in rows], np.int64)
-    kernel_filters = np.array([r[2] for r in rows], np.int64)
-    weights = rng.standard_normal((len(rows), 4)).astype(np.float32)
-
-    dense = np.zeros((out_channels, in_channels, 9), np.float32)
-    for k in range(len(rows)):
-        dense[kernel_filters[k], kernel_channels[k], library[kernel_patterns[k]]] = weights[k]
-    return PatternLayer(library, kernel_filters, kernel_channels, kernel_patterns, weights,
-                        dense.reshape(out_channels, in_channels, 3, 3))
+    return _layer_from_rows(rng, library, rows, out_channels, in_channels)
 
 
 def _block_pattern_layer(rng, out_channels, in_channels, kept_per_filter, library_size, block) -> PatternLayer:
@@ -230,6 +221,11 @@ def _block_pattern_layer(rng, out_channels, in_channels, kept_per_filter, librar
             used += take
         kernels = sorted((int(p), int(c)) for p, c in zip(ids, channels))
         rows += [(p, c, int(f)) for f in units[i] for p, c in kernels]
+    return _layer_from_rows(rng, library, rows, out_channels, in_channels)
+
+
+def _layer_from_rows(rng, library, rows, out_channels, in_channels) -> PatternLayer:
+    """(pattern, channel, filter) rows in storage order -> the layer, with random weights and its dense form."""
     kernel_patterns = np.array([r[0] for r in rows], np.int64)
     kernel_channels = np.array([r[1] for r in rows], np.int64)
     kernel_filters = np.array([r[2] for r in rows], np.int64)
