@@ -5,6 +5,7 @@
     python -m ctprune.lab.bench_layers --sparse   # SparseConv: 1x1 and FC layers (ctprune/lab/bench_sparse.py)
     python -m ctprune.lab.bench_layers --block 16 --ratios 2.25 4 8 --threads 1 --batch 1   # filter-block layers
     python -m ctprune.lab.bench_layers --baseline OTHER.so ...   # also time another build of the library (A/B)
+    python -m ctprune.lab.bench_layers --node-times ...   # also each op's own node time (ctprune/lab/node_times.py)
 
 --block N draws block-structured layers (runs of N filters keep the same channels with the same patterns: the CPU
 kernel computes them 16 at a time) on the kernel lab's six layers unless --layers says otherwise, and also times the
@@ -37,10 +38,13 @@ from ctprune.lab.layer_model import (  # bench_cuda imports the last two from he
 LAYER_SET = [(64, 56), (64, 32), (128, 28), (128, 16), (256, 14), (256, 8), (512, 7), (512, 4)]
 BLOCK_LAYER_SET = [(64, 56), (128, 28), (256, 14), (512, 7), (512, 14), (256, 56)]  # the kernel lab's (issue 16)
 RATIOS = [2.25, 4.0, 8.0, 16.0]
+NODE_TIME_RUNS = 200  # --node-times: the profiler's times are whole microseconds
 
 
-def session(model: onnx.ModelProto, threads: int, library: str | None = None, env: dict | None = None):
-    """env: environment variables set while the session (and so the kernel, which reads them) is created."""
+def session(model: onnx.ModelProto, threads: int, library: str | None = None, env: dict | None = None,
+            profile: bool = False):
+    """env: environment variables set while the session (and so the kernel, which reads them) is created;
+    profile: onnxruntime's profiler on (read with node_times.node_times)."""
     import os
 
     import onnxruntime as ort
@@ -49,7 +53,7 @@ def session(model: onnx.ModelProto, threads: int, library: str | None = None, en
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            return session(model, threads, library)
+            return session(model, threads, library, profile=profile)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -62,14 +66,22 @@ def session(model: onnx.ModelProto, threads: int, library: str | None = None, en
     so.inter_op_num_threads = 1
     if library:
         so.register_custom_ops_library(library)
+    if profile:
+        from ctprune.lab.node_times import profile_prefix
+
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix()
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+WARMUP_RUNS = 3
+
+
 def _time_pair(sessions, x, runs, block):
-    """(median, best) seconds per run of each session, alternating blocks of `block` runs."""
+    """(median, best) seconds per run of each session, alternating blocks of `block` runs after WARMUP_RUNS each."""
     feeds = {"X": x}
     for s in sessions:  # warm-up: first runs allocate and tune
-        for _ in range(3):
+        for _ in range(WARMUP_RUNS):
             s.run(None, feeds)
     times = [[] for _ in sessions]
     for _ in range(max(1, runs // block)):
@@ -82,19 +94,23 @@ def _time_pair(sessions, x, runs, block):
 
 
 def bench_layer(channels, size, ratio, batch, threads, library, rng, runs=40, block=5, filter_block=None,
-                baseline=None):
+                baseline=None, node_times=False):
     """filter_block: block-structured layer (runs of that many filters share channels and patterns), also timed with
-    the block path off ("per_filter_*"); baseline: another build of the library, timed on the same layer."""
+    the block path off ("per_filter_*"); baseline: another build of the library, timed on the same layer;
+    node_times: also each op's own node time, from profiled sessions in the same alternation (node_times.py)."""
     layer = random_pattern_layer(rng, channels, channels, kept_per_filter_for_ratio(channels, ratio),
                                  block=filter_block)
     x_shape = (batch, channels, size, size)
     x = rng.standard_normal(x_shape).astype(np.float32)
-    model = pattern_conv_model(layer, x_shape)
-    sessions = {"dense": session(dense_conv_model(layer, x_shape), threads), "pattern": session(model, threads, library)}
+    model, dense_model = pattern_conv_model(layer, x_shape), dense_conv_model(layer, x_shape)
+    sessions = {"dense": session(dense_model, threads), "pattern": session(model, threads, library)}
     if filter_block:
         sessions["per_filter"] = session(model, threads, library, env={"CTPRUNE_PATTERN_BLOCKS": "0"})
     if baseline:
         sessions["baseline"] = session(model, threads, baseline)
+    if node_times:
+        sessions["dense_nodes"] = session(dense_model, threads, profile=True)
+        sessions["pattern_nodes"] = session(model, threads, library, profile=True)
     timed = dict(zip(sessions, _time_pair(list(sessions.values()), x, runs, block)))
     (t_dense, best_dense), (t_pattern, best_pattern) = timed["dense"], timed["pattern"]
     useful_flops = 2.0 * 4 * layer.kept_kernels * size * size * batch
@@ -107,6 +123,10 @@ def bench_layer(channels, size, ratio, batch, threads, library, rng, runs=40, bl
         if name in timed:
             t, best = timed[name]
             row.update({f"{name}_ms": t * 1e3, f"{name}_speedup": t_dense / t, f"best_{name}_speedup": best_dense / best})
+    if node_times:
+        from ctprune.lab.node_times import node_columns
+
+        row.update(node_columns(sessions["dense_nodes"], sessions["pattern_nodes"], skip=WARMUP_RUNS))
     return row
 
 
@@ -114,18 +134,25 @@ EXTRA_COLUMNS = {"per_filter": "block path off", "baseline": "baseline library"}
 
 
 def render(rows) -> str:
+    from ctprune.lab import node_times
+
     extra = [name for name in EXTRA_COLUMNS if rows and f"{name}_ms" in rows[0]]
+    nodes = bool(rows) and "node_speedup" in rows[0]
     head = ("| C=O | H=W | ratio | batch | threads | dense ms | PatternConv ms | speedup | best dense ms | "
             "best PatternConv ms | best-of speedup | useful GFLOP/s | dense GFLOP/s |")
     for name in extra:
         head += f" {EXTRA_COLUMNS[name]} ms | {EXTRA_COLUMNS[name]} speedup |"
-    lines = [head, "|" + "---|" * (13 + 2 * len(extra))]
+    if nodes:
+        head += node_times.header("PatternConv")
+    lines = [head, "|" + "---|" * head[1:].count("|")]
     for r in rows:
         line = (f"| {r['C']} | {r['H']} | {r['ratio']:g}x | {r['batch']} | {r['threads']} | {r['dense_ms']:.3f} | "
                 f"{r['pattern_ms']:.3f} | {r['speedup']:.2f}x | {r['best_dense_ms']:.3f} | "
                 f"{r['best_pattern_ms']:.3f} | {r['best_speedup']:.2f}x | {r['gflops']:.1f} | {r['dense_gflops']:.1f} |")
         for name in extra:
             line += f" {r[f'{name}_ms']:.3f} | {r[f'{name}_speedup']:.2f}x |"
+        if nodes:
+            line += node_times.cells(r)
         lines.append(line)
     return "\n".join(lines)
 
@@ -152,7 +179,16 @@ def summary(rows) -> str:
             text += f"\n\n{title}:\n\n" + median_summary(
                 rows, ["ratio", "batch", "threads"], f"{name}_speedup", f"best_{name}_speedup",
                 ["ratio", "batch", "threads", "median speedup", "min", "max", "median best-of speedup"])
+    if rows and "node_speedup" in rows[0]:
+        text += "\n\n" + node_summary(rows, ["ratio", "batch", "threads"])
     return text
+
+
+def node_summary(rows, group_by: list[str]) -> str:
+    """--node-times: the medians of the node-level ratio next to the session-level one."""
+    return "node times (dense op's node / ctprune op's node; reorders excluded):\n\n" + median_summary(
+        rows, group_by, "node_speedup", "speedup",
+        group_by + ["median node speedup", "min", "max", "median session speedup"])
 
 
 def main(argv=None) -> int:
@@ -170,6 +206,8 @@ def main(argv=None) -> int:
                         help="block-structured layers: runs of N filters share channels and patterns")
     parser.add_argument("--layers", nargs="+", default=None, help="CxH (C = O, H = W), e.g. 64x56 512x7")
     parser.add_argument("--baseline", default=None, help="another build of the library to time on the same layers")
+    parser.add_argument("--node-times", action="store_true",
+                        help="also each op's own node time from onnxruntime's profiler (default --runs 200)")
     args = parser.parse_args(argv)
     if args.sparse:
         from ctprune.lab.bench_sparse import main_sparse
@@ -182,7 +220,7 @@ def main(argv=None) -> int:
 
     library = kernel_library_path()
     batches = args.batch or ([1] if args.quick else [1, 8])
-    runs = args.runs or (20 if args.quick else 60)
+    runs = args.runs or (NODE_TIME_RUNS if args.node_times else 20 if args.quick else 60)
     rng = np.random.default_rng(args.seed)
     layer_set = ([tuple(int(v) for v in s.split("x")) for s in args.layers] if args.layers
                  else BLOCK_LAYER_SET if args.block else LAYER_SET)
@@ -190,7 +228,7 @@ def main(argv=None) -> int:
     rows = []
     for c, h, r, b, t in tqdm(cases, desc="layers", unit="layer"):
         rows.append(bench_layer(c, h, r, b, t, library, rng, runs=runs if b == 1 else max(10, runs // 4),
-                                filter_block=args.block, baseline=args.baseline))
+                                filter_block=args.block, baseline=args.baseline, node_times=args.node_times))
     print(render(rows))
     print()
     print(summary(rows))

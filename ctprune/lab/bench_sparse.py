@@ -3,6 +3,7 @@
     python -m ctprune.lab.bench_layers --sparse                 # 1x1 and FC shapes at 2x..16x, 1 thread, batch 1
     python -m ctprune.lab.bench_layers --sparse --threads 1 2 --blocks 1 4 8
     python -m ctprune.lab.bench_layers --sparse --kinds general   # kxk, grouped and strided Convs (the general path)
+    python -m ctprune.lab.bench_layers --sparse --node-times      # also each op's own node time (node_times.py)
 
 Both models run in the same process, same thread count, same input; timing alternates blocks of runs between the two
 sessions and reports medians (bench_layers._time_pair). Layers are built by ctprune.lab.layer_model (random block
@@ -38,8 +39,10 @@ GENERAL = [
 RATIOS = [2.0, 4.0, 8.0, 16.0]
 
 
-def bench_sparse_layer(kind, shape, ratio, block, batch, threads, library, rng, runs=40, block_runs=5):
-    from ctprune.lab.bench_layers import _time_pair, session
+def bench_sparse_layer(kind, shape, ratio, block, batch, threads, library, rng, runs=40, block_runs=5,
+                       node_times=False):
+    """node_times: also each op's own node time, from profiled sessions in the same alternation (node_times.py)."""
+    from ctprune.lab.bench_layers import WARMUP_RUNS, _time_pair, session
     from ctprune.lab.layer_model import sparse_and_dense_models
 
     geometry = {}
@@ -60,20 +63,30 @@ def bench_sparse_layer(kind, shape, ratio, block, batch, threads, library, rng, 
     sparse, dense, compact = sparse_and_dense_models(rng, weight_shape, x_shape, 1.0 / ratio, block, function=False,
                                                      **geometry)
     x = rng.standard_normal(x_shape).astype(np.float32)
-    s_dense, s_sparse = session(dense, threads), session(sparse, threads, library)
-    (t_dense, best_dense), (t_sparse, best_sparse) = _time_pair([s_dense, s_sparse], x, runs, block_runs)
+    sessions = [session(dense, threads), session(sparse, threads, library)]
+    if node_times:
+        sessions += [session(dense, threads, profile=True), session(sparse, threads, library, profile=True)]
+    (t_dense, best_dense), (t_sparse, best_sparse) = _time_pair(sessions, x, runs, block_runs)[:2]
     kept = compact.kept
-    return dict(kind=kind, shape=shape, ratio=ratio, achieved=np.prod(weight_shape) / max(1, kept), block=block,
-                batch=batch, threads=threads, dense_ms=t_dense * 1e3, sparse_ms=t_sparse * 1e3,
-                speedup=t_dense / t_sparse, best_speedup=best_dense / best_sparse,
-                dense_gflops=2.0 * macs / t_dense / 1e9, useful_gflops=2.0 * macs * kept / np.prod(weight_shape) / t_sparse / 1e9,
-                bytes_per_weight=compact.stored_bytes() / max(1, kept))
+    row = dict(kind=kind, shape=shape, ratio=ratio, achieved=np.prod(weight_shape) / max(1, kept), block=block,
+               batch=batch, threads=threads, dense_ms=t_dense * 1e3, sparse_ms=t_sparse * 1e3,
+               speedup=t_dense / t_sparse, best_speedup=best_dense / best_sparse,
+               dense_gflops=2.0 * macs / t_dense / 1e9, useful_gflops=2.0 * macs * kept / np.prod(weight_shape) / t_sparse / 1e9,
+               bytes_per_weight=compact.stored_bytes() / max(1, kept))
+    if node_times:
+        from ctprune.lab.node_times import node_columns
+
+        row.update(node_columns(*sessions[2:], skip=WARMUP_RUNS))
+    return row
 
 
 def render(rows) -> str:
-    lines = ["| layer | shape | ratio | block | threads | dense ms | SparseConv ms | speedup | best-of speedup | "
-             "dense GFLOP/s | useful GFLOP/s | bytes / kept weight |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    from ctprune.lab import node_times
+
+    nodes = bool(rows) and "node_speedup" in rows[0]
+    head = ("| layer | shape | ratio | block | threads | dense ms | SparseConv ms | speedup | best-of speedup | "
+            "dense GFLOP/s | useful GFLOP/s | bytes / kept weight |" + (node_times.header("SparseConv") if nodes else ""))
+    lines = [head, "|" + "---|" * head[1:].count("|")]
     for r in rows:
         if r["kind"] == "conv1x1":
             shape = f"C{r['shape'][0]} O{r['shape'][1]} {r['shape'][2]}x{r['shape'][2]}"
@@ -84,7 +97,8 @@ def render(rows) -> str:
             shape = f"{r['shape'][0]}x{r['shape'][1]}"
         lines.append(f"| {r['kind']} | {shape} | {r['ratio']:g}x | {r['block']} | {r['threads']} | {r['dense_ms']:.3f} | "
                      f"{r['sparse_ms']:.3f} | {r['speedup']:.2f}x | {r['best_speedup']:.2f}x | "
-                     f"{r['dense_gflops']:.1f} | {r['useful_gflops']:.1f} | {r['bytes_per_weight']:.2f} |")
+                     f"{r['dense_gflops']:.1f} | {r['useful_gflops']:.1f} | {r['bytes_per_weight']:.2f} |"
+                     + (node_times.cells(r) if nodes else ""))
     return "\n".join(lines)
 
 
@@ -98,17 +112,22 @@ def summary(rows) -> str:
         faster = sum(1 for s in v if s > 1.0)
         lines.append(f"| {kind} | {ratio:g}x | {block} | {threads} | {statistics.median(v):.2f}x | {min(v):.2f}x | "
                      f"{max(v):.2f}x | {faster}/{len(v)} |")
+    if rows and "node_speedup" in rows[0]:
+        from ctprune.lab.bench_layers import node_summary
+
+        lines += ["", node_summary(rows, ["kind", "ratio", "block", "threads"])]
     return "\n".join(lines)
 
 
 def main_sparse(args) -> int:
     from tqdm import tqdm
 
+    from ctprune.lab.bench_layers import NODE_TIME_RUNS
     from ctprune.runtime import kernel_library_path
 
     library = kernel_library_path()
     rng = np.random.default_rng(args.seed)
-    runs = args.runs or (20 if args.quick else 40)
+    runs = args.runs or (NODE_TIME_RUNS if args.node_times else 20 if args.quick else 40)
     ratios = args.ratios if args.ratios != [2.25, 4.0, 8.0, 16.0] else RATIOS
     cases = []
     for t in args.threads:
@@ -123,7 +142,7 @@ def main_sparse(args) -> int:
     rows = []
     for kind, shape, r, b, t in tqdm(cases, desc="layers", unit="layer"):
         fc_runs = max(10, runs // 2) if kind == "fc" and shape[1] > 5000 else runs
-        rows.append(bench_sparse_layer(kind, shape, r, b, 1, t, library, rng, runs=fc_runs))
+        rows.append(bench_sparse_layer(kind, shape, r, b, 1, t, library, rng, runs=fc_runs, node_times=args.node_times))
     print(render(rows))
     print()
     print(summary(rows))

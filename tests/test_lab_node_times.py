@@ -1,0 +1,65 @@
+"""The per-layer benchmark's --node-times mode (ctprune/lab/node_times.py): onnxruntime's profile is parsed into each
+contender's own node, the dense Conv's NCHWc reorders counted apart, every timed run and only those."""
+
+import numpy as np
+import pytest
+
+from ctprune.lab import node_times
+from ctprune.lab.bench_layers import WARMUP_RUNS, _time_pair, bench_layer, render, session, summary
+from ctprune.lab.bench_sparse import bench_sparse_layer
+from ctprune.lab.bench_sparse import render as render_sparse
+from ctprune.lab.layer_model import sparse_and_dense_models
+from ctprune.runtime import kernel_library_path
+
+RUNS = 10  # two blocks of 5
+
+
+@pytest.fixture(scope="module")
+def library():
+    return kernel_library_path()
+
+
+def test_profile_parse_finds_each_node_and_drops_the_warmup(library):
+    rng = np.random.default_rng(0)
+    x_shape = (1, 32, 8, 8)
+    sparse, dense, _ = sparse_and_dense_models(rng, (64, 32, 1, 1), x_shape, 0.125, 4, function=False)
+    profiled = [session(dense, 1, profile=True), session(sparse, 1, library, profile=True)]
+    _time_pair(profiled, rng.standard_normal(x_shape).astype(np.float32), RUNS, 5)
+    dense_nodes = node_times.node_times(profiled[0], skip=WARMUP_RUNS)
+    sparse_nodes = node_times.node_times(profiled[1], skip=WARMUP_RUNS)
+    # A lone Conv with 32 and 64 channels runs as NCHWc: ReorderInput -> Conv -> ReorderOutput.
+    assert sorted(t.op for t in dense_nodes.values()) == ["Conv", "ReorderInput", "ReorderOutput"]
+    assert [t.op for t in sparse_nodes.values()] == ["SparseConv"]
+    for t in list(dense_nodes.values()) + list(sparse_nodes.values()):
+        assert len(t.us) == RUNS
+        assert all(us >= 0 for us in t.us) and sum(t.us) > 0
+
+
+def test_sparse_conv_and_fc_rows(library):
+    rng = np.random.default_rng(1)
+    conv = bench_sparse_layer("conv1x1", (32, 64, 8), 8.0, 4, 1, 1, library, rng, runs=RUNS, node_times=True)
+    fc = bench_sparse_layer("fc", (64, 256), 8.0, 8, 1, 1, library, rng, runs=RUNS, node_times=True)
+    for row in (conv, fc):
+        assert row["node_runs"] == RUNS
+        assert row["dense_node_us"] > 0 and row["op_node_us"] > 0
+        assert row["node_speedup"] == pytest.approx(row["dense_node_us"] / row["op_node_us"])
+    assert conv["reorder_us"] > 0  # the NCHWc reorders, apart from the Conv node
+    assert fc["reorder_us"] == 0  # Gemm has none
+    table = render_sparse([conv, fc])
+    assert "SparseConv node us" in table and f"{conv['node_speedup']:.2f}x" in table
+    assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())
+
+
+def test_pattern_conv_row_and_default_output_unchanged(library):
+    row = bench_layer(16, 8, 4.0, 1, 1, library, np.random.default_rng(2), runs=RUNS, node_times=True)
+    assert row["node_runs"] == RUNS and row["dense_node_us"] > 0 and row["op_node_us"] > 0
+    assert "PatternConv node us" in render([row]) and "median node speedup" in summary([row])
+    plain = bench_layer(16, 8, 4.0, 1, 1, library, np.random.default_rng(2), runs=5)
+    assert "node_speedup" not in plain
+    assert "node" not in render([plain]) and "node" not in summary([plain])
+
+
+def test_a_node_of_unknown_op_is_not_dropped():
+    nodes = {"conv": node_times.NodeTimes("Conv", [5, 6]), "cast": node_times.NodeTimes("Cast", [1, 1])}
+    with pytest.raises(ValueError, match="Cast"):
+        node_times._the_node(nodes, node_times.DENSE_OPS, node_times.REORDER_OPS)
