@@ -39,6 +39,7 @@ CASES = [
     case("Clip", [3, 7], {"min": -0.3, "max": 0.5}, opset=9),
     case("Clip", [3, 7], {}, [("lo", np.array(-0.2, F32)), ("hi", np.array(0.4, F32))], opset=13),
     case("Clip", [3, 7], {}, [None, ("hi", np.array(0.4, F32))], opset=13),
+    case("Clip", [3, 7], {}, [("lo", np.array(0.4, F32)), ("hi", np.array(-0.2, F32))], opset=13),  # min > max
     case("HardSigmoid", [3, 7], {"alpha": 0.3, "beta": 0.4}),
     case("HardSwish", [3, 7], {}, opset=14),
     case("Softmax", [2, 3, 4], {"axis": 1}, opset=11),  # 2-D coercion semantics
@@ -165,3 +166,24 @@ def test_batchnorm_train_mode_updates_running_stats_onnx_convention():
     norm = (x - batch_mean.reshape(1, 3, 1, 1)) / torch.sqrt(x.var(dim=(0, 2, 3), unbiased=False) + 1e-5).reshape(1, 3, 1, 1)
     torch.testing.assert_close(y.detach(), norm * s.reshape(1, 3, 1, 1) + b.reshape(1, 3, 1, 1), rtol=1e-4, atol=1e-4)
     assert set(tg.onnx_parameters()) == {"s", "b"} and set(tg.onnx_buffers()) == {"m", "v"}
+
+
+@pytest.mark.parametrize("op,attrs,consts", [
+    ("Clip", {}, [("lo", np.array(-0.2, F32)), ("hi", np.array(0.4, F32))]),
+    ("Clip", {}, [None, ("hi", np.array(0.4, F32))]),
+    ("HardSigmoid", {"alpha": 0.3, "beta": 0.4}, []),
+], ids=["clip", "clip-max-only", "hardsigmoid"])
+def test_bounded_activations_pass_gradient_only_inside_their_bounds(op, attrs, consts):
+    """The lifted Clip / HardSigmoid (hardtanh inside, for its fast backward) differentiate as torch.clamp does."""
+    rng = np.random.default_rng()
+    tg = lift(load_model(build(op, [4, 9], attrs, consts, 13, 1, None, rng))).train()
+    x = torch.from_numpy(rng.standard_normal((4, 9)).astype(F32)).requires_grad_()
+    upstream = torch.from_numpy(rng.standard_normal((4, 9)).astype(F32))
+    (tg(x) * upstream).sum().backward()
+    ref = x.detach().clone().requires_grad_()
+    lo = float(consts[0][1]) if consts and consts[0] is not None else None
+    hi = float(consts[1][1]) if len(consts) > 1 else None
+    y = (torch.clamp(ref, lo, hi) if op == "Clip"
+         else torch.clamp(ref * attrs["alpha"] + attrs["beta"], 0.0, 1.0))
+    (y * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=0, atol=0)

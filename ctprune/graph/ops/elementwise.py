@@ -122,7 +122,7 @@ def prelu(node, inputs, ctx):
 
 @register("HardSigmoid")
 def hard_sigmoid(node, inputs, ctx):
-    return torch.clamp(inputs[0] * node.attr("alpha", 0.2) + node.attr("beta", 0.5), 0.0, 1.0)
+    return F.hardtanh(inputs[0] * node.attr("alpha", 0.2) + node.attr("beta", 0.5), 0.0, 1.0)
 
 
 @register("HardSwish")
@@ -130,17 +130,29 @@ def hard_swish(node, inputs, ctx):
     return F.hardswish(inputs[0])
 
 
+def _scalar_bound(bound: torch.Tensor | None, x: torch.Tensor):
+    """A one-element constant bound on the CPU as a Python float, else the tensor (on x's device and dtype)."""
+    if bound is None:
+        return None
+    if bound.numel() == 1 and not bound.requires_grad and bound.device.type == "cpu":
+        return float(bound)
+    return bound.to(x.device, x.dtype)
+
+
 @register("Clip")
 def clip(node, inputs, ctx):
     x = inputs[0]
     if node.opset < 11:  # bounds are attributes
-        return torch.clamp(x, node.attr("min", float("-inf")), node.attr("max", float("inf")))
-    lo = inputs[1] if len(inputs) > 1 else None
-    hi = inputs[2] if len(inputs) > 2 else None
-    lo = None if lo is None else lo.to(x.device, x.dtype)
-    hi = None if hi is None else hi.to(x.device, x.dtype)
+        lo, hi = node.attr("min", float("-inf")), node.attr("max", float("inf"))
+    else:
+        lo = _scalar_bound(inputs[1] if len(inputs) > 1 else None, x)
+        hi = _scalar_bound(inputs[2] if len(inputs) > 2 else None, x)
     if lo is None and hi is None:
         return x
+    if isinstance(lo, float) and isinstance(hi, float) and lo <= hi:
+        # hardtanh is clamp forward; its backward is one fused kernel, where clamp's with tensor bounds is five
+        # (ReLU6 layers took 45% of a MobileNetV2 training step on the CPU)
+        return F.hardtanh(x, lo, hi)
     return torch.clamp(x, lo, hi)
 
 
