@@ -7,7 +7,8 @@ Conv runs as NCHWc between a ReorderInput and a ReorderOutput that a dense model
 session-level ratio includes both. Here each contender also runs in a second session with profiling on, in the same
 alternation as the session-level timing (bench_layers._time_pair), and the profile gives each node's own time: the
 dense op's node (Conv, FusedConv or Gemm), the reorders around it (their own column, summed per run), and the ctprune
-op's node. Medians over the timed runs, the warm-up runs dropped. The profiler records whole microseconds, so a median
+op's node. Medians over the timed runs, the warm-up runs dropped. The session-level columns still come from the
+unprofiled sessions: the profiler adds 25-60 us per run outside the nodes (1x1 layers, 1 thread). The profiler records whole microseconds, so a median
 of a 30 us node moves in ~3% steps: use 200+ runs (the mode's default).
 """
 
