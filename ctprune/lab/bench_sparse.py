@@ -85,7 +85,8 @@ def render(rows) -> str:
 
     nodes = bool(rows) and "node_speedup" in rows[0]
     head = ("| layer | shape | ratio | block | threads | dense ms | SparseConv ms | speedup | best-of speedup | "
-            "dense GFLOP/s | useful GFLOP/s | bytes / kept weight |" + (node_times.header("SparseConv") if nodes else ""))
+            "dense GFLOP/s | useful GFLOP/s | bytes / kept weight |")
+    head += node_times.header("SparseConv") if nodes else ""
     lines = [head, "|" + "---|" * head[1:].count("|")]
     for r in rows:
         if r["kind"] == "conv1x1":

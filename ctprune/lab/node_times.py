@@ -2,14 +2,14 @@
 
     python -m ctprune.lab.bench_layers --sparse --quick --ratios 8 --kinds conv --threads 1 --node-times
 
-A session.run call costs ~17 us of onnxruntime and Python around the kernel for either contender, and a lone dense
+A session.run call costs 5-17 us of onnxruntime and Python around the kernel for either contender, and a lone dense
 Conv runs as NCHWc between a ReorderInput and a ReorderOutput that a dense model would not have between its Convs; the
 session-level ratio includes both. Here each contender also runs in a second session with profiling on, in the same
 alternation as the session-level timing (bench_layers._time_pair), and the profile gives each node's own time: the
 dense op's node (Conv, FusedConv or Gemm), the reorders around it (their own column, summed per run), and the ctprune
 op's node. Medians over the timed runs, the warm-up runs dropped. The session-level columns still come from the
-unprofiled sessions: the profiler adds 25-60 us per run outside the nodes (1x1 layers, 1 thread). The profiler records whole microseconds, so a median
-of a 30 us node moves in ~3% steps: use 200+ runs (the mode's default).
+unprofiled sessions: the profiler adds 25-60 us per run outside the nodes (1x1 layers, 1 thread). The profiler records
+whole microseconds, so a median of a 30 us node moves in ~3% steps: use 200+ runs (the mode's default).
 """
 
 from __future__ import annotations
