@@ -93,12 +93,36 @@ struct SparseFcJob {
 
 using SparseFcFn = void (*)(const SparseFcJob& job, int position_begin, int position_end, int n_begin, int n_end);
 
+// A depthwise Conv (group == C, one input and one output channel per group, dilation 1, stride_h == stride_w in
+// {1, 2}): per channel, the input rows an output row strip reads are copied into `scratch` with the pads as zeros, so
+// that every output row is `ow_vectors` full vector loads per tap with no bounds tests. A stride of 2 splits each
+// padded row into its even and odd columns (phase 0 then phase 1, `row_floats` each), so that tap kx of output column
+// ox reads phase kx % 2 at ox + kx / 2 and the loads stay contiguous. Scratch row r holds padded input row
+// oy_begin * stride + r; each output step computes several output rows, so that each loaded input vector feeds one
+// multiply-add per output row whose window holds that input row.
+struct SparseDepthwiseJob {
+  const float* x;           // (N, C, H, W)
+  const float* weights;     // (C, kh * kw): the dense weights of each channel (0 where the node keeps no tap)
+  int C, H, W, OH, OW;
+  int kh, kw, stride, pad_top, pad_left;
+  int row_floats;           // floats of one phase of one scratch row (>= the columns any load reads)
+  const float* residual;    // (N, C, OH, OW) or nullptr
+  SparseEpilogue epilogue;
+  float* out;               // (N, C, OH, OW)
+};
+
+// Channels [c_begin, c_end) of image n, output rows [oy_begin, oy_end); `scratch` holds
+// ((oy_end - oy_begin - 1) * stride + kh) * stride * row_floats floats, 64-byte aligned.
+using SparseDepthwiseFn = void (*)(const SparseDepthwiseJob& job, float* scratch, int n, int c_begin, int c_end,
+                                   int oy_begin, int oy_end);
+
 // One tier's SparseConv kernels.
 struct SparseKernels {
   int lanes;                  // floats per vector
   int tile_vectors[4];        // largest tile, per block 1, 2, 4, 8
   SparseConvTilesFn conv[4];  // per block 1, 2, 4, 8
   SparseFcFn fc;
+  SparseDepthwiseFn depthwise;
   bool (*all_finite)(const float* x, size_t n);  // no NaN or +-inf among x[0..n)
 };
 

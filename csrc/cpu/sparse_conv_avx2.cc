@@ -53,6 +53,13 @@ struct Avx2 {
     }
     if (n >= 1) _mm_store_ss(p, part);
   }
+  // even = p[0], p[2], ..., p[14]; odd = p[1], p[3], ..., p[15].
+  static void Deinterleave(const float* p, V& even, V& odd) {
+    const V a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+    // Within each 128-bit half: a0 a2 b0 b2 | a4 a6 b4 b6; the 64-bit quarters reordered 0 2 1 3.
+    even = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+    odd = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+  }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static V Add(V a, V b) { return _mm256_add_ps(a, b); }
   static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }

@@ -41,6 +41,13 @@ struct Zmm {
   static M Mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static V MaskLoad(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
   static void StoreFirst(float* p, V v, int n) { _mm512_mask_storeu_ps(p, Mask(n), v); }
+  // even = p[0], p[2], ..., p[30]; odd = p[1], p[3], ..., p[31].
+  static void Deinterleave(const float* p, V& even, V& odd) {
+    const V a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    even = _mm512_permutex2var_ps(a, evens, b);
+    odd = _mm512_permutex2var_ps(a, _mm512_add_epi32(evens, _mm512_set1_epi32(1)), b);
+  }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static V Add(V a, V b) { return _mm512_add_ps(a, b); }
   static V Mul(V a, V b) { return _mm512_mul_ps(a, b); }

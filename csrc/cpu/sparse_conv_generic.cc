@@ -50,6 +50,12 @@ struct Lanes {
     return r;
   }
   static void StoreFirst(float* p, V v, int n) { std::memcpy(p, v.v, sizeof(float) * static_cast<size_t>(n)); }
+  static void Deinterleave(const float* p, V& even, V& odd) {
+    for (int i = 0; i < N; ++i) {
+      even.v[i] = p[2 * i];
+      odd.v[i] = p[2 * i + 1];
+    }
+  }
   static V Fma(V a, V b, V c) {
     for (int i = 0; i < N; ++i) c.v[i] += a.v[i] * b.v[i];
     return c;

@@ -106,6 +106,17 @@ size_t EnvBytes(const char* name, size_t fallback) {
 
 size_t RoundUp(size_t v, size_t m) { return (v + m - 1) / m * m; }
 
+int EnvInt(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
+}
+
+// The depthwise kernel's limits (cpu/sparse_conv.h, SparseDepthwiseJob); other depthwise nodes take the general path.
+bool DepthwiseShape(const ops::SparseConvSpec& s) {
+  return !s.fc && s.group_channels == 1 && s.group == s.out_channels && s.dilation_h == 1 && s.dilation_w == 1 &&
+         s.stride_h == s.stride_w && (s.stride_h == 1 || s.stride_h == 2) && s.kernel_h <= 7 && s.kernel_w <= 7;
+}
+
 // The layout of a call (cpu/sparse_conv.h): in place, subsampled 1x1, or the general padded phase planes.
 SparseGeometry MakeGeometry(const ops::SparseConvSpec& s, const std::vector<int64_t>& xs, const float* x, int lanes) {
   SparseGeometry g;
@@ -260,6 +271,32 @@ void ConvItem(void* data, size_t item) {
   w.tiles(job, p0, std::min(w.positions, p0 + w.positions_per_item), t0, std::min(job.tiles, t0 + w.tiles_per_item));
 }
 
+// The padded rows of a depthwise strip, per thread, reused across calls (64-byte aligned).
+float* DepthwiseScratch(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats + 16) buffer.resize(floats + 16);
+  auto address = reinterpret_cast<uintptr_t>(buffer.data());
+  return reinterpret_cast<float*>((address + 63) & ~static_cast<uintptr_t>(63));
+}
+
+struct DepthwiseWork {
+  SparseDepthwiseFn kernel;
+  SparseDepthwiseJob job;
+  size_t scratch_floats;  // of one strip
+  int channels_per_item, channel_items;
+  int strip_rows, strips;
+};
+
+void DepthwiseItem(void* data, size_t item) {
+  const DepthwiseWork& w = *static_cast<const DepthwiseWork*>(data);
+  const size_t per_image = static_cast<size_t>(w.channel_items) * w.strips;
+  const int n = static_cast<int>(item / per_image);
+  const int rest = static_cast<int>(item % per_image);
+  const int c0 = (rest / w.strips) * w.channels_per_item, oy0 = (rest % w.strips) * w.strip_rows;
+  w.kernel(w.job, DepthwiseScratch(w.scratch_floats), n, c0, std::min(w.job.C, c0 + w.channels_per_item), oy0,
+           std::min(w.job.OH, oy0 + w.strip_rows));
+}
+
 struct FcWork {
   SparseFcFn fc;
   SparseFcJob job;
@@ -286,6 +323,90 @@ SparseConvKernel::SparseConvKernel(const OrtApi& api, const OrtKernelInfo* info,
   pass_bytes_ = static_cast<long>(EnvBytes("CTPRUNE_SPARSE_PASS_BYTES", static_cast<size_t>(128) << 10));
   const char* poison = std::getenv("CTPRUNE_POISON_OUTPUT");
   poison_output_ = poison != nullptr && std::strcmp(poison, "1") == 0;
+  depthwise_ = DepthwiseShape(plan_.spec) && EnvInt("CTPRUNE_SPARSE_DEPTHWISE", 1) != 0;
+  if (depthwise_) {
+    // A constant W of the right shape is made dense once; anything else at run time.
+    int is_constant = 0;
+    const OrtValue* value = nullptr;
+    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &value);
+    if (status != nullptr) {
+      api.ReleaseStatus(status);
+    } else if (is_constant && value != nullptr) {
+      Ort::ConstValue w(value);
+      const auto type_shape = w.GetTensorTypeAndShapeInfo();
+      const std::vector<int64_t> ws = type_shape.GetShape();
+      if (type_shape.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && ws.size() == 2 &&
+          ws[0] == plan_.K && ws[1] == plan_.spec.block) {
+        const ops::SparseConvSpec& s = plan_.spec;
+        depthwise_weights_.resize(static_cast<size_t>(s.out_channels * s.kernel_h * s.kernel_w));
+        DenseDepthwiseWeights(w.GetTensorData<float>(), depthwise_weights_.data());
+      }
+    }
+  }
+}
+
+void SparseConvKernel::DenseDepthwiseWeights(const float* w, float* dense) const {
+  const ops::SparseConvSpec& s = plan_.spec;
+  const int64_t taps = s.kernel_h * s.kernel_w;
+  std::fill(dense, dense + s.out_channels * taps, 0.0f);
+  // One output channel per group, so every block holds one channel (lane 0 of its rows) and a column is a tap.
+  for (size_t p = 0; p + 1 < plan_.row_begin.size(); ++p)
+    for (int32_t r = plan_.row_begin[p]; r < plan_.row_begin[p + 1]; ++r)
+      dense[plan_.first[p] * taps + plan_.columns[static_cast<size_t>(r)]] = w[static_cast<size_t>(r) * s.block];
+}
+
+void SparseConvKernel::ComputeDepthwise(Ort::KernelContext& ctx, const SparseGeometry& g, const float* x,
+                                        const float* w, const SparseEpilogue& epilogue, const float* residual,
+                                        float* out) {
+  const ops::SparseConvSpec& s = plan_.spec;
+  std::vector<float> dense;
+  const float* weights = depthwise_weights_.data();
+  if (depthwise_weights_.empty()) {
+    dense.resize(static_cast<size_t>(s.out_channels * s.kernel_h * s.kernel_w));
+    DenseDepthwiseWeights(w, dense.data());
+    weights = dense.data();
+  }
+  const int lanes = kernels_.sparse.lanes, stride = static_cast<int>(s.stride_h), kh = static_cast<int>(s.kernel_h);
+  DepthwiseWork work{};
+  work.kernel = kernels_.sparse.depthwise;
+  SparseDepthwiseJob& job = work.job;
+  job.x = x;
+  job.weights = weights;
+  job.C = static_cast<int>(g.C);
+  job.H = static_cast<int>(g.H);
+  job.W = static_cast<int>(g.W);
+  job.OH = static_cast<int>(g.OH);
+  job.OW = static_cast<int>(g.OW);
+  job.kh = kh;
+  job.kw = static_cast<int>(s.kernel_w);
+  job.stride = stride;
+  job.pad_top = static_cast<int>(s.pad_top);
+  job.pad_left = static_cast<int>(s.pad_left);
+  // A row's loads reach OW rounded up to whole vectors plus the taps' column shift (kx / stride); its copy writes the
+  // image's columns in whole vectors from the left pad on (per phase with stride 2).
+  const size_t loads = RoundUp(static_cast<size_t>(g.OW), lanes) + static_cast<size_t>(s.kernel_w - 1) / stride;
+  const size_t copies = stride == 1
+                            ? static_cast<size_t>(s.pad_left) + RoundUp(static_cast<size_t>(g.W), lanes)
+                            : static_cast<size_t>(s.pad_left + 1) / 2 + RoundUp(static_cast<size_t>(g.W + 1) / 2, lanes);
+  job.row_floats = static_cast<int>(RoundUp(std::max(loads, copies), 16));
+  job.residual = residual;
+  job.epilogue = epilogue;
+  job.out = out;
+  // Strips of output rows whose padded input rows fit about half of L1 (16 KB), in multiples of 4 rows (a step of
+  // the stride-1 kernel); a plane that fits is one strip, and small planes go several channels to a work item.
+  const size_t row_floats = static_cast<size_t>(stride) * job.row_floats;  // one padded input row, every phase
+  const int fit_rows = static_cast<int>(4096 / row_floats);
+  int strip_rows = std::max(1, (fit_rows - kh) / stride + 1);
+  if (strip_rows >= 8) strip_rows -= strip_rows % 4;
+  work.strip_rows = std::min(job.OH, strip_rows);
+  work.strips = (job.OH + work.strip_rows - 1) / work.strip_rows;
+  work.scratch_floats = static_cast<size_t>((work.strip_rows - 1) * stride + kh) * row_floats;
+  const int64_t plane = g.OH * g.OW;
+  const int64_t per_item =
+      work.strips > 1 ? 1 : std::max<int64_t>(1, std::min<int64_t>(16384 / std::max<int64_t>(1, plane), g.C / 8));
+  work.channels_per_item = static_cast<int>(per_item);
+  work.channel_items = static_cast<int>((g.C + per_item - 1) / per_item);
+  ctx.ParallelFor(&DepthwiseItem, static_cast<size_t>(g.N) * work.channel_items * work.strips, 0, &work);
 }
 
 std::shared_ptr<const std::vector<int32_t>> SparseConvKernel::Offsets(const SparseGeometry& g) {
@@ -407,6 +528,13 @@ void SparseConvKernel::Compute(OrtKernelContext* context) {
   const size_t out_image = static_cast<size_t>(s.out_channels * g.OH * g.OW);
   if (poison_output_) std::fill(out, out + out_image * g.N, std::numeric_limits<float>::quiet_NaN());
   if (g.N == 0) return;
+  if (depthwise_) {
+    ComputeDepthwise(ctx, g, x_data, w.GetTensorData<float>(),
+                     SparseEpilogue{bias, z_offset, s.activation_min, s.activation_max, s.has_clamp(),
+                                    static_cast<int>(s.activation), s.activation_alpha, s.activation_beta},
+                     residual, out);
+    return;
+  }
 
   // 1. The input planes: X itself, or packed in parallel.
   // Whether X holds NaN or +-inf is found on the way: while packing, or by the tile loop when X is read in place.

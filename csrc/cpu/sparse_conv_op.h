@@ -59,6 +59,11 @@ class SparseConvKernel {
   // (only when X holds a non-finite value).
   void PoisonPruned(const float* x, const std::vector<int64_t>& xs, int64_t OH, int64_t OW, float* out) const;
   bool Kept(int position, int64_t column) const;
+  // A depthwise Conv (see depthwise_): Y from the dense per-channel weights, the input padded per row strip.
+  void ComputeDepthwise(Ort::KernelContext& ctx, const SparseGeometry& g, const float* x, const float* w,
+                        const SparseEpilogue& epilogue, const float* residual, float* out);
+  // The dense (C, kh * kw) weights of a depthwise node from its compact W (taps the node does not keep are 0).
+  void DenseDepthwiseWeights(const float* w, float* dense) const;
   // The rows' read offsets for an input size, made on first use and kept (a model sees few input sizes).
   std::shared_ptr<const std::vector<int32_t>> Offsets(const SparseGeometry& g);
 
@@ -76,7 +81,13 @@ class SparseConvKernel {
   size_t stream_bytes_;       // Y bytes from which the 1x1 path streams its stores (CTPRUNE_SPARSE_STREAM_BYTES)
   size_t fused_check_bytes_;  // X bytes from which the non-finite check runs inside the tile loop
   long pass_bytes_;           // input bytes (all channels) of one pass of tiles on the 8-lane tier (CTPRUNE_SPARSE_PASS_BYTES)
-  bool poison_output_;  // CTPRUNE_POISON_OUTPUT=1: fill Y with NaN first, so unwritten elements show in tests
+  bool poison_output_;
+  // A depthwise Conv (one input channel per group, group == O == C, dilation 1, equal strides 1 or 2, kernel up to
+  // 7 x 7) runs its own kernel on the dense per-channel weights, unless CTPRUNE_SPARSE_DEPTHWISE=0. Those weights
+  // multiply every input in each window, pruned taps as zeros, as onnxruntime's Conv on the rebuilt dense weight does,
+  // so NaN and inf propagate as there without PoisonPruned.
+  bool depthwise_ = false;
+  std::vector<float> depthwise_weights_;  // built once when W is a constant initializer; empty otherwise  // CTPRUNE_POISON_OUTPUT=1: fill Y with NaN first, so unwritten elements show in tests
 };
 
 struct SparseConvOp : Ort::CustomOpBase<SparseConvOp, SparseConvKernel, /*WithStatus=*/true> {
