@@ -192,10 +192,12 @@ class Pipeline(PruneOptions):
         plan.apply(weights)
         self.student = student
         self.kept_dense: dict[str, str] = {}
+        self.depthwise_sparse: dict[str, str] = {}  # depthwise Convs run as SparseConv beside the pruned layers
         if self.keep_masked_dense:
             trained = self.masked_dense = write_back(model, student)
             pruned = rewrite_model(trained, plan.layer_patterns(), sparse=plan.sparse, kept_dense=self.kept_dense,
-                                   threads=self.latency_threads, check_pattern_speed=True)
+                                   threads=self.latency_threads, check_pattern_speed=True,
+                                   depthwise=self.depthwise_sparse)
         else:
             # No second copy of the pruned layers' weights: the opset upgrade runs on the graph before the trained
             # weights go in, the pruned layers' weights stay in the module (the rewrite reads them from there and
@@ -211,7 +213,7 @@ class Pipeline(PruneOptions):
             del values
             rewritten = rewrite_model(trained, plan.layer_patterns(), sparse=plan.sparse, kept_dense=self.kept_dense,
                                       threads=self.latency_threads, in_place=True, held=held,
-                                      check_pattern_speed=True)
+                                      check_pattern_speed=True, depthwise=self.depthwise_sparse)
             del held
             pruned = onnx.ModelProto()
             pruned.CopyFrom(rewritten)
@@ -338,7 +340,8 @@ class Pipeline(PruneOptions):
         release_freed_memory()
         return build_report(
             self.original, pruned, plan, ratio=self.ratio, method=self.method,
-            kept_dense=getattr(self, "kept_dense", {}), notes=self.notes, accuracy=accuracy, agreement=agreement,
+            kept_dense=getattr(self, "kept_dense", {}), run_as_sparse=getattr(self, "depthwise_sparse", {}),
+            notes=self.notes, accuracy=accuracy, agreement=agreement,
             latency_ms=latency_ms(self._model_path() or self.original, pruned, threads=self.latency_threads,
                                   batch=1),
             train=self._train_report(), **extra)

@@ -17,9 +17,12 @@ from ctprune.report.inspect import count_parameters, layer_table
 
 
 def build_report(original: onnx.ModelProto, pruned: onnx.ModelProto, plan, *, ratio: float, method: str,
-                 kept_dense: dict[str, str], notes: list[str], weights: dict | None = None, **measured) -> dict:
+                 kept_dense: dict[str, str], notes: list[str], weights: dict | None = None,
+                 run_as_sparse: dict[str, str] | None = None, **measured) -> dict:
     """The report's dict. `weights` overrides the plan's weight totals (e.g. counted on the models); `measured`
-    holds accuracy, agreement, latency_ms and train as the pipeline measured them, and any extra keys."""
+    holds accuracy, agreement, latency_ms and train as the pipeline measured them, and any extra keys.
+    `run_as_sparse`: {name: why} for dense layers the rewrite ran as SparseConv all the same (depthwise Convs beside
+    pruned layers): their dense_layers reason says so."""
     totals = dict(plan.weight_totals())
     totals.update(weights or {})
     dense = plan.dense_layers()
@@ -28,6 +31,12 @@ def build_report(original: onnx.ModelProto, pruned: onnx.ModelProto, plan, *, ra
                      "SparseConv would not be faster there): " + ", ".join(list(kept_dense)[:6]))
     if dense:
         notes.append("kept dense: " + by_reason(dense))
+    run_as_sparse = run_as_sparse or {}
+    if run_as_sparse:
+        notes.append(f"{len(run_as_sparse)} depthwise Conv(s) keep all their weights and run as SparseConv beside the "
+                     "pruned layers, so onnxruntime inserts no NCHWc layout reorders between them")
+    dense = {name: why + ("; runs as SparseConv (all weights kept)" if name in run_as_sparse else "")
+             for name, why in dense.items()}
     return {
         "ratio_target": ratio,
         "ratio_achieved": totals["before"] / totals["after"] if totals["after"] else math.inf,

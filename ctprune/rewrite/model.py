@@ -258,8 +258,10 @@ class _Rewrite:
         self.internal.add(output)
         return bn_node.output[0]
 
-    def sparse(self, key: str, index: int, layer, require_masked: bool, threads: int) -> str | None:
-        """Rewrite one sparse layer; returns why it stays dense, or None when it became a SparseConv."""
+    def sparse(self, key: str, index: int, layer, require_masked: bool, threads: int,
+               check_speed: bool = True) -> str | None:
+        """Rewrite one sparse layer; returns why it stays dense, or None when it became a SparseConv.
+        check_speed=False: SparseConv whatever the cost model says (a depthwise Conv keeping every weight)."""
         from ctprune.rewrite.sparse_conv import Activation, compact_sparse_from_dense, sparse_conv_node
         from ctprune.rewrite.sparse_cost import sparse_beats_dense
 
@@ -281,8 +283,8 @@ class _Rewrite:
         geometry = {} if fc else _sparse_geometry(node, x_shape, where)
         hw = tuple(x_shape[2:]) if (not fc and x_shape and len(x_shape) == 4) else None
         stride = geometry.get("strides", [1, 1])[0]
-        if not sparse_beats_dense("fc" if fc else "conv", tuple(weight.shape), hw, stride, density, layer.block,
-                                  threads=threads):
+        if check_speed and not sparse_beats_dense("fc" if fc else "conv", tuple(weight.shape), hw, stride, density,
+                                                  layer.block, threads=threads):
             held = density < COMPACT_HOLD_DENSITY and self._hold_compactly(node, stored_weight, stored_mask)
             return (f"SparseConv would be slower than the dense {node.op_type} at density {density:.3f}: kept dense"
                     + (" (kept weights stored compactly, rebuilt when the session loads)" if held else " (zeros held)"))
@@ -403,6 +405,27 @@ def _fold_batchnorm_dense(rewrite: _Rewrite, conv, weight: np.ndarray, bn):
     return (weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32), name
 
 
+def _depthwise_as_sparse(rewrite: _Rewrite, done: dict, threads: int) -> None:
+    from ctprune.rewrite import depthwise
+
+    graph = rewrite.graph
+    candidates = []
+    for i, node in enumerate(graph.node):
+        if i in rewrite.fused_away or node.op_type != "Conv" or len(node.input) < 2:
+            continue
+        weight = rewrite.constant(node.input[1])
+        if (weight is not None and weight.dtype == np.float32
+                and depthwise.runs_on_depthwise_path(node, weight.shape, rewrite.shapes.get(node.input[0]))):
+            candidates.append(i)
+    for i in depthwise.beside_ctprune_ops(graph, rewrite.fused_away, candidates):
+        node = graph.node[i]
+        key = node.name or node.output[0]
+        weight_shape = tuple(int(d) for d in rewrite.constant(node.input[1]).shape)
+        rewrite.sparse(key, i, depthwise.AllWeightsKept(weight_shape), require_masked=True, threads=threads,
+                       check_speed=False)
+        done[key] = depthwise.REASON
+
+
 def _give_every_node_a_residual(graph: onnx.GraphProto, zero_name: str, op_type: str) -> None:
     """Every node of `op_type` without a Z reads a shared one-element zero (the function's residual form needs one)."""
     graph.initializer.append(numpy_helper.from_array(np.zeros(1, dtype=np.float32), zero_name))
@@ -432,7 +455,7 @@ def _add_function(model: onnx.ModelProto, op_type: str, residual: bool = False) 
 def rewrite_model(
     model: onnx.ModelProto, layers: Mapping[str, LayerPatterns], *, sparse: Mapping | None = None,
     require_masked: bool = True, kept_dense: dict | None = None, threads: int = 1, in_place: bool = False,
-    held: dict | None = None, check_pattern_speed: bool = False,
+    held: dict | None = None, check_pattern_speed: bool = False, depthwise: dict | None = None,
 ) -> onnx.ModelProto:
     """A new model where each Conv named in `layers` is a PatternConv and each layer named in `sparse`
     ({name: pruning.plan.SparseLayer}) a SparseConv unless it would be slower than dense (see the module doc);
@@ -446,6 +469,8 @@ def rewrite_model(
     drops then stay in its protobuf arena until it is freed, so keep a copy of the result, not the model.
     `held`: {name: array} for initializers `model` holds as placeholders (write_back's `hold`): pruned weights are
     read from there, and only those still read at the end (layers kept dense) are written into the model.
+    `depthwise`, when given: depthwise Convs beside the ctprune ops this rewrite makes become SparseConvs keeping
+    every weight (rewrite/depthwise.py), and the dict receives {name: why}.
     """
     sparse = dict(sparse or {})
     model = upgraded(model, in_place=in_place)
@@ -463,5 +488,7 @@ def rewrite_model(
             why = rewrite.sparse(key, index, sparse[key], require_masked, threads)
         if why is not None and kept_dense is not None:
             kept_dense[key] = why
+    if depthwise is not None:
+        _depthwise_as_sparse(rewrite, depthwise, threads)
     rewrite.finish()
     return model

@@ -1,0 +1,94 @@
+"""Depthwise Convs beside ctprune's ops run as SparseConv nodes holding all their weights.
+
+Why: at its default level onnxruntime runs dense Convs in its NCHWc layout, and where one meets an op that reads or
+writes NCHW (every PatternConv and SparseConv) it inserts a ReorderInput or ReorderOutput. In MobileNet-style blocks
+(pruned 1x1 -> depthwise -> pruned 1x1) that is two reorders per block, about a fifth of a pruned MobileNetV2's
+time. SparseConv runs a depthwise Conv (one input channel per group, no dilation, stride 1 or 2) on its own path
+(csrc/cpu/sparse_conv_kernels.inc) faster than onnxruntime's NCHWc kernel with its two reorders, so such a Conv
+becomes a SparseConv with every weight kept: the chain stays NCHW and the depthwise layer stays dense (its weights
+are not pruned; PreCropping is what shrinks depthwise layers).
+
+Only Convs with ctprune ops on both sides move (the input written by one, the result read by one, through
+elementwise ops at most): that saves both reorders. With an onnxruntime Conv on one side the count of reorders stays
+the same whichever op runs the depthwise Conv, and onnxruntime's own NCHWc depthwise kernel is the faster of the two
+at stride 2 and on 7x7-14x14 planes (BENCHMARKS.md, "Depthwise Convs beside pruned layers").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ctprune.graph.layers import conv_attributes
+from ctprune.ops.names import DOMAIN
+
+# What SparseConv's depthwise path takes (the kernel falls back to its general path otherwise, which is slower than
+# onnxruntime's depthwise Conv): square kernels up to 7, stride 1 or 2 on both axes, no dilation, multiplier 1.
+DEPTHWISE_KERNELS = (3, 5, 7)
+DEPTHWISE_STRIDES = (1, 2)
+# Elementwise ops between a depthwise Conv and the op that reads its result (folded BN, activations, a residual Add).
+_PASS_THROUGH = {"BatchNormalization", "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Mul", "Add",
+                 "LeakyRelu", "PRelu"}
+REASON = "depthwise Conv: all weights kept, run as SparseConv beside pruned layers (no onnxruntime layout reorders)"
+
+
+@dataclass(frozen=True)
+class AllWeightsKept:
+    """The layer view `_Rewrite.sparse` reads (kept_mask, block, transposed) for a Conv that keeps every weight."""
+
+    weight_shape: tuple[int, ...]
+    block: int = 1
+    transposed: bool = False
+
+    def kept_mask(self) -> np.ndarray:
+        return np.ones(self.weight_shape, dtype=bool)
+
+
+def runs_on_depthwise_path(node: onnx.NodeProto, weight_shape, x_shape) -> bool:
+    """True for a 2-D Conv that SparseConv's depthwise path computes: weight (C, 1, k, k) with group == C == the
+    input's channels, k in DEPTHWISE_KERNELS, equal strides in DEPTHWISE_STRIDES, dilations 1."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or weight_shape is None or len(weight_shape) != 4:
+        return False
+    attrs = conv_attributes(node, weight_shape)
+    out_channels, per_group, kh, kw = (int(d) for d in weight_shape)
+    channels = x_shape[1] if x_shape and len(x_shape) == 4 and isinstance(x_shape[1], int) else None
+    return (per_group == 1 and attrs.group == out_channels and channels == out_channels and kh == kw
+            and kh in DEPTHWISE_KERNELS and len(set(attrs.strides)) == 1 and attrs.strides[0] in DEPTHWISE_STRIDES
+            and set(attrs.dilations) == {1})
+
+
+def beside_ctprune_ops(graph: onnx.GraphProto, skip: set[int], candidates: list[int]) -> list[int]:
+    """The candidates (node indices) whose input is written by a ctprune op and whose result is read by one, each
+    through elementwise ops at most. `skip`: indices of nodes already fused away (still in the list, no longer in
+    the graph)."""
+    producer, readers = {}, {}
+    for i, node in enumerate(graph.node):
+        if i in skip:
+            continue
+        for name in node.output:
+            producer[name] = i
+        for name in node.input:
+            if name:
+                readers.setdefault(name, []).append(i)
+
+    def ours(i: int) -> bool:
+        return graph.node[i].domain == DOMAIN
+
+    def elementwise(i: int) -> bool:
+        node = graph.node[i]
+        return node.op_type in _PASS_THROUGH and node.domain in ("", "ai.onnx")
+
+    def written_by_ours(name: str, depth: int = 4) -> bool:
+        i = producer.get(name)
+        if i is None:
+            return False
+        return ours(i) or (depth > 0 and elementwise(i) and any(written_by_ours(x, depth - 1) for x in graph.node[i].input
+                                                                 if x in producer))
+
+    def read_by_ours(name: str, depth: int = 4) -> bool:
+        return any(ours(i) or (depth > 0 and elementwise(i) and any(read_by_ours(y, depth - 1) for y in graph.node[i].output))
+                   for i in readers.get(name, []))
+
+    return [i for i in candidates if written_by_ours(graph.node[i].input[0]) and read_by_ours(graph.node[i].output[0])]
