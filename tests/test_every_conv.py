@@ -18,6 +18,7 @@ from conftest import rel_err, run_ort
 from ctprune.errors import RatioError
 from ctprune.pruning import ClickTrainPruner
 from ctprune.pruning.layers import SparseTarget
+from ctprune.rewrite.sparse_conv import ACTIVATION_HARDSIGMOID_MUL
 from graph_nets import export
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -205,3 +206,57 @@ def test_layers_kept_dense_store_only_their_kept_weights():
     prelude = {producers[nodes[name].input[1]].name for name in kept}
     assert not prelude & {n.name for n in onnx.load(so.optimized_model_filepath).graph.node}  # folded at load
     _check_equal(result)
+
+
+def _written_out_hardswish_model(rng, divisor: float):
+    """1x1 -> x * Clip(x + 3, 0, 6) / divisor -> depthwise 3x3 -> the same -> 1x1 -> GAP -> head (paddle2onnx's
+    HardSwish when divisor == 6)."""
+    def w(*shape):
+        return rng.standard_normal(shape).astype(np.float32) * 0.3
+    inits = [numpy_helper.from_array(v, n) for n, v in [
+        ("stem", w(32, 3, 3, 3)), ("w1", w(64, 32, 1, 1)), ("b1", w(64)), ("dw", w(64, 1, 3, 3)), ("bdw", w(64)),
+        ("w2", w(32, 64, 1, 1)), ("fc", w(10, 32)),
+        ("three", np.array(3, np.float32)), ("zero", np.array(0, np.float32)), ("six", np.array(6, np.float32)),
+        ("d", np.array(divisor, np.float32))]]
+    nodes = [helper.make_node("Conv", ["x", "stem"], ["s"], name="stem", pads=[1, 1, 1, 1])]
+
+    def hardswish(x, tag):
+        nodes.extend([helper.make_node("Add", [x, "three"], [f"{tag}_a"], name=f"{tag}_add"),
+                      helper.make_node("Clip", [f"{tag}_a", "zero", "six"], [f"{tag}_c"], name=f"{tag}_clip"),
+                      helper.make_node("Mul", [x, f"{tag}_c"], [f"{tag}_m"], name=f"{tag}_mul"),
+                      helper.make_node("Div", [f"{tag}_m", "d"], [f"{tag}_y"], name=f"{tag}_div")])
+        return f"{tag}_y"
+
+    nodes.append(helper.make_node("Conv", ["s", "w1", "b1"], ["e"], name="expand"))
+    h = hardswish("e", "hs1")
+    nodes.append(helper.make_node("Conv", [h, "dw", "bdw"], ["t"], name="depthwise", group=64, pads=[1, 1, 1, 1]))
+    h = hardswish("t", "hs2")
+    nodes += [helper.make_node("Conv", [h, "w2"], ["p"], name="project"),
+              helper.make_node("GlobalAveragePool", ["p"], ["gap"], name="gap"),
+              helper.make_node("Flatten", ["gap"], ["f"], name="flat"),
+              helper.make_node("Gemm", ["f", "fc"], ["y"], name="head", transB=1)]
+    graph = helper.make_graph(nodes, "hardswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 28, 28])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("divisor", [6.0, 5.0], ids=["hardswish", "not-hardswish"])
+def test_written_out_hardswish_fuses_and_the_depthwise_conv_between_moves(divisor):
+    seed = secrets.randbits(32)
+    model = _written_out_hardswish_model(np.random.default_rng(seed), divisor)
+    result = ctprune.prune(model, ratio=8, epochs=0, seed=2)
+    forms = {l["name"]: l["form"] for l in result.report["layers"]}
+    assert forms == {"expand": "sparse", "project": "sparse"}, forms
+    nodes = {n.name: n for n in result.model.graph.node}
+    gates = {f"{tag}_{op}" for tag in ("hs1", "hs2") for op in ("add", "clip", "mul", "div")}
+    if divisor == 6.0:  # x * Clip(x + 3, 0, 6) / 6 is x * HardSigmoid(x; 1/6, 1/2): folded into both SparseConvs
+        assert not gates & set(nodes), sorted(gates & set(nodes))
+        assert nodes["expand"].output[0] == "hs1_y" and nodes["depthwise"].output[0] == "hs2_y"
+        assert nodes["depthwise"].op_type == "SparseConv"  # SparseConvs on both sides now
+        for name in ("expand", "depthwise"):
+            acts = {a.name: helper.get_attribute_value(a) for a in nodes[name].attribute}
+            assert acts["activation"] == ACTIVATION_HARDSIGMOID_MUL
+            assert acts["activation_alpha"] == pytest.approx(1 / 6) and acts["activation_beta"] == pytest.approx(0.5)
+    else:  # Clip's bound 6 and the divisor 5 differ: not a HardSwish, nothing fuses
+        assert gates <= set(nodes)
+    _check_equal(result, seed=seed)

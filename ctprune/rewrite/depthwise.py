@@ -29,7 +29,7 @@ from ctprune.ops.names import DOMAIN
 DEPTHWISE_KERNELS = (3, 5, 7)
 DEPTHWISE_STRIDES = (1, 2)
 # Elementwise ops between a depthwise Conv and the op that reads its result (folded BN, activations, a residual Add).
-_PASS_THROUGH = {"BatchNormalization", "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Mul", "Add",
+_PASS_THROUGH = {"BatchNormalization", "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Mul", "Add", "Div",
                  "LeakyRelu", "PRelu"}
 REASON = "depthwise Conv: all weights kept, run as SparseConv beside pruned layers (no onnxruntime layout reorders)"
 

@@ -3,8 +3,9 @@
 Each `fusable_*` rule looks at what reads a layer's output and says whether (and how) the next node folds into the
 pruned op: an inference BatchNormalization with constant parameters (folded into the weights), a residual Add of a
 same-shaped tensor (the op's Z input), an activation (Relu, constant Clip, HardSwish, x * HardSigmoid(x),
-x * Sigmoid(x)). A rule fuses only where the layer's output has exactly one reader (or, for x * gate(x), the two
-nodes of the gate), so the graph outside is unchanged.
+x * Sigmoid(x), and HardSwish written out as x * Clip(x + a, 0, d) / d, as paddle2onnx exports it). A rule fuses
+only where the layer's output has exactly one reader (or, for x * gate(x), the nodes of the gate), so the graph
+outside is unchanged.
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ class FusedActivation:
 def fusable_activation(graph, conv_output, reads: TensorReaders, constants: ConstantTable,
                        gates: bool = False) -> FusedActivation | None:
     """The activation reading conv_output that can fold into the op before it, else None. Relu and constant Clip
-    always; with `gates` (SparseConv) also HardSwish and the two-node x * HardSigmoid(x) and x * Sigmoid(x)."""
+    always; with `gates` (SparseConv) also HardSwish, the two-node x * HardSigmoid(x) and x * Sigmoid(x), and the
+    four-node x * Clip(x + a, 0, d) / d."""
     index = reads.only_reader(conv_output)  # None: also read by a graph output, a nested graph, or twice
     if index is None:
-        return _fusable_gate(graph, conv_output, reads) if gates else None
+        if not gates:
+            return None
+        return _fusable_gate(graph, conv_output, reads) or _written_out_hardswish(graph, conv_output, reads, constants)
     node = graph.node[index]
     if node.domain not in ("", "ai.onnx") or node.input[0] != conv_output:
         return None
@@ -87,6 +91,47 @@ def _fusable_gate(graph, conv_output, reads) -> FusedActivation | None:
     attrs = {a.name: helper.get_attribute_value(a) for a in gate.attribute}
     return FusedActivation(nodes, mul.output[0], kind="hardsigmoid_mul", alpha=float(attrs.get("alpha", 0.2)),
                            beta=float(attrs.get("beta", 0.5)))
+
+
+def _written_out_hardswish(graph, conv_output, reads, constants: ConstantTable) -> FusedActivation | None:
+    """y = c * Clip(c + a, 0, d) / d, which is c * HardSigmoid(c; 1/d, a/d): c read by exactly an Add of a constant a
+    and the Mul, the Add read only by a Clip to constant [0, d], the Clip only by the Mul, the Mul only by a Div by
+    the same constant d > 0."""
+    def scalar(name):
+        value = constants.value(name) if name else None
+        return float(value.reshape(())) if value is not None and value.size == 1 else None
+
+    def only(name, op_type):
+        index = reads.only_reader(name)
+        node = graph.node[index] if index is not None else None
+        ok = node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+        return (index, node) if ok else (None, None)
+
+    readers = reads.nodes(conv_output)
+    if reads[conv_output] != 2 or len(readers) != 2:
+        return None
+    kinds = {graph.node[i].op_type: i for i in readers}
+    if set(kinds) != {"Add", "Mul"}:
+        return None
+    add, mul = graph.node[kinds["Add"]], graph.node[kinds["Mul"]]
+    if add.domain not in ("", "ai.onnx") or len(add.input) != 2 or conv_output not in add.input:
+        return None
+    shift = scalar(add.input[1] if add.input[0] == conv_output else add.input[0])
+    clip_index, clip = only(add.output[0], "Clip")
+    if shift is None or clip is None or clip.input[0] != add.output[0] or len(clip.input) != 3:
+        return None
+    lo, hi = scalar(clip.input[1]), scalar(clip.input[2])
+    if lo != 0.0 or hi is None or not hi > 0.0:
+        return None
+    if mul.domain not in ("", "ai.onnx") or sorted(mul.input) != sorted([conv_output, clip.output[0]]):
+        return None
+    if reads.only_reader(clip.output[0]) != kinds["Mul"]:
+        return None
+    div_index, div = only(mul.output[0], "Div")
+    if div is None or div.input[0] != mul.output[0] or scalar(div.input[1]) != hi:
+        return None
+    return FusedActivation((kinds["Add"], clip_index, kinds["Mul"], div_index), div.output[0], kind="hardsigmoid_mul",
+                           alpha=1.0 / hi, beta=shift / hi)
 
 
 def fusable_batchnorm(graph, conv_output, reads: TensorReaders,

@@ -8,7 +8,8 @@ were. Per listed layer (weight from an initializer or a Constant node):
 - what follows it folds in where it is the output's only reader (rewrite/fusion.py): an inference BatchNormalization
   with constant parameters (onnxruntime folds BN into a dense Conv, not into an op it does not know), a residual Add
   of a same-shaped tensor (input Z; the node then sits where the Add was, since the shortcut may be computed after
-  the Conv), an activation (Relu, constant Clip; for SparseConv also HardSwish, x * HardSigmoid(x), x * Sigmoid(x));
+  the Conv), an activation (Relu, constant Clip; for SparseConv also HardSwish, x * HardSigmoid(x), x * Sigmoid(x),
+  and HardSwish written out as x * Clip(x + a, 0, d) / d);
   the fused node writes the last fused node's output name, so the graph outside is unchanged;
 - a sparse layer that would run slower than onnxruntime's dense op (rewrite/sparse_cost.py), and on request a
   pattern layer whose PatternConv would not be faster (rewrite/pattern_cost.py), stays as it is, a dense op with its
