@@ -291,7 +291,7 @@ def test_non_3x3_and_grouped_convs_are_refused():
 
 def _residual_graph(rng):
     """x (N, 4, 6, 6) and r (N, 4, 6, 6) graph inputs; four 3x3 Convs a..d on x:
-    a + r -> Relu (fuses Add and Relu);  b + bias (1, 4, 1, 1) (broadcast: stays an Add);
+    a + r -> Relu (fuses Add and Relu);  b + bias (1, 4, 1, 1) (a per-channel constant: folds into b's bias);
     c + d (two Convs into one Add: c fuses it with d's output as Z, d stays plain);  e = a's block output + r, read by
     a graph output and a Relu (Add fuses, the Relu cannot: the sum is read twice)."""
     def conv(name, inp, out):
@@ -329,7 +329,8 @@ def test_residual_adds_fuse_only_where_the_shapes_and_readers_allow():
     out = rewrite_model(masked, layers)
     onnx.checker.check_model(out, full_check=True)
     by_name = {n.name: n for n in out.graph.node}
-    assert sorted(n.name for n in out.graph.node if n.op_type == "Add") == ["add_b"]
+    assert [n.name for n in out.graph.node if n.op_type == "Add"] == []
+    assert list(by_name["b"].output) == ["yb"] and by_name["b"].input[2]  # the constant Add became b's bias
     assert [n.name for n in out.graph.node if n.op_type == "Relu"] == ["relu_e"]
     assert by_name["a"].input[3] == "r" and list(by_name["a"].output) == ["ya"]
     assert by_name["c"].input[3] == "d.out" and list(by_name["c"].output) == ["ycd"]
@@ -339,7 +340,7 @@ def test_residual_adds_fuse_only_where_the_shapes_and_readers_allow():
     attrs = {a.name: helper.get_attribute_value(a) for a in by_name["e"].attribute}
     assert attrs["activation_max"] == float("inf") and attrs["activation_min"] == float("-inf")
     zero = by_name["b"].input[3]
-    assert by_name["d"].input[3] == zero and by_name["b"].input[2] == ""  # no bias: an empty slot before Z
+    assert by_name["d"].input[3] == zero and by_name["d"].input[2] == ""  # no bias: an empty slot before Z
     for batch in (1, 2):
         feeds = {n: rng.standard_normal((batch, 4, 6, 6)).astype(np.float32) for n in ("x", "r")}
         want = run(masked, feeds)

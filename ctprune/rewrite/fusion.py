@@ -1,11 +1,11 @@
 """Fusion rules shared by the PatternConv and SparseConv rewrites.
 
 Each `fusable_*` rule looks at what reads a layer's output and says whether (and how) the next node folds into the
-pruned op: an inference BatchNormalization with constant parameters (folded into the weights), a residual Add of a
-same-shaped tensor (the op's Z input), an activation (Relu, constant Clip, HardSwish, x * HardSigmoid(x),
-x * Sigmoid(x), and HardSwish written out as x * Clip(x + a, 0, d) / d, as paddle2onnx exports it). A rule fuses
-only where the layer's output has exactly one reader (or, for x * gate(x), the nodes of the gate), so the graph
-outside is unchanged.
+pruned op: an inference BatchNormalization with constant parameters, or a Mul and / or Add of per-channel constants
+(folded into the weights and bias), a residual Add of a same-shaped tensor (the op's Z input), an activation (Relu,
+constant Clip, HardSwish, x * HardSigmoid(x), x * Sigmoid(x), and HardSwish written out as x * Clip(x + a, 0, d) / d,
+as paddle2onnx exports it). A rule fuses only where the layer's output has exactly one reader (or, for x * gate(x),
+the nodes of the gate), so the graph outside is unchanged.
 """
 
 from __future__ import annotations
@@ -134,10 +134,26 @@ def _written_out_hardswish(graph, conv_output, reads, constants: ConstantTable) 
                            alpha=1.0 / hi, beta=shift / hi)
 
 
-def fusable_batchnorm(graph, conv_output, reads: TensorReaders,
-                      constants: ConstantTable) -> tuple[int, np.ndarray, np.ndarray] | None:
-    """(node index, scale, shift) of an inference-mode BatchNormalization with constant parameters that is the only
-    reader of conv_output (y = x * scale + shift per channel), else None."""
+@dataclass(frozen=True)
+class FoldedAffine:
+    """y = x * scale + shift per output channel (scale and shift of one element, or one per channel), written by
+    nodes that fold into the Conv before them: the node indices it replaces and the name it writes."""
+
+    nodes: tuple[int, ...]
+    output: str
+    scale: np.ndarray
+    shift: np.ndarray
+
+
+def fusable_affine(graph, conv_output, reads: TensorReaders, constants: ConstantTable) -> FoldedAffine | None:
+    """What folds into a Conv's weight and bias after it, each node the only reader of the one before: an
+    inference-mode BatchNormalization with constant parameters, or a Mul by a constant and / or an Add of a
+    constant, each of one element or one per channel ((C, 1, 1) or (1, C, 1, 1): the learnable affine of
+    PP-LCNetV3-style nets). None when nothing does."""
+    return _batchnorm(graph, conv_output, reads, constants) or _scale_shift(graph, conv_output, reads, constants)
+
+
+def _batchnorm(graph, conv_output, reads, constants) -> FoldedAffine | None:
     index = reads.only_reader(conv_output)
     if index is None:
         return None
@@ -152,7 +168,39 @@ def fusable_batchnorm(graph, conv_output, reads: TensorReaders,
         return None
     gamma, beta, mean, var = (np.asarray(v, dtype=np.float64).reshape(-1) for v in values)
     scale = gamma / np.sqrt(var + float(attrs.get("epsilon", 1e-5)))
-    return index, scale, beta - mean * scale
+    return FoldedAffine((index,), node.output[0], scale, beta - mean * scale)
+
+
+def _channel_constant(constants: ConstantTable, name: str) -> np.ndarray | None:
+    """A constant that broadcasts over an NCHW tensor along the channels only, as a flat float64 array."""
+    value = constants.value(name) if name else None
+    if value is None or not np.issubdtype(np.asarray(value).dtype, np.floating):
+        return None
+    value = np.asarray(value, dtype=np.float64)
+    per_channel = (value.ndim == 3 and value.shape[1:] == (1, 1)) or (value.ndim == 4 and value.shape[0] == 1
+                                                                       and value.shape[2:] == (1, 1))
+    return value.reshape(-1) if value.size == 1 or per_channel else None
+
+
+def _scale_shift(graph, conv_output, reads, constants) -> FoldedAffine | None:
+    nodes, output = [], conv_output
+    scale, shift = np.ones(1), np.zeros(1)
+    for op_type in ("Mul", "Add"):
+        index = reads.only_reader(output)
+        node = graph.node[index] if index is not None else None
+        if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        other = node.input[1] if node.input[0] == output else node.input[0]
+        value = _channel_constant(constants, other) if other != output else None
+        if value is None:
+            continue
+        if op_type == "Mul":
+            scale = value
+        else:
+            shift = value
+        nodes.append(index)
+        output = node.output[0]
+    return FoldedAffine(tuple(nodes), output, scale, shift) if nodes else None
 
 
 def fusable_residual(graph, conv_output, reads: TensorReaders, shapes: Mapping[str, tuple]) -> tuple[int, str] | None:

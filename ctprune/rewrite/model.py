@@ -6,7 +6,8 @@ were. Per listed layer (weight from an initializer or a Constant node):
   (`<weight>.pattern` (K, 4); `<weight>.sparse.{values,columns,blocks}`) and the spec's attributes
   (ops/PatternConv.md, ops/SparseConv.md); the bias input is reused as it is;
 - what follows it folds in where it is the output's only reader (rewrite/fusion.py): an inference BatchNormalization
-  with constant parameters (onnxruntime folds BN into a dense Conv, not into an op it does not know), a residual Add
+  with constant parameters or a Mul / Add of per-channel constants (onnxruntime folds those into a dense Conv, not
+  into an op it does not know), a residual Add
   of a same-shaped tensor (input Z; the node then sits where the Add was, since the shortcut may be computed after
   the Conv), an activation (Relu, constant Clip; for SparseConv also HardSwish, x * HardSigmoid(x), x * Sigmoid(x),
   and HardSwish written out as x * Clip(x + a, 0, d) / d);
@@ -45,7 +46,7 @@ from ctprune.graph.weightless import is_placeholder
 from ctprune.graph.writeback import set_tensor
 from ctprune.ops.names import DOMAIN, OP_TYPE, SPARSE_OP_TYPE, VERSION
 from ctprune.ops.reference import pattern_conv_function
-from ctprune.rewrite.fusion import FusedActivation, fusable_activation, fusable_batchnorm, fusable_residual
+from ctprune.rewrite.fusion import FoldedAffine, FusedActivation, fusable_activation, fusable_affine, fusable_residual
 from ctprune.rewrite.pattern_conv import CompactPatternWeights, LayerPatterns, compact_from_dense
 from ctprune.rewrite.upgrade import upgraded
 
@@ -100,10 +101,11 @@ def _conv_geometry(node: onnx.NodeProto, where: str) -> tuple[list[int], list[in
     return strides, pads
 
 
-def _fold_batchnorm(graph, conv, compact, bn, constants: ConstantTable, taken) -> tuple[CompactPatternWeights, str] | None:
-    """The compact weights and the name of a new bias initializer with the BatchNormalization folded in, or None
-    where the Conv's bias is not a constant or the shapes disagree."""
-    folded = _folded_batchnorm_bias(graph, conv, compact.weight_shape[0], bn, constants, taken)
+def _fold_affine(graph, conv, compact, affine: FoldedAffine, constants: ConstantTable,
+                 taken) -> tuple[CompactPatternWeights, str] | None:
+    """The compact weights and the name of a new bias initializer with the per-channel affine (BatchNormalization,
+    Mul / Add of constants) folded in, or None where the Conv's bias is not a constant or the shapes disagree."""
+    folded = _folded_affine_bias(graph, conv, compact.weight_shape[0], affine, constants, taken)
     if folded is None:
         return None
     scale, name = folded
@@ -111,11 +113,15 @@ def _fold_batchnorm(graph, conv, compact, bn, constants: ConstantTable, taken) -
     return dataclasses.replace(compact, weights=weights), name
 
 
-def _folded_batchnorm_bias(graph, conv, out_channels: int, bn, constants: ConstantTable, taken):
-    """(the BatchNormalization's per-output-channel scale, the name of a new bias initializer holding the Conv's bias
-    folded with it), or None where the Conv's bias is not a constant or the shapes disagree; the caller scales the
+def _folded_affine_bias(graph, conv, out_channels: int, affine: FoldedAffine, constants: ConstantTable, taken):
+    """(the affine's per-output-channel scale, the name of a new bias initializer holding the Conv's bias folded
+    with it), or None where the Conv's bias is not a constant or the shapes disagree; the caller scales the
     weights."""
-    _, scale, shift = bn
+    scale, shift = affine.scale, affine.shift
+    if scale.size == 1:
+        scale = np.full(out_channels, scale.item())
+    if shift.size == 1:
+        shift = np.full(out_channels, shift.item())
     bias = np.zeros(out_channels)
     if len(conv.input) > 2 and conv.input[2]:
         bias = constants.value(conv.input[2])
@@ -200,14 +206,6 @@ class _Rewrite:
             output = act.output
         return output, place, residual, act
 
-    def batchnorm(self, index: int, output: str):
-        """(scale, shift, new output) of a BatchNormalization that folds into the layer writing `output`, else None."""
-        bn = fusable_batchnorm(self.graph, output, self.reads, self.constants)
-        if bn is None:
-            return None
-        node = self.graph.node[bn[0]]
-        return bn, node
-
     def pattern(self, key: str, index: int, patterns: LayerPatterns, require_masked: bool,
                 check_speed: bool = False) -> str | None:
         """Rewrite one pattern layer; returns why it stays dense (check_speed: PatternConv would not be faster),
@@ -234,11 +232,11 @@ class _Rewrite:
                         + (" (kept weights stored compactly, rebuilt when the session loads)" if held else " (zeros held)"))
         output = conv.output[0]
         bias = conv.input[2] if len(conv.input) > 2 else ""
-        bn = fusable_batchnorm(graph, output, self.reads, self.constants)
-        folded = _fold_batchnorm(graph, conv, compact, bn, self.constants, self.taken) if bn is not None else None
+        affine = fusable_affine(graph, output, self.reads, self.constants)
+        folded = _fold_affine(graph, conv, compact, affine, self.constants, self.taken) if affine is not None else None
         if folded is not None:
             compact, bias = folded
-            output = self._fold_away(bn[0], conv, output)
+            output = self._fold_away(affine, conv, output)
         output, place, residual, act = self.tail(index, output, gates=False)
         lo, hi = (act.lo, act.hi) if act is not None else (float("-inf"), float("inf"))
         weight_name = unique_name(f"{conv.input[1]}.pattern", self.taken)
@@ -252,12 +250,15 @@ class _Rewrite:
         log.debug("%s -> PatternConv: %d of %d kernels kept", key, len(compact.weights), weight.shape[0] * weight.shape[1])
         return None
 
-    def _fold_away(self, bn_index: int, conv, output: str) -> str:
-        bn_node = self.graph.node[bn_index]
-        self.fused_away.add(bn_index)
-        self.maybe_unread.update(name for name in list(bn_node.input[1:]) + list(conv.input[2:]) if name)
-        self.internal.add(output)
-        return bn_node.output[0]
+    def _fold_away(self, affine: FoldedAffine, conv, output: str) -> str:
+        self.maybe_unread.update(name for name in conv.input[2:] if name)
+        for index in affine.nodes:
+            node = self.graph.node[index]
+            self.fused_away.add(index)
+            self.maybe_unread.update(name for name in node.input if name and name != output)
+            self.internal.add(output)
+            output = node.output[0]
+        return output
 
     def sparse(self, key: str, index: int, layer, require_masked: bool, threads: int,
                check_speed: bool = True) -> str | None:
@@ -297,11 +298,11 @@ class _Rewrite:
             bias = node.input[2]
         folded = None
         if not fc:
-            bn = fusable_batchnorm(graph, output, self.reads, self.constants)
-            folded = _fold_batchnorm_dense(self, node, weight, bn) if bn is not None else None
+            affine = fusable_affine(graph, output, self.reads, self.constants)
+            folded = _fold_affine_dense(self, node, weight, affine) if affine is not None else None
             if folded is not None:
                 weight, bias = folded
-                output = self._fold_away(bn[0], node, output)
+                output = self._fold_away(affine, node, output)
         output, place, residual, act = self.tail(index, output, gates=True)
         activation = Activation()
         if act is not None:
@@ -397,9 +398,9 @@ def _density(mask: np.ndarray) -> float:
     return float(np.float32(int(np.count_nonzero(mask)) / mask.size))
 
 
-def _fold_batchnorm_dense(rewrite: _Rewrite, conv, weight: np.ndarray, bn):
-    """(weight, new bias name) with the BatchNormalization folded into a dense Conv weight, or None."""
-    folded = _folded_batchnorm_bias(rewrite.graph, conv, weight.shape[0], bn, rewrite.constants, rewrite.taken)
+def _fold_affine_dense(rewrite: _Rewrite, conv, weight: np.ndarray, affine: FoldedAffine):
+    """(weight, new bias name) with the per-channel affine folded into a dense Conv weight, or None."""
+    folded = _folded_affine_bias(rewrite.graph, conv, weight.shape[0], affine, rewrite.constants, rewrite.taken)
     if folded is None:
         return None
     scale, name = folded
