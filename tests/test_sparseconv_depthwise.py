@@ -15,13 +15,12 @@ import secrets
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 
 from ctprune.lab.layer_model import sparse_and_dense_models
-from ctprune.runtime import session_options
 from conftest import skip_without_library
-from test_sparseconv_kernel import ACTIVATIONS, TIERS, plain_run, tier  # noqa: F401
+from test_hardening_nan import assert_same
+from test_sparseconv_kernel import ACTIVATIONS, TIERS, kernel_run, plain_run, tier  # noqa: F401
 
 SEED = int(os.environ.get("CTPRUNE_TEST_SEED", secrets.randbits(32)))
 
@@ -79,30 +78,6 @@ def _models(case, rng):
     else:
         feeds_w = {}
     return sparse, dense, feeds, feeds_w, y_shape
-
-
-def kernel_run(model, feeds, out_shape, threads):
-    """Through ctprune's kernel, into a NaN-poisoned bound output buffer (CTPRUNE_POISON_OUTPUT=1 also fills it)."""
-    session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
-    out = np.full(out_shape, np.nan, dtype=np.float32)
-    binding = session.io_binding()
-    for name, value in feeds.items():
-        binding.bind_cpu_input(name, value)
-    binding.bind_ortvalue_output("Y", ort.OrtValue.ortvalue_from_numpy(out))
-    session.run_with_iobinding(binding)
-    return out
-
-
-def assert_same(got, want, msg):
-    """NaN, +inf and -inf exactly where `want` has them; finite values within 2e-5 of the output's scale."""
-    assert got.shape == want.shape, msg
-    for name, mask in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
-        differ = mask(got) != mask(want)
-        assert not differ.any(), f"{name} differs at {int(differ.sum())} of {got.size} outputs: {msg}"
-    finite = np.isfinite(want)
-    scale = max(1e-3, float(np.abs(want[finite]).max(initial=0.0)))
-    assert float(np.abs(got[finite] - want[finite]).max(initial=0.0)) <= 2e-5 * scale, msg
 
 
 def _check(case, seed, nonfinite=False):
