@@ -106,24 +106,14 @@ PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* inf
   plan_ = BuildPlan(ops::ParsePatternConv(ops::ReadAttributes(api, info, ops::PatternConvAttributeNames())), blocks);
   if (plan_.blocks() > 0) {
     // A constant W of the right shape is regrouped once; anything else is checked and regrouped at run time.
-    int is_constant = 0;
-    const OrtValue* value = nullptr;
-    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &value);
-    if (status != nullptr) {
-      api.ReleaseStatus(status);
-    } else if (is_constant && value != nullptr) {
-      Ort::ConstValue w(value);
-      const auto type_shape = w.GetTensorTypeAndShapeInfo();
-      const std::vector<int64_t> ws = type_shape.GetShape();
-      if (type_shape.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && ws.size() == 2 && ws[0] == plan_.K &&
-          ws[1] == 4) {
-        const size_t floats = static_cast<size_t>(plan_.block_weight_begin.back()) * kBlockFilters;
-        block_weights_storage_.resize(floats + 16);
-        float* aligned = block_weights_storage_.data();
-        while (reinterpret_cast<uintptr_t>(aligned) % 64 != 0) ++aligned;
-        RegroupBlockWeights(plan_, w.GetTensorData<float>(), aligned);
-        block_weights_ = aligned;
-      }
+    const float* w = ops::ConstantFloatMatrix(api, info, 1, plan_.K, 4);
+    if (w != nullptr) {
+      const size_t floats = static_cast<size_t>(plan_.block_weight_begin.back()) * kBlockFilters;
+      block_weights_storage_.resize(floats + 16);
+      float* aligned = block_weights_storage_.data();
+      while (reinterpret_cast<uintptr_t>(aligned) % 64 != 0) ++aligned;
+      RegroupBlockWeights(plan_, w, aligned);
+      block_weights_ = aligned;
     }
   }
   std::string isa_error;

@@ -326,21 +326,11 @@ SparseConvKernel::SparseConvKernel(const OrtApi& api, const OrtKernelInfo* info,
   depthwise_ = DepthwiseShape(plan_.spec) && EnvInt("CTPRUNE_SPARSE_DEPTHWISE", 1) != 0;
   if (depthwise_) {
     // A constant W of the right shape is made dense once; anything else at run time.
-    int is_constant = 0;
-    const OrtValue* value = nullptr;
-    OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &value);
-    if (status != nullptr) {
-      api.ReleaseStatus(status);
-    } else if (is_constant && value != nullptr) {
-      Ort::ConstValue w(value);
-      const auto type_shape = w.GetTensorTypeAndShapeInfo();
-      const std::vector<int64_t> ws = type_shape.GetShape();
-      if (type_shape.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && ws.size() == 2 &&
-          ws[0] == plan_.K && ws[1] == plan_.spec.block) {
-        const ops::SparseConvSpec& s = plan_.spec;
-        depthwise_weights_.resize(static_cast<size_t>(s.out_channels * s.kernel_h * s.kernel_w));
-        DenseDepthwiseWeights(w.GetTensorData<float>(), depthwise_weights_.data());
-      }
+    const float* w = ops::ConstantFloatMatrix(api, info, 1, plan_.K, plan_.spec.block);
+    if (w != nullptr) {
+      const ops::SparseConvSpec& s = plan_.spec;
+      depthwise_weights_.resize(static_cast<size_t>(s.out_channels * s.kernel_h * s.kernel_w));
+      DenseDepthwiseWeights(w, depthwise_weights_.data());
     }
   }
 }

@@ -92,6 +92,25 @@ std::vector<int64_t> ConstantIndexInput(const OrtApi& api, const OrtKernelInfo* 
   return out;
 }
 
+const float* ConstantFloatMatrix(const OrtApi& api, const OrtKernelInfo* info, size_t index, int64_t rows,
+                                 int64_t cols) {
+  int is_constant = 0;
+  const OrtValue* value = nullptr;
+  OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value);
+  if (status != nullptr) {
+    api.ReleaseStatus(status);
+    return nullptr;
+  }
+  if (!is_constant || value == nullptr) return nullptr;
+  Ort::ConstValue tensor(value);
+  const auto type_shape = tensor.GetTensorTypeAndShapeInfo();
+  const std::vector<int64_t> shape = type_shape.GetShape();
+  if (type_shape.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || shape.size() != 2 || shape[0] != rows ||
+      shape[1] != cols)
+    return nullptr;
+  return tensor.GetTensorData<float>();
+}
+
 std::string NodeLabel(const OrtApi& api, const OrtKernelInfo* info, const char* op_type, const char* suffix) {
   std::string label = std::string(op_type) + " node";
   size_t size = 0;

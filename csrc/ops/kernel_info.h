@@ -21,6 +21,11 @@ NodeAttributes ReadAttributes(const OrtApi& api, const OrtKernelInfo* info, cons
 std::vector<int64_t> ConstantIndexInput(const OrtApi& api, const OrtKernelInfo* info, size_t index, const char* name,
                                         ONNXTensorElementDataType* type);
 
+// The data of a constant float32 initializer input of shape (rows, cols), or nullptr when the input is not a constant
+// or has another type or shape (the kernel then reads it at run time). The data lives as long as the session.
+const float* ConstantFloatMatrix(const OrtApi& api, const OrtKernelInfo* info, size_t index, int64_t rows,
+                                 int64_t cols);
+
 // "PatternConv node 'conv1'" (+ suffix, e.g. " (CUDA)"): how every message of the op starts.
 std::string NodeLabel(const OrtApi& api, const OrtKernelInfo* info, const char* op_type, const char* suffix = "");
 
