@@ -238,7 +238,9 @@ void PackItem(void* data, size_t item) {
     __atomic_store_n(w.nonfinite, 1, __ATOMIC_RELAXED);
 }
 
-// The packed input, reused across calls on the same thread (no per-call allocation once grown), 64-byte aligned.
+// A per-thread buffer reused across calls (no per-call allocation once grown), 64-byte aligned: the packed input of
+// a call (taken by the calling thread), or a depthwise strip's padded rows (taken by each worker; that path packs
+// nothing, so the two never hold the same thread's buffer at once).
 float* Workspace(size_t floats) {
   thread_local std::vector<float> buffer;
   if (buffer.size() < floats + 16) buffer.resize(floats + 16);
@@ -271,14 +273,6 @@ void ConvItem(void* data, size_t item) {
   w.tiles(job, p0, std::min(w.positions, p0 + w.positions_per_item), t0, std::min(job.tiles, t0 + w.tiles_per_item));
 }
 
-// The padded rows of a depthwise strip, per thread, reused across calls (64-byte aligned).
-float* DepthwiseScratch(size_t floats) {
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < floats + 16) buffer.resize(floats + 16);
-  auto address = reinterpret_cast<uintptr_t>(buffer.data());
-  return reinterpret_cast<float*>((address + 63) & ~static_cast<uintptr_t>(63));
-}
-
 struct DepthwiseWork {
   SparseDepthwiseFn kernel;
   SparseDepthwiseJob job;
@@ -293,7 +287,7 @@ void DepthwiseItem(void* data, size_t item) {
   const int n = static_cast<int>(item / per_image);
   const int rest = static_cast<int>(item % per_image);
   const int c0 = (rest / w.strips) * w.channels_per_item, oy0 = (rest % w.strips) * w.strip_rows;
-  w.kernel(w.job, DepthwiseScratch(w.scratch_floats), n, c0, std::min(w.job.C, c0 + w.channels_per_item), oy0,
+  w.kernel(w.job, Workspace(w.scratch_floats), n, c0, std::min(w.job.C, c0 + w.channels_per_item), oy0,
            std::min(w.job.OH, oy0 + w.strip_rows));
 }
 

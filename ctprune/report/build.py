@@ -21,8 +21,8 @@ def build_report(original: onnx.ModelProto, pruned: onnx.ModelProto, plan, *, ra
                  run_as_sparse: dict[str, str] | None = None, **measured) -> dict:
     """The report's dict. `weights` overrides the plan's weight totals (e.g. counted on the models); `measured`
     holds accuracy, agreement, latency_ms and train as the pipeline measured them, and any extra keys.
-    `run_as_sparse`: {name: why} for dense layers the rewrite ran as SparseConv all the same (depthwise Convs beside
-    pruned layers): their dense_layers reason says so."""
+    `run_as_sparse`: {name: how} for dense layers the rewrite ran as SparseConv all the same (depthwise Convs beside
+    pruned layers): added to their dense_layers reason."""
     totals = dict(plan.weight_totals())
     totals.update(weights or {})
     dense = plan.dense_layers()
@@ -35,8 +35,7 @@ def build_report(original: onnx.ModelProto, pruned: onnx.ModelProto, plan, *, ra
     if run_as_sparse:
         notes.append(f"{len(run_as_sparse)} depthwise Conv(s) keep all their weights and run as SparseConv beside the "
                      "pruned layers, so onnxruntime inserts no NCHWc layout reorders between them")
-    dense = {name: why + ("; runs as SparseConv (all weights kept)" if name in run_as_sparse else "")
-             for name, why in dense.items()}
+    dense = {name: why + (f"; {run_as_sparse[name]}" if name in run_as_sparse else "") for name, why in dense.items()}
     return {
         "ratio_target": ratio,
         "ratio_achieved": totals["before"] / totals["after"] if totals["after"] else math.inf,

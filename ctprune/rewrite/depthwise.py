@@ -31,7 +31,8 @@ DEPTHWISE_STRIDES = (1, 2)
 # Elementwise ops between a depthwise Conv and the op that reads its result (folded BN, activations, a residual Add).
 _PASS_THROUGH = {"BatchNormalization", "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Mul", "Add", "Div",
                  "LeakyRelu", "PRelu"}
-REASON = "depthwise Conv: all weights kept, run as SparseConv beside pruned layers (no onnxruntime layout reorders)"
+# What the report adds to such a Conv's reason for staying dense.
+REASON = "runs as SparseConv keeping every weight (no onnxruntime layout reorders around it)"
 
 
 @dataclass(frozen=True)

@@ -58,15 +58,20 @@ def fusable_activation(graph, conv_output, reads: TensorReaders, constants: Cons
         bounds = [float("-inf"), float("inf")]
         for slot, name in enumerate(node.input[1:3]):
             if name:
-                value = constants.value(name)
-                if value is None or value.size != 1:
+                bounds[slot] = _scalar_constant(constants, name)
+                if bounds[slot] is None:
                     return None
-                bounds[slot] = float(value.reshape(()))
         for attr in node.attribute:  # Clip before opset 11 (not reached after the upgrade, kept for safety)
             if attr.name in ("min", "max"):
                 bounds[attr.name == "max"] = float(attr.f)
         return FusedActivation((index,), node.output[0], lo=bounds[0], hi=bounds[1])
     return None
+
+
+def _scalar_constant(constants: ConstantTable, name: str) -> float | None:
+    """A one-element constant as a float, else None."""
+    value = constants.value(name) if name else None
+    return float(value.reshape(())) if value is not None and value.size == 1 else None
 
 
 def _fusable_gate(graph, conv_output, reads) -> FusedActivation | None:
@@ -98,8 +103,7 @@ def _written_out_hardswish(graph, conv_output, reads, constants: ConstantTable) 
     and the Mul, the Add read only by a Clip to constant [0, d], the Clip only by the Mul, the Mul only by a Div by
     the same constant d > 0."""
     def scalar(name):
-        value = constants.value(name) if name else None
-        return float(value.reshape(())) if value is not None and value.size == 1 else None
+        return _scalar_constant(constants, name)
 
     def only(name, op_type):
         index = reads.only_reader(name)

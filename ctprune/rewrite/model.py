@@ -411,19 +411,18 @@ def _depthwise_as_sparse(rewrite: _Rewrite, done: dict, threads: int) -> None:
     from ctprune.rewrite import depthwise
 
     graph = rewrite.graph
-    candidates = []
+    shapes = {}  # candidate index -> its weight's shape
     for i, node in enumerate(graph.node):
         if i in rewrite.fused_away or node.op_type != "Conv" or len(node.input) < 2:
             continue
         weight = rewrite.constant(node.input[1])
         if (weight is not None and weight.dtype == np.float32
                 and depthwise.runs_on_depthwise_path(node, weight.shape, rewrite.shapes.get(node.input[0]))):
-            candidates.append(i)
-    for i in depthwise.beside_ctprune_ops(graph, rewrite.fused_away, candidates):
+            shapes[i] = tuple(int(d) for d in weight.shape)
+    for i in depthwise.beside_ctprune_ops(graph, rewrite.fused_away, list(shapes)):
         node = graph.node[i]
         key = node.name or node.output[0]
-        weight_shape = tuple(int(d) for d in rewrite.constant(node.input[1]).shape)
-        rewrite.sparse(key, i, depthwise.AllWeightsKept(weight_shape), require_masked=True, threads=threads,
+        rewrite.sparse(key, i, depthwise.AllWeightsKept(shapes[i]), require_masked=True, threads=threads,
                        check_speed=False)
         done[key] = depthwise.REASON
 
