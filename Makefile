@@ -79,7 +79,7 @@ FUZZ_MUTATIONS ?= 1000
 # GCC 12 spent over 14 CPU minutes (stopped unfinished) on the portable SparseConv kernels (floats in arrays as vectors,
 # every tile shape) at -O1 with ASan, 11 s at -O0; the AVX2 tier takes 75 s at -O1.
 ASAN_OPT :=
-$(ASAN_DIR)/cpu/sparse_conv_generic.o: ASAN_OPT := -O0
+$(ASAN_DIR)/cpu/sparse_conv_generic.o $(ASAN_DIR)/cpu/sparse_conv_generic16.o: ASAN_OPT := -O0
 
 $(ASAN_DIR)/%.o: csrc/%.cc $(ASAN_HEADERS) $(DEPS)/onnxruntime/include/onnxruntime/onnxruntime_c_api.h
 	@mkdir -p $(dir $@)

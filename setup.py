@@ -11,6 +11,7 @@ import pathlib
 import shlex
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
@@ -44,11 +45,45 @@ class BuildKernels(build_ext):
             ext.include_dirs = [include, os.path.dirname(include), str(ROOT / "csrc")] + list(ext.include_dirs)
             if cuda:
                 add_cuda(ext, cuda, pathlib.Path(self.build_temp), [include, str(ROOT / "csrc")])
+        compile_in_parallel(self.compiler)
         super().build_extensions()
 
     def get_export_symbols(self, ext):
         # A custom-op library, not a Python extension module: it exports RegisterCustomOps, not PyInit_*.
         return []
+
+
+# The longest compiles, started first (GCC 12 -O3, one core of a Zen 3: 80 s, 24 s, 16 s, 15 s, 14 s; the rest 0.2-3 s).
+SLOW_SOURCES = ("sparse_conv_generic16.cc", "sparse_conv_generic.cc", "pattern_conv_generic.cc",
+                "sparse_conv_avx512.cc", "sparse_conv_avx2.cc")
+
+
+def compile_order(source):
+    name = os.path.basename(source)
+    return SLOW_SOURCES.index(name) if name in SLOW_SOURCES else len(SLOW_SOURCES)
+
+
+def compile_in_parallel(compiler):
+    """Compile one extension's sources on every core: distutils compiles them one at a time (~3 minutes in a row for
+    the kernel library on an idle 2-core Zen 3, 8 on a loaded one). Same commands, same objects."""
+    serial = compiler.compile
+
+    def compile(sources, output_dir=None, macros=None, include_dirs=None, debug=0, extra_preargs=None,
+                extra_postargs=None, depends=None):
+        macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
+            output_dir, macros, include_dirs, sources, depends, extra_postargs)
+        if not hasattr(compiler, "_compile") or not build:
+            return serial(sources, output_dir, macros, include_dirs, debug, extra_preargs, extra_postargs, depends)
+        cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
+        todo = sorted(build.items(), key=lambda item: compile_order(item[1][0]))
+        with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            jobs = [pool.submit(compiler._compile, obj, src, ext, cc_args, extra_postargs, pp_opts)
+                    for obj, (src, ext) in todo]
+            for job in jobs:
+                job.result()
+        return objects
+
+    compiler.compile = compile
 
 
 # --- CUDA (csrc/cuda/): off unless CTPRUNE_CUDA=1; then nvcc must be found, and the library links cudart. ---
