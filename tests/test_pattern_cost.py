@@ -18,15 +18,25 @@ from ctprune.rewrite.pattern_cost import BLOCK, PADDED_FROM, block_share, estima
 from ctprune.rewrite.sparse_cost import MARGIN
 
 
-def test_the_estimate_falls_with_density_and_blocks_pay_where_single_filters_do_not():
+@pytest.mark.parametrize("tier, break_even_range", [("avx2", (0.25, 0.3)), ("avx512", (0.13, 0.16))])
+def test_the_estimate_falls_with_density_and_blocks_pay_where_single_filters_do_not(tier, break_even_range):
     densities = np.linspace(0.01, 4 / 9, 40)
     for share in (0.0, 0.5, 1.0):
-        speed = [estimated_speedup(d, share) for d in densities]
+        speed = [estimated_speedup(d, share, tier) for d in densities]
         assert all(a >= b for a, b in zip(speed, speed[1:])), share
-    assert estimated_speedup(4 / 9, 0.0) < 1.0 < MARGIN < estimated_speedup(4 / 9, 1.0)  # patterns alone
-    assert estimated_speedup(1 / 8, 0.0) > 2.5 and estimated_speedup(1 / 8, 1.0) > 4.0  # 8x
-    break_even = next(d for d in densities if estimated_speedup(d, 0.0) < MARGIN)
-    assert 0.25 < break_even < 0.3, break_even
+    assert estimated_speedup(4 / 9, 0.0, tier) < 1.0 < MARGIN < estimated_speedup(4 / 9, 1.0, tier)  # patterns alone
+    assert estimated_speedup(1 / 8, 0.0, tier) > 1.1 and estimated_speedup(1 / 8, 1.0, tier) > 3.0  # 8x
+    break_even = next(d for d in densities if estimated_speedup(d, 0.0, tier) < MARGIN)
+    assert break_even_range[0] < break_even < break_even_range[1], break_even
+
+
+def test_the_estimate_follows_the_tier_this_machine_runs(monkeypatch):
+    import ctprune.rewrite.pattern_cost as pattern_cost
+
+    for tier in ("avx2", "avx512"):
+        monkeypatch.setattr(pattern_cost, "kernel_tier", lambda tier=tier: tier)
+        assert estimated_speedup(0.2, 0.3) == estimated_speedup(0.2, 0.3, tier)
+    assert estimated_speedup(0.2, 0.0, "avx2") != estimated_speedup(0.2, 0.0, "avx512")
 
 
 def _block_patterns(rng, o, c, runs, kept=4):
@@ -91,3 +101,32 @@ def test_rewrite_keeps_a_layer_dense_where_patternconv_would_not_be_faster(kept_
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = ctprune.InferenceSession(out.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_break_even_density_is_where_the_estimate_crosses_the_margin():
+    from ctprune.rewrite.pattern_cost import break_even_density
+
+    for tier in ("avx2", "avx512"):
+        d = break_even_density(tier=tier)
+        assert 0.0 < d < 4 / 9
+        assert estimated_speedup(d * 0.999, 0.0, tier) >= MARGIN > estimated_speedup(d * 1.01, 0.0, tier)
+        assert break_even_density(blocked=True, tier=tier) == pytest.approx(4 / 9)  # blocks gain at every density
+
+
+def test_the_allocation_spends_no_budget_above_a_pattern_layers_break_even():
+    """A layer whose kernels all matter alike (the others' importance concentrated in a few) would keep a density its
+    PatternConv cannot turn into speed;
+    with the cap (pruning/layers.py gives every single-filter pattern layer one) the budget goes to the others."""
+    import torch
+
+    from ctprune.pruning.connectivity import allocate_kernels
+
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    scores = {f"l{i}": torch.rand(32, 32, generator=gen) ** (1 if i == 0 else 8) for i in range(4)}
+    density = {}
+    for caps in (None, {n: 0.15 for n in scores}):
+        keep = allocate_kernels(scores, 8.0, allocation="importance", max_density=caps)
+        density[caps is None] = {n: 4 * int(k.sum()) / (9 * k.numel()) for n, k in keep.items()}
+        assert sum(int(k.sum()) for k in keep.values()) * 4 == pytest.approx(4 * 32 * 32 * 9 / 8.0, rel=0.02)
+    assert density[True]["l0"] > 0.2  # uncapped, the important layer keeps more than it can use
+    assert all(d <= 0.15 + 1e-3 for d in density[False].values()), density[False]

@@ -425,10 +425,15 @@ def test_blocks_are_chosen_once_and_a_resumed_run_keeps_them():
         other.load_state_dict(ckpt["pruner"])
 
 
-def test_blocks_do_not_shift_the_budget_between_layer_kinds():
+def test_blocks_do_not_shift_the_budget_between_layer_kinds(monkeypatch):
     """A blocked pattern layer is valued per weight as its single filters would be (LayerGroups.value_scale): with
     --block 16 the example VGG's 3x3 layers and its FC layer keep about what they keep per filter (without the
-    scale the 3x3 layers lost sqrt(16) = 4x in value and the FC layer kept far more)."""
+    scale the 3x3 layers lost sqrt(16) = 4x in value and the FC layer kept far more). The single-filter speed cap
+    (pattern_cost.break_even_density, which blocked layers do not get) is lifted here: it moves budget on purpose."""
+    import ctprune.pruning.layers as layers
+
+    monkeypatch.setattr(layers, "_pattern_break_even", lambda: 4 / 9)
+
     def split(block):
         result = ctprune.prune(str(EXAMPLE_VGG), ratio=8, epochs=0, block=block, quiet=True, seed=0)
         rows = result.report["layers"]

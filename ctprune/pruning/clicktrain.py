@@ -114,7 +114,7 @@ class ClickTrainPruner(TrainHooks):
     ):
         self.sparse = dict(sparse or {})  # layers pruned in blocks (pruning/layers.py); the rest are 3x3 pattern layers
         self.costs = dict(costs or {})
-        self.max_density = dict(max_density or {})  # sparse layers: the density above which they gain no speed
+        self.max_density = dict(max_density or {})  # per layer: the density above which it gains no speed
         check_prunable(weights, self.sparse)
         if soft_mode not in SOFT_MODES:
             raise ValueError(f"soft_mode must be one of {', '.join(SOFT_MODES)}, got {soft_mode!r}")

@@ -100,17 +100,23 @@ def kernel_groups(scores: torch.Tensor, cost: float = 1.0) -> LayerGroups:
 
 
 def allocate_kernels(scores: Mapping[str, torch.Tensor], ratio: float, spread: float = 2.5,
-                     allocation: str = "importance", macs: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+                     allocation: str = "importance", macs: Mapping[str, int] | None = None,
+                     max_density: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """{layer: (O, C) kernel scores} -> {layer: (O, C) bool, True = kept} meeting `ratio` exactly (up to rounding).
 
     allocation "importance": normalised importance; "macs": normalised importance per multiply-add; "balanced": per
     square root of multiply-adds ("macs" and "balanced" need `macs`, {layer: dense MACs per sample}; layers without it
-    count as average). The split itself is ctprune.pruning.allocation's, shared with the sparse layers."""
+    count as average). max_density {layer: density}: above it the layer's PatternConv would gain no speed, so the
+    budget is not spent there while the ratio can be met otherwise. The split itself is ctprune.pruning.allocation's,
+    shared with the sparse layers."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     shapes = {n: (s.shape[0], s.shape[1]) for n, s in scores.items()}
     budget = 4 * kernel_budget(shapes, ratio)
     costs = kernel_costs(shapes, macs)
     groups = {n: kernel_groups(s, costs[n]) for n, s in scores.items()}
+    for n, cap in (max_density or {}).items():
+        if n in groups:
+            groups[n].max_density = cap
     keep = allocate_groups(groups, budget, spread=spread, exponent=COST_EXPONENTS[allocation])
     return {name: k.reshape(shapes[name]) for name, k in keep.items()}

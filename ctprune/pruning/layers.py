@@ -47,7 +47,9 @@ class PrunableLayers:
     skipped: dict[str, str] = field(default_factory=dict)
     macs: dict[str, int] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)
-    max_density: dict[str, float] = field(default_factory=dict)  # sparse layers' break-even density (sparse_cost.py)
+    # break-even density: sparse layers' (sparse_cost.py), pattern layers' single-filter one (pattern_cost.py; a layer
+    # pruned in blocks of filters runs the faster block path, and selection drops the cap there)
+    max_density: dict[str, float] = field(default_factory=dict)
 
     @property
     def pattern_names(self) -> list[str]:
@@ -82,6 +84,8 @@ def decide_layers(conv_layers: Iterable, fc_layers: Iterable, parameters: Mappin
             block = CONV_BLOCK if int(layer.group) == 1 or per_group % CONV_BLOCK == 0 else 1
             out.sparse[name] = SparseTarget(block, transposed=False, kind="conv")
             out.max_density[name] = _break_even("conv", parameters[layer.weight_name].shape, layer, block)
+        else:
+            out.max_density[name] = _pattern_break_even()
         if getattr(layer, "macs", None) is not None:
             out.macs[name] = int(layer.macs)
             # a weight costs at least its read from memory: a Conv on a 1x1 image (squeeze-excite) is an FC layer
@@ -98,6 +102,12 @@ def decide_layers(conv_layers: Iterable, fc_layers: Iterable, parameters: Mappin
         out.macs[layer.node_name] = int(layer.macs)
         out.cost[layer.node_name] = FC_COST_PER_WEIGHT
     return out
+
+
+def _pattern_break_even() -> float:
+    from ctprune.rewrite.pattern_cost import break_even_density
+
+    return break_even_density(blocked=False)
 
 
 def _break_even(kind: str, weight_shape, layer, block: int) -> float:

@@ -60,7 +60,7 @@ def select_plan(
                        else importance[n].detach().float()) for n in importance if n not in sparse}
     if not sparse and not blocks:
         return _pattern_only(pattern_imp, weight_shapes, ratio, patterns, spread, skipped, importance_kind, macs,
-                             allocation)
+                             allocation, max_density)
     if sparse:
         costs = _costs(weight_shapes, macs, costs)
     else:  # pattern layers only: the costs the per-filter path (allocate_kernels) uses
@@ -92,8 +92,9 @@ def select_plan(
                 kept = library.kept_importance(imp, assignments[n])
                 if n in rows:
                     groups[n] = block_kernel_groups(kept, rows[n], math.prod(weight_shapes[n]), costs.get(n, 1.0))
-                else:
+                else:  # single filters: the per-filter path's break-even caps the budget spent here
                     groups[n] = kernel_groups(kept, costs.get(n, 1.0))
+                    groups[n].max_density = (max_density or {}).get(n)
         keep = allocate_groups(groups, weight_budget(groups, ratio), spread=spread,
                                exponent=COST_EXPONENTS[_checked(allocation)])
         voters = {n: keep[n].reshape(pattern_imp[n].shape[:2]) for n in pattern_imp}
@@ -160,13 +161,14 @@ def _checked(allocation: str) -> str:
     return allocation
 
 
-def _pattern_only(importance, weight_shapes, ratio, patterns, spread, skipped, importance_kind, macs, allocation):
+def _pattern_only(importance, weight_shapes, ratio, patterns, spread, skipped, importance_kind, macs, allocation,
+                  max_density=None):
     voters = None
     for _ in range(2):
         library = PatternLibrary.generate(importance, size=patterns, voters=voters)
         assignments = {n: library.assign(imp) for n, imp in importance.items()}
         scores = {n: library.kept_importance(importance[n], assignments[n]) for n in importance}
-        keep = allocate_kernels(scores, ratio, spread=spread, allocation=allocation, macs=macs)
+        keep = allocate_kernels(scores, ratio, spread=spread, allocation=allocation, macs=macs, max_density=max_density)
         voters = keep
     return PruningPlan.from_selection(
         library, assignments, keep, weight_shapes, ratio, skipped=skipped, importance=importance_kind, macs=macs

@@ -2,6 +2,7 @@
 
     pattern_beats_dense(compact)          -> (bool, density, estimated speedup)
     estimated_speedup(density, share)     -> float (dense time / PatternConv time)
+    break_even_density(blocked=False)     -> float (the densest layer that still gains MARGIN)
 
 PatternConv's CPU kernel runs a layer in two ways (BENCHMARKS.md, "PatternConv block path"): filters whose kernel
 lists coincide and stand next to each other (`--block 16`) 16 at a time, every input load feeding 32 multiply-adds
@@ -9,17 +10,21 @@ lists coincide and stand next to each other (`--block 16`) 16 at a time, every i
 Conv is FIXED + SLOPE * density for each path, density = 4 * kept kernels / (O * C * 9), and a layer's estimate weighs
 the two paths by the share of its kept kernels in blocks.
 
-Constants: the upper envelope (the slowest of the six benchmark layers 64@56 .. 256@56 at each ratio) of the product
-kernel on the AMD EPYC Zen 3 (AVX2), 1 thread, batch 1, two seeds:
+Constants per kernel tier (the tier this machine runs, runtime/cpu.kernel_tier): the upper envelope of the product
+kernel's time over the dense Conv's (the slowest benchmark layer at each ratio), 1 thread, batch 1, two seeds:
 
     python -m ctprune.lab.bench_layers --block 16 --ratios 2.25 4 8 --threads 1 --batch 1 --seed 0   # and --seed 1
+    python -m ctprune.lab.bench_layers --quick --threads 1 --ratios 2.25 4 8                          # per filter
 
-- per filter (block path off): speedup 0.63x at density 4/9 (patterns alone), 1.25x at 1/4, 2.82x at 1/8: time
-  -0.128 + 3.86 * density, so a layer denser than 0.27 gains less than MARGIN and stays a dense Conv;
-- blocks of 16: 1.58x, 2.59x, 4.78x at the same densities: 0.055 + 1.33 * density, faster at every pattern density.
-The AVX-512 tier was measured on another machine only in the kernel lab (per filter: 0.43-0.58x at 4/9, 1.37x at 1/4,
-2.9x at 1/8, against a stronger dense Conv), which the same constants cover; the portable tier is no faster than AVX2.
-Two threads: the block path's best-of speedups at 8x were as on one thread; the estimate is not scaled.
+- AVX2 (AMD EPYC Zen 3): per filter (block path off) 0.63x at density 4/9 (patterns alone), 1.25x at 1/4, 2.82x at
+  1/8: time -0.128 + 3.86 * density, so a layer denser than 0.27 gains less than MARGIN and stays a dense Conv;
+  blocks of 16: 1.58x, 2.59x, 4.78x at the same densities: 0.055 + 1.33 * density, faster at every pattern density.
+  The portable tier (no faster than AVX2) uses these.
+- AVX-512 (AMD EPYC Zen 5, whose onnxruntime dense Conv runs at 190-260 GFLOP/s on one core, 2.5x Zen 3's): per
+  filter 0.40x, 0.68x, 1.30x (64@56 and 256@56 the slowest; 128@28-512@14 0.64-0.87x, 1.1-1.56x, 2.1-2.8x): time
+  0.1 + 5.5 * density, so only layers sparser than 0.147 (about 7x) become PatternConvs; blocks of 16: 1.32x, 2.22x,
+  3.60x: 0.09 + 1.52 * density.
+Two threads: the block path's best-of speedups at 8x were as on one thread (AVX2); the estimate is not scaled.
 """
 
 from __future__ import annotations
@@ -28,12 +33,17 @@ import numpy as np
 
 from ctprune.rewrite.pattern_conv import CompactPatternWeights
 from ctprune.rewrite.sparse_cost import MARGIN
+from ctprune.runtime.cpu import kernel_tier
 
 KEEP, TAPS = 4, 9
 BLOCK = 16  # filters the block path computes together
 PADDED_FROM = 9  # a run's remainder of this many filters or more runs as a padded block (csrc/cpu/pattern_conv_plan.cc)
-PER_FILTER = (-0.128, 3.86)  # (FIXED, SLOPE): time over the dense Conv's
-BLOCKED = (0.055, 1.33)
+# per tier: (FIXED, SLOPE) of the per-filter path and of the block path, time over the dense Conv's
+CALIBRATIONS = {
+    "avx2": {"per_filter": (-0.128, 3.86), "blocked": (0.055, 1.33)},
+    "avx512": {"per_filter": (0.1, 5.5), "blocked": (0.09, 1.52)},
+}
+CALIBRATIONS["generic"] = CALIBRATIONS["avx2"]
 LEAST_TIME = 0.1  # the per-filter fit's intercept is below zero: no layer is more than 10x faster than dense
 
 
@@ -57,16 +67,25 @@ def block_share(compact: CompactPatternWeights) -> float:
     return blocked / filters.size
 
 
-def estimated_speedup(density: float, share: float = 0.0) -> float:
-    """Dense Conv time over PatternConv time for a layer of this density with `share` of its kept kernels in blocks."""
-    per_filter = max(LEAST_TIME, PER_FILTER[0] + PER_FILTER[1] * density)
-    blocked = max(LEAST_TIME, BLOCKED[0] + BLOCKED[1] * density)
+def estimated_speedup(density: float, share: float = 0.0, tier: str | None = None) -> float:
+    """Dense Conv time over PatternConv time for a layer of this density with `share` of its kept kernels in blocks,
+    on `tier` (default: the kernel tier this machine runs)."""
+    cal = CALIBRATIONS[tier or kernel_tier()]
+    per_filter = max(LEAST_TIME, cal["per_filter"][0] + cal["per_filter"][1] * density)
+    blocked = max(LEAST_TIME, cal["blocked"][0] + cal["blocked"][1] * density)
     return 1.0 / (share * blocked + (1.0 - share) * per_filter)
 
 
-def pattern_beats_dense(compact: CompactPatternWeights) -> tuple[bool, float, float]:
+def break_even_density(blocked: bool = False, tier: str | None = None) -> float:
+    """The largest density at which a PatternConv of single filters (or of whole blocks) still beats the dense Conv
+    by MARGIN on `tier`: the allocation spends no budget above it (pruning/layers.py). 4/9 when it always does."""
+    fixed, slope = CALIBRATIONS[tier or kernel_tier()]["blocked" if blocked else "per_filter"]
+    return float(min(KEEP / TAPS, max(0.0, (1.0 / MARGIN - fixed) / slope)))
+
+
+def pattern_beats_dense(compact: CompactPatternWeights, tier: str | None = None) -> tuple[bool, float, float]:
     """(PatternConv expected at least MARGIN faster, the layer's density, the estimated speedup)."""
     o, c = compact.weight_shape[:2]
     density = KEEP * len(compact.weights) / max(1, o * c * TAPS)
-    speedup = estimated_speedup(density, block_share(compact))
+    speedup = estimated_speedup(density, block_share(compact), tier)
     return speedup >= MARGIN, density, speedup
