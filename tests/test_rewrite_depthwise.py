@@ -16,7 +16,8 @@ from conftest import rel_err, run_ort
 from ctprune.lab.ort_layout import optimised_ops
 from ctprune.pruning.plan import SparseLayer
 from ctprune.rewrite import rewrite_model
-from ctprune.rewrite.depthwise import REASON
+from ctprune.rewrite import depthwise as depthwise_module
+from ctprune.rewrite.depthwise import MIN_OUTPUT_WIDTH, REASON
 from ctprune.rewrite.sparse_conv import CompactSparseWeights
 from graph_nets import export
 
@@ -130,7 +131,9 @@ def test_a_moved_depthwise_conv_keeps_every_weight_exactly():
 
 
 @pytest.mark.parametrize("keep_bn", [False, True], ids=["bn-folded", "bn-nodes"])
-def test_pruned_mobilenet_runs_without_layout_reorders(tmp_path, keep_bn):
+def test_pruned_mobilenet_runs_without_layout_reorders(tmp_path, keep_bn, monkeypatch):
+    # the AVX2 rule (every width moves); the AVX-512 one keeps narrow Convs on onnxruntime: the test below
+    monkeypatch.setattr(depthwise_module, "kernel_tier", lambda: "avx2")
     model = export("mobilenetv2", "torchscript17", keep_bn=keep_bn)
     result = ctprune.prune(model, ratio=4, epochs=0, seed=1)
     depthwise = [n.name for n in model.graph.node
@@ -151,3 +154,66 @@ def test_pruned_mobilenet_runs_without_layout_reorders(tmp_path, keep_bn):
     optimised = optimised_ops(str(path))
     # only the stem (an onnxruntime Conv in NCHWc) hands over to ctprune's ops: one reorder in all
     assert optimised["com.microsoft.nchwc.ReorderInput"] + optimised["com.microsoft.nchwc.ReorderOutput"] <= 1, optimised
+
+
+def _widths_chain(rng, hw: int, weights_as_inputs: bool = False) -> onnx.ModelProto:
+    """A (1x1) -> Clip -> D (dw 3x3, stride 1) -> Clip -> B (1x1) -> D2 (dw 3x3, stride 2) -> Clip -> C (1x1), on an
+    hw x hw input: D's output is hw wide, D2's about hw / 2. weights_as_inputs: every initializer also a graph input
+    (overridable, as IR < 4 exporters wrote them)."""
+    nodes, inits = [], [numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                        numpy_helper.from_array(np.array(6, np.float32), "hi")]
+
+    def conv(name, x, y, shape, **attrs):
+        w = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"{name}.w"))
+        nodes.append(helper.make_node("Conv", [x, f"{name}.w"], [y], name=name, **attrs))
+
+    def clip(x, y):
+        nodes.append(helper.make_node("Clip", [x, "lo", "hi"], [y], name=f"clip_{y}"))
+
+    conv("A", "X", "a", (128, 64, 1, 1))
+    clip("a", "a6")
+    conv("D", "a6", "d", (128, 1, 3, 3), group=128, pads=[1, 1, 1, 1])
+    clip("d", "d6")
+    conv("B", "d6", "b", (128, 128, 1, 1))
+    conv("D2", "b", "d2", (128, 1, 3, 3), group=128, pads=[1, 1, 1, 1], strides=[2, 2])
+    clip("d2", "d26")
+    conv("C", "d26", "Y", (64, 128, 1, 1))
+    inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 64, hw, hw])]
+    if weights_as_inputs:
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    graph = helper.make_graph(nodes, "widths", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("hw, weights_as_inputs, tier, moves", [
+    (28, False, "avx512", {"D", "D2"}),  # D 28 wide and D2 14 wide both move
+    (14, False, "avx512", {"D"}),       # D 14 wide moves, D2 (7 wide) stays with onnxruntime's NCHWc kernel
+    (10, False, "avx512", set()),       # neither is wide enough
+    (10, True, "avx512", {"D", "D2"}),  # weights that are graph inputs: onnxruntime runs no NCHWc, both move
+    (10, False, "avx2", {"D", "D2"}),   # AVX2: every width moves
+])
+def test_on_avx512_only_wide_enough_depthwise_convs_move(monkeypatch, tmp_path, hw, weights_as_inputs, tier, moves):
+    assert MIN_OUTPUT_WIDTH["avx512"] == 14
+    monkeypatch.setattr(depthwise_module, "kernel_tier", lambda: tier)
+    rng = np.random.default_rng()
+    model = _widths_chain(rng, hw, weights_as_inputs)
+    layers, masked = _pruned_1x1(model, "ABC", rng, density=0.03)
+    moved: dict[str, str] = {}
+    out = rewrite_model(masked, {}, sparse=layers, depthwise=moved)
+    ops = _ops_by_name(out)
+    assert [ops[n] for n in "ABC"] == ["SparseConv"] * 3, "the 1x1 layers at density 1/32 must be SparseConvs"
+    assert set(moved) == moves
+    assert {n for n in ("D", "D2") if ops[n] == "SparseConv"} == moves
+    # the premise: onnxruntime runs the dense model's Convs in NCHWc only when their weights are constants
+    path = tmp_path / "masked.onnx"
+    onnx.save(masked, path)
+    nchwc = sum(count for op, count in optimised_ops(str(path)).items() if op.startswith("com.microsoft.nchwc."))
+    assert (nchwc == 0) == weights_as_inputs, optimised_ops(str(path))
+    x = rng.standard_normal((1, 64, hw, hw)).astype(np.float32)
+    want = run_ort(masked, x)[0]
+    sess = ctprune.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert rel_err(sess.run(None, {"X": x})[0], want) < 1e-5

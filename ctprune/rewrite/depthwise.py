@@ -8,6 +8,10 @@ time. SparseConv runs a depthwise Conv (one input channel per group, no dilation
 becomes a SparseConv with every weight kept: the chain stays NCHW and the depthwise layer stays dense (its weights
 are not pruned; PreCropping is what shrinks depthwise layers).
 
+On the AVX-512 tier a Conv that onnxruntime would run in NCHWc also needs an output at least MIN_OUTPUT_WIDTH wide:
+there onnxruntime's depthwise kernel computes 16 channels per vector whatever the plane, while SparseConv's path runs
+along a row of one channel, and on 7-wide rows (9 of 16 lanes idle) it lost even with both reorders counted.
+
 Only Convs with ctprune ops on both sides move (the input written by one, the result read by one, through
 elementwise ops at most): that saves both reorders. With an onnxruntime Conv on one side the count of reorders stays
 the same whichever op runs the depthwise Conv, and onnxruntime's own NCHWc depthwise kernel is the faster of the two
@@ -23,11 +27,18 @@ import onnx
 
 from ctprune.graph.layers import conv_attributes
 from ctprune.ops.names import DOMAIN
+from ctprune.runtime.cpu import kernel_tier
 
 # What SparseConv's depthwise path takes (the kernel falls back to its general path otherwise, which is slower than
 # onnxruntime's depthwise Conv): square kernels up to 7, stride 1 or 2 on both axes, no dilation, multiplier 1.
 DEPTHWISE_KERNELS = (3, 5, 7)
 DEPTHWISE_STRIDES = (1, 2)
+# The narrowest output row worth moving, per kernel tier (missing: any). AMD EPYC Zen 5, AVX-512, 1 thread, the
+# MobileNetV2 example at 8x (`--epochs 0`; onnxruntime's profiler): 7x7 outputs of 192-576 channels took SparseConv
+# 9-22 us against 5-10 us for onnxruntime's Conv plus 5 us of reorders, 14x14 ones 11 us against 13-16 us; moving
+# every depthwise Conv made the model 1.22x faster than dense, moving none 1.41x. On Zen 3's AVX2 every width gained
+# (C960 7x7: 108 us against 137 us).
+MIN_OUTPUT_WIDTH = {"avx512": 14}
 # Elementwise ops between a depthwise Conv and the op that reads its result (folded BN, activations, a residual Add).
 _PASS_THROUGH = {"BatchNormalization", "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Mul", "Add", "Div",
                  "LeakyRelu", "PRelu"}
@@ -58,6 +69,26 @@ def runs_on_depthwise_path(node: onnx.NodeProto, weight_shape, x_shape) -> bool:
     return (per_group == 1 and attrs.group == out_channels and channels == out_channels and kh == kw
             and kh in DEPTHWISE_KERNELS and len(set(attrs.strides)) == 1 and attrs.strides[0] in DEPTHWISE_STRIDES
             and set(attrs.dilations) == {1})
+
+
+def pays_to_move(node: onnx.NodeProto, weight_shape, x_shape, weight_overridable: bool,
+                 tier: str | None = None) -> bool:
+    """Whether SparseConv's depthwise path beats what onnxruntime would run here. onnxruntime moves a Conv to its
+    NCHWc layout only when the weight is a constant; one that is also a graph input (IR < 4 exporters list every
+    initializer there) runs a plain NCHW kernel, which SparseConv's path beats at every width (CenterFace at 8x,
+    Zen 5: moving its 8x8 Convs too, 2.68x against 2.32x). An NCHWc one needs rows at least MIN_OUTPUT_WIDTH wide
+    for `tier` (default: the one that runs)."""
+    least = MIN_OUTPUT_WIDTH.get(tier or kernel_tier(), 1)
+    if weight_overridable or least <= 1:
+        return True
+    width = x_shape[3] if x_shape and len(x_shape) == 4 and isinstance(x_shape[3], int) else None
+    if width is None:
+        return False
+    attrs = conv_attributes(node, weight_shape)
+    pads = attrs.resolved_pads(tuple(x_shape[2:]))  # [top, left, bottom, right]
+    if pads is None:
+        return False
+    return (width + pads[1] + pads[3] - int(weight_shape[3])) // attrs.strides[1] + 1 >= least
 
 
 def beside_ctprune_ops(graph: onnx.GraphProto, skip: set[int], candidates: list[int]) -> list[int]:

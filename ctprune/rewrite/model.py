@@ -411,13 +411,16 @@ def _depthwise_as_sparse(rewrite: _Rewrite, done: dict, threads: int) -> None:
     from ctprune.rewrite import depthwise
 
     graph = rewrite.graph
+    graph_inputs = {i.name for i in graph.input}
     shapes = {}  # candidate index -> its weight's shape
     for i, node in enumerate(graph.node):
         if i in rewrite.fused_away or node.op_type != "Conv" or len(node.input) < 2:
             continue
         weight = rewrite.constant(node.input[1])
+        x_shape = rewrite.shapes.get(node.input[0])
         if (weight is not None and weight.dtype == np.float32
-                and depthwise.runs_on_depthwise_path(node, weight.shape, rewrite.shapes.get(node.input[0]))):
+                and depthwise.runs_on_depthwise_path(node, weight.shape, x_shape)
+                and depthwise.pays_to_move(node, weight.shape, x_shape, node.input[1] in graph_inputs)):
             shapes[i] = tuple(int(d) for d in weight.shape)
     for i in depthwise.beside_ctprune_ops(graph, rewrite.fused_away, list(shapes)):
         node = graph.node[i]
