@@ -41,6 +41,17 @@ struct Avx2 {
     const V pairs = _mm256_shuffle_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8), _MM_SHUFFLE(2, 0, 2, 0));
     return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
   }
+  static __m256i First(int n) {  // lanes below n all ones
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static V EvensFirst(const float* p, int n) {  // masked loads read p[0 .. 2n - 2] only
+    const int floats = 2 * n - 1;
+    const V pairs = _mm256_shuffle_ps(_mm256_maskload_ps(p, First(floats)), _mm256_maskload_ps(p + 8, First(floats - 8)),
+                                      _MM_SHUFFLE(2, 0, 2, 0));
+    const V evens = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
+    return _mm256_and_ps(evens, _mm256_castsi256_ps(First(n)));
+  }
+  static void StoreFirst(float* p, V v, int n) { _mm256_maskstore_ps(p, First(n), v); }
 
   // Filter blocks: 6 pixels x 16 filters = 12 sums, + 2 weight vectors and the broadcast input.
   static constexpr int kBlockPixels = 6;

@@ -75,6 +75,12 @@ struct Lanes {
     for (int i = 0; i < N; ++i) r.v[i] = p[2 * i];
     return r;
   }
+  static V EvensFirst(const float* p, int n) {
+    V r = Set1(0.0f);
+    for (int i = 0; i < n; ++i) r.v[i] = p[2 * i];
+    return r;
+  }
+  static void StoreFirst(float* p, V v, int n) { std::memcpy(p, v.v, sizeof(float) * static_cast<size_t>(n)); }
 
   static constexpr int kBlockPixels = kPixels;
   struct Index {
