@@ -18,15 +18,19 @@ from ctprune.rewrite.pattern_cost import BLOCK, PADDED_FROM, block_share, estima
 from ctprune.rewrite.sparse_cost import MARGIN
 
 
-@pytest.mark.parametrize("tier, break_even_range", [("avx2", (0.25, 0.3)), ("avx512", (0.13, 0.16))])
-def test_the_estimate_falls_with_density_and_blocks_pay_where_single_filters_do_not(tier, break_even_range):
+@pytest.mark.parametrize("tier, pixels, break_even_range", [
+    ("avx2", None, (0.25, 0.3)), ("avx2", 16, (0.25, 0.3)),
+    ("avx512", 196, (0.22, 0.26)), ("avx512", 16, (0.13, 0.16)), ("avx512", None, (0.13, 0.16)),
+])
+def test_the_estimate_falls_with_density_and_blocks_pay_where_single_filters_do_not(tier, pixels, break_even_range):
     densities = np.linspace(0.01, 4 / 9, 40)
     for share in (0.0, 0.5, 1.0):
-        speed = [estimated_speedup(d, share, tier) for d in densities]
+        speed = [estimated_speedup(d, share, tier, pixels) for d in densities]
         assert all(a >= b for a, b in zip(speed, speed[1:])), share
-    assert estimated_speedup(4 / 9, 0.0, tier) < 1.0 < MARGIN < estimated_speedup(4 / 9, 1.0, tier)  # patterns alone
-    assert estimated_speedup(1 / 8, 0.0, tier) > 1.1 and estimated_speedup(1 / 8, 1.0, tier) > 3.0  # 8x
-    break_even = next(d for d in densities if estimated_speedup(d, 0.0, tier) < MARGIN)
+    assert (estimated_speedup(4 / 9, 0.0, tier, pixels) < 1.0 < MARGIN
+            < estimated_speedup(4 / 9, 1.0, tier, pixels))  # patterns alone
+    assert estimated_speedup(1 / 8, 0.0, tier, pixels) > 1.1 and estimated_speedup(1 / 8, 1.0, tier, pixels) > 3.0
+    break_even = next(d for d in densities if estimated_speedup(d, 0.0, tier, pixels) < MARGIN)
     assert break_even_range[0] < break_even < break_even_range[1], break_even
 
 
@@ -107,10 +111,14 @@ def test_break_even_density_is_where_the_estimate_crosses_the_margin():
     from ctprune.rewrite.pattern_cost import break_even_density
 
     for tier in ("avx2", "avx512"):
-        d = break_even_density(tier=tier)
-        assert 0.0 < d < 4 / 9
-        assert estimated_speedup(d * 0.999, 0.0, tier) >= MARGIN > estimated_speedup(d * 1.01, 0.0, tier)
+        for pixels in (None, 16, 784):
+            d = break_even_density(tier=tier, pixels=pixels)
+            assert 0.0 < d < 4 / 9
+            assert (estimated_speedup(d * 0.999, 0.0, tier, pixels) >= MARGIN
+                    > estimated_speedup(d * 1.01, 0.0, tier, pixels))
         assert break_even_density(blocked=True, tier=tier) == pytest.approx(4 / 9)  # blocks gain at every density
+    # AVX-512: a 4x4 output plane pays only at lower densities than a 28x28 one
+    assert break_even_density(tier="avx512", pixels=16) < break_even_density(tier="avx512", pixels=784)
 
 
 def test_the_allocation_spends_no_budget_above_a_pattern_layers_break_even():

@@ -432,7 +432,7 @@ def test_blocks_do_not_shift_the_budget_between_layer_kinds(monkeypatch):
     (pattern_cost.break_even_density, which blocked layers do not get) is lifted here: it moves budget on purpose."""
     import ctprune.pruning.layers as layers
 
-    monkeypatch.setattr(layers, "_pattern_break_even", lambda: 4 / 9)
+    monkeypatch.setattr(layers, "_pattern_break_even", lambda layer: 4 / 9)
 
     def split(block):
         result = ctprune.prune(str(EXAMPLE_VGG), ratio=8, epochs=0, block=block, quiet=True, seed=0)

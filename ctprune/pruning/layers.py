@@ -85,7 +85,7 @@ def decide_layers(conv_layers: Iterable, fc_layers: Iterable, parameters: Mappin
             out.sparse[name] = SparseTarget(block, transposed=False, kind="conv")
             out.max_density[name] = _break_even("conv", parameters[layer.weight_name].shape, layer, block)
         else:
-            out.max_density[name] = _pattern_break_even()
+            out.max_density[name] = _pattern_break_even(layer)
         if getattr(layer, "macs", None) is not None:
             out.macs[name] = int(layer.macs)
             # a weight costs at least its read from memory: a Conv on a 1x1 image (squeeze-excite) is an FC layer
@@ -104,10 +104,12 @@ def decide_layers(conv_layers: Iterable, fc_layers: Iterable, parameters: Mappin
     return out
 
 
-def _pattern_break_even() -> float:
+def _pattern_break_even(layer) -> float:
     from ctprune.rewrite.pattern_cost import break_even_density
 
-    return break_even_density(blocked=False)
+    shape = getattr(layer, "output_shape", None)  # (C, H, W) per sample
+    known = shape is not None and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape[1:])
+    return break_even_density(blocked=False, pixels=int(shape[1]) * int(shape[2]) if known else None)
 
 
 def _break_even(kind: str, weight_shape, layer, block: int) -> float:

@@ -224,7 +224,8 @@ class _Rewrite:
             raise GraphError(f"{where}: PatternConv takes float32 weights, {conv.input[1]!r} is {weight.dtype}")
         compact = compact_from_dense(weight, patterns, require_masked=require_masked, where=where)
         if check_speed and require_masked:  # the weight is zero outside the kept taps: the dense Conv keeps it as is
-            faster, density, speedup = pattern_beats_dense(compact)
+            pixels = _plane_pixels(self.shapes.get(conv.output[0]))
+            faster, density, speedup = pattern_beats_dense(compact, pixels=pixels)
             if not faster:
                 held = density < COMPACT_HOLD_DENSITY and self._hold_compactly(conv, weight, patterns.mask() != 0)
                 return (f"PatternConv would not be {MARGIN:g}x faster than the dense Conv at density {density:.3f} "
@@ -391,6 +392,13 @@ class _Rewrite:
             dims = self.shapes.get(node.output[0])
             if node.output[0] not in typed and dims is not None:
                 graph.value_info.append(helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, dims))
+
+
+def _plane_pixels(shape) -> int | None:
+    """H * W of an (N, C, H, W) shape whose spatial dims are known, else None."""
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
+        return None
+    return int(shape[2]) * int(shape[3])
 
 
 def _density(mask: np.ndarray) -> float:

@@ -20,10 +20,11 @@ kernel's time over the dense Conv's (the slowest benchmark layer at each ratio),
   1/8: time -0.128 + 3.86 * density, so a layer denser than 0.27 gains less than MARGIN and stays a dense Conv;
   blocks of 16: 1.58x, 2.59x, 4.78x at the same densities: 0.055 + 1.33 * density, faster at every pattern density.
   The portable tier (no faster than AVX2) uses these.
-- AVX-512 (AMD EPYC Zen 5, whose onnxruntime dense Conv runs at 190-260 GFLOP/s on one core, 2.5x Zen 3's): per
-  filter 0.40x, 0.68x, 1.30x (64@56 and 256@56 the slowest; 128@28-512@14 0.64-0.87x, 1.1-1.56x, 2.1-2.8x): time
-  0.1 + 5.5 * density, so only layers sparser than 0.147 (about 7x) become PatternConvs; blocks of 16: 1.32x, 2.22x,
-  3.60x: 0.09 + 1.52 * density.
+- AVX-512 (AMD EPYC Zen 5, whose onnxruntime dense Conv runs at 190-270 GFLOP/s on one core, 2.5x Zen 3's): per
+  filter 0.62x, 1.09x, 2.07x (256@8 and 512@7 the slowest; 64@56-256@14 0.84-0.91x, 1.43-1.59x, 2.7-2.9x): time
+  0.06 + 3.5 * density, so layers sparser than 0.243 (about 4x) become PatternConvs; on output planes under 49
+  pixels (512@4) 0.49x, 0.69x, 1.30x: 0.1 + 5.5 * density (sparser than 0.147, about 7x); blocks of 16: 1.32x,
+  2.22x, 3.56x: 0.09 + 1.52 * density.
 Two threads: the block path's best-of speedups at 8x were as on one thread (AVX2); the estimate is not scaled.
 """
 
@@ -38,11 +39,13 @@ from ctprune.runtime.cpu import kernel_tier
 KEEP, TAPS = 4, 9
 BLOCK = 16  # filters the block path computes together
 PADDED_FROM = 9  # a run's remainder of this many filters or more runs as a padded block (csrc/cpu/pattern_conv_plan.cc)
-# per tier: (FIXED, SLOPE) of the per-filter path and of the block path, time over the dense Conv's
+# per tier: (FIXED, SLOPE) of the per-filter path and of the block path, time over the dense Conv's; "small": the
+# per-filter path on output planes of fewer than SMALL_PLANE pixels, where a tile holds a few vectors (AVX-512: 4x4)
 CALIBRATIONS = {
     "avx2": {"per_filter": (-0.128, 3.86), "blocked": (0.055, 1.33)},
-    "avx512": {"per_filter": (0.1, 5.5), "blocked": (0.09, 1.52)},
+    "avx512": {"per_filter": (0.06, 3.5), "small": (0.1, 5.5), "blocked": (0.09, 1.52)},
 }
+SMALL_PLANE = 49
 CALIBRATIONS["generic"] = CALIBRATIONS["avx2"]
 LEAST_TIME = 0.1  # the per-filter fit's intercept is below zero: no layer is more than 10x faster than dense
 
@@ -67,25 +70,37 @@ def block_share(compact: CompactPatternWeights) -> float:
     return blocked / filters.size
 
 
-def estimated_speedup(density: float, share: float = 0.0, tier: str | None = None) -> float:
+def _per_filter(cal: dict, pixels: int | None) -> tuple[float, float]:
+    """The per-filter constants for an output plane of `pixels` (None: not known, the small planes' when the tier
+    has them, which are the slower)."""
+    small = pixels is None or pixels < SMALL_PLANE
+    return cal["small"] if small and "small" in cal else cal["per_filter"]
+
+
+def estimated_speedup(density: float, share: float = 0.0, tier: str | None = None, pixels: int | None = None) -> float:
     """Dense Conv time over PatternConv time for a layer of this density with `share` of its kept kernels in blocks,
-    on `tier` (default: the kernel tier this machine runs)."""
+    on `tier` (default: the kernel tier this machine runs), whose output plane has `pixels` (OH * OW)."""
     cal = CALIBRATIONS[tier or kernel_tier()]
-    per_filter = max(LEAST_TIME, cal["per_filter"][0] + cal["per_filter"][1] * density)
+    fixed, slope = _per_filter(cal, pixels)
+    per_filter = max(LEAST_TIME, fixed + slope * density)
     blocked = max(LEAST_TIME, cal["blocked"][0] + cal["blocked"][1] * density)
     return 1.0 / (share * blocked + (1.0 - share) * per_filter)
 
 
-def break_even_density(blocked: bool = False, tier: str | None = None) -> float:
+def break_even_density(blocked: bool = False, tier: str | None = None, pixels: int | None = None) -> float:
     """The largest density at which a PatternConv of single filters (or of whole blocks) still beats the dense Conv
-    by MARGIN on `tier`: the allocation spends no budget above it (pruning/layers.py). 4/9 when it always does."""
-    fixed, slope = CALIBRATIONS[tier or kernel_tier()]["blocked" if blocked else "per_filter"]
+    by MARGIN on `tier` for an output plane of `pixels`: the allocation spends no budget above it
+    (pruning/layers.py). 4/9 when it always does."""
+    cal = CALIBRATIONS[tier or kernel_tier()]
+    fixed, slope = cal["blocked"] if blocked else _per_filter(cal, pixels)
     return float(min(KEEP / TAPS, max(0.0, (1.0 / MARGIN - fixed) / slope)))
 
 
-def pattern_beats_dense(compact: CompactPatternWeights, tier: str | None = None) -> tuple[bool, float, float]:
-    """(PatternConv expected at least MARGIN faster, the layer's density, the estimated speedup)."""
+def pattern_beats_dense(compact: CompactPatternWeights, tier: str | None = None,
+                        pixels: int | None = None) -> tuple[bool, float, float]:
+    """(PatternConv expected at least MARGIN faster, the layer's density, the estimated speedup); `pixels`: the
+    output plane's OH * OW where known."""
     o, c = compact.weight_shape[:2]
     density = KEEP * len(compact.weights) / max(1, o * c * TAPS)
-    speedup = estimated_speedup(density, block_share(compact), tier)
+    speedup = estimated_speedup(density, block_share(compact), tier, pixels)
     return speedup >= MARGIN, density, speedup
