@@ -24,20 +24,35 @@ from graph_nets import export
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+class _Convs:
+    """Nodes and initializers of a test graph of Convs (He-scaled random weights) and Clip(0, 6)s."""
+
+    def __init__(self, rng):
+        self.rng, self.nodes = rng, []
+        self.inits = [numpy_helper.from_array(np.array(0, np.float32), "lo"),
+                      numpy_helper.from_array(np.array(6, np.float32), "hi")]
+
+    def conv(self, name, x, y, shape, bias=False, **attrs):
+        w = (self.rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+        self.inits.append(numpy_helper.from_array(w, f"{name}.w"))
+        inputs = [x, f"{name}.w"]
+        if bias:
+            self.inits.append(numpy_helper.from_array(self.rng.standard_normal(shape[0]).astype(np.float32), f"{name}.b"))
+            inputs.append(f"{name}.b")
+        self.nodes.append(helper.make_node("Conv", inputs, [y], name=name, **attrs))
+
+    def clip(self, x, y):
+        self.nodes.append(helper.make_node("Clip", [x, "lo", "hi"], [y], name=f"clip_{y}"))
+
+
 def _chain(rng) -> onnx.ModelProto:
     """A -> Clip -> D1 (dw 3x3) -> Clip -> B -> D2 (dw, dilation 2) -> C -> D3 (dw 5x5, stride 2) -> Relu."""
-    nodes, inits = [], []
+    g = _Convs(rng)
+    nodes, inits, clip = g.nodes, g.inits, g.clip
 
     def conv(name, x, y, shape, **attrs):
-        w = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"{name}.w"))
-        inits.append(numpy_helper.from_array(rng.standard_normal(shape[0]).astype(np.float32), f"{name}.b"))
-        nodes.append(helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [y], name=name, **attrs))
+        g.conv(name, x, y, shape, bias=True, **attrs)
 
-    def clip(x, y):
-        nodes.append(helper.make_node("Clip", [x, "lo", "hi"], [y], name=f"clip_{y}"))
-
-    inits += [numpy_helper.from_array(np.array(0, np.float32), "lo"), numpy_helper.from_array(np.array(6, np.float32), "hi")]
     conv("A", "X", "a", (64, 32, 1, 1))
     clip("a", "a6")
     conv("D1", "a6", "d1", (64, 1, 3, 3), group=64, pads=[1, 1, 1, 1])
@@ -160,17 +175,8 @@ def _widths_chain(rng, hw: int, weights_as_inputs: bool = False) -> onnx.ModelPr
     """A (1x1) -> Clip -> D (dw 3x3, stride 1) -> Clip -> B (1x1) -> D2 (dw 3x3, stride 2) -> Clip -> C (1x1), on an
     hw x hw input: D's output is hw wide, D2's about hw / 2. weights_as_inputs: every initializer also a graph input
     (overridable, as IR < 4 exporters wrote them)."""
-    nodes, inits = [], [numpy_helper.from_array(np.array(0, np.float32), "lo"),
-                        numpy_helper.from_array(np.array(6, np.float32), "hi")]
-
-    def conv(name, x, y, shape, **attrs):
-        w = (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"{name}.w"))
-        nodes.append(helper.make_node("Conv", [x, f"{name}.w"], [y], name=name, **attrs))
-
-    def clip(x, y):
-        nodes.append(helper.make_node("Clip", [x, "lo", "hi"], [y], name=f"clip_{y}"))
-
+    g = _Convs(rng)
+    nodes, inits, conv, clip = g.nodes, g.inits, g.conv, g.clip
     conv("A", "X", "a", (128, 64, 1, 1))
     clip("a", "a6")
     conv("D", "a6", "d", (128, 1, 3, 3), group=128, pads=[1, 1, 1, 1])
