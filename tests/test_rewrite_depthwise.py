@@ -37,7 +37,8 @@ class _Convs:
         self.inits.append(numpy_helper.from_array(w, f"{name}.w"))
         inputs = [x, f"{name}.w"]
         if bias:
-            self.inits.append(numpy_helper.from_array(self.rng.standard_normal(shape[0]).astype(np.float32), f"{name}.b"))
+            b = self.rng.standard_normal(shape[0]).astype(np.float32)
+            self.inits.append(numpy_helper.from_array(b, f"{name}.b"))
             inputs.append(f"{name}.b")
         self.nodes.append(helper.make_node("Conv", inputs, [y], name=name, **attrs))
 
