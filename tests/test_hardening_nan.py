@@ -204,3 +204,25 @@ def test_the_clamp_keeps_nan(library):
         model = pattern_conv_model(layer, x.shape, None, (1, 1), (1, 1, 1, 1), activation, z_shape=z.shape)
         y = kernel_session(model, library).run(None, {"X": x, "Z": z})[0]
         assert np.isnan(y).all(), f"activation {activation}: {int((~np.isnan(y)).sum())} outputs lost their NaN"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_stride_2_rows_of_every_width_report_an_inf_in_their_tail(library, monkeypatch, tier):
+    """Stride 2 packs each row's pixels a vector of every other pixel at a time, the tail as masked vectors (16-lane
+    tiers: every row under 32 pixels is all tail); an Inf in a row's last pixels must still be found, whatever the
+    width around 1 and 2 vectors."""
+    if not tier_runs(tier, library, monkeypatch):
+        pytest.skip(f"this CPU does not run the {tier} tier")
+    rng = np.random.default_rng([SEED, 11, TIERS.index(tier)])
+    for W in (7, 15, 16, 17, 31, 32, 33, 47, 64):
+        C, O, H = 3, 4, 6
+        layer = random_pattern_layer(rng, O, C, np.full(O, C))  # every kernel kept: each input pixel is read
+        dense = np.zeros((O, C, 9), np.float32)
+        for k in range(layer.kept_kernels):
+            dense[layer.kernel_filters[k], layer.kernel_channels[k], layer.patterns[layer.kernel_patterns[k]]] = \
+                layer.weights[k]
+        layer.dense = dense.reshape(O, C, 3, 3)
+        x = rng.standard_normal((1, C, H, W)).astype(np.float32)
+        x[0, int(rng.integers(0, C)), int(rng.integers(0, H)), W - 1 - int(rng.integers(0, 2))] = rng.choice(SPECIALS)
+        check(library, dict(layer=layer, x=x, bias=None, z=None, stride=2, pads=[1, 1, 1, 1], activation=ACTIVATIONS[0],
+                            what=f"stride 2, W={W}, a special in a row's last two pixels"))
