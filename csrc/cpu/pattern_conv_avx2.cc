@@ -36,19 +36,18 @@ struct Avx2 {
   static V Min(V a, V b) { return _mm256_min_ps(a, b); }
   static void Store(float* p, V v) { _mm256_store_ps(p, v); }
   static void StoreU(float* p, V v) { _mm256_storeu_ps(p, v); }
-  static V Evens(const float* p) {
+  static V EvensOf(V a, V b) {
     // [a0 a2 b0 b2 | a4 a6 b4 b6], then its 64-bit quarters in the order 0 2 1 3.
-    const V pairs = _mm256_shuffle_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8), _MM_SHUFFLE(2, 0, 2, 0));
+    const V pairs = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
     return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
   }
+  static V Evens(const float* p) { return EvensOf(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)); }
   static __m256i First(int n) {  // lanes below n all ones
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   }
   static V EvensFirst(const float* p, int n) {  // masked loads read p[0 .. 2n - 2] only
     const int floats = 2 * n - 1;
-    const V pairs = _mm256_shuffle_ps(_mm256_maskload_ps(p, First(floats)), _mm256_maskload_ps(p + 8, First(floats - 8)),
-                                      _MM_SHUFFLE(2, 0, 2, 0));
-    const V evens = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
+    const V evens = EvensOf(_mm256_maskload_ps(p, First(floats)), _mm256_maskload_ps(p + 8, First(floats - 8)));
     return _mm256_and_ps(evens, _mm256_castsi256_ps(First(n)));
   }
   static void StoreFirst(float* p, V v, int n) { _mm256_maskstore_ps(p, First(n), v); }

@@ -41,17 +41,18 @@ struct Zmm {
   static V Min(V a, V b) { return _mm512_min_ps(a, b); }
   static void Store(float* p, V v) { _mm512_store_ps(p, v); }
   static void StoreU(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static __m512i EvenLanes() {  // lanes of the concatenated pair (a, b): 0, 2, ..., 30
+    return _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  }
   static V Evens(const float* p) {
-    // Lanes of the concatenated pair (a, b): 0, 2, ..., 30.
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    return _mm512_permutex2var_ps(_mm512_loadu_ps(p), even, _mm512_loadu_ps(p + 16));
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(p), EvenLanes(), _mm512_loadu_ps(p + 16));
   }
   static V EvensFirst(const float* p, int n) {  // masked loads read p[0 .. 2n - 2] only
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const int floats = 2 * n - 1;
     const __mmask16 lo = floats >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << floats) - 1);
     const __mmask16 hi = floats > 16 ? static_cast<__mmask16>((1u << (floats - 16)) - 1) : 0;
-    const V pairs = _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(lo, p), even, _mm512_maskz_loadu_ps(hi, p + 16));
+    const V pairs =
+        _mm512_permutex2var_ps(_mm512_maskz_loadu_ps(lo, p), EvenLanes(), _mm512_maskz_loadu_ps(hi, p + 16));
     return _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << n) - 1), pairs);
   }
   static void StoreFirst(float* p, V v, int n) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v); }

@@ -90,13 +90,14 @@ def kernel_costs(shapes: Mapping[str, tuple[int, int]], macs: Mapping[str, int] 
     return {n: per_kernel.get(n, mean) / mean for n in shapes}
 
 
-def kernel_groups(scores: torch.Tensor, cost: float = 1.0) -> LayerGroups:
-    """A pattern layer's (O, C) kernel scores as allocation groups: 4 weights each, every filter's best one forced."""
+def kernel_groups(scores: torch.Tensor, cost: float = 1.0, max_density: float | None = None) -> LayerGroups:
+    """A pattern layer's (O, C) kernel scores as allocation groups: 4 weights each, every filter's best one forced;
+    `max_density`: the density above which its PatternConv gains no speed (the allocation's cap)."""
     o, c = scores.shape
     flat = scores.detach().reshape(-1)
     forced = torch.zeros(o * c, dtype=torch.bool, device=flat.device)
     forced[torch.argmax(scores.detach().reshape(o, c), dim=1) + torch.arange(o, device=flat.device) * c] = True
-    return LayerGroups(flat, torch.full((o * c,), 4.0, device=flat.device), forced, 9 * o * c, cost)
+    return LayerGroups(flat, torch.full((o * c,), 4.0, device=flat.device), forced, 9 * o * c, cost, max_density)
 
 
 def allocate_kernels(scores: Mapping[str, torch.Tensor], ratio: float, spread: float = 2.5,
@@ -114,9 +115,6 @@ def allocate_kernels(scores: Mapping[str, torch.Tensor], ratio: float, spread: f
     shapes = {n: (s.shape[0], s.shape[1]) for n, s in scores.items()}
     budget = 4 * kernel_budget(shapes, ratio)
     costs = kernel_costs(shapes, macs)
-    groups = {n: kernel_groups(s, costs[n]) for n, s in scores.items()}
-    for n, cap in (max_density or {}).items():
-        if n in groups:
-            groups[n].max_density = cap
+    groups = {n: kernel_groups(s, costs[n], (max_density or {}).get(n)) for n, s in scores.items()}
     keep = allocate_groups(groups, budget, spread=spread, exponent=COST_EXPONENTS[allocation])
     return {name: k.reshape(shapes[name]) for name, k in keep.items()}

@@ -105,11 +105,9 @@ def decide_layers(conv_layers: Iterable, fc_layers: Iterable, parameters: Mappin
 
 
 def _pattern_break_even(layer) -> float:
-    from ctprune.rewrite.pattern_cost import break_even_density
+    from ctprune.rewrite.pattern_cost import break_even_density, plane_pixels
 
-    shape = getattr(layer, "output_shape", None)  # (C, H, W) per sample
-    known = shape is not None and len(shape) == 3 and all(isinstance(d, int) and d > 0 for d in shape[1:])
-    return break_even_density(blocked=False, pixels=int(shape[1]) * int(shape[2]) if known else None)
+    return break_even_density(blocked=False, pixels=plane_pixels(getattr(layer, "output_shape", None)))
 
 
 def _break_even(kind: str, weight_shape, layer, block: int) -> float:

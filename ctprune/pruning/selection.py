@@ -93,8 +93,7 @@ def select_plan(
                 if n in rows:
                     groups[n] = block_kernel_groups(kept, rows[n], math.prod(weight_shapes[n]), costs.get(n, 1.0))
                 else:  # single filters: the per-filter path's break-even caps the budget spent here
-                    groups[n] = kernel_groups(kept, costs.get(n, 1.0))
-                    groups[n].max_density = (max_density or {}).get(n)
+                    groups[n] = kernel_groups(kept, costs.get(n, 1.0), (max_density or {}).get(n))
         keep = allocate_groups(groups, weight_budget(groups, ratio), spread=spread,
                                exponent=COST_EXPONENTS[_checked(allocation)])
         voters = {n: keep[n].reshape(pattern_imp[n].shape[:2]) for n in pattern_imp}

@@ -71,24 +71,17 @@ def runs_on_depthwise_path(node: onnx.NodeProto, weight_shape, x_shape) -> bool:
             and set(attrs.dilations) == {1})
 
 
-def pays_to_move(node: onnx.NodeProto, weight_shape, x_shape, weight_overridable: bool,
-                 tier: str | None = None) -> bool:
+def pays_to_move(y_shape, weight_overridable: bool, tier: str | None = None) -> bool:
     """Whether SparseConv's depthwise path beats what onnxruntime would run here. onnxruntime moves a Conv to its
     NCHWc layout only when the weight is a constant; one that is also a graph input (IR < 4 exporters list every
     initializer there) runs a plain NCHW kernel, which SparseConv's path beats at every width (CenterFace at 8x,
-    Zen 5: moving its 8x8 Convs too, 2.68x against 2.32x). An NCHWc one needs rows at least MIN_OUTPUT_WIDTH wide
-    for `tier` (default: the one that runs)."""
+    Zen 5: moving its 8x8 Convs too, 2.68x against 2.32x). An NCHWc one needs an output (`y_shape`, NCHW as shape
+    inference gave it) at least MIN_OUTPUT_WIDTH wide for `tier` (default: the one that runs)."""
     least = MIN_OUTPUT_WIDTH.get(tier or kernel_tier(), 1)
     if weight_overridable or least <= 1:
         return True
-    width = x_shape[3] if x_shape and len(x_shape) == 4 and isinstance(x_shape[3], int) else None
-    if width is None:
-        return False
-    attrs = conv_attributes(node, weight_shape)
-    pads = attrs.resolved_pads(tuple(x_shape[2:]))  # [top, left, bottom, right]
-    if pads is None:
-        return False
-    return (width + pads[1] + pads[3] - int(weight_shape[3])) // attrs.strides[1] + 1 >= least
+    width = y_shape[3] if y_shape and len(y_shape) == 4 else None
+    return isinstance(width, int) and width >= least
 
 
 def beside_ctprune_ops(graph: onnx.GraphProto, skip: set[int], candidates: list[int]) -> list[int]:

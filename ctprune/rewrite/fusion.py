@@ -98,18 +98,20 @@ def _fusable_gate(graph, conv_output, reads) -> FusedActivation | None:
                            beta=float(attrs.get("beta", 0.5)))
 
 
+def _sole_reader(graph, reads: TensorReaders, name: str, op_type: str):
+    """(index, node) of the default-domain `op_type` node that is the only reader of `name`, else (None, None)."""
+    index = reads.only_reader(name)
+    node = graph.node[index] if index is not None else None
+    ok = node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+    return (index, node) if ok else (None, None)
+
+
 def _written_out_hardswish(graph, conv_output, reads, constants: ConstantTable) -> FusedActivation | None:
     """y = c * Clip(c + a, 0, d) / d, which is c * HardSigmoid(c; 1/d, a/d): c read by exactly an Add of a constant a
     and the Mul, the Add read only by a Clip to constant [0, d], the Clip only by the Mul, the Mul only by a Div by
     the same constant d > 0."""
     def scalar(name):
         return _scalar_constant(constants, name)
-
-    def only(name, op_type):
-        index = reads.only_reader(name)
-        node = graph.node[index] if index is not None else None
-        ok = node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
-        return (index, node) if ok else (None, None)
 
     readers = reads.nodes(conv_output)
     if reads[conv_output] != 2 or len(readers) != 2:
@@ -121,7 +123,7 @@ def _written_out_hardswish(graph, conv_output, reads, constants: ConstantTable) 
     if add.domain not in ("", "ai.onnx") or len(add.input) != 2 or conv_output not in add.input:
         return None
     shift = scalar(add.input[1] if add.input[0] == conv_output else add.input[0])
-    clip_index, clip = only(add.output[0], "Clip")
+    clip_index, clip = _sole_reader(graph, reads, add.output[0], "Clip")
     if shift is None or clip is None or clip.input[0] != add.output[0] or len(clip.input) != 3:
         return None
     lo, hi = scalar(clip.input[1]), scalar(clip.input[2])
@@ -131,7 +133,7 @@ def _written_out_hardswish(graph, conv_output, reads, constants: ConstantTable) 
         return None
     if reads.only_reader(clip.output[0]) != kinds["Mul"]:
         return None
-    div_index, div = only(mul.output[0], "Div")
+    div_index, div = _sole_reader(graph, reads, mul.output[0], "Div")
     if div is None or div.input[0] != mul.output[0] or scalar(div.input[1]) != hi:
         return None
     return FusedActivation((kinds["Add"], clip_index, kinds["Mul"], div_index), div.output[0], kind="hardsigmoid_mul",
@@ -158,11 +160,8 @@ def fusable_affine(graph, conv_output, reads: TensorReaders, constants: Constant
 
 
 def _batchnorm(graph, conv_output, reads, constants) -> FoldedAffine | None:
-    index = reads.only_reader(conv_output)
-    if index is None:
-        return None
-    node = graph.node[index]
-    if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx") or len(node.input) != 5:
+    index, node = _sole_reader(graph, reads, conv_output, "BatchNormalization")
+    if node is None or len(node.input) != 5:
         return None
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if int(attrs.get("training_mode", 0)) != 0 or sum(1 for name in node.output if name) != 1:
@@ -190,9 +189,8 @@ def _scale_shift(graph, conv_output, reads, constants) -> FoldedAffine | None:
     nodes, output = [], conv_output
     scale, shift = np.ones(1), np.zeros(1)
     for op_type in ("Mul", "Add"):
-        index = reads.only_reader(output)
-        node = graph.node[index] if index is not None else None
-        if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        index, node = _sole_reader(graph, reads, output, op_type)
+        if node is None or len(node.input) != 2:
             continue
         other = node.input[1] if node.input[0] == output else node.input[0]
         value = _channel_constant(constants, other) if other != output else None

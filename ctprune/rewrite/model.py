@@ -210,7 +210,7 @@ class _Rewrite:
                 check_speed: bool = False) -> str | None:
         """Rewrite one pattern layer; returns why it stays dense (check_speed: PatternConv would not be faster),
         or None when it became a PatternConv."""
-        from ctprune.rewrite.pattern_cost import pattern_beats_dense
+        from ctprune.rewrite.pattern_cost import pattern_beats_dense, plane_pixels
         from ctprune.rewrite.sparse_cost import MARGIN
 
         graph = self.graph
@@ -224,7 +224,7 @@ class _Rewrite:
             raise GraphError(f"{where}: PatternConv takes float32 weights, {conv.input[1]!r} is {weight.dtype}")
         compact = compact_from_dense(weight, patterns, require_masked=require_masked, where=where)
         if check_speed and require_masked:  # the weight is zero outside the kept taps: the dense Conv keeps it as is
-            pixels = _plane_pixels(self.shapes.get(conv.output[0]))
+            pixels = plane_pixels(self.shapes.get(conv.output[0]))
             faster, density, speedup = pattern_beats_dense(compact, pixels=pixels)
             if not faster:
                 held = density < COMPACT_HOLD_DENSITY and self._hold_compactly(conv, weight, patterns.mask() != 0)
@@ -394,13 +394,6 @@ class _Rewrite:
                 graph.value_info.append(helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, dims))
 
 
-def _plane_pixels(shape) -> int | None:
-    """H * W of an (N, C, H, W) shape whose spatial dims are known, else None."""
-    if shape is None or len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[2:]):
-        return None
-    return int(shape[2]) * int(shape[3])
-
-
 def _density(mask: np.ndarray) -> float:
     """Kept fraction of a bool mask, as the mean of its 0/1 float32 form reads (float32-rounded), without that form."""
     return float(np.float32(int(np.count_nonzero(mask)) / mask.size))
@@ -425,10 +418,10 @@ def _depthwise_as_sparse(rewrite: _Rewrite, done: dict, threads: int) -> None:
         if i in rewrite.fused_away or node.op_type != "Conv" or len(node.input) < 2:
             continue
         weight = rewrite.constant(node.input[1])
-        x_shape = rewrite.shapes.get(node.input[0])
+        x_shape, y_shape = rewrite.shapes.get(node.input[0]), rewrite.shapes.get(node.output[0])
         if (weight is not None and weight.dtype == np.float32
                 and depthwise.runs_on_depthwise_path(node, weight.shape, x_shape)
-                and depthwise.pays_to_move(node, weight.shape, x_shape, node.input[1] in graph_inputs)):
+                and depthwise.pays_to_move(y_shape, node.input[1] in graph_inputs)):
             shapes[i] = tuple(int(d) for d in weight.shape)
     for i in depthwise.beside_ctprune_ops(graph, rewrite.fused_away, list(shapes)):
         node = graph.node[i]

@@ -45,8 +45,8 @@ CALIBRATIONS = {
     "avx2": {"per_filter": (-0.128, 3.86), "blocked": (0.055, 1.33)},
     "avx512": {"per_filter": (0.06, 3.5), "small": (0.1, 5.5), "blocked": (0.09, 1.52)},
 }
-SMALL_PLANE = 49
 CALIBRATIONS["generic"] = CALIBRATIONS["avx2"]
+SMALL_PLANE = 49
 LEAST_TIME = 0.1  # the per-filter fit's intercept is below zero: no layer is more than 10x faster than dense
 
 
@@ -68,6 +68,13 @@ def block_share(compact: CompactPatternWeights) -> float:
         blocked += in_blocks * (ends[i - 1] - starts[i - 1])
         run = 1
     return blocked / filters.size
+
+
+def plane_pixels(shape) -> int | None:
+    """H * W from a shape ending in (H, W) ((N, C, H, W) or (C, H, W)) when both are known, else None."""
+    if shape is None or len(shape) < 2 or not all(isinstance(d, int) and d > 0 for d in shape[-2:]):
+        return None
+    return int(shape[-2]) * int(shape[-1])
 
 
 def _per_filter(cal: dict, pixels: int | None) -> tuple[float, float]:
