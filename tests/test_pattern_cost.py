@@ -21,6 +21,7 @@ from ctprune.rewrite.sparse_cost import MARGIN
 @pytest.mark.parametrize("tier, pixels, break_even_range", [
     ("avx2", None, (0.25, 0.3)), ("avx2", 16, (0.25, 0.3)),
     ("avx512", 196, (0.22, 0.26)), ("avx512", 16, (0.13, 0.16)), ("avx512", None, (0.13, 0.16)),
+    ("avx512/zen4", 196, (0.33, 0.37)), ("avx512/zen4", 16, (0.21, 0.25)),
 ])
 def test_the_estimate_falls_with_density_and_blocks_pay_where_single_filters_do_not(tier, pixels, break_even_range):
     densities = np.linspace(0.01, 4 / 9, 40)
@@ -37,10 +38,27 @@ def test_the_estimate_falls_with_density_and_blocks_pay_where_single_filters_do_
 def test_the_estimate_follows_the_tier_this_machine_runs(monkeypatch):
     import ctprune.rewrite.pattern_cost as pattern_cost
 
+    monkeypatch.setattr(pattern_cost, "cpu_model", lambda: None)
     for tier in ("avx2", "avx512"):
         monkeypatch.setattr(pattern_cost, "kernel_tier", lambda tier=tier: tier)
         assert estimated_speedup(0.2, 0.3) == estimated_speedup(0.2, 0.3, tier)
     assert estimated_speedup(0.2, 0.0, "avx2") != estimated_speedup(0.2, 0.0, "avx512")
+
+
+def test_a_core_generation_with_its_own_calibration_takes_it_and_others_take_the_tiers(monkeypatch):
+    """Zen 4 runs the AVX-512 tier against a dense Conv half as fast as Zen 5's: its own constants; a core without
+    a variant (or a forced tier that has none for it) falls back to the tier's."""
+    import ctprune.rewrite.pattern_cost as pattern_cost
+
+    monkeypatch.setattr(pattern_cost, "kernel_tier", lambda: "avx512")
+    for model, want in (("zen4", "avx512/zen4"), ("zen5", "avx512"), (None, "avx512")):
+        monkeypatch.setattr(pattern_cost, "cpu_model", lambda model=model: model)
+        assert estimated_speedup(0.3, 0.0, pixels=196) == estimated_speedup(0.3, 0.0, want, 196), model
+    monkeypatch.setattr(pattern_cost, "kernel_tier", lambda: "avx2")
+    monkeypatch.setattr(pattern_cost, "cpu_model", lambda: "zen4")
+    assert estimated_speedup(0.3, 0.0, pixels=196) == estimated_speedup(0.3, 0.0, "avx2", 196)
+    # Zen 4's per-filter path pays from about 2.8x, Zen 5's from about 4x
+    assert estimated_speedup(0.3, 0.0, "avx512/zen4", 196) > MARGIN > estimated_speedup(0.3, 0.0, "avx512", 196)
 
 
 def _block_patterns(rng, o, c, runs, kept=4):
@@ -138,3 +156,19 @@ def test_the_allocation_spends_no_budget_above_a_pattern_layers_break_even():
         assert sum(int(k.sum()) for k in keep.values()) * 4 == pytest.approx(4 * 32 * 32 * 9 / 8.0, rel=0.02)
     assert density[True]["l0"] > 0.2  # uncapped, the important layer keeps more than it can use
     assert all(d <= 0.15 + 1e-3 for d in density[False].values()), density[False]
+
+
+@pytest.mark.parametrize("fields, want", [
+    ({"vendor_id": "AuthenticAMD", "cpu family": "25", "flags": "fpu avx2 fma avx512f avx512vl"}, "zen4"),
+    ({"vendor_id": "AuthenticAMD", "cpu family": "25", "flags": "fpu avx2 fma"}, "zen3"),
+    ({"vendor_id": "AuthenticAMD", "cpu family": "26", "flags": "fpu avx2 fma avx512f"}, "zen5"),
+    ({"vendor_id": "AuthenticAMD", "cpu family": "23", "flags": "fpu avx2 fma"}, None),
+    ({"vendor_id": "GenuineIntel", "cpu family": "6", "flags": "avx2 fma avx512f"}, None),
+    ({"vendor_id": "AuthenticAMD", "cpu family": "?"}, None),
+    ({}, None),
+])
+def test_the_core_generation_read_from_cpuinfo(monkeypatch, fields, want):
+    import ctprune.runtime.cpu as cpu
+
+    monkeypatch.setattr(cpu, "_cpuinfo", lambda: fields)
+    assert cpu.cpu_model() == want

@@ -24,7 +24,11 @@ kernel's time over the dense Conv's (the slowest benchmark layer at each ratio),
   filter 0.62x, 1.09x, 2.07x (256@8 and 512@7 the slowest; 64@56-256@14 0.84-0.91x, 1.43-1.59x, 2.7-2.9x): time
   0.06 + 3.5 * density, so layers sparser than 0.243 (about 4x) become PatternConvs; on output planes under 49
   pixels (512@4) 0.49x, 0.69x, 1.30x: 0.1 + 5.5 * density (sparser than 0.147, about 7x); blocks of 16: 1.32x,
-  2.22x, 3.56x: 0.09 + 1.52 * density.
+  2.22x, 3.56x: 0.09 + 1.52 * density. These are the tier's constants wherever no variant below fits.
+- AVX-512 on Zen 4 ("avx512/zen4": the same kernels; onnxruntime's dense Conv about 110 GFLOP/s on one core, so
+  the load-bound per-filter path loses less to it): per filter (256@8 the slowest) 0.91x, 1.54x, 2.85x: 0.05 + 2.42
+  * density (sparser than 0.355, about 2.8x); planes under 49 pixels (512@4) 0.57x, 1.04x, 2.05x: 3.95 * density;
+  blocks of 16 (512@7 and 64@56 the slowest): 1.53x, 2.72x, 4.74x: 0.04 + 1.39 * density.
 Two threads: the block path's best-of speedups at 8x were as on one thread (AVX2); the estimate is not scaled.
 """
 
@@ -34,7 +38,7 @@ import numpy as np
 
 from ctprune.rewrite.pattern_conv import CompactPatternWeights
 from ctprune.rewrite.sparse_cost import MARGIN
-from ctprune.runtime.cpu import kernel_tier
+from ctprune.runtime.cpu import cpu_model, kernel_tier
 
 KEEP, TAPS = 4, 9
 BLOCK = 16  # filters the block path computes together
@@ -45,6 +49,7 @@ CALIBRATIONS = {
     "avx2": {"per_filter": (-0.128, 3.86), "blocked": (0.055, 1.33)},
     "avx512": {"per_filter": (0.06, 3.5), "small": (0.1, 5.5), "blocked": (0.09, 1.52)},
 }
+CALIBRATIONS["avx512/zen4"] = {"per_filter": (0.05, 2.42), "small": (0.0, 3.95), "blocked": (0.04, 1.39)}
 CALIBRATIONS["generic"] = CALIBRATIONS["avx2"]
 SMALL_PLANE = 49
 LEAST_TIME = 0.1  # the per-filter fit's intercept is below zero: no layer is more than 10x faster than dense
@@ -77,6 +82,17 @@ def plane_pixels(shape) -> int | None:
     return int(shape[-2]) * int(shape[-1])
 
 
+def calibration(tier: str | None = None) -> dict:
+    """The constants of `tier` (a key of CALIBRATIONS), or of the tier this machine runs on this core generation
+    ("avx512/zen4") when measured, else of its tier."""
+    if tier is None:
+        tier = kernel_tier()
+        variant = f"{tier}/{cpu_model()}"
+        if variant in CALIBRATIONS:
+            return CALIBRATIONS[variant]
+    return CALIBRATIONS[tier]
+
+
 def _per_filter(cal: dict, pixels: int | None) -> tuple[float, float]:
     """The per-filter constants for an output plane of `pixels` (None: not known, the small planes' when the tier
     has them, which are the slower)."""
@@ -86,8 +102,8 @@ def _per_filter(cal: dict, pixels: int | None) -> tuple[float, float]:
 
 def estimated_speedup(density: float, share: float = 0.0, tier: str | None = None, pixels: int | None = None) -> float:
     """Dense Conv time over PatternConv time for a layer of this density with `share` of its kept kernels in blocks,
-    on `tier` (default: the kernel tier this machine runs), whose output plane has `pixels` (OH * OW)."""
-    cal = CALIBRATIONS[tier or kernel_tier()]
+    on `tier` (default: what this machine runs, `calibration`), whose output plane has `pixels` (OH * OW)."""
+    cal = calibration(tier)
     fixed, slope = _per_filter(cal, pixels)
     per_filter = max(LEAST_TIME, fixed + slope * density)
     blocked = max(LEAST_TIME, cal["blocked"][0] + cal["blocked"][1] * density)
@@ -98,7 +114,7 @@ def break_even_density(blocked: bool = False, tier: str | None = None, pixels: i
     """The largest density at which a PatternConv of single filters (or of whole blocks) still beats the dense Conv
     by MARGIN on `tier` for an output plane of `pixels`: the allocation spends no budget above it
     (pruning/layers.py). 4/9 when it always does."""
-    cal = CALIBRATIONS[tier or kernel_tier()]
+    cal = calibration(tier)
     fixed, slope = cal["blocked"] if blocked else _per_filter(cal, pixels)
     return float(min(KEEP / TAPS, max(0.0, (1.0 / MARGIN - fixed) / slope)))
 

@@ -3,6 +3,7 @@ dispatch.cc), so the rewriter's speed decisions (rewrite/sparse_cost.py) use the
 actually run.
 
     kernel_tier() -> "avx512" | "avx2" | "generic"
+    cpu_model()   -> "zen3" | "zen4" | "zen5" | None   (where one tier's speed differs by core: calibration variants)
 """
 
 from __future__ import annotations
@@ -15,15 +16,42 @@ TIERS = ("avx512", "avx2", "generic")
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_flags() -> frozenset[str]:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return frozenset()
+    return fields
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def cpu_model() -> str | None:
+    """The AMD core generation, where the rewriter's calibrations tell them apart: one AVX-512 tier runs on Zen 4
+    (512-bit work in two 256-bit halves; onnxruntime's dense Conv about 110 GFLOP/s on one core) and on Zen 5 (full
+    width, 190-270 GFLOP/s), and the two need different break-even densities. None for anything else."""
+    info = _cpuinfo()
+    if info.get("vendor_id") != "AuthenticAMD":
+        return None
+    try:
+        family = int(info.get("cpu family", ""))
+    except ValueError:
+        return None
+    if family == 0x1A:
+        return "zen5"
+    if family == 0x19:  # Zen 3 and Zen 4 share the family; of the two only Zen 4 has AVX-512
+        return "zen4" if "avx512f" in info.get("flags", "").split() else "zen3"
+    return None
 
 
 def detected_tier() -> str:
