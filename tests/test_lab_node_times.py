@@ -63,3 +63,34 @@ def test_a_node_of_unknown_op_is_not_dropped():
     nodes = {"conv": node_times.NodeTimes("Conv", [5, 6]), "cast": node_times.NodeTimes("Cast", [1, 1])}
     with pytest.raises(ValueError, match="Cast"):
         node_times._the_node(nodes, node_times.DENSE_OPS, node_times.REORDER_OPS)
+
+
+def test_one_session_mode_makes_one_session_per_block_and_drops_it(library, monkeypatch):
+    """--one-session: session() hands out recipes, and _time_pair makes each contender's session for every block of
+    runs and lets it go before the next one exists (a spinning pool of another session must not hold a core)."""
+    import gc
+    import weakref
+
+    from ctprune.lab import bench_layers
+
+    monkeypatch.setitem(bench_layers.ONE_SESSION, "on", True)
+    rng = np.random.default_rng(2)
+    x_shape = (1, 16, 8, 8)
+    sparse, dense, _ = sparse_and_dense_models(rng, (32, 16, 1, 1), x_shape, 0.25, 4, function=False)
+    recipes = [session(dense, 2), session(sparse, 2, library)]
+    assert all(isinstance(r, bench_layers.SessionRecipe) for r in recipes)
+    assert not isinstance(session(dense, 1, profile=True), bench_layers.SessionRecipe)  # profiles need kept sessions
+    alive, made = [], []
+    real_make = bench_layers._make_session
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in made))
+        s = real_make(*args, **kwargs)
+        made.append(weakref.ref(s))
+        return s
+
+    monkeypatch.setattr(bench_layers, "_make_session", counting)
+    timed = _time_pair(recipes, rng.standard_normal(x_shape).astype(np.float32), RUNS, 5)
+    assert len(made) == 2 * (RUNS // 5) and alive == [0] * len(made)
+    assert all(0 < best <= median for median, best in timed)

@@ -6,6 +6,7 @@
     python -m ctprune.lab.bench_layers --block 16 --ratios 2.25 4 8 --threads 1 --batch 1   # filter-block layers
     python -m ctprune.lab.bench_layers --baseline OTHER.so ...   # also time another build of the library (A/B)
     python -m ctprune.lab.bench_layers --node-times ...   # also each op's own node time (ctprune/lab/node_times.py)
+    python -m ctprune.lab.bench_layers --one-session --threads 2 ...   # one session alive at a time (see ONE_SESSION)
 
 --block N draws block-structured layers (runs of N filters keep the same channels with the same patterns: the CPU
 kernel computes them 16 at a time) on the kernel lab's six layers unless --layers says otherwise, and also times the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -41,10 +43,35 @@ RATIOS = [2.25, 4.0, 8.0, 16.0]
 NODE_TIME_RUNS = 200  # --node-times: the profiler's times are whole microseconds
 
 
+# --one-session: only one session exists at a time; each block of timed runs creates its session, warms it up and
+# drops it. Every session has its own onnxruntime pool whose worker spins after a run, and on a 2-core machine the
+# spinning worker of the session timed just before holds the second core: a two-thread contender then ran on one
+# (BENCHMARKS.md, fourteenth session). One session alive is what a process serving one model has.
+ONE_SESSION = {"on": False}
+
+
+class SessionRecipe(NamedTuple):
+    """What session() returns under --one-session: the session, made when _time_pair needs it."""
+
+    model: onnx.ModelProto
+    threads: int
+    library: str | None
+    env: dict | None
+
+    def make(self):
+        return _make_session(self.model, self.threads, self.library, self.env)
+
+
 def session(model: onnx.ModelProto, threads: int, library: str | None = None, env: dict | None = None,
             profile: bool = False):
     """env: environment variables set while the session (and so the kernel, which reads them) is created;
     profile: onnxruntime's profiler on (read with node_times.node_times)."""
+    if ONE_SESSION["on"] and not profile:
+        return SessionRecipe(model, threads, library, env)
+    return _make_session(model, threads, library, env, profile)
+
+
+def _make_session(model, threads, library=None, env=None, profile=False):
     import os
 
     import onnxruntime as ort
@@ -53,7 +80,7 @@ def session(model: onnx.ModelProto, threads: int, library: str | None = None, en
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            return session(model, threads, library, profile=profile)
+            return _make_session(model, threads, library, profile=profile)
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -80,6 +107,8 @@ WARMUP_RUNS = 3
 def _time_pair(sessions, x, runs, block):
     """(median, best) seconds per run of each session, alternating blocks of `block` runs after WARMUP_RUNS each."""
     feeds = {"X": x}
+    if any(isinstance(s, SessionRecipe) for s in sessions):
+        return _time_one_at_a_time(sessions, feeds, runs, block)
     for s in sessions:  # warm-up: first runs allocate and tune
         for _ in range(WARMUP_RUNS):
             s.run(None, feeds)
@@ -90,6 +119,25 @@ def _time_pair(sessions, x, runs, block):
                 t0 = time.perf_counter()
                 s.run(None, feeds)
                 times[i].append(time.perf_counter() - t0)
+    return [(statistics.median(t), min(t)) for t in times]
+
+
+def _time_one_at_a_time(recipes, feeds, runs, block):
+    """_time_pair with one session alive at a time: each block makes its session, warms it up, times it, drops it."""
+    import gc
+
+    times = [[] for _ in recipes]
+    for _ in range(max(1, runs // block)):
+        for i, recipe in enumerate(recipes):
+            s = recipe.make()
+            for _ in range(WARMUP_RUNS):
+                s.run(None, feeds)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                s.run(None, feeds)
+                times[i].append(time.perf_counter() - t0)
+            del s
+            gc.collect()  # the session's pool goes with it before the next one starts
     return [(statistics.median(t), min(t)) for t in times]
 
 
@@ -208,7 +256,12 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default=None, help="another build of the library to time on the same layers")
     parser.add_argument("--node-times", action="store_true",
                         help="also each op's own node time from onnxruntime's profiler (default --runs 200)")
+    parser.add_argument("--one-session", action="store_true",
+                        help="one onnxruntime session alive at a time (two-thread timing on a 2-core machine)")
     args = parser.parse_args(argv)
+    if args.one_session and args.node_times:
+        parser.error("--one-session times sessions it drops; --node-times reads the profiles of kept ones")
+    ONE_SESSION["on"] = args.one_session
     if args.sparse:
         from ctprune.lab.bench_sparse import main_sparse
 
