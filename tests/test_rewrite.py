@@ -381,3 +381,26 @@ def test_batchnorm_after_a_conv_is_folded_and_then_its_residual_and_relu_fuse():
         want = run(masked, feeds)[0]
         for library in (False, True) if kernel_library_or_none() else (False,):
             assert rel_err(run(out, feeds, library=library)[0], want) <= 1e-4, f"seed {seed}, library {library}"
+
+
+def test_a_shared_zero_residual_only_when_a_node_lacks_its_z():
+    """The function's residual form needs a Z on every node of the op: those without one read a shared zero, and
+    none is added when every node has its own (ResNet shortcuts whose Add fused into them; onnxruntime warned of the
+    unread initializer)."""
+    from ctprune.ops.names import DOMAIN
+    from ctprune.rewrite.model import Z_INPUT, _give_every_node_a_residual
+
+    z = Z_INPUT["SparseConv"]
+
+    def graph(with_z):
+        nodes = [helper.make_node("SparseConv", [f"x{i}"] + [f"w{i}_{k}" for k in range(z - 1)] + ([f"z{i}"] if has else []),
+                                  [f"y{i}"], domain=DOMAIN) for i, has in enumerate(with_z)]
+        return helper.make_graph(nodes, "g", [], [])
+
+    both = graph([True, True])
+    _give_every_node_a_residual(both, "zero", "SparseConv")
+    assert len(both.initializer) == 0 and [n.input[z] for n in both.node] == ["z0", "z1"]
+    one = graph([True, False])
+    _give_every_node_a_residual(one, "zero", "SparseConv")
+    assert [t.name for t in one.initializer] == ["zero"]
+    assert [n.input[z] for n in one.node] == ["z0", "zero"] and all(len(n.input) == z + 1 for n in one.node)

@@ -432,12 +432,16 @@ def _depthwise_as_sparse(rewrite: _Rewrite, done: dict, threads: int) -> None:
 
 
 def _give_every_node_a_residual(graph: onnx.GraphProto, zero_name: str, op_type: str) -> None:
-    """Every node of `op_type` without a Z reads a shared one-element zero (the function's residual form needs one)."""
-    graph.initializer.append(numpy_helper.from_array(np.zeros(1, dtype=np.float32), zero_name))
+    """Every node of `op_type` without a Z reads a shared one-element zero (the function's residual form needs one).
+    None when every node has its own Z (ResNet shortcuts whose residual Add fused into them): onnxruntime would
+    warn of an initializer nothing reads."""
     z = Z_INPUT[op_type]
-    for node in graph.node:
-        if node.op_type == op_type and node.domain == DOMAIN and len(node.input) <= z:
-            node.input.extend([""] * (z - len(node.input)) + [zero_name])
+    without = [n for n in graph.node if n.op_type == op_type and n.domain == DOMAIN and len(n.input) <= z]
+    if not without:
+        return
+    graph.initializer.append(numpy_helper.from_array(np.zeros(1, dtype=np.float32), zero_name))
+    for node in without:
+        node.input.extend([""] * (z - len(node.input)) + [zero_name])
 
 
 def _add_function(model: onnx.ModelProto, op_type: str, residual: bool = False) -> None:
