@@ -239,6 +239,24 @@ def node_summary(rows, group_by: list[str]) -> str:
         group_by + ["median node speedup", "min", "max", "median session speedup"])
 
 
+# Threads of this process's own libraries (numpy's OpenBLAS, torch's OpenMP) spin for a while after each call; with
+# two-thread contenders on a 2-core machine they took the second core from onnxruntime's pool: PatternConv 128@28,
+# 256@14 and 512@7 at 8x ran 0.42 ms instead of 0.21-0.26 ms on two threads (BENCHMARKS.md, fourteenth session).
+QUIET_HELPERS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _rerun_with_quiet_helpers() -> None:
+    """Start this command again with QUIET_HELPERS set (they are read when the libraries load, so only a new process
+    takes them); nothing when they are set already."""
+    import os
+    import sys
+
+    if all(os.environ.get(k) == v for k, v in QUIET_HELPERS.items()):
+        return
+    os.execve(sys.executable, [sys.executable, "-m", "ctprune.lab.bench_layers", *sys.argv[1:]],
+              dict(os.environ, **QUIET_HELPERS))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 1 only, fewer runs")
@@ -262,6 +280,8 @@ def main(argv=None) -> int:
     if args.one_session and args.node_times:
         parser.error("--one-session times sessions it drops; --node-times reads the profiles of kept ones")
     ONE_SESSION["on"] = args.one_session
+    if argv is None and max(args.threads) > 1:  # the command line, timing several threads
+        _rerun_with_quiet_helpers()
     if args.sparse:
         from ctprune.lab.bench_sparse import main_sparse
 
