@@ -94,3 +94,30 @@ def test_one_session_mode_makes_one_session_per_block_and_drops_it(library, monk
     timed = _time_pair(recipes, rng.standard_normal(x_shape).astype(np.float32), RUNS, 5)
     assert len(made) == 2 * (RUNS // 5) and alive == [0] * len(made)
     assert all(0 < best <= median for median, best in timed)
+
+
+def test_every_benchmark_session_stops_spinning_between_runs(library, monkeypatch):
+    """Each session has its own onnxruntime pool; one left spinning after its run held the core the next contender's
+    second thread needed (BENCHMARKS.md, fourteenth session): the per-layer and the whole-model benchmarks both ask
+    onnxruntime to stop spinning when a run returns."""
+    import onnxruntime as ort
+
+    from ctprune.runtime import bench as runtime_bench
+
+    rng = np.random.default_rng(3)
+    sparse, dense, _ = sparse_and_dense_models(rng, (32, 16, 1, 1), (1, 16, 8, 8), 0.25, 4, function=False)
+    for s in (session(dense, 2), session(sparse, 2, library), session(dense, 1, profile=True)):
+        assert s.get_session_options().get_session_config_entry(runtime_bench.STOP_SPINNING_BETWEEN_RUNS) == "1"
+    made = []
+    real = ort.InferenceSession
+
+    def recording(*args, **kwargs):
+        s = real(*args, **kwargs)
+        made.append(s)
+        return s
+
+    monkeypatch.setattr(runtime_bench.ort, "InferenceSession", recording)
+    rows = runtime_bench.bench_models([dense, sparse], threads=2, repeats=3, progress=False)
+    assert len(rows) == 2 and len(made) == 2
+    for s in made:
+        assert s.get_session_options().get_session_config_entry(runtime_bench.STOP_SPINNING_BETWEEN_RUNS) == "1"

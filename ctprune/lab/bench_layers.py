@@ -35,6 +35,7 @@ from ctprune.lab.layer_model import (  # bench_cuda imports the last two from he
     pattern_conv_model,
     random_pattern_layer,
 )
+from ctprune.runtime.bench import STOP_SPINNING_BETWEEN_RUNS
 
 # 3x3 layers of ResNet/VGG at CIFAR and ImageNet resolutions: (channels in = out, height = width).
 LAYER_SET = [(64, 56), (64, 32), (128, 28), (128, 16), (256, 14), (256, 8), (512, 7), (512, 4)]
@@ -46,7 +47,8 @@ NODE_TIME_RUNS = 200  # --node-times: the profiler's times are whole microsecond
 # --one-session: only one session exists at a time; each block of timed runs creates its session, warms it up and
 # drops it. Every session has its own onnxruntime pool whose worker spins after a run, and on a 2-core machine the
 # spinning worker of the session timed just before holds the second core: a two-thread contender then ran on one
-# (BENCHMARKS.md, fourteenth session). One session alive is what a process serving one model has.
+# (BENCHMARKS.md, fourteenth session). Sessions now stop spinning when a run returns, which takes most of that away;
+# two-thread PatternConv still ran at one-thread speed in some runs of this mode-less alternation, never alone.
 ONE_SESSION = {"on": False}
 
 
@@ -91,6 +93,7 @@ def _make_session(model, threads, library=None, env=None, profile=False):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    so.add_session_config_entry(STOP_SPINNING_BETWEEN_RUNS, "1")  # as ctprune bench does (runtime/bench.py)
     if library:
         so.register_custom_ops_library(library)
     if profile:
