@@ -36,26 +36,26 @@ def test_the_estimate_falls_with_density_and_blocks_pay_where_single_filters_do_
 
 
 def test_the_estimate_follows_the_tier_this_machine_runs(monkeypatch):
-    import ctprune.rewrite.pattern_cost as pattern_cost
+    import ctprune.runtime.cpu as cpu
 
-    monkeypatch.setattr(pattern_cost, "cpu_model", lambda: None)
+    monkeypatch.setattr(cpu, "cpu_model", lambda: None)
     for tier in ("avx2", "avx512"):
-        monkeypatch.setattr(pattern_cost, "kernel_tier", lambda tier=tier: tier)
+        monkeypatch.setattr(cpu, "kernel_tier", lambda tier=tier: tier)
         assert estimated_speedup(0.2, 0.3) == estimated_speedup(0.2, 0.3, tier)
     assert estimated_speedup(0.2, 0.0, "avx2") != estimated_speedup(0.2, 0.0, "avx512")
 
 
 def test_a_core_generation_with_its_own_calibration_takes_it_and_others_take_the_tiers(monkeypatch):
     """Zen 4 runs the AVX-512 tier against a dense Conv half as fast as Zen 5's: its own constants; a core without
-    a variant (or a forced tier that has none for it) falls back to the tier's."""
-    import ctprune.rewrite.pattern_cost as pattern_cost
+    a variant (or a forced tier that has none for it) falls back to the tier's (runtime/cpu.for_this_cpu)."""
+    import ctprune.runtime.cpu as cpu
 
-    monkeypatch.setattr(pattern_cost, "kernel_tier", lambda: "avx512")
+    monkeypatch.setattr(cpu, "kernel_tier", lambda: "avx512")
     for model, want in (("zen4", "avx512/zen4"), ("zen5", "avx512"), (None, "avx512")):
-        monkeypatch.setattr(pattern_cost, "cpu_model", lambda model=model: model)
+        monkeypatch.setattr(cpu, "cpu_model", lambda model=model: model)
         assert estimated_speedup(0.3, 0.0, pixels=196) == estimated_speedup(0.3, 0.0, want, 196), model
-    monkeypatch.setattr(pattern_cost, "kernel_tier", lambda: "avx2")
-    monkeypatch.setattr(pattern_cost, "cpu_model", lambda: "zen4")
+    monkeypatch.setattr(cpu, "kernel_tier", lambda: "avx2")
+    monkeypatch.setattr(cpu, "cpu_model", lambda: "zen4")
     assert estimated_speedup(0.3, 0.0, pixels=196) == estimated_speedup(0.3, 0.0, "avx2", 196)
     # Zen 4's per-filter path pays from about 2.8x, Zen 5's from about 4x
     assert estimated_speedup(0.3, 0.0, "avx512/zen4", 196) > MARGIN > estimated_speedup(0.3, 0.0, "avx512", 196)
@@ -172,3 +172,18 @@ def test_the_core_generation_read_from_cpuinfo(monkeypatch, fields, want):
 
     monkeypatch.setattr(cpu, "_cpuinfo", lambda: fields)
     assert cpu.cpu_model() == want
+
+
+def test_for_this_cpu_picks_the_core_generations_entry_only_for_the_tier_that_runs(monkeypatch):
+    import ctprune.runtime.cpu as cpu
+
+    table = {"avx512": "tier", "avx512/zen4": "zen4"}
+    monkeypatch.setattr(cpu, "kernel_tier", lambda: "avx512")
+    monkeypatch.setattr(cpu, "cpu_model", lambda: "zen4")
+    assert cpu.for_this_cpu(table) == "zen4" and cpu.for_this_cpu(table, "avx512") == "tier"
+    monkeypatch.setattr(cpu, "cpu_model", lambda: "zen5")
+    assert cpu.for_this_cpu(table) == "tier"
+    monkeypatch.setattr(cpu, "kernel_tier", lambda: "avx2")
+    assert cpu.for_this_cpu(table, default=1) == 1
+    with pytest.raises(KeyError):
+        cpu.for_this_cpu(table)

@@ -15,8 +15,8 @@ import ctprune
 from conftest import rel_err, run_ort
 from ctprune.lab.ort_layout import optimised_ops
 from ctprune.pruning.plan import SparseLayer
+from ctprune.runtime import cpu
 from ctprune.rewrite import rewrite_model
-from ctprune.rewrite import depthwise as depthwise_module
 from ctprune.rewrite.depthwise import MIN_OUTPUT_WIDTH, REASON
 from ctprune.rewrite.sparse_conv import CompactSparseWeights
 from graph_nets import export
@@ -149,7 +149,7 @@ def test_a_moved_depthwise_conv_keeps_every_weight_exactly():
 @pytest.mark.parametrize("keep_bn", [False, True], ids=["bn-folded", "bn-nodes"])
 def test_pruned_mobilenet_runs_without_layout_reorders(tmp_path, keep_bn, monkeypatch):
     # the AVX2 rule (every width moves); the AVX-512 one keeps narrow Convs on onnxruntime: the test below
-    monkeypatch.setattr(depthwise_module, "kernel_tier", lambda: "avx2")
+    monkeypatch.setattr(cpu, "kernel_tier", lambda: "avx2")
     model = export("mobilenetv2", "torchscript17", keep_bn=keep_bn)
     result = ctprune.prune(model, ratio=4, epochs=0, seed=1)
     depthwise = [n.name for n in model.graph.node
@@ -205,7 +205,7 @@ def _widths_chain(rng, hw: int, weights_as_inputs: bool = False) -> onnx.ModelPr
 ])
 def test_on_avx512_only_wide_enough_depthwise_convs_move(monkeypatch, tmp_path, hw, weights_as_inputs, tier, moves):
     assert MIN_OUTPUT_WIDTH["avx512"] == 14
-    monkeypatch.setattr(depthwise_module, "kernel_tier", lambda: tier)
+    monkeypatch.setattr(cpu, "kernel_tier", lambda: tier)
     rng = np.random.default_rng()
     model = _widths_chain(rng, hw, weights_as_inputs)
     layers, masked = _pruned_1x1(model, "ABC", rng, density=0.03)

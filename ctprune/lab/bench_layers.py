@@ -108,40 +108,33 @@ WARMUP_RUNS = 3
 
 
 def _time_pair(sessions, x, runs, block):
-    """(median, best) seconds per run of each session, alternating blocks of `block` runs after WARMUP_RUNS each."""
+    """(median, best) seconds per run of each session, alternating blocks of `block` runs after WARMUP_RUNS each. A
+    SessionRecipe (--one-session) is made for each of its blocks, warmed up, and dropped after it."""
+    import gc
+
     feeds = {"X": x}
-    if any(isinstance(s, SessionRecipe) for s in sessions):
-        return _time_one_at_a_time(sessions, feeds, runs, block)
     for s in sessions:  # warm-up: first runs allocate and tune
-        for _ in range(WARMUP_RUNS):
-            s.run(None, feeds)
+        if not isinstance(s, SessionRecipe):
+            _warm_up(s, feeds)
     times = [[] for _ in sessions]
     for _ in range(max(1, runs // block)):
         for i, s in enumerate(sessions):
+            live = s.make() if isinstance(s, SessionRecipe) else s
+            if live is not s:
+                _warm_up(live, feeds)
             for _ in range(block):
                 t0 = time.perf_counter()
-                s.run(None, feeds)
+                live.run(None, feeds)
                 times[i].append(time.perf_counter() - t0)
+            if live is not s:
+                del live
+                gc.collect()  # the session's pool goes with it before the next one starts
     return [(statistics.median(t), min(t)) for t in times]
 
 
-def _time_one_at_a_time(recipes, feeds, runs, block):
-    """_time_pair with one session alive at a time: each block makes its session, warms it up, times it, drops it."""
-    import gc
-
-    times = [[] for _ in recipes]
-    for _ in range(max(1, runs // block)):
-        for i, recipe in enumerate(recipes):
-            s = recipe.make()
-            for _ in range(WARMUP_RUNS):
-                s.run(None, feeds)
-            for _ in range(block):
-                t0 = time.perf_counter()
-                s.run(None, feeds)
-                times[i].append(time.perf_counter() - t0)
-            del s
-            gc.collect()  # the session's pool goes with it before the next one starts
-    return [(statistics.median(t), min(t)) for t in times]
+def _warm_up(session, feeds) -> None:
+    for _ in range(WARMUP_RUNS):
+        session.run(None, feeds)
 
 
 def bench_layer(channels, size, ratio, batch, threads, library, rng, runs=40, block=5, filter_block=None,

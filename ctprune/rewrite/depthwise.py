@@ -27,7 +27,7 @@ import onnx
 
 from ctprune.graph.layers import conv_attributes
 from ctprune.ops.names import DOMAIN
-from ctprune.runtime.cpu import kernel_tier
+from ctprune.runtime.cpu import for_this_cpu
 
 # What SparseConv's depthwise path takes (the kernel falls back to its general path otherwise, which is slower than
 # onnxruntime's depthwise Conv): square kernels up to 7, stride 1 or 2 on both axes, no dilation, multiplier 1.
@@ -77,7 +77,7 @@ def pays_to_move(y_shape, weight_overridable: bool, tier: str | None = None) -> 
     initializer there) runs a plain NCHW kernel, which SparseConv's path beats at every width (CenterFace at 8x,
     Zen 5: moving its 8x8 Convs too, 2.68x against 2.32x). An NCHWc one needs an output (`y_shape`, NCHW as shape
     inference gave it) at least MIN_OUTPUT_WIDTH wide for `tier` (default: the one that runs)."""
-    least = MIN_OUTPUT_WIDTH.get(tier or kernel_tier(), 1)
+    least = for_this_cpu(MIN_OUTPUT_WIDTH, tier, default=1)
     if weight_overridable or least <= 1:
         return True
     width = y_shape[3] if y_shape and len(y_shape) == 4 else None

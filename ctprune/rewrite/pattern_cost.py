@@ -38,7 +38,7 @@ import numpy as np
 
 from ctprune.rewrite.pattern_conv import CompactPatternWeights
 from ctprune.rewrite.sparse_cost import MARGIN
-from ctprune.runtime.cpu import cpu_model, kernel_tier
+from ctprune.runtime.cpu import for_this_cpu
 
 KEEP, TAPS = 4, 9
 BLOCK = 16  # filters the block path computes together
@@ -83,14 +83,8 @@ def plane_pixels(shape) -> int | None:
 
 
 def calibration(tier: str | None = None) -> dict:
-    """The constants of `tier` (a key of CALIBRATIONS), or of the tier this machine runs on this core generation
-    ("avx512/zen4") when measured, else of its tier."""
-    if tier is None:
-        tier = kernel_tier()
-        variant = f"{tier}/{cpu_model()}"
-        if variant in CALIBRATIONS:
-            return CALIBRATIONS[variant]
-    return CALIBRATIONS[tier]
+    """The constants of `tier`, or of what this machine runs (runtime/cpu.for_this_cpu: "avx512/zen4" on a Zen 4)."""
+    return for_this_cpu(CALIBRATIONS, tier)
 
 
 def _per_filter(cal: dict, pixels: int | None) -> tuple[float, float]:

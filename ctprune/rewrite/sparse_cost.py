@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from ctprune.runtime.cpu import kernel_tier
+from ctprune.runtime.cpu import for_this_cpu
 
 MARGIN = 1.1  # keep a layer sparse only when expected >= 10% faster: never slower, and the measurements are noisy
 MIN_DENSE_MACS = 20_000  # below this a call is fixed overheads on both sides: keep it dense
@@ -91,8 +91,8 @@ CALIBRATIONS["generic"] = CALIBRATIONS["avx2"]  # not measured: the portable tie
 
 
 def calibration(tier: str | None = None) -> Calibration:
-    """The calibration of the kernel tier that will run (runtime/cpu.kernel_tier), or of `tier`."""
-    return CALIBRATIONS[tier or kernel_tier()]
+    """The calibration of `tier`, or of what this machine runs (runtime/cpu.for_this_cpu)."""
+    return for_this_cpu(CALIBRATIONS, tier)
 
 
 def layer_form(kind: str, weight_shape: Sequence[int], stride: int | Sequence[int] = 1) -> str:

@@ -4,12 +4,17 @@ actually run.
 
     kernel_tier() -> "avx512" | "avx2" | "generic"
     cpu_model()   -> "zen3" | "zen4" | "zen5" | None   (where one tier's speed differs by core: calibration variants)
+    for_this_cpu(table, tier=None, default=...)   -> the entry of a table keyed by tier (and "tier/core") that applies
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
 
 FORCE_ISA_ENV = "CTPRUNE_FORCE_ISA"
 TIERS = ("avx512", "avx2", "generic")
@@ -31,9 +36,13 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
+def _flags(info: dict[str, str]) -> frozenset[str]:
+    return frozenset(info.get("flags", "").split())
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_flags() -> frozenset[str]:
-    return frozenset(_cpuinfo().get("flags", "").split())
+    return _flags(_cpuinfo())
 
 
 def cpu_model() -> str | None:
@@ -50,7 +59,7 @@ def cpu_model() -> str | None:
     if family == 0x1A:
         return "zen5"
     if family == 0x19:  # Zen 3 and Zen 4 share the family; of the two only Zen 4 has AVX-512
-        return "zen4" if "avx512f" in info.get("flags", "").split() else "zen3"
+        return "zen4" if "avx512f" in _flags(info) else "zen3"
     return None
 
 
@@ -74,3 +83,20 @@ def kernel_tier() -> str:
     if forced == "avx2" and best in ("avx2", "avx512"):
         return "avx2"
     return best
+
+
+_MISSING = object()
+
+
+def for_this_cpu(table: Mapping[str, T], tier: str | None = None, default=_MISSING) -> T:
+    """table[tier] for a named tier. For the tier this machine runs (tier None), the entry of its core generation
+    ("avx512/zen4") where the table was measured there, else the tier's. `default` for a tier the table lacks
+    (KeyError without one)."""
+    if tier is None:
+        tier = kernel_tier()
+        variant = f"{tier}/{cpu_model()}"
+        if variant in table:
+            return table[variant]
+    if tier not in table and default is not _MISSING:
+        return default
+    return table[tier]
