@@ -97,6 +97,19 @@ def test_every_isa_tier(library, tier, monkeypatch):
     check_case(library, rng, **random_case(rng), what="random")
 
 
+def test_narrow_planes_on_the_chosen_tier(library):
+    # The tier chosen from the CPU (no CTPRUNE_FORCE_ISA) runs output planes whose flat row is at most 8 floats with
+    # the 8-float kernels where it has wider ones (dispatch.h, NarrowPlaneKernels: on AVX-512, the AVX2 tier's): flat
+    # rows 7-9 at stride 1 (widths 6-8 with one-pixel pads) and stride 2 (outputs 6-8 wide), around that boundary.
+    rng = np.random.default_rng([SEED, 1500])
+    for W, stride in itertools.product((6, 7, 8), (1, 2)):
+        width = W if stride == 1 else 2 * W
+        check_case(library, rng, N=int(rng.choice([1, 2])), C=int(rng.integers(1, 70)), O=int(rng.integers(1, 70)),
+                   H=int(rng.integers(3, 16)) * stride, W=width, stride=stride, pads=[1, 1, 1, 1], bias=True,
+                   activation=ACTIVATIONS[int(rng.integers(0, 4))], threads=int(rng.integers(1, 3)),
+                   what=f"narrow plane {W} wide")
+
+
 def test_edges(library):
     rng = np.random.default_rng([SEED, 2000])
     base = dict(N=1, bias=True, activation=ACTIVATIONS[1], threads=2)

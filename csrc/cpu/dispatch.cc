@@ -71,7 +71,18 @@ Selection Select() {
   return {best(), std::string("CTPRUNE_FORCE_ISA=") + forced + " is not one of generic, generic16, avx2, avx512"};
 }
 
+bool Forced() {
+  const char* forced = std::getenv("CTPRUNE_FORCE_ISA");
+  return forced != nullptr && *forced != '\0';
+}
+
 }  // namespace
+
+KernelTable NarrowPlaneKernels(const KernelTable& chosen) {
+  // An AVX-512 table is only ever chosen on a CPU that also runs AVX2 (DetectCpu requires it).
+  if (Forced() || std::strcmp(chosen.isa, "avx512") != 0) return chosen;
+  return WithSparse(avx2::Table(), avx2::SparseTable());
+}
 
 KernelTable Kernels(std::string* error) {
   Selection selection = Select();

@@ -119,6 +119,7 @@ PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* inf
   std::string isa_error;
   kernels_ = Kernels(&isa_error);
   if (!isa_error.empty()) throw InvalidNode(isa_error);
+  narrow_kernels_ = NarrowPlaneKernels(kernels_);
   const char* poison = std::getenv("CTPRUNE_POISON_OUTPUT");
   poison_output_ = poison != nullptr && std::strcmp(poison, "1") == 0;
 }
@@ -164,9 +165,12 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
     bias = b.GetTensorData<float>();
   }
   const int64_t N = xs[0];
+  // The tier's own vectors, or the narrow-plane table's when the output's flat row is that narrow (the choice
+  // depends on the input size alone, so the offsets kept per input size stay valid).
+  const KernelTable& kernels = FlatRow(plan_, xs[3]) <= kNarrowFlatRow ? narrow_kernels_ : kernels_;
   const ConvGeometry g =
-      MakeGeometry(plan_, xs[2], xs[3], kernels_.lanes, kernels_.max_vectors, kernels_.block_pixels);
-  const FilterTilesFn tiles = kernels_.select_tiles(g.vectors);
+      MakeGeometry(plan_, xs[2], xs[3], kernels.lanes, kernels.max_vectors, kernels.block_pixels);
+  const FilterTilesFn tiles = kernels.select_tiles(g.vectors);
   if (tiles == nullptr) throw InvalidNode("no kernel for this geometry");
 
   // Z, the fused residual: one element (added to every output) or exactly Y's shape.
@@ -203,7 +207,7 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
     RegroupBlockWeights(plan_, w.GetTensorData<float>(), regrouped);
     block_weights = regrouped;
   }
-  PackWork pack{&g, kernels_.pack, x.GetTensorData<float>(), packed, non_finite, 1, 0};
+  PackWork pack{&g, kernels.pack, x.GetTensorData<float>(), packed, non_finite, 1, 0};
   pack.channels_per_item = static_cast<int>(std::max<size_t>(1, 16384 / g.plane));
   pack.items_per_image = (g.C + pack.channels_per_item - 1) / pack.channels_per_item;
   ctx.ParallelFor(&PackItem, static_cast<size_t>(N) * pack.items_per_image, 0, &pack);
@@ -219,7 +223,7 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   ConvWork work{};
   work.g = &g;
   work.tiles = tiles;
-  work.block_strip = kernels_.block_strip;
+  work.block_strip = kernels.block_strip;
   work.job = ImageJob{packed,        offsets->data(), w.GetTensorData<float>(), plan_.kernel_begin.data(),
                       plan_.filters.data(), bias,    z_offset,                 residual,
                       plan_.act_min,   plan_.act_max, plan_.clamp,             out,
@@ -231,7 +235,7 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   const int tile_items_wanted =
       work.filter_items >= 16 ? 1 : (16 + work.filter_items - 1) / std::max(1, work.filter_items);
   constexpr long kTileBlockFloats = 256 * 1024 / sizeof(float);
-  const long tile_floats = static_cast<long>(g.vectors) * kernels_.lanes;
+  const long tile_floats = static_cast<long>(g.vectors) * kernels.lanes;
   const long block_tiles = (kTileBlockFloats / plan_.C - 2L * g.flat_row) / tile_floats;
   work.tiles_per_item = static_cast<int>(std::max(1L, std::min<long>(block_tiles, g.tiles / tile_items_wanted)));
   work.tile_items = (g.tiles + work.tiles_per_item - 1) / work.tiles_per_item;

@@ -120,6 +120,14 @@ void RegroupBlockWeights(const PatternConvPlan& p, const float* W, float* out) {
   }
 }
 
+int64_t FlatRow(const PatternConvPlan& p, int64_t W) {
+  // Stride 1: image rows with zero columns between them, where one zero column is both the right pad of a row and
+  // the left pad of the next: W + max(pad_left, pad_right) floats apart (at least OW), not W + both pads, so fewer
+  // garbage lanes (7x7: 8 instead of 9 per row, and rows 32-byte aligned). Stride 2: OW + 1 columns per phase.
+  const int64_t OW = (W + p.pad_left + p.pad_right - 3) / p.stride + 1;
+  return p.stride == 1 ? std::max(W + std::max(p.pad_left, p.pad_right), OW) : OW + 1;
+}
+
 ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int lanes, int max_vectors,
                           int block_pixels) {
   const int64_t Hp = H + p.pad_top + p.pad_bottom, Wp = W + p.pad_left + p.pad_right;
@@ -134,11 +142,8 @@ ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int la
   const int64_t OH = (Hp - 3) / p.stride + 1, OW = (Wp - 3) / p.stride + 1;
   g.pad_top = p.pad_top;
   g.pad_left = p.pad_left;
-  // Stride 1: image rows with zero columns between them, where one zero column is both the right pad of a row and
-  // the left pad of the next: W + max(pad_left, pad_right) floats apart (at least OW), not W + both pads, so fewer
-  // garbage lanes (7x7: 8 instead of 9 per row, and rows 32-byte aligned). Stride 2: OW + 1 columns and OH + 1 rows
-  // per phase cover every tap.
-  const int64_t flat_row = p.stride == 1 ? std::max(W + std::max(p.pad_left, p.pad_right), OW) : OW + 1;
+  // Stride 2: OW + 1 columns (FlatRow) and OH + 1 rows per phase cover every tap.
+  const int64_t flat_row = FlatRow(p, W);
   const int64_t phase_rows = p.stride == 1 ? Hp : OH + 1;
 
   // Tiles: as few as the largest tile allows, then as small as that many tiles allow (least garbage).
