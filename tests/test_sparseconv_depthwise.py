@@ -140,6 +140,20 @@ def test_row_strips_and_odd_widths(tier):
         _check(case, int(rng.integers(2**31)))
 
 
+def test_narrow_rows_on_the_chosen_tier(monkeypatch):
+    """The tier chosen from the CPU (no CTPRUNE_FORCE_ISA) runs output rows of at most 8 in 8-float vectors where
+    its own are wider (dispatch.h, NarrowPlaneKernels: on AVX-512, the AVX2 tier's depthwise kernel): output widths
+    6-9 around that boundary, both strides, residuals and activations."""
+    monkeypatch.delenv("CTPRUNE_FORCE_ISA", raising=False)
+    monkeypatch.setenv("CTPRUNE_POISON_OUTPUT", "1")
+    rng = np.random.default_rng([SEED, 404])
+    for i, (OW, stride) in enumerate([(6, 1), (7, 1), (8, 1), (9, 1), (7, 2), (8, 2), (9, 2)]):
+        case = _case(rng, kernel=(3, 3), strides=(stride, stride), pads=(1, 1, 1, 1), W=OW * stride,
+                     H=int(rng.integers(3, 12)), residual=["none", "full", "one"][i % 3])
+        assert _output_shape(case)[3] == OW
+        _check(case, int(rng.integers(2**31)))
+
+
 @pytest.mark.parametrize("tier", TIERS, indirect=True)
 def test_path_off_gives_the_same(tier, monkeypatch):
     """CTPRUNE_SPARSE_DEPTHWISE=0 (the general path, for A/B measurements) on the same layers."""

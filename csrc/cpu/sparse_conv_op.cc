@@ -312,6 +312,7 @@ SparseConvKernel::SparseConvKernel(const OrtApi& api, const OrtKernelInfo* info,
   std::string isa_error;
   kernels_ = Kernels(&isa_error);
   if (!isa_error.empty()) throw InvalidNode(isa_error);
+  narrow_kernels_ = NarrowPlaneKernels(kernels_);
   stream_bytes_ = EnvBytes("CTPRUNE_SPARSE_STREAM_BYTES", static_cast<size_t>(2) << 20);
   fused_check_bytes_ = EnvBytes("CTPRUNE_SPARSE_FUSED_CHECK_BYTES", static_cast<size_t>(1) << 20);
   pass_bytes_ = static_cast<long>(EnvBytes("CTPRUNE_SPARSE_PASS_BYTES", static_cast<size_t>(128) << 10));
@@ -350,9 +351,11 @@ void SparseConvKernel::ComputeDepthwise(Ort::KernelContext& ctx, const SparseGeo
     DenseDepthwiseWeights(w, dense.data());
     weights = dense.data();
   }
-  const int lanes = kernels_.sparse.lanes, stride = static_cast<int>(s.stride_h), kh = static_cast<int>(s.kernel_h);
+  // Rows of at most 8 outputs (7x7 planes) in 8-float vectors where the tier's are wider: 16 lanes left 9 idle.
+  const SparseKernels& k = g.OW <= kNarrowFlatRow ? narrow_kernels_.sparse : kernels_.sparse;
+  const int lanes = k.lanes, stride = static_cast<int>(s.stride_h), kh = static_cast<int>(s.kernel_h);
   DepthwiseWork work{};
-  work.kernel = kernels_.sparse.depthwise;
+  work.kernel = k.depthwise;
   SparseDepthwiseJob& job = work.job;
   job.x = x;
   job.weights = weights;
