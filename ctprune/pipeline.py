@@ -341,7 +341,8 @@ class Pipeline(PruneOptions):
         return build_report(
             self.original, pruned, plan, ratio=self.ratio, method=self.method,
             kept_dense=getattr(self, "kept_dense", {}), run_as_sparse=getattr(self, "depthwise_sparse", {}),
-            notes=self.notes, accuracy=accuracy, agreement=agreement,
+            notes=self.notes, allocation=None if plan_report["kind"] == "precrop" else self.allocation,
+            accuracy=accuracy, agreement=agreement,
             latency_ms=latency_ms(self._model_path() or self.original, pruned, threads=self.latency_threads,
                                   batch=1),
             train=self._train_report(), **extra)

@@ -260,3 +260,19 @@ def test_written_out_hardswish_fuses_and_the_depthwise_conv_between_moves(diviso
     else:  # Clip's bound 6 and the divisor 5 differ: not a HardSwish, nothing fuses
         assert gates <= set(nodes)
     _check_equal(result, seed=seed)
+
+
+def test_report_notes_when_multiply_adds_fall_much_less_than_weights():
+    from ctprune.report.build import allocation_note
+    from test_pruning_blocks import EXAMPLE_VGG
+
+    # VGG-19's shape at 8x: small 3x3 layers with most of the multiply-adds kept at 3.7x, huge FC layers cut 10x
+    rows = [{"macs_before": 19_000_000, "macs_after": 5_100_000}, {"macs_before": 120_000, "macs_after": 12_000}]
+    note = allocation_note(rows, 8.0, "balanced")
+    assert note is not None and "3.74x for 8.00x fewer weights" in note and "--allocation macs" in note
+    assert allocation_note(rows, 8.0, "macs") is None  # it already spends the budget by multiply-adds
+    assert allocation_note(rows, 6.0, "balanced") is None  # 3.74x >= 0.6 * 6
+    assert allocation_note([{"macs_before": 0, "macs_after": 0}], 8.0, "balanced") is None
+    # a run whose multiply-adds fell with its weights says nothing of the kind
+    report = ctprune.prune(str(EXAMPLE_VGG), ratio=8, epochs=0, seed=0).report
+    assert not any("--allocation macs" in n for n in report["notes"]), report["notes"]

@@ -16,15 +16,25 @@ from ctprune.graph.constants import constant_dims
 from ctprune.report.inspect import count_parameters, layer_table
 
 
+# The note on the allocation appears when the pruned layers' multiply-adds fall by less than this share of the ratio.
+MACS_SHORTFALL = 0.6
+
+
 def build_report(original: onnx.ModelProto, pruned: onnx.ModelProto, plan, *, ratio: float, method: str,
                  kept_dense: dict[str, str], notes: list[str], weights: dict | None = None,
-                 run_as_sparse: dict[str, str] | None = None, **measured) -> dict:
+                 run_as_sparse: dict[str, str] | None = None, allocation: str | None = None, **measured) -> dict:
     """The report's dict. `weights` overrides the plan's weight totals (e.g. counted on the models); `measured`
     holds accuracy, agreement, latency_ms and train as the pipeline measured them, and any extra keys.
     `run_as_sparse`: {name: how} for dense layers the rewrite ran as SparseConv all the same (depthwise Convs beside
-    pruned layers): added to their dense_layers reason."""
+    pruned layers): added to their dense_layers reason. `allocation`: how the budget was split (pruning/allocation.py),
+    for the note on multiply-adds."""
     totals = dict(plan.weight_totals())
     totals.update(weights or {})
+    layers = plan.report_layers()
+    if totals["after"]:
+        note = allocation_note(layers, totals["before"] / totals["after"], allocation)
+        if note:
+            notes.append(note)
     dense = plan.dense_layers()
     if kept_dense:
         notes.append(f"{len(kept_dense)} pruned layer(s) kept as dense ops, their pruned weights zero (PatternConv or "
@@ -47,11 +57,27 @@ def build_report(original: onnx.ModelProto, pruned: onnx.ModelProto, plan, *, ra
         "agreement": measured.pop("agreement", None),
         "latency_ms": measured.pop("latency_ms", None),
         "train": measured.pop("train", None),
-        "layers": mark_forms(plan.report_layers(), kept_dense),
+        "layers": mark_forms(layers, kept_dense),
         "dense_layers": [{"name": n, "reason": why} for n, why in dense.items()],
         "notes": notes,
         **measured,
     }
+
+
+def allocation_note(rows: list[dict], weight_ratio: float, allocation: str | None) -> str | None:
+    """A note when the pruned layers' multiply-adds fell much less than their weights (`rows`: report_layers() rows
+    with macs_before / macs_after): the allocation kept the layers that do the most work per weight denser, so the
+    run is smaller but not much faster. None when it did not, or when the allocation already spends by MACs."""
+    before = sum(r.get("macs_before") or 0 for r in rows)
+    after = sum(r.get("macs_after") or 0 for r in rows)
+    if allocation in (None, "macs") or not before or not after:
+        return None
+    macs_ratio = before / after
+    if macs_ratio >= MACS_SHORTFALL * weight_ratio:
+        return None
+    return (f"the pruned layers' multiply-adds fell {macs_ratio:.2f}x for {weight_ratio:.2f}x fewer weights: the "
+            f"'{allocation}' allocation kept the layers with the most multiply-adds per weight denser; "
+            "--allocation macs spends the budget on multiply-adds instead (faster; check the accuracy)")
 
 
 def mark_forms(rows: list[dict], kept_dense: dict) -> list[dict]:
