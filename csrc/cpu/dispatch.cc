@@ -46,6 +46,12 @@ KernelTable WithSparse(KernelTable table, SparseKernels sparse) {
   return table;
 }
 
+// CTPRUNE_FORCE_ISA's value, or nullptr when it is unset or empty (the tier is then chosen from the CPU).
+const char* ForcedIsa() {
+  const char* forced = std::getenv("CTPRUNE_FORCE_ISA");
+  return forced != nullptr && *forced != '\0' ? forced : nullptr;
+}
+
 // A tier's own functions (even Table(), compiled under its target pragma) may use that tier's instructions, so a
 // tier's table is built only on a CPU that runs it. The CPU is probed once; the override is read on every call so a
 // process can pin a tier before creating a session.
@@ -56,8 +62,8 @@ Selection Select() {
   const auto avx512_table = [] { return WithSparse(avx512::Table(), avx512::SparseTable()); };
   const auto best = [&] { return cpu.avx512 ? avx512_table() : cpu.avx2 ? avx2_table() : generic_table(); };
 
-  const char* forced = std::getenv("CTPRUNE_FORCE_ISA");
-  if (forced == nullptr || *forced == '\0') return {best(), ""};
+  const char* forced = ForcedIsa();
+  if (forced == nullptr) return {best(), ""};
   if (std::strcmp(forced, "generic") == 0) return {generic_table(), ""};
   if (std::strcmp(forced, "generic16") == 0) return {WithSparse(generic::Table16(), generic::SparseTable16()), ""};
   if (std::strcmp(forced, "avx2") == 0) {
@@ -71,16 +77,11 @@ Selection Select() {
   return {best(), std::string("CTPRUNE_FORCE_ISA=") + forced + " is not one of generic, generic16, avx2, avx512"};
 }
 
-bool Forced() {
-  const char* forced = std::getenv("CTPRUNE_FORCE_ISA");
-  return forced != nullptr && *forced != '\0';
-}
-
 }  // namespace
 
 KernelTable NarrowPlaneKernels(const KernelTable& chosen) {
   // An AVX-512 table is only ever chosen on a CPU that also runs AVX2 (DetectCpu requires it).
-  if (Forced() || std::strcmp(chosen.isa, "avx512") != 0) return chosen;
+  if (ForcedIsa() != nullptr || std::strcmp(chosen.isa, "avx512") != 0) return chosen;
   return WithSparse(avx2::Table(), avx2::SparseTable());
 }
 

@@ -30,14 +30,14 @@ struct KernelTable {
 // set (and the table is the best supported tier), so the caller can fail with a clear message instead of crashing.
 KernelTable Kernels(std::string* error);
 
-// The table for narrow output planes (PatternConv: a flat row of at most kNarrowFlatRow floats; SparseConv's
-// depthwise kernel: rows of at most that many outputs; 7x7 outputs in both) when the tier was chosen from the CPU: on
-// AVX-512 the AVX2 tier's 8-float vectors. A 7x7 PatternConv's 56 flat positions fill 7 of them but 4 16-float
-// vectors (64 lanes): a Zen 4 ran 64@7 and 512@7 at 8x 7-15% faster so; wider planes were faster with 16 floats
-// (14x14: 3.75x vs 3.42x). `chosen` itself otherwise, and whenever CTPRUNE_FORCE_ISA pins a tier (the tests cover
-// each tier's own kernels on every plane size).
+// The table for narrow output planes, whose rows one 8-float vector holds (PatternConv: a flat row of at most
+// kNarrowRowFloats floats; SparseConv's depthwise kernel: rows of at most that many outputs; 7x7 outputs in both),
+// when the tier was chosen from the CPU: on AVX-512 the AVX2 tier's 8-float vectors. A 7x7 PatternConv's 56 flat
+// positions fill 7 of them but 4 16-float vectors (64 lanes): a Zen 4 ran 64@7 and 512@7 at 8x 7-15% faster so;
+// wider planes were faster with 16 floats (14x14: 3.75x vs 3.42x). `chosen` itself otherwise, and whenever
+// CTPRUNE_FORCE_ISA pins a tier (the tests cover each tier's own kernels on every plane size).
 KernelTable NarrowPlaneKernels(const KernelTable& chosen);
-constexpr int kNarrowFlatRow = 8;
+constexpr int kNarrowRowFloats = 8;
 
 // Tier entry points (one per ISA file): each tier's table, its lanes and tile size taken from its own traits.
 namespace generic {

@@ -167,7 +167,7 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   const int64_t N = xs[0];
   // The tier's own vectors, or the narrow-plane table's when the output's flat row is that narrow (the choice
   // depends on the input size alone, so the offsets kept per input size stay valid).
-  const KernelTable& kernels = FlatRow(plan_, xs[3]) <= kNarrowFlatRow ? narrow_kernels_ : kernels_;
+  const KernelTable& kernels = FlatRow(plan_, xs[3]) <= kNarrowRowFloats ? narrow_kernels_ : kernels_;
   const ConvGeometry g =
       MakeGeometry(plan_, xs[2], xs[3], kernels.lanes, kernels.max_vectors, kernels.block_pixels);
   const FilterTilesFn tiles = kernels.select_tiles(g.vectors);

@@ -55,12 +55,12 @@ PatternConvPlan BuildPlan(const ops::PatternConvSpec& spec, const BlockOptions& 
 // plan.block_weight_begin.back() * kBlockFilters floats.
 void RegroupBlockWeights(const PatternConvPlan& plan, const float* W, float* out);
 
-// Geometry of a call with input height H and width W for a tier with `lanes`-float vectors, tiles of at most
-// `max_vectors` vectors and filter-block tiles of `block_pixels` flat positions; throws InvalidNode when the padded
-// input is smaller than 3x3 or too large to index.
 // Floats between output rows in the flat index for an input W wide (ConvGeometry::flat_row), before any check.
 int64_t FlatRow(const PatternConvPlan& plan, int64_t W);
 
+// Geometry of a call with input height H and width W for a tier with `lanes`-float vectors, tiles of at most
+// `max_vectors` vectors and filter-block tiles of `block_pixels` flat positions; throws InvalidNode when the padded
+// input is smaller than 3x3 or too large to index.
 ConvGeometry MakeGeometry(const PatternConvPlan& plan, int64_t H, int64_t W, int lanes, int max_vectors,
                           int block_pixels);
 

@@ -352,7 +352,7 @@ void SparseConvKernel::ComputeDepthwise(Ort::KernelContext& ctx, const SparseGeo
     weights = dense.data();
   }
   // Rows of at most 8 outputs (7x7 planes) in 8-float vectors where the tier's are wider: 16 lanes left 9 idle.
-  const SparseKernels& k = g.OW <= kNarrowFlatRow ? narrow_kernels_.sparse : kernels_.sparse;
+  const SparseKernels& k = g.OW <= kNarrowRowFloats ? narrow_kernels_.sparse : kernels_.sparse;
   const int lanes = k.lanes, stride = static_cast<int>(s.stride_h), kh = static_cast<int>(s.kernel_h);
   DepthwiseWork work{};
   work.kernel = k.depthwise;

@@ -71,7 +71,7 @@ class SparseConvKernel {
   std::string node_;  // "SparseConv node 'name'" for error messages
   SparsePlan plan_;
   KernelTable kernels_;
-  KernelTable narrow_kernels_;  // the depthwise kernel's for output rows of at most kNarrowFlatRow (dispatch.h)
+  KernelTable narrow_kernels_;  // the depthwise kernel's for output rows of at most kNarrowRowFloats (dispatch.h)
   std::mutex offsets_mutex_;
   struct OffsetsFor {
     int64_t H, W;
