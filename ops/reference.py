@@ -8,9 +8,9 @@ Two references with one meaning:
 - `pattern_conv_numpy`, a plain float64 numpy implementation, for tests.
 
 The function is written once against opset 13 and is valid for any default-domain opset from 13 up: every op it uses
-(Constant value_ints/value_float, Reshape, Gather, Mul, Add, ConstantOfShape, ScatterND without reduction, Conv,
-Clip with min/max inputs) means the same from opset 13 on. A model-local function must import the same default-domain
-opset as its model, so `pattern_conv_function(opset)` re-stamps it. Models below opset 13 are upgraded by the rewriter
+(Constant value_ints/value_int/value_float, Reshape, Shape, Gather, Mul, Div, Mod, Add, Slice, Expand, CumSum,
+ConstantOfShape, ScatterElements and ScatterND without reduction, Conv, Clip with min/max inputs) means the same from
+opset 13 on. A model-local function must import the same default-domain opset as its model, so `pattern_conv_function(opset)` re-stamps it. Models below opset 13 are upgraded by the rewriter
 (ctprune.rewrite.rewrite_model) with onnx.version_converter before any node is rewritten.
 """
 
@@ -34,9 +34,8 @@ def PatternConv(
     B: Optional[FLOAT],
     weight_shape: list[int],
     patterns: list[int],
-    kernel_filters: list[int],
-    kernel_channels: list[int],
-    kernel_patterns: list[int],
+    filter_runs: list[int],
+    kernel_codes: list[int],
     strides: list[int] = (1, 1),
     pads: list[int] = (0, 0, 0, 0),
     dilations: list[int] = (1, 1),
@@ -44,13 +43,28 @@ def PatternConv(
     activation_min: float = float("-inf"),
     activation_max: float = float("inf"),
 ) -> FLOAT:
+    # The kept kernels' lists (pattern_layout.py): kernel_codes = input channel * P + pattern id; filter_runs =
+    # (filter, kernel count) pairs in storage order, expanded to one filter per kernel by marking where each run
+    # after the first starts and counting the marks.
+    library = op.Reshape(op.Constant(value_ints=patterns), op.Constant(value_ints=[-1, 4]))
+    num_patterns = op.Gather(op.Shape(library), op.Constant(value_ints=[0]), axis=0)
+    codes = op.Constant(value_ints=kernel_codes)
+    kernel_patterns = op.Mod(codes, num_patterns)
+    kernel_channels = op.Div(codes, num_patterns)
+    runs = op.Reshape(op.Constant(value_ints=filter_runs), op.Constant(value_ints=[-1, 2]))
+    run_filters = op.Gather(runs, op.Constant(value_int=0), axis=1)
+    run_ends = op.CumSum(op.Gather(runs, op.Constant(value_int=1), axis=1), op.Constant(value_int=0))
+    later_starts = op.Slice(run_ends, op.Constant(value_ints=[0]), op.Constant(value_ints=[-1]))
+    marks = op.ScatterElements(
+        op.Mul(codes, op.Constant(value_ints=[0])),  # int64 zeros, one per kernel
+        later_starts, op.Expand(op.Constant(value_ints=[1]), op.Shape(later_starts)), axis=0)
+    kernel_filters = op.Gather(run_filters, op.CumSum(marks, op.Constant(value_int=0)), axis=0)
     # Rebuild the dense (O, C, 3, 3) weight: kept kernel k puts its 4 weights at the flat positions
     # (filter * C + channel) * 9 + tap, one per tap of its pattern; everything else stays 0.
     shape = op.Constant(value_ints=weight_shape)
-    library = op.Reshape(op.Constant(value_ints=patterns), op.Constant(value_ints=[-1, 4]))
-    taps = op.Gather(library, op.Constant(value_ints=kernel_patterns), axis=0)
+    taps = op.Gather(library, kernel_patterns, axis=0)
     channels = op.Gather(shape, op.Constant(value_ints=[1]), axis=0)
-    kernel_index = op.Add(op.Mul(op.Constant(value_ints=kernel_filters), channels), op.Constant(value_ints=kernel_channels))
+    kernel_index = op.Add(op.Mul(kernel_filters, channels), kernel_channels)
     first_tap = op.Mul(op.Reshape(kernel_index, op.Constant(value_ints=[-1, 1])), op.Constant(value_ints=[9]))
     flat_index = op.Reshape(op.Add(first_tap, taps), op.Constant(value_ints=[-1, 1]))
     zeros = op.Reshape(op.ConstantOfShape(shape), op.Constant(value_ints=[-1]))

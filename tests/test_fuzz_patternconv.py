@@ -29,6 +29,7 @@ from fuzz_harness import (ATTRIBUTE_MUTATIONS, SPECIAL_FLOATS, add_attributes, c
 
 def valid_case(rng):
     from ctprune.lab.bench_layers import random_pattern_layer
+    from ctprune.ops import pattern_layout
 
     O, C = (int(v) for v in rng.integers(1, 9, 2))
     layer = random_pattern_layer(rng, O, C, rng.integers(0, C + 1, O), library_size=int(rng.integers(1, 9)))
@@ -38,10 +39,11 @@ def valid_case(rng):
     H = int(rng.integers(max(1, 3 - pads[0] - pads[2]), 13))
     W = int(rng.integers(max(1, 3 - pads[1] - pads[3]), 13))
     lo, hi = [(-math.inf, math.inf), (0.0, math.inf), (0.0, 6.0), (-0.5, 0.5)][int(rng.integers(0, 4))]
-    attrs = dict(weight_shape=[O, C, 3, 3], patterns=layer.patterns.ravel().tolist(),
-                 kernel_filters=layer.kernel_filters.tolist(), kernel_channels=layer.kernel_channels.tolist(),
-                 kernel_patterns=layer.kernel_patterns.tolist(), strides=[stride, stride], pads=pads,
-                 dilations=[1, 1], group=1, activation_min=lo, activation_max=hi)
+    index = pattern_layout.encode(layer.kernel_filters, layer.kernel_channels, layer.kernel_patterns,
+                                  len(layer.patterns))
+    attrs = dict(weight_shape=[O, C, 3, 3], patterns=layer.patterns.ravel().tolist(), **index,
+                 strides=[stride, stride], pads=pads, dilations=[1, 1], group=1, activation_min=lo,
+                 activation_max=hi)
     x = rng.standard_normal((N, C, H, W)).astype(np.float32)
     b = rng.standard_normal(O).astype(np.float32) if rng.random() < 0.7 else None
     oh, ow = (H + pads[0] + pads[2] - 3) // stride + 1, (W + pads[1] + pads[3] - 3) // stride + 1
@@ -55,16 +57,18 @@ def mutate_attributes(rng, case, kind):
     if kind in ATTRIBUTE_MUTATIONS:
         return mutate_attribute(rng, case, kind)
     a = case["attrs"]
-    if kind == "order":
-        k = len(a.get("kernel_filters", []))
-        if k < 2:
-            return "order (too few kernels)"
-        i, j = (int(v) for v in rng.choice(k, 2, replace=False))
-        which = str(rng.choice(["kernel_filters", "kernel_channels", "kernel_patterns", "all"]))
-        for name in (["kernel_filters", "kernel_channels", "kernel_patterns"] if which == "all" else [which]):
-            if name in a and isinstance(a[name], list) and len(a[name]) == k:
-                a[name][i], a[name][j] = a[name][j], a[name][i]
-        return f"swap kernels {i}, {j} ({which})"
+    if kind == "order":  # two kernels' codes, or two filters' runs, swapped
+        which = str(rng.choice(["kernel_codes", "filter_runs"]))
+        values = a.get(which)
+        if not isinstance(values, list) or len(values) < (4 if which == "filter_runs" else 2):
+            return f"order (too few {which})"
+        if which == "kernel_codes":
+            i, j = (int(v) for v in rng.choice(len(values), 2, replace=False))
+            values[i], values[j] = values[j], values[i]
+        else:
+            i, j = (2 * int(v) for v in rng.choice(len(values) // 2, 2, replace=False))
+            values[i:i + 2], values[j:j + 2] = values[j:j + 2], values[i:i + 2]
+        return f"swap {which} entries {i}, {j}"
     if kind == "geometry":
         a["strides"] = [int(v) for v in rng.choice([1, 2, 3], 2)]
         a["pads"] = [int(v) for v in rng.integers(0, 4, 4)]
@@ -141,11 +145,11 @@ def run_one(seed, index, library):
 
 def api_gap(case) -> bool:
     """The one kind of node the kernel cannot refuse: onnxruntime's C API reads STRINGS, and FLOATS with no element,
-    as an empty INTS list (tests/test_hardening_attributes.py), which is valid for the kernel lists of a layer with no
+    as an empty INTS list (tests/test_hardening_attributes.py), which is valid for the kernel index of a layer with no
     kernel left (and then for `patterns`)."""
     return any(kind == "STRINGS" or (kind == "FLOATS" and not case["attrs"][name])
                for name, kind in case["kinds"].items()
-               if name in ("kernel_filters", "kernel_channels", "kernel_patterns", "patterns"))
+               if name in ("filter_runs", "kernel_codes", "patterns"))
 
 
 def test_fuzzed_nodes_never_crash_hang_or_disagree():

@@ -25,14 +25,14 @@ ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph,
               ort_state.NotImplemented)
 KINDS = ["INT", "FLOAT", "INTS", "FLOATS", "STRING", "STRINGS", "TENSOR"]
 SCHEMA = {  # the function's declared attribute types
-    "weight_shape": "INTS", "patterns": "INTS", "kernel_filters": "INTS", "kernel_channels": "INTS",
-    "kernel_patterns": "INTS", "strides": "INTS", "pads": "INTS", "dilations": "INTS", "group": "INT",
+    "weight_shape": "INTS", "patterns": "INTS", "filter_runs": "INTS", "kernel_codes": "INTS",
+    "strides": "INTS", "pads": "INTS", "dilations": "INTS", "group": "INT",
     "activation_min": "FLOAT", "activation_max": "FLOAT",
 }
-REQUIRED = ["weight_shape", "patterns", "kernel_filters", "kernel_channels", "kernel_patterns"]
-# onnxruntime's function inliner lets a TENSOR through where this one attribute feeds Constant(value_ints=...) and
-# nothing checks its type: the function then runs on the tensor's values. The schema says INTS; the kernel keeps to it.
-FUNCTION_LAXER = {("patterns", "TENSOR")}
+REQUIRED = ["weight_shape", "patterns", "filter_runs", "kernel_codes"]
+# onnxruntime's function inliner lets a TENSOR through where these attributes feed Constant(value_ints=...) and
+# nothing checks their type: the function then runs on the tensor's values. The schema says INTS; the kernel keeps to it.
+FUNCTION_LAXER = {("patterns", "TENSOR"), ("filter_runs", "TENSOR"), ("kernel_codes", "TENSOR")}
 
 
 def base_model():
@@ -153,7 +153,7 @@ def test_nan_activation_bound_is_refused(library):
 def test_empty_list_of_another_type(library):
     layer = random_pattern_layer(np.random.default_rng(2), 4, 3, 0)  # every kernel removed: K = 0
     model = pattern_conv_model(layer, (1, 3, 5, 5))
-    bad = replaced(model, "kernel_filters", helper.make_attribute("kernel_filters", [], attr_type=AttributeProto.FLOATS))
+    bad = replaced(model, "kernel_codes", helper.make_attribute("kernel_codes", [], attr_type=AttributeProto.FLOATS))
     with pytest.raises(ORT_ERRORS):
         run(with_function(bad))  # the function refuses it ...
     with pytest.raises(ORT_ERRORS):

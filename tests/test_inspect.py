@@ -98,7 +98,11 @@ def test_inspect_lists_unsupported_ops():
     assert "TopK" in render_table(rows, totals)
 
 
-def test_pattern_conv_rows():
+@pytest.mark.parametrize("index", [
+    dict(filter_runs=[0, 2, 1, 1, 2, 1, 3, 1], kernel_codes=[0, 1, 0, 2, 1]),
+    dict(kernel_filters=[0, 0, 1, 2, 3], kernel_channels=[0, 1, 0, 2, 1], kernel_patterns=[0] * 5),  # older models
+])
+def test_pattern_conv_rows(index):
     """A pruned model's PatternConv nodes are layers of the table (kept kernels x 4 taps), not unsupported ops."""
     model = _model()
     node = model.graph.node[0]  # conv1: 8 filters x 3 channels, 3x3, stride 2, pads 1
@@ -106,8 +110,7 @@ def test_pattern_conv_rows():
     model.graph.initializer.append(numpy_helper.from_array(np.ones((kept, 4), np.float32), "w1c"))
     pattern = helper.make_node(
         "PatternConv", ["x", "w1c", "b1"], ["c1"], name="conv1", domain="ai.ctprune",
-        weight_shape=[8, 3, 3, 3], patterns=[0, 1, 3, 4], kernel_filters=[0, 0, 1, 2, 3],
-        kernel_channels=[0, 1, 0, 2, 1], kernel_patterns=[0] * kept, strides=[2, 2], pads=[1, 1, 1, 1],
+        weight_shape=[8, 3, 3, 3], patterns=[0, 1, 3, 4], **index, strides=[2, 2], pads=[1, 1, 1, 1],
     )
     model.graph.node.remove(node)
     model.graph.node.insert(0, pattern)

@@ -16,9 +16,11 @@ import numpy as np
 import onnxruntime as ort
 import onnxruntime.capi.onnxruntime_pybind11_state as ort_state
 import pytest
+from onnx import helper
 
 from ctprune.lab.bench_layers import session
 from ctprune.lab.layer_model import dense_conv_model, pattern_conv_model, random_pattern_layer
+from ctprune.ops import pattern_layout
 
 ORT_ERRORS = (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.RuntimeException,
               ort_state.NotImplemented)
@@ -188,6 +190,47 @@ def _expect_error(library, model, x_shape, match, dtype=np.float32):
 def test_malformed_attributes_fail_cleanly(library, overrides, match):
     layer = _layer()
     _expect_error(library, pattern_conv_model(layer, (1, 3, 5, 5), **overrides(layer)), (1, 3, 5, 5), match)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (lambda a: dict(filter_runs=a["filter_runs"][:-1]), "pairs"),
+        (lambda a: dict(filter_runs=a["filter_runs"][:-1] + [a["filter_runs"][-1] + 1]), "add up"),
+        (lambda a: dict(filter_runs=a["filter_runs"][:-1] + [a["filter_runs"][-1] - 1]), "counts"),
+        (lambda a: dict(filter_runs=[a["filter_runs"][0], 0] + a["filter_runs"][2:]), "at least 1"),
+        (lambda a: dict(filter_runs=[9] + a["filter_runs"][1:]), "filter out of range"),
+        (lambda a: dict(kernel_codes=[3 * 99] + a["kernel_codes"][1:]), "input channel"),
+        (lambda a: dict(kernel_codes=[-1] + a["kernel_codes"][1:]), "kernel_codes"),
+        (lambda a: dict(kernel_filters=[0]), "not both"),
+    ],
+)
+def test_malformed_compact_index_fails_cleanly(library, overrides, match):
+    layer = _layer()
+    index = pattern_layout.encode(layer.kernel_filters, layer.kernel_channels, layer.kernel_patterns,
+                                  len(layer.patterns))
+    model = pattern_conv_model(layer, (1, 3, 5, 5))
+    node = model.graph.node[0]
+    for name, value in overrides(index).items():
+        kept = [a for a in node.attribute if a.name != name]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute(name, value)])
+    _expect_error(library, model, (1, 3, 5, 5), match)
+
+
+def test_both_index_forms_compute_the_same(library):
+    """Models written before the compact index (kernel_filters, kernel_channels, kernel_patterns) still run."""
+    rng = np.random.default_rng([SEED, 3100])
+    layer = random_pattern_layer(rng, 12, 9, rng.integers(0, 10, 12))
+    x = rng.standard_normal((2, 9, 11, 13)).astype(np.float32)
+    compact = pattern_conv_model(layer, x.shape)
+    assert {a.name for a in compact.graph.node[0].attribute} >= set(pattern_layout.COMPACT)
+    older = pattern_conv_model(layer, x.shape, kernel_filters=layer.kernel_filters.tolist())
+    assert not {a.name for a in older.graph.node[0].attribute} & set(pattern_layout.COMPACT)
+    got = [session(m, 1, library).run(None, {"X": x})[0] for m in (compact, older)]
+    np.testing.assert_array_equal(got[0], got[1])
+    want = session(dense_conv_model(layer, x.shape), 1).run(None, {"X": x})[0]
+    assert np.abs(got[0] - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
 
 
 def test_non_contiguous_filter_fails(library):

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from ctprune.errors import GraphError
-from ctprune.ops import dense_weight_from_compact, pattern_conv_function, pattern_conv_numpy
+from ctprune.ops import dense_weight_from_compact, pattern_conv_function, pattern_conv_numpy, pattern_layout
 from ctprune.rewrite import LayerPatterns, compact_from_dense, dense_from_compact, patterns_from_compact
 from ctprune.lab.layer_model import masked_weight, pattern_and_dense_models, random_layer_patterns
 
@@ -44,10 +44,10 @@ def test_worked_example_of_the_spec():
     assert compact.attributes() == {
         "weight_shape": [2, 3, 3, 3],
         "patterns": [1, 3, 4, 5, 0, 1, 3, 4],
-        "kernel_filters": [1, 1, 0],
-        "kernel_channels": [2, 0, 1],
-        "kernel_patterns": [0, 1, 0],
+        "filter_runs": [1, 2, 0, 1],  # filter 1 keeps 2 kernels, then filter 0 keeps 1
+        "kernel_codes": [4, 1, 2],  # input channel * 2 patterns + pattern id: (2, 0), (0, 1), (1, 0)
     }
+    np.testing.assert_array_equal(np.stack(pattern_layout.decode(compact.attributes())), [[1, 1, 0], [2, 0, 1], [0, 1, 0]])
     np.testing.assert_array_equal(compact.weights, W)
 
 
@@ -87,8 +87,8 @@ def test_function_matches_conv_on_masked_dense_weights(case):
         if t.name == "B":
             B = onnx.numpy_helper.to_array(t)
     attrs = compact.attributes()
-    args = (X, compact.weights, B, attrs["weight_shape"], attrs["patterns"], attrs["kernel_filters"],
-            attrs["kernel_channels"], attrs["kernel_patterns"], (stride, stride), pads)
+    args = (X, compact.weights, B, attrs["weight_shape"], attrs["patterns"], *pattern_layout.decode(attrs),
+            (stride, stride), pads)
     numpy_ref = pattern_conv_numpy(*args, *activation)
     assert numpy_ref.shape == got.shape
     # float32 vs float64: the error scales with the Conv output before a (narrow) activation clips it
@@ -144,7 +144,8 @@ def test_converter_round_trip(shape):
     np.testing.assert_array_equal(dense_from_compact(compact), weight)
     attrs = compact.attributes()
     np.testing.assert_array_equal(
-        dense_weight_from_compact(compact.weights, *(attrs[k] for k in ("weight_shape", "patterns", "kernel_filters", "kernel_channels", "kernel_patterns"))),
+        dense_weight_from_compact(compact.weights, attrs["weight_shape"], attrs["patterns"],
+                                  *pattern_layout.decode(attrs)),
         weight,
     )
     back = patterns_from_compact(compact)

@@ -22,6 +22,7 @@ from torch import nn
 import ctprune
 from ctprune.cli import run
 from ctprune.errors import CtpruneError, GraphError
+from ctprune.ops import pattern_layout
 from ctprune.pruning import ClickTrainPruner, OneShotPruner, PruningPlan, one_shot_plan, select_plan
 from ctprune.pruning.blocks import filter_blocks
 from ctprune.pruning.importance import magnitude_importance
@@ -243,8 +244,7 @@ def check_written_model(result, plan, block, x):
         if name in kept:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[name].attribute}
-        check_blocks_stored_together(attrs["kernel_filters"], attrs["kernel_channels"], attrs["kernel_patterns"],
-                                     layer.blocks)
+        check_blocks_stored_together(*pattern_layout.decode(attrs), layer.blocks)
     rows = [r for r in result.report["layers"] if r["name"] in plan.layers]  # as PatternConv or kept dense
     assert rows and all(r["block"] == block for r in rows) and result.report["block"] == block
     want = run_ort(result.masked_dense, x)[0]

@@ -120,11 +120,15 @@ def _attrs(node) -> dict:
 
 
 def pattern_conv_dense_weight(attrs, w: np.ndarray) -> np.ndarray:
-    """ops/PatternConv.md: kept kernel k sets W_dense[filter, channel].flat[patterns[4p + t]] = W[k, t]."""
+    """ops/PatternConv.md: kept kernel k (code = channel * P + pattern p, its filter the run it falls in) sets
+    W_dense[filter, channel].flat[patterns[4p + t]] = W[k, t]."""
     shape = list(attrs["weight_shape"])
     dense = np.zeros(shape, np.float32)
     taps = np.asarray(attrs["patterns"], np.int64).reshape(-1, 4)
-    for k, (f, c, p) in enumerate(zip(attrs["kernel_filters"], attrs["kernel_channels"], attrs["kernel_patterns"])):
+    runs = list(attrs["filter_runs"])
+    filters = [f for f, n in zip(runs[0::2], runs[1::2]) for _ in range(n)]
+    for k, (f, code) in enumerate(zip(filters, attrs["kernel_codes"], strict=True)):
+        c, p = divmod(code, len(taps))
         dense[f, c].reshape(-1)[taps[p]] = w[k]
     return dense
 
@@ -218,8 +222,8 @@ def masked_dense_model(pruned: onnx.ModelProto) -> onnx.ModelProto:
 
 def test_masked_dense_rebuild_matches_the_spec_examples():
     """The decoders above on the worked examples of ops/PatternConv.md and ops/SparseConv.md."""
-    pc = {"weight_shape": [2, 3, 3, 3], "patterns": [1, 3, 4, 5, 0, 1, 3, 4], "kernel_filters": [1, 1, 0],
-          "kernel_patterns": [0, 1, 0], "kernel_channels": [2, 0, 1]}
+    pc = {"weight_shape": [2, 3, 3, 3], "patterns": [1, 3, 4, 5, 0, 1, 3, 4], "filter_runs": [1, 2, 0, 1],
+          "kernel_codes": [4, 1, 2]}
     w = np.arange(1, 13, dtype=np.float32).reshape(3, 4)  # a..l = 1..12
     d = pattern_conv_dense_weight(pc, w)
     np.testing.assert_array_equal(d[1, 2], [[0, 1, 0], [2, 3, 4], [0, 0, 0]])

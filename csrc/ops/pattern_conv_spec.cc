@@ -75,12 +75,57 @@ void CheckKernels(const PatternConvSpec& s) {
   }
 }
 
+bool Has(const NodeAttributes& a, const char* name) { return a.TypeOf(name) != AttributeType::kMissing; }
+
+// The kept kernels' lists from the compact index attributes (filter_runs, kernel_codes) or, in models written before
+// them, the three per-kernel lists. The expansion checks only what it needs to stay bounded (sizes, counts, P);
+// CheckKernels then checks the lists as for the older form.
+void ReadKernelLists(const NodeAttributes& a, PatternConvSpec* s) {
+  const bool compact = Has(a, "filter_runs") || Has(a, "kernel_codes");
+  const bool lists = Has(a, "kernel_filters") || Has(a, "kernel_channels") || Has(a, "kernel_patterns");
+  Require(!(compact && lists), "a node carries either 'filter_runs' and 'kernel_codes' or the older "
+                               "'kernel_filters', 'kernel_channels' and 'kernel_patterns', not both");
+  if (!compact && lists) {
+    s->kernel_filters = a.Ints("kernel_filters", IntsRule{});
+    s->kernel_channels = a.Ints("kernel_channels", IntsRule{});
+    s->kernel_patterns = a.Ints("kernel_patterns", IntsRule{});
+    return;
+  }
+  const std::vector<int64_t> runs = a.Ints("filter_runs", IntsRule{});
+  const std::vector<int64_t> codes = a.Ints("kernel_codes", IntsRule{-1, 0, INT64_MAX});
+  Require(runs.size() % 2 == 0, "attribute 'filter_runs' must hold (filter, kernel count) pairs, got " +
+                                    Str(static_cast<int64_t>(runs.size())) + " values");
+  const size_t K = codes.size();
+  s->kernel_filters.reserve(K);
+  for (size_t r = 0; r < runs.size(); r += 2) {
+    const int64_t count = runs[r + 1];
+    Require(count >= 1 && static_cast<uint64_t>(count) <= K - s->kernel_filters.size(),
+            "attribute 'filter_runs': filter " + Str(runs[r]) + " keeps " + Str(count) + " kernels; counts must be "
+            "at least 1 and add up to the " + Str(static_cast<int64_t>(K)) + " entries of 'kernel_codes'");
+    s->kernel_filters.insert(s->kernel_filters.end(), static_cast<size_t>(count), runs[r]);
+  }
+  Require(s->kernel_filters.size() == K, "attribute 'filter_runs' counts " +
+                                              Str(static_cast<int64_t>(s->kernel_filters.size())) +
+                                              " kernels, 'kernel_codes' holds " + Str(static_cast<int64_t>(K)));
+  CheckPatterns(s->patterns);  // the codes are decoded with P
+  const int64_t P = s->num_patterns();
+  Require(P > 0 || K == 0, "attribute 'patterns' holds no pattern (an empty list, or a list of another kind such as "
+                           "STRINGS) but " + Str(static_cast<int64_t>(K)) + " kept kernels need one");
+  s->kernel_channels.resize(K);
+  s->kernel_patterns.resize(K);
+  for (size_t k = 0; k < K; ++k) {
+    s->kernel_channels[k] = codes[k] / P;
+    s->kernel_patterns[k] = codes[k] % P;
+  }
+}
+
 }  // namespace
 
 const std::vector<const char*>& PatternConvAttributeNames() {
   static const std::vector<const char*> names = {
-      "weight_shape", "patterns", "kernel_filters", "kernel_channels", "kernel_patterns", "strides",
-      "pads",         "dilations", "group",         "activation_min",  "activation_max"};
+      "weight_shape", "patterns",  "filter_runs", "kernel_codes",   "kernel_filters", "kernel_channels",
+      "kernel_patterns", "strides", "pads",       "dilations",      "group",          "activation_min",
+      "activation_max"};
   return names;
 }
 
@@ -92,9 +137,7 @@ PatternConvSpec ParsePatternConv(const NodeAttributes& a) {
   Require(weight_shape[2] == 3 && weight_shape[3] == 3,
           "attribute 'weight_shape' must describe 3x3 kernels [O, C, 3, 3], got " + ListStr(weight_shape));
   s.patterns = a.Ints("patterns", IntsRule{});
-  s.kernel_filters = a.Ints("kernel_filters", IntsRule{});
-  s.kernel_channels = a.Ints("kernel_channels", IntsRule{});
-  s.kernel_patterns = a.Ints("kernel_patterns", IntsRule{});
+  ReadKernelLists(a, &s);
   const std::vector<int64_t> strides = a.Ints("strides", IntsRule{2}, {1, 1});
   s.stride_h = strides[0];
   s.stride_w = strides[1];

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ctprune.ops import pattern_layout
 from ctprune.ops.names import ALL_PATTERNS as SPEC_PATTERNS
 from ctprune.ops.names import DOMAIN, VERSION
 from ctprune.ops.reference import pattern_conv_function
@@ -255,13 +256,18 @@ def _graph_model(nodes, initializers, x_shape, opsets, z_shape=None) -> onnx.Mod
 
 def pattern_conv_model(layer: PatternLayer, x_shape, bias=None, strides=(1, 1), pads=(1, 1, 1, 1),
                        activation=(-math.inf, math.inf), z_shape=None, **overrides) -> onnx.ModelProto:
-    """One PatternConv node (no reference function: it needs ctprune's library). `overrides` replace attributes.
-    z_shape: the residual Z becomes a graph input of that shape."""
+    """One PatternConv node (no reference function: it needs ctprune's library). `overrides` replace attributes;
+    when they name any of the older per-kernel lists (kernel_filters, ...), the node carries that form instead of
+    the compact one. z_shape: the residual Z becomes a graph input of that shape."""
     O, C = layer.dense.shape[:2]
-    attrs = dict(weight_shape=[O, C, 3, 3], patterns=layer.patterns.ravel().tolist(),
-                 kernel_filters=layer.kernel_filters.tolist(), kernel_channels=layer.kernel_channels.tolist(),
-                 kernel_patterns=layer.kernel_patterns.tolist(), strides=list(strides), pads=list(pads),
-                 dilations=[1, 1], group=1, activation_min=float(activation[0]), activation_max=float(activation[1]))
+    lists = (layer.kernel_filters, layer.kernel_channels, layer.kernel_patterns)
+    if any(name in overrides for name in pattern_layout.PER_KERNEL):
+        index = {name: values.tolist() for name, values in zip(pattern_layout.PER_KERNEL, lists)}
+    else:
+        index = pattern_layout.encode(*lists, len(layer.patterns))
+    attrs = dict(weight_shape=[O, C, 3, 3], patterns=layer.patterns.ravel().tolist(), **index,
+                 strides=list(strides), pads=list(pads), dilations=[1, 1], group=1,
+                 activation_min=float(activation[0]), activation_max=float(activation[1]))
     attrs.update(overrides)
     inits, inputs = _weight_initializers(layer.weights, bias)
     if z_shape is not None:

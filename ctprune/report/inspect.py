@@ -19,6 +19,7 @@ from ctprune.graph.layers import conv_layers, shaped_model
 from ctprune.graph.lift import check_supported
 from ctprune.graph.shapes import shape_table
 from ctprune.graph.weightless import FLOAT_TYPES
+from ctprune.ops import pattern_layout
 
 __all__ = ["LayerRow", "layer_table", "render_table", "count_parameters"]
 
@@ -99,7 +100,7 @@ def _dense_rows(model: onnx.ModelProto, input_shape) -> list[LayerRow]:
 def _pattern_conv_row(node, attrs, shapes) -> LayerRow:
     """ctprune's own pruned 3x3 conv (ops/PatternConv.md): K kept kernels of 4 taps each."""
     out_ch, in_ch = list(attrs["weight_shape"])[:2]
-    kept = len(attrs.get("kernel_filters", []))
+    kept = pattern_layout.kept_kernels(attrs)
     bias = out_ch if len(node.input) > 2 and node.input[2] else 0
     x = shapes.get(node.input[0])
     macs = None

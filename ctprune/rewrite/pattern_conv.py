@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctprune.errors import GraphError
+from ctprune.ops import pattern_layout
 
 PLACEHOLDER_PATTERN = (1, 3, 4, 5)
 
@@ -57,13 +58,13 @@ class CompactPatternWeights:
     kernel_patterns: np.ndarray  # (K,) int64
 
     def attributes(self) -> dict[str, list[int]]:
-        """The spec's index attributes, as plain int lists ready for onnx.helper.make_node."""
+        """The spec's index attributes (the compact form, ctprune.ops.pattern_layout), as plain int lists ready for
+        onnx.helper.make_node."""
         return {
             "weight_shape": [int(v) for v in self.weight_shape],
             "patterns": np.asarray(self.patterns, dtype=np.int64).ravel().tolist(),
-            "kernel_filters": np.asarray(self.kernel_filters, dtype=np.int64).tolist(),
-            "kernel_channels": np.asarray(self.kernel_channels, dtype=np.int64).tolist(),
-            "kernel_patterns": np.asarray(self.kernel_patterns, dtype=np.int64).tolist(),
+            **pattern_layout.encode(self.kernel_filters, self.kernel_channels, self.kernel_patterns,
+                                    len(self.patterns)),
         }
 
 
