@@ -10,7 +10,8 @@ Two references with one meaning:
 The function is written once against opset 13 and is valid for any default-domain opset from 13 up: every op it uses
 (Constant value_ints/value_int/value_float, Reshape, Shape, Gather, Mul, Div, Mod, Add, Slice, Expand, CumSum,
 ConstantOfShape, ScatterElements and ScatterND without reduction, Conv, Clip with min/max inputs) means the same from
-opset 13 on. A model-local function must import the same default-domain opset as its model, so `pattern_conv_function(opset)` re-stamps it. Models below opset 13 are upgraded by the rewriter
+opset 13 on. A model-local function must import the same default-domain opset as its model, so
+`pattern_conv_function(opset)` re-stamps it. Models below opset 13 are upgraded by the rewriter
 (ctprune.rewrite.rewrite_model) with onnx.version_converter before any node is rewritten.
 """
 

@@ -50,6 +50,19 @@ def test_sparse_conv_and_fc_rows(library):
     assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())
 
 
+def test_depthwise_rows_with_a_baseline_library(library):
+    """--kinds depthwise: every weight kept, timed against onnxruntime's Conv; --baseline: the same layer on another
+    build of the library (here the same one), in its own column, with node times too (the profiled sessions last)."""
+    row = bench_sparse_layer("depthwise", (24, 7, 1, 3), 1.0, 1, 1, 1, library, np.random.default_rng(3), runs=RUNS,
+                             node_times=True, baseline=library)
+    assert row["achieved"] == pytest.approx(1.0) and row["dense_ms"] > 0 and row["sparse_ms"] > 0
+    assert row["baseline_ms"] > 0 and row["baseline_speedup"] == pytest.approx(row["dense_ms"] / row["baseline_ms"])
+    assert row["node_runs"] == RUNS and row["op_node_us"] > 0
+    table = render_sparse([row])
+    assert "C24 7x7 s1 k3" in table and "baseline library ms" in table
+    assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())
+
+
 def test_pattern_conv_row_and_default_output_unchanged(library):
     row = bench_layer(16, 8, 4.0, 1, 1, library, np.random.default_rng(2), runs=RUNS, node_times=True)
     assert row["node_runs"] == RUNS and row["dense_node_us"] > 0 and row["op_node_us"] > 0

@@ -140,6 +140,28 @@ def test_row_strips_and_odd_widths(tier):
         _check(case, int(rng.integers(2**31)))
 
 
+@pytest.mark.parametrize("tier", TIERS, indirect=True)
+@pytest.mark.parametrize("k", [3, 5])
+def test_narrow_rows(tier, k):
+    """3x3 and 5x5 with output rows of at most one vector take their own kernel (the rows streamed once, whole-vector
+    stores running into the next rows): every width 1..9 around the tiers' 8 and 16 lanes, both strides, pads up to
+    the kernel's half on any side, planes tall enough to run in several row strips (partial last vectors at a
+    strip's end, two threads), residuals and activations."""
+    rng = np.random.default_rng([SEED, 606, k, TIERS.index(tier)])
+    for i, OW in enumerate(list(range(1, 10)) + [15, 16, 17]):
+        stride = 1 + i % 2
+        pads = tuple(int(p) for p in rng.integers(0, k // 2 + 1, 4))
+        W = (OW - 1) * stride + k - pads[1] - pads[3]
+        if W < 1:
+            pads, W = (k // 2,) * 4, (OW - 1) * stride + 1
+        H = int(rng.choice([1, 2, 5, 7, 600])) + k - 1
+        case = _case(rng, kernel=(k, k), strides=(stride, stride), pads=pads, W=W, H=H,
+                     C=int(rng.choice([1, 3, 16])), residual=["none", "full", "one"][i % 3],
+                     activation=ACTIVATIONS[i % len(ACTIVATIONS)], threads=1 + (H > 100))
+        assert _output_shape(case)[3] == OW, case
+        _check(case, int(rng.integers(2**31)))
+
+
 def test_narrow_rows_on_the_chosen_tier(monkeypatch):
     """The tier chosen from the CPU (no CTPRUNE_FORCE_ISA) runs output rows of at most 8 in 8-float vectors where
     its own are wider (dispatch.h, NarrowPlaneKernels: on AVX-512, the AVX2 tier's depthwise kernel): output widths

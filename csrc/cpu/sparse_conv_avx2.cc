@@ -35,6 +35,11 @@ struct Avx2 {
   static void Fence() { _mm_sfence(); }
   using M = __m256i;
   static M Mask(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static M MaskRange(int lo, int hi) {  // lanes lo .. hi - 1
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32(lo), lane),
+                               _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), lane));
+  }
   static V MaskLoad(const float* p, M m) { return _mm256_maskload_ps(p, m); }
   // Lanes [0, n) through 4-, 2- and 1-lane stores: vmaskmovps to memory measured ~15 cycles on Zen 3.
   static void StoreFirst(float* p, V v, int n) {

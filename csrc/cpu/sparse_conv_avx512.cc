@@ -39,6 +39,7 @@ struct Zmm {
   static void Fence() { _mm_sfence(); }
   using M = __mmask16;
   static M Mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static M MaskRange(int lo, int hi) { return static_cast<__mmask16>(Mask(hi) & ~Mask(lo)); }  // lanes lo .. hi - 1
   static V MaskLoad(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
   static void StoreFirst(float* p, V v, int n) { _mm512_mask_storeu_ps(p, Mask(n), v); }
   // even = p[0], p[2], ..., p[30]; odd = p[1], p[3], ..., p[31].

@@ -42,13 +42,15 @@ struct Lanes {
   static void StoreU(float* p, V v) { std::memcpy(p, v.v, sizeof(v.v)); }
   static void Stream(float* p, V v) { StoreU(p, v); }
   static void Fence() {}
-  struct M {
+  struct M {  // lanes lo .. n - 1
     int n;
+    int lo;
   };
-  static M Mask(int n) { return M{n}; }
+  static M Mask(int n) { return M{n, 0}; }
+  static M MaskRange(int lo, int hi) { return M{hi, lo}; }
   static V MaskLoad(const float* p, M m) {
     V r = Zero();
-    std::memcpy(r.v, p, sizeof(float) * static_cast<size_t>(m.n));
+    if (m.n > m.lo) std::memcpy(r.v + m.lo, p + m.lo, sizeof(float) * static_cast<size_t>(m.n - m.lo));
     return r;
   }
   static void StoreFirst(float* p, V v, int n) { std::memcpy(p, v.v, sizeof(float) * static_cast<size_t>(n)); }

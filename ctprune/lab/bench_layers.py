@@ -263,7 +263,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sparse", action="store_true", help="SparseConv's 1x1 and FC shapes instead (bench_sparse.py)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[4], help="--sparse: block sizes (FC: 8 unless given)")
-    parser.add_argument("--kinds", nargs="+", default=["conv", "fc"], choices=["conv", "fc", "general"], help="--sparse: layers")
+    parser.add_argument("--kinds", nargs="+", default=["conv", "fc"], choices=["conv", "fc", "general", "depthwise"],
+                        help="--sparse: layers")
     parser.add_argument("--block", type=int, default=None,
                         help="block-structured layers: runs of N filters share channels and patterns")
     parser.add_argument("--layers", nargs="+", default=None, help="CxH (C = O, H = W), e.g. 64x56 512x7")

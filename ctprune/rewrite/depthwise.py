@@ -8,9 +8,10 @@ time. SparseConv runs a depthwise Conv (one input channel per group, no dilation
 becomes a SparseConv with every weight kept: the chain stays NCHW and the depthwise layer stays dense (its weights
 are not pruned; PreCropping is what shrinks depthwise layers).
 
-On the AVX-512 tier a Conv that onnxruntime would run in NCHWc also needs an output at least MIN_OUTPUT_WIDTH wide:
-there onnxruntime's depthwise kernel computes 16 channels per vector whatever the plane, while SparseConv's path runs
-along a row of one channel, and on 7-wide rows (9 of 16 lanes idle) it lost even with both reorders counted.
+On the AVX-512 tier a Conv that onnxruntime would run in NCHWc also needs an output at least MIN_OUTPUT_WIDTH wide,
+unless it is 3x3: onnxruntime's depthwise kernel computes 16 channels per vector whatever the plane, while SparseConv's
+path runs along a row of one channel, and on 7-wide rows (9 of 16 lanes idle) its general kernel lost even with both
+reorders counted; 3x3 rows of at most one vector have a kernel of their own, which wins there.
 
 Only Convs with ctprune ops on both sides move (the input written by one, the result read by one, through
 elementwise ops at most): that saves both reorders. With an onnxruntime Conv on one side the count of reorders stays
@@ -39,6 +40,12 @@ DEPTHWISE_STRIDES = (1, 2)
 # every depthwise Conv made the model 1.22x faster than dense, moving none 1.41x. On Zen 3's AVX2 every width gained
 # (C960 7x7: 108 us against 137 us).
 MIN_OUTPUT_WIDTH = {"avx512": 14}
+# ... except for this kernel: its output rows of at most one vector have their own kernel (sixteenth session, Zen 4,
+# `bench_layers --sparse --kinds depthwise`: against onnxruntime's Conv with its reorders, 7x7 planes 1.22-1.43x
+# where the general kernel ran 0.93-0.98x, 14x14 2.25x where it ran 1.22x; the MobileNetV2 example at 8x 1.92x faster
+# than dense with every depthwise Conv moved, 1.76x with only those 14 wide). 5x5 ones on 7x7 planes still lose
+# (0.85-0.90x), so they keep the width rule.
+NARROW_KERNEL = (3, 3)
 # Elementwise ops between a depthwise Conv and the op that reads its result (folded BN, activations, a residual Add).
 _PASS_THROUGH = {"BatchNormalization", "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Mul", "Add", "Div",
                  "LeakyRelu", "PRelu"}
@@ -71,14 +78,15 @@ def runs_on_depthwise_path(node: onnx.NodeProto, weight_shape, x_shape) -> bool:
             and set(attrs.dilations) == {1})
 
 
-def pays_to_move(y_shape, weight_overridable: bool, tier: str | None = None) -> bool:
+def pays_to_move(y_shape, weight_overridable: bool, kernel=(3, 3), tier: str | None = None) -> bool:
     """Whether SparseConv's depthwise path beats what onnxruntime would run here. onnxruntime moves a Conv to its
     NCHWc layout only when the weight is a constant; one that is also a graph input (IR < 4 exporters list every
     initializer there) runs a plain NCHW kernel, which SparseConv's path beats at every width (CenterFace at 8x,
-    Zen 5: moving its 8x8 Convs too, 2.68x against 2.32x). An NCHWc one needs an output (`y_shape`, NCHW as shape
+    Zen 5: moving its 8x8 Convs too, 2.68x against 2.32x). A 3x3 kernel (`kernel`, (kh, kw)) beats the NCHWc one
+    at every width too, with its narrow-row kernel; any other NCHWc one needs an output (`y_shape`, NCHW as shape
     inference gave it) at least MIN_OUTPUT_WIDTH wide for `tier` (default: the one that runs)."""
     least = for_this_cpu(MIN_OUTPUT_WIDTH, tier, default=1)
-    if weight_overridable or least <= 1:
+    if weight_overridable or least <= 1 or tuple(kernel) == NARROW_KERNEL:
         return True
     width = y_shape[3] if y_shape and len(y_shape) == 4 else None
     return isinstance(width, int) and width >= least

@@ -421,7 +421,7 @@ def _depthwise_as_sparse(rewrite: _Rewrite, done: dict, threads: int) -> None:
         x_shape, y_shape = rewrite.shapes.get(node.input[0]), rewrite.shapes.get(node.output[0])
         if (weight is not None and weight.dtype == np.float32
                 and depthwise.runs_on_depthwise_path(node, weight.shape, x_shape)
-                and depthwise.pays_to_move(y_shape, node.input[1] in graph_inputs)):
+                and depthwise.pays_to_move(y_shape, node.input[1] in graph_inputs, weight.shape[2:])):
             shapes[i] = tuple(int(d) for d in weight.shape)
     for i in depthwise.beside_ctprune_ops(graph, rewrite.fused_away, list(shapes)):
         node = graph.node[i]
