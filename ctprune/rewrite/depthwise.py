@@ -41,10 +41,10 @@ DEPTHWISE_STRIDES = (1, 2)
 # (C960 7x7: 108 us against 137 us).
 MIN_OUTPUT_WIDTH = {"avx512": 14}
 # ... except for this kernel: its output rows of at most one vector have their own kernel (sixteenth session, Zen 4,
-# `bench_layers --sparse --kinds depthwise`: against onnxruntime's Conv with its reorders, 7x7 planes 1.22-1.43x
-# where the general kernel ran 0.93-0.98x, 14x14 2.25x where it ran 1.22x; the MobileNetV2 example at 8x 1.92x faster
-# than dense with every depthwise Conv moved, 1.76x with only those 14 wide). 5x5 ones on 7x7 planes still lose
-# (0.85-0.90x), so they keep the width rule.
+# `bench_layers --sparse --kinds depthwise`: against onnxruntime's Conv with its reorders, 7x7 planes 1.18-1.44x
+# where the general kernel ran 0.91-0.96x, 14x14 2.36-2.44x where it ran 1.20-1.23x; the MobileNetV2 example at 8x
+# 1.93x faster than dense with every depthwise Conv moved, 1.76x with only those 14 wide). 5x5 ones on 7x7 planes
+# only draw even (0.97-1.01x), so they keep the width rule.
 NARROW_KERNEL = (3, 3)
 # Elementwise ops between a depthwise Conv and the op that reads its result (folded BN, activations, a residual Add).
 _PASS_THROUGH = {"BatchNormalization", "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Mul", "Add", "Div",
