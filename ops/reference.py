@@ -8,9 +8,9 @@ Two references with one meaning:
 - `pattern_conv_numpy`, a plain float64 numpy implementation, for tests.
 
 The function is written once against opset 13 and is valid for any default-domain opset from 13 up: every op it uses
-(Constant value_ints/value_int/value_float, Reshape, Shape, Gather, Mul, Div, Mod, Add, Slice, Expand, CumSum,
-ConstantOfShape, ScatterElements and ScatterND without reduction, Conv, Clip with min/max inputs) means the same from
-opset 13 on. A model-local function must import the same default-domain opset as its model, so
+(Constant value_ints/value_int/value_float, Reshape, Shape, Gather, Max, Mul, Div, Mod, Add, Slice, Expand,
+CumSum, ConstantOfShape, ScatterElements and ScatterND without reduction, Conv, Clip with min/max inputs) means the
+same from opset 13 on. A model-local function must import the same default-domain opset as its model, so
 `pattern_conv_function(opset)` re-stamps it. Models below opset 13 are upgraded by the rewriter
 (ctprune.rewrite.rewrite_model) with onnx.version_converter before any node is rewritten.
 """
@@ -48,7 +48,9 @@ def PatternConv(
     # (filter, kernel count) pairs in storage order, expanded to one filter per kernel by marking where each run
     # after the first starts and counting the marks.
     library = op.Reshape(op.Constant(value_ints=patterns), op.Constant(value_ints=[-1, 4]))
-    num_patterns = op.Gather(op.Shape(library), op.Constant(value_ints=[0]), axis=0)
+    # P, at least 1: a layer with no kernel left may carry an empty library (and no codes to divide)
+    library_rows = op.Gather(op.Shape(library), op.Constant(value_ints=[0]), axis=0)
+    num_patterns = op.Max(library_rows, op.Constant(value_ints=[1]))
     codes = op.Constant(value_ints=kernel_codes)
     kernel_patterns = op.Mod(codes, num_patterns)
     kernel_channels = op.Div(codes, num_patterns)

@@ -148,6 +148,17 @@ def test_nan_activation_bound_is_refused(library):
         run(bad, library)
 
 
+def test_no_kernel_left_and_an_empty_library_run_alike(library):
+    """A layer with no kernel left needs no pattern: the kernel runs it with `patterns` empty, and so must the
+    function, which decodes kernel_codes by P (it divided by 0 once: found by `make asan`'s fuzz run)."""
+    layer = random_pattern_layer(np.random.default_rng(3), 4, 3, 0)  # K = 0
+    model = pattern_conv_model(layer, (1, 3, 5, 5), bias=np.arange(4, dtype=np.float32), activation=(0.0, 6.0))
+    model = replaced(model, "patterns", helper.make_attribute("patterns", [], attr_type=AttributeProto.INTS))
+    got = run(model, library)
+    np.testing.assert_allclose(got, run(with_function(model)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got, np.broadcast_to(np.clip(np.arange(4.0), 0, 6)[None, :, None, None], got.shape))
+
+
 @pytest.mark.xfail(strict=True, reason="onnxruntime's C API reads every empty list as empty INTS: an empty FLOATS "
                                       "kernel list (a layer with no kernel left) cannot be told apart")
 def test_empty_list_of_another_type(library):
