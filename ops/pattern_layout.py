@@ -31,18 +31,14 @@ def encode(kernel_filters: Sequence[int], kernel_channels: Sequence[int], kernel
     return {"filter_runs": runs.tolist(), "kernel_codes": (channels * int(num_patterns) + patterns).tolist()}
 
 
-def decode(attributes: Mapping[str, Sequence[int]], num_patterns: int | None = None
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(kernel_filters, kernel_channels, kernel_patterns), int64 arrays, from a node's attributes in either form.
-    num_patterns: P, by default len(attributes["patterns"]) // 4."""
+def decode(attributes: Mapping[str, Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kernel_filters, kernel_channels, kernel_patterns), int64 arrays, from a node's attributes in either form."""
     if not any(name in attributes for name in COMPACT):
         return tuple(np.asarray(attributes.get(name, []), dtype=np.int64).reshape(-1) for name in PER_KERNEL)
-    if num_patterns is None:
-        num_patterns = len(attributes["patterns"]) // 4
     runs = np.asarray(attributes.get("filter_runs", []), dtype=np.int64).reshape(-1, 2)
     codes = np.asarray(attributes.get("kernel_codes", []), dtype=np.int64).reshape(-1)
     filters = np.repeat(runs[:, 0], runs[:, 1])
-    P = max(int(num_patterns), 1)
+    P = max(len(attributes["patterns"]) // 4, 1)  # as the function divides (an empty library has no codes)
     return filters, codes // P, codes % P
 
 
