@@ -45,7 +45,8 @@ STRUCTURES = {
 @pytest.fixture(autouse=True)
 def poisoned_output(monkeypatch):
     monkeypatch.setenv("CTPRUNE_POISON_OUTPUT", "1")
-    for name in ("CTPRUNE_FORCE_ISA", "CTPRUNE_PATTERN_BLOCKS", "CTPRUNE_PATTERN_BLOCK_PAD_MIN"):
+    for name in ("CTPRUNE_FORCE_ISA", "CTPRUNE_PATTERN_BLOCKS", "CTPRUNE_PATTERN_BLOCK_PAD_MIN",
+                 "CTPRUNE_PATTERN_DIRECT"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -175,7 +176,9 @@ def test_the_block_path_runs(library, monkeypatch):
     # On a small image the per-filter path (CTPRUNE_PATTERN_BLOCKS=0) has small tiles and spreads consecutive kernels
     # over several sets of sums (pattern_conv_tiles.inc, SetsFor), while a block sums its taps in storage order, so on
     # a block-structured layer the two outputs differ in the last bits while both match the dense Conv: the blocks
-    # were found and used. On a layer without runs both settings run the same code and agree exactly.
+    # were found and used. On a layer without runs both settings run the same code and agree exactly. (The direct form
+    # sums in storage order too, and takes this layer when it has no blocks: it is switched off here.)
+    monkeypatch.setenv("CTPRUNE_PATTERN_DIRECT", "0")
     rng = np.random.default_rng([SEED, 500])
     x = rng.standard_normal((1, 64, 5, 5)).astype(np.float32)
     runs = random_pattern_layer(rng, 32, 64, 40, block=16)

@@ -47,6 +47,14 @@ struct ConvGeometry {
   int tap_offset[9];   // tap ky*3+kx: offset of its read from the output's flat index
   int vectors;         // vectors per register tile
   int tiles;           // tiles per filter: tiles * vectors * lanes >= OH * flat_row
+  // The direct form (stride 1, every pad 1, no filter block: MakeDirectGeometry): nothing is packed; the kernels read
+  // X itself (plane = H * W, tap_offset[ky*3+kx] = (ky - 1) * W + kx - 1 from the output's y * W + x) through lane
+  // masks at the image's borders, and write Y's rows directly. A tile is tile_rows whole output rows of row_vectors
+  // vectors each (vectors = tile_rows * row_vectors); tile t starts at row min(t * tile_rows, OH - tile_rows), so the
+  // last tile may recompute rows of the one before it (same values) rather than need a smaller tile kernel.
+  bool direct;
+  int row_vectors;
+  int tile_rows;
 };
 
 constexpr int kBlockFilters = 16;      // filters per block
@@ -75,6 +83,8 @@ struct ImageJob {
   const int32_t* block_count;
   const int32_t* block_weight_begin;
   const float* block_weights;
+  // The direct form: (K, 4) each kept tap's row and column in the kernel, (ky << 2) | kx (ImageJob::offsets order).
+  const int8_t* tap_rows_cols;
 };
 
 // Computes tiles [tile_begin, tile_end) of filter positions [filter_begin, filter_end).
@@ -88,6 +98,14 @@ using BlockStripFn = void (*)(const ConvGeometry& g, const ImageJob& job, int bl
 // Writes one packed plane (g.plane floats) for input channel `x` (H x W), and nothing outside it. Returns whether it
 // met a NaN or +-Inf (then the op mends the outputs a dense Conv would make NaN: pattern_conv_nonfinite.h).
 using PackChannelFn = bool (*)(const ConvGeometry& g, const float* x, float* packed);
+
+// Whether any of x[0 .. n) is NaN or +-Inf (the direct form's stand-in for the packing's report).
+using ScanChannelFn = bool (*)(const float* x, size_t n);
+
+// The direct-form tile kernel for rows of `row_vectors` vectors and tiles of `rows` rows, or nullptr.
+using SelectDirectFn = FilterTilesFn (*)(int row_vectors, int rows);
+constexpr int kDirectRowVectors = 4;  // the widest row the direct form takes, in vectors
+constexpr int kDirectRows = 16;       // the tallest direct tile
 
 }  // namespace cpu
 }  // namespace ctprune

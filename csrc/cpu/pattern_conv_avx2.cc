@@ -52,6 +52,15 @@ struct Avx2 {
   }
   static void StoreFirst(float* p, V v, int n) { _mm256_maskstore_ps(p, First(n), v); }
 
+  // The direct form: lane masks as vectors (all ones or zero per lane); vmaskmovps neither reads (no fault) nor
+  // writes the lanes a mask leaves out, and reads them as 0. 10 sums, + the weight and the masks in 16 registers.
+  static constexpr int kDirectVectors = 10;
+  using K = __m256i;
+  static K MaskRange(int lo, int hi) { return _mm256_andnot_si256(First(lo), First(hi)); }  // none when hi <= lo
+  static K MaskAnd(K a, K b) { return _mm256_and_si256(a, b); }
+  static V LoadMasked(K m, const float* p) { return _mm256_maskload_ps(p, m); }
+  static void StoreMasked(float* p, K m, V v) { _mm256_maskstore_ps(p, m, v); }
+
   // Filter blocks: 6 pixels x 16 filters = 12 sums, + 2 weight vectors and the broadcast input.
   static constexpr int kBlockPixels = 6;
   using Index = __m256i;
@@ -85,7 +94,8 @@ KernelTable Table() {
   return {"avx2",          Avx2::L,
           Avx2::kMaxVectors, &SelectFilterTilesFor<Avx2>,
           &PackChannel<Avx2>, Avx2::kBlockPixels,
-          &BlockStrip<Avx2>,  {}};
+          &BlockStrip<Avx2>,  {},
+          Avx2::kDirectVectors, &SelectDirectTilesFor<Avx2>, &ScanChannel<Avx2>};
 }
 
 }  // namespace avx2

@@ -69,6 +69,16 @@ struct Zmm {
                                             _mm512_set1_epi32(stride));
     for (int j = 0; j < 16; ++j) r[j] = _mm512_i32gather_ps(rows, src + j, 4);
   }
+
+  // The direct form: lane masks in mask registers; masked-off lanes are neither read (no fault) nor written.
+  static constexpr int kDirectVectors = 24;
+  using K = __mmask16;
+  static K MaskRange(int lo, int hi) {  // lanes lo .. hi - 1 (none when hi <= lo)
+    return hi <= lo ? 0 : static_cast<K>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+  }
+  static K MaskAnd(K a, K b) { return static_cast<K>(a & b); }
+  static V LoadMasked(K m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static void StoreMasked(float* p, K m, V v) { _mm512_mask_storeu_ps(p, m, v); }
 };
 
 #include "cpu/pattern_conv_tiles.inc"
@@ -76,8 +86,9 @@ struct Zmm {
 }  // namespace
 
 KernelTable Table() {
-  return {"avx512", Zmm::L, Zmm::kMaxVectors, &SelectFilterTilesFor<Zmm>, &PackChannel<Zmm>, Zmm::kBlockPixels,
-          &BlockStrip<Zmm>, {}};
+  return {"avx512",         Zmm::L,          Zmm::kMaxVectors,           &SelectFilterTilesFor<Zmm>,
+          &PackChannel<Zmm>, Zmm::kBlockPixels, &BlockStrip<Zmm>,          {},
+          Zmm::kDirectVectors, &SelectDirectTilesFor<Zmm>, &ScanChannel<Zmm>};
 }
 
 }  // namespace avx512

@@ -20,6 +20,7 @@ using ops::ShapeStr;
 struct PackWork {
   const ConvGeometry* g;
   PackChannelFn pack;
+  ScanChannelFn scan;  // the direct form: nothing to pack, only the non-finite report
   const float* x;
   float* packed;
   uint8_t* non_finite;  // (N, C): the channel holds a NaN or +-Inf
@@ -35,7 +36,8 @@ void PackItem(void* data, size_t item) {
   const size_t in_plane = static_cast<size_t>(w.g->H) * w.g->W;
   for (int c = c0; c < c1; ++c) {
     const size_t nc = static_cast<size_t>(n) * w.g->C + c;
-    w.non_finite[nc] = w.pack(*w.g, w.x + nc * in_plane, w.packed + nc * w.g->plane);
+    w.non_finite[nc] = w.scan != nullptr ? w.scan(w.x + nc * in_plane, in_plane)
+                                         : w.pack(*w.g, w.x + nc * in_plane, w.packed + nc * w.g->plane);
   }
 }
 
@@ -120,6 +122,8 @@ PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* inf
   kernels_ = Kernels(&isa_error);
   if (!isa_error.empty()) throw InvalidNode(isa_error);
   narrow_kernels_ = NarrowPlaneKernels(kernels_);
+  // The direct form (pattern_conv.h) where it fits, unless CTPRUNE_PATTERN_DIRECT=0 (tests and A/B measurements).
+  direct_ = EnvInt("CTPRUNE_PATTERN_DIRECT", 1) != 0;
   const char* poison = std::getenv("CTPRUNE_POISON_OUTPUT");
   poison_output_ = poison != nullptr && std::strcmp(poison, "1") == 0;
 }
@@ -168,9 +172,14 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   // The tier's own vectors, or the narrow-plane table's when the output's flat row is that narrow (the choice
   // depends on the input size alone, so the offsets kept per input size stay valid).
   const KernelTable& kernels = FlatRow(plan_, xs[3]) <= kNarrowRowFloats ? narrow_kernels_ : kernels_;
+  // Stride 1 with every pad 1 reads X in place (the direct form); the rest packs it first. The choice, too, depends
+  // on the input size alone.
+  const bool direct = direct_ && DirectFits(plan_, xs[2], xs[3], kernels.lanes, kernels.direct_vectors);
   const ConvGeometry g =
-      MakeGeometry(plan_, xs[2], xs[3], kernels.lanes, kernels.max_vectors, kernels.block_pixels);
-  const FilterTilesFn tiles = kernels.select_tiles(g.vectors);
+      direct ? MakeDirectGeometry(plan_, xs[2], xs[3], kernels.lanes, kernels.direct_vectors)
+             : MakeGeometry(plan_, xs[2], xs[3], kernels.lanes, kernels.max_vectors, kernels.block_pixels);
+  const FilterTilesFn tiles =
+      direct ? kernels.select_direct(g.row_vectors, g.tile_rows) : kernels.select_tiles(g.vectors);
   if (tiles == nullptr) throw InvalidNode("no kernel for this geometry");
 
   // Z, the fused residual: one element (added to every output) or exactly Y's shape.
@@ -191,15 +200,17 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   if (poison_output_) std::fill(out, out + out_size, std::numeric_limits<float>::quiet_NaN());
   if (N == 0) return;
 
-  // 1. Pack every input channel into its zero-padded plane, in parallel, noting channels with a NaN or +-Inf. The
-  // workspace is this call's (workspace.h): the planes (64-byte aligned: the mapping is page-aligned), the blocks'
-  // regrouped weights when W is not a constant (64-byte aligned: a plane is a multiple of 16 floats), then the flags.
-  const size_t channels = static_cast<size_t>(N) * g.C, planes_bytes = channels * g.plane * sizeof(float);
+  // 1. Pack every input channel into its zero-padded plane (the direct form: only look), in parallel, noting channels
+  // with a NaN or +-Inf. The workspace is this call's (workspace.h): the planes (64-byte aligned: the mapping is
+  // page-aligned), the blocks' regrouped weights when W is not a constant (64-byte aligned: a plane is a multiple of
+  // 16 floats), then the flags.
+  const size_t channels = static_cast<size_t>(N) * g.C;
+  const size_t planes_bytes = direct ? 0 : channels * g.plane * sizeof(float);
   const size_t regroup_bytes = plan_.blocks() > 0 && block_weights_ == nullptr
                                    ? static_cast<size_t>(plan_.block_weight_begin.back()) * kBlockFilters * sizeof(float)
                                    : 0;
   const Workspace workspace(planes_bytes + regroup_bytes + channels);
-  float* packed = workspace.as<float>();
+  const float* packed = direct ? x.GetTensorData<float>() : workspace.as<float>();
   uint8_t* non_finite = workspace.as<uint8_t>(planes_bytes + regroup_bytes);
   const float* block_weights = block_weights_;
   if (regroup_bytes > 0) {
@@ -207,7 +218,8 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
     RegroupBlockWeights(plan_, w.GetTensorData<float>(), regrouped);
     block_weights = regrouped;
   }
-  PackWork pack{&g, kernels.pack, x.GetTensorData<float>(), packed, non_finite, 1, 0};
+  PackWork pack{&g, kernels.pack, direct ? kernels.scan : nullptr, x.GetTensorData<float>(),
+                workspace.as<float>(), non_finite, 1, 0};
   pack.channels_per_item = static_cast<int>(std::max<size_t>(1, 16384 / g.plane));
   pack.items_per_image = (g.C + pack.channels_per_item - 1) / pack.channels_per_item;
   ctx.ParallelFor(&PackItem, static_cast<size_t>(N) * pack.items_per_image, 0, &pack);
@@ -228,7 +240,7 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
                       plan_.filters.data(), bias,    z_offset,                 residual,
                       plan_.act_min,   plan_.act_max, plan_.clamp,             out,
                       plan_.block_first.data(), plan_.block_count.data(), plan_.block_weight_begin.data(),
-                      block_weights};
+                      block_weights,   plan_.tap_rows_cols.data()};
   work.group_begin = plan_.group_begin.data();
   work.group_end = plan_.group_end.data();
   work.filter_items = static_cast<int>(plan_.group_begin.size());

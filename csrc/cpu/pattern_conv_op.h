@@ -37,6 +37,7 @@ class PatternConvKernel {
   std::string node_;  // "PatternConv node 'name'" for error messages
   PatternConvPlan plan_;
   KernelTable kernels_;
+  bool direct_ = true;  // the direct form where it fits (CTPRUNE_PATTERN_DIRECT)
   KernelTable narrow_kernels_;  // for output planes whose flat row is at most kNarrowRowFloats (dispatch.h)
   std::mutex offsets_mutex_;
   struct OffsetsFor {

@@ -53,6 +53,12 @@ PatternConvPlan BuildPlan(const ops::PatternConvSpec& s, const BlockOptions& opt
     p.kernel_begin.push_back(p.K);
   }
   p.kernel_begin.push_back(p.K);
+  p.tap_rows_cols.reserve(static_cast<size_t>(p.K) * 4);
+  for (int k = 0; k < p.K; ++k) {  // ascending taps, as TapOffsets orders them
+    for (int tap = 0; tap < 9; ++tap) {
+      if ((p.shapes[k] >> tap) & 1) p.tap_rows_cols.push_back(static_cast<int8_t>(((tap / 3) << 2) | (tap % 3)));
+    }
+  }
 
   // Runs of identical kernel lists, cut into blocks; the positions left over stay per filter.
   const auto same_kernels = [&](int a, int b) {
@@ -183,6 +189,41 @@ ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int la
           p.stride == 1 ? ky * g.flat_row + kx
                         : static_cast<int>(((ky & 1) * 2 + (kx & 1)) * phase) + (ky >> 1) * g.flat_row + (kx >> 1);
     }
+  }
+  return g;
+}
+
+bool DirectFits(const PatternConvPlan& p, int64_t H, int64_t W, int lanes, int direct_vectors) {
+  const int64_t row_vectors = (W + lanes - 1) / lanes;
+  return direct_vectors > 0 && static_cast<double>(p.K) * 4 * H * W <= kDirectMaxMacs && p.stride == 1 && p.pad_top == 1 && p.pad_left == 1 && p.pad_bottom == 1 &&
+         p.pad_right == 1 && p.blocks() == 0 && W >= 1 && row_vectors <= kDirectRowVectors &&
+         row_vectors <= direct_vectors;
+}
+
+ConvGeometry MakeDirectGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int lanes, int direct_vectors) {
+  Require(H >= 1 && W >= 1,  // the pads are 1
+          "input height and width plus pads must be at least 3, got " + std::to_string(H) + "x" + std::to_string(W));
+  Require(static_cast<double>(H) * W * p.C < 2.0e9,  // tap offsets and per-image addresses are 32-bit
+          "input is too large for the kernel (" + std::to_string(p.C) + " channels of " + std::to_string(H) + "x" +
+              std::to_string(W) + ")");
+  ConvGeometry g{};
+  g.C = p.C;
+  g.O = p.O;
+  g.H = g.OH = static_cast<int>(H);
+  g.W = g.OW = static_cast<int>(W);
+  g.stride = 1;
+  g.pad_top = g.pad_left = 1;
+  g.flat_row = g.W;
+  g.plane = static_cast<size_t>(H) * static_cast<size_t>(W);
+  g.direct = true;
+  g.row_vectors = static_cast<int>((W + lanes - 1) / lanes);
+  // As few tiles as the tallest tile allows, then as short as that many allow (the least recomputed overlap).
+  const int max_rows = std::min(kDirectRows, direct_vectors / g.row_vectors);
+  g.tiles = (g.H + max_rows - 1) / max_rows;
+  g.tile_rows = (g.H + g.tiles - 1) / g.tiles;
+  g.vectors = g.tile_rows * g.row_vectors;
+  for (int ky = 0; ky < 3; ++ky) {
+    for (int kx = 0; kx < 3; ++kx) g.tap_offset[ky * 3 + kx] = (ky - 1) * g.W + (kx - 1);
   }
   return g;
 }

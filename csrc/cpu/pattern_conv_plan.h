@@ -24,6 +24,7 @@ struct PatternConvPlan {
   std::vector<int32_t> filters;       // (O) output channel of each filter position: filters with kernels in
                                       // storage order (heaviest first), then empty ones
   std::vector<int32_t> kernel_begin;  // (O + 1) first kept kernel of each filter position
+  std::vector<int8_t> tap_rows_cols;  // (K, 4) (ky << 2) | kx of each kept tap, ascending (ImageJob::tap_rows_cols)
   // Filter blocks (pattern_conv.h, ImageJob): block b is filter positions [block_first[b], + block_count[b]); its
   // regrouped weights are vectors [block_weight_begin[b], block_weight_begin[b + 1]) of kBlockFilters floats.
   std::vector<int32_t> block_first, block_count;
@@ -63,6 +64,22 @@ int64_t FlatRow(const PatternConvPlan& plan, int64_t W);
 // input is smaller than 3x3 or too large to index.
 ConvGeometry MakeGeometry(const PatternConvPlan& plan, int64_t H, int64_t W, int lanes, int max_vectors,
                           int block_pixels);
+
+// The direct form saves a cost per input pixel (the packing) and per output (the tiles' copy into Y) but runs its
+// multiply-adds 15-25% slower (masked loads are not fused into them; rows of whole vectors waste lanes: 28 outputs in
+// 32), so it pays on calls with few kept multiply-adds per image. Measured on a Zen 4 (AVX-512; 7x7 planes in AVX2),
+// 1 thread, per layer against the packed form: 16@28, 32@14 and 64@7 at 8x (0.19-0.23 M multiply-adds) 3-7% faster,
+// at 16x 11-14%; 0.45 M (the same at 4x) 0-7% slower; 0.9 M (32@28, 64@14, 128@7 at 8x) 4-8% slower; 64@56 at 8x
+// (7.2 M) 20% slower.
+constexpr double kDirectMaxMacs = 320e3;
+
+// Whether a call with an H x W input takes the direct form (pattern_conv.h) in a tier with `lanes`-float vectors and
+// direct tiles of at most `direct_vectors` vectors (0: none): stride 1, every pad 1, no filter block, rows of at most
+// kDirectRowVectors vectors, at most kDirectMaxMacs kept multiply-adds per image.
+bool DirectFits(const PatternConvPlan& plan, int64_t H, int64_t W, int lanes, int direct_vectors);
+
+// The direct form's geometry (ConvGeometry::direct) for a call that DirectFits.
+ConvGeometry MakeDirectGeometry(const PatternConvPlan& plan, int64_t H, int64_t W, int lanes, int direct_vectors);
 
 // (K, 4): channel * g.plane + g.tap_offset[tap] for each kept kernel's taps in ascending order (ImageJob::offsets).
 std::vector<int32_t> TapOffsets(const PatternConvPlan& plan, const ConvGeometry& g);

@@ -1,0 +1,91 @@
+"""PatternConv's direct form (csrc/cpu/pattern_conv_tiles.inc, DirectTiles): stride 1 with every pad 1 and at most
+kDirectMaxMacs kept multiply-adds per image reads X in place through lane masks at the borders and writes Y's rows
+directly, instead of packing a zero-padded copy.
+
+On each tier that has it (AVX2, AVX-512) and on the tier chosen from the CPU (7x7 planes on AVX-512 run the AVX2
+tier's): widths around 1, 2, 3 and 4 vectors of either tier (the row's first and last vector both masked, rows whose
+last vector holds one output), heights 1-3 and heights that split into tiles whose last one overlaps the one before;
+bias, Z of Y's shape, every activation, 1 and 2 threads, batch 1 and 3; NaN and +-Inf in X (the scan that replaces the
+packing's report). Each case against onnxruntime's own Conv (+ Add Z, + Clip) on the masked dense weight, and against
+the packed form (CTPRUNE_PATTERN_DIRECT=0) of the same library. Outputs are poisoned with NaN first, so an element the
+kernel never writes shows. Fresh seeds each run (CTPRUNE_TEST_SEED=<n> replays one; it is in every message).
+"""
+
+import itertools
+import os
+import secrets
+
+import numpy as np
+import pytest
+
+from ctprune.lab.layer_model import pattern_conv_model, random_pattern_layer
+
+from test_hardening_nan import assert_same, dense_graph, dense_session, inject, kernel_session
+from test_patternconv_kernel import ACTIVATIONS, tier_available
+
+SEED = int(os.environ.get("CTPRUNE_TEST_SEED", secrets.randbits(32)))
+WIDTHS = (1, 2, 3, 5, 7, 8, 9, 14, 15, 16, 17, 23, 24, 25, 28, 31, 32, 33, 40, 47, 48, 49, 56, 63, 64, 65)
+HEIGHTS = (1, 2, 3, 7, 13, 28, 37)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_output(monkeypatch):
+    monkeypatch.setenv("CTPRUNE_POISON_OUTPUT", "1")
+    for name in ("CTPRUNE_FORCE_ISA", "CTPRUNE_PATTERN_DIRECT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def check_direct(library, monkeypatch, rng, *, N, C, O, H, W, activation, threads, residual, specials, what):
+    layer = random_pattern_layer(rng, O, C, rng.integers(0, C + 1, O), library_size=int(rng.integers(1, 13)))
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    inject(rng, x, specials)
+    b = rng.standard_normal(O).astype(np.float32)
+    z = rng.standard_normal((N, O, H, W)).astype(np.float32) if residual else None
+    feeds = {"X": x} if z is None else {"X": x, "Z": z}
+    z_shape = None if z is None else z.shape
+    want = dense_session(dense_graph(layer.dense, b, x.shape, (1, 1), (1, 1, 1, 1), activation, z_shape))
+    want = want.run(None, feeds)[0]
+    model = pattern_conv_model(layer, x.shape, b, (1, 1), (1, 1, 1, 1), activation, z_shape=z_shape)
+    got = {}
+    for direct in ("1", "0"):
+        monkeypatch.setenv("CTPRUNE_PATTERN_DIRECT", direct)
+        got[direct] = kernel_session(model, library, threads).run(None, feeds)[0]
+    where = (f"seed {SEED}: {what} N={N} C={C} O={O} H={H} W={W} activation={activation} threads={threads} "
+             f"residual={residual} specials={specials} isa={os.environ.get('CTPRUNE_FORCE_ISA', 'auto')}")
+    assert_same(got["1"], want, "direct form vs onnxruntime; " + where)
+    assert_same(got["1"], got["0"], "direct vs packed form; " + where)
+
+
+@pytest.mark.parametrize("tier", ["avx2", "avx512", None])
+def test_widths_and_heights_on_each_tier(library, tier, monkeypatch):
+    if tier is not None and not tier_available(tier, library, monkeypatch):
+        pytest.skip(f"this CPU cannot run the {tier} tier")
+    rng = np.random.default_rng([SEED, 100 + (2 if tier is None else ["avx2", "avx512"].index(tier))])
+    for W, H in itertools.product(WIDTHS, HEIGHTS):
+        if rng.random() > 0.35 and W not in (1, 7, 14, 28):  # a third of the grid each run, the usual sizes always
+            continue
+        check_direct(library, monkeypatch, rng, N=int(rng.choice([1, 3])), C=int(rng.integers(1, 9)),
+                     O=int(rng.integers(1, 9)), H=H, W=W, activation=ACTIVATIONS[int(rng.integers(0, 4))],
+                     threads=int(rng.integers(1, 3)), residual=bool(rng.integers(0, 2)), specials=0,
+                     what="grid")
+
+
+@pytest.mark.parametrize("tier", ["avx2", "avx512", None])
+def test_non_finite_inputs_on_each_tier(library, tier, monkeypatch):
+    if tier is not None and not tier_available(tier, library, monkeypatch):
+        pytest.skip(f"this CPU cannot run the {tier} tier")
+    rng = np.random.default_rng([SEED, 200 + (2 if tier is None else ["avx2", "avx512"].index(tier))])
+    for W, specials in itertools.product((7, 14, 28), (1, 4)):
+        check_direct(library, monkeypatch, rng, N=2, C=int(rng.integers(2, 12)), O=int(rng.integers(1, 12)),
+                     H=int(rng.integers(1, 20)), W=W, activation=ACTIVATIONS[int(rng.integers(0, 4))],
+                     threads=int(rng.integers(1, 3)), residual=bool(rng.integers(0, 2)), specials=specials,
+                     what="non-finite X")
+
+
+def test_resnet_sized_layers_take_the_direct_form(library, monkeypatch):
+    # The layer sizes the direct form is for (ResNet-20 on 28x28 inputs at 8x: 16@28, 32@14, 64@7): the two forms
+    # agree on them, and a large layer (beyond kDirectMaxMacs) is the same with the switch on or off.
+    rng = np.random.default_rng([SEED, 300])
+    for C, HW, kept in ((16, 28, 4), (32, 14, 9), (64, 7, 18), (64, 28, 40)):
+        check_direct(library, monkeypatch, rng, N=1, C=C, O=C, H=HW, W=HW, activation=ACTIVATIONS[1], threads=1,
+                     residual=True, specials=0, what=f"{C}@{HW}")
