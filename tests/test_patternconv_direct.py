@@ -6,7 +6,8 @@ On each tier that has it (AVX2, AVX-512) and on the tier chosen from the CPU (7x
 tier's): widths around 1, 2, 3 and 4 vectors of either tier (the row's first and last vector both masked, rows whose
 last vector holds one output), heights 1-3 and heights that split into tiles whose last one overlaps the one before;
 bias, Z of Y's shape, every activation, 1 and 2 threads, batch 1 and 3; NaN and +-Inf in X (the scan that replaces the
-packing's report). Each case against onnxruntime's own Conv (+ Add Z, + Clip) on the masked dense weight, and against
+packing's report); infinite weights, constant or fed (the form skips the taps that would read the pad, which add
+0 * w: the op packs instead then). Each case against onnxruntime's own Conv (+ Add Z, + Clip) on the masked dense weight, and against
 the packed form (CTPRUNE_PATTERN_DIRECT=0) of the same library. Outputs are poisoned with NaN first, so an element the
 kernel never writes shows. Fresh seeds each run (CTPRUNE_TEST_SEED=<n> replays one; it is in every message).
 """
@@ -17,6 +18,7 @@ import secrets
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper
 
 from ctprune.lab.layer_model import pattern_conv_model, random_pattern_layer
 
@@ -89,3 +91,35 @@ def test_resnet_sized_layers_take_the_direct_form(library, monkeypatch):
     for C, HW, kept in ((16, 28, 4), (32, 14, 9), (64, 7, 18), (64, 28, 40)):
         check_direct(library, monkeypatch, rng, N=1, C=C, O=C, H=HW, W=HW, activation=ACTIVATIONS[1], threads=1,
                      residual=True, specials=0, what=f"{C}@{HW}")
+
+
+def _dense_of(layer, weights):
+    O, C = layer.dense.shape[:2]
+    dense = np.zeros((O, C, 9), np.float32)
+    for k in range(layer.kept_kernels):
+        dense[layer.kernel_filters[k], layer.kernel_channels[k], layer.patterns[layer.kernel_patterns[k]]] = weights[k]
+    return dense.reshape(O, C, 3, 3)
+
+
+@pytest.mark.parametrize("fed", [False, True])
+def test_infinite_weights_make_the_border_nan_as_the_pad_does(library, monkeypatch, fed):
+    # An infinite weight on a tap that reads the zero pad makes those outputs NaN in a dense Conv (0 * Inf): with W a
+    # constant the kernel sees it once, fed as a graph input on every call; finite weights fed take the direct form.
+    rng = np.random.default_rng([SEED, 400 + fed])
+    layer = random_pattern_layer(rng, 6, 5, 5)
+    x = rng.standard_normal((1, 5, 9, 14)).astype(np.float32)
+    model = pattern_conv_model(layer, x.shape)
+    if fed:
+        model.graph.input.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, list(layer.weights.shape)))
+    for infinite in (True, False) if fed else (True,):
+        w = layer.weights.copy() if not fed else rng.standard_normal(layer.weights.shape).astype(np.float32)
+        if infinite:
+            w[rng.integers(0, len(w), 2), rng.integers(0, 4, 2)] = [np.inf, -np.inf]
+        if not fed:
+            model.graph.initializer[0].CopyFrom(helper.make_tensor("W", TensorProto.FLOAT, w.shape, w.ravel()))
+        feeds = {"X": x, "W": w} if fed else {"X": x}
+        want = dense_session(dense_graph(_dense_of(layer, w), None, x.shape, (1, 1), (1, 1, 1, 1), ACTIVATIONS[0],
+                                         None)).run(None, {"X": x})[0]
+        assert np.isnan(want).any() == infinite  # the pad's 0 * Inf is there to get right
+        got = kernel_session(model, library, 1).run(None, feeds)[0]
+        assert_same(got, want, f"seed {SEED}: fed={fed} infinite={infinite}")

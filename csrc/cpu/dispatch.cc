@@ -82,7 +82,7 @@ Selection Select() {
 KernelTable NarrowPlaneKernels(const KernelTable& chosen) {
   // An AVX-512 table is only ever chosen on a CPU that also runs AVX2 (DetectCpu requires it).
   if (ForcedIsa() != nullptr || std::strcmp(chosen.isa, "avx512") != 0) return chosen;
-  return WithSparse(avx2::Table(), avx2::SparseTable());
+  return avx512::NarrowTable(WithSparse(avx2::Table(), avx2::SparseTable()));
 }
 
 KernelTable Kernels(std::string* error) {

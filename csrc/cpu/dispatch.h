@@ -40,7 +40,8 @@ KernelTable Kernels(std::string* error);
 // when the tier was chosen from the CPU: on AVX-512 the AVX2 tier's 8-float vectors. A 7x7 PatternConv's 56 flat
 // positions fill 7 of them but 4 16-float vectors (64 lanes): a Zen 4 ran 64@7 and 512@7 at 8x 7-15% faster so;
 // wider planes were faster with 16 floats (14x14: 3.75x vs 3.42x). `chosen` itself otherwise, and whenever
-// CTPRUNE_FORCE_ISA pins a tier (the tests cover each tier's own kernels on every plane size).
+// CTPRUNE_FORCE_ISA pins a tier (the tests cover each tier's own kernels on every plane size). On AVX-512 the direct
+// form (pattern_conv.h) there is AVX-512's, in 8-float vectors (avx512::NarrowTable).
 KernelTable NarrowPlaneKernels(const KernelTable& chosen);
 constexpr int kNarrowRowFloats = 8;
 
@@ -57,6 +58,7 @@ SparseKernels SparseTable();
 }  // namespace avx2
 namespace avx512 {
 KernelTable Table();
+KernelTable NarrowTable(KernelTable avx2);  // avx2's table with the direct form in 8-float vectors and mask registers
 SparseKernels SparseTable();
 }  // namespace avx512
 

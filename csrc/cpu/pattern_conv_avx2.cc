@@ -60,6 +60,7 @@ struct Avx2 {
   static K MaskAnd(K a, K b) { return _mm256_and_si256(a, b); }
   static V LoadMasked(K m, const float* p) { return _mm256_maskload_ps(p, m); }
   static void StoreMasked(float* p, K m, V v) { _mm256_maskstore_ps(p, m, v); }
+  static V FmaMasked(V w, const float* p, V acc, K m) { return _mm256_fmadd_ps(w, LoadMasked(m, p), acc); }
 
   // Filter blocks: 6 pixels x 16 filters = 12 sums, + 2 weight vectors and the broadcast input.
   static constexpr int kBlockPixels = 6;

@@ -79,6 +79,37 @@ struct Zmm {
   static K MaskAnd(K a, K b) { return static_cast<K>(a & b); }
   static V LoadMasked(K m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   static void StoreMasked(float* p, K m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+  // acc + w * p[lane] in the lanes of m, acc elsewhere: one multiply-add with its load folded in (the lanes m leaves
+  // out are not read, so they cannot fault).
+  static V FmaMasked(V w, const float* p, V acc, K m) { return _mm512_mask3_fmadd_ps(w, _mm512_loadu_ps(p), acc, m); }
+};
+
+// 8-float vectors with AVX-512's mask registers and 32 vector registers, for the direct form on planes whose rows
+// one 8-float vector holds (dispatch.h, NarrowPlaneKernels): the AVX2 tier's masked loads (vmaskmovps) cannot be
+// folded into the multiply-adds, these can.
+struct Ymm {
+  using V = __m256;
+  static constexpr int L = 8;
+  static V Set1(float x) { return _mm256_set1_ps(x); }
+  static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V Load(const float* p) { return _mm256_loadu_ps(p); }
+  static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V Add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V Or(V a, V b) { return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(a), _mm256_castps_si256(b))); }
+  static V Max(V a, V b) { return _mm256_max_ps(a, b); }
+  static V Min(V a, V b) { return _mm256_min_ps(a, b); }
+  static void Store(float* p, V v) { _mm256_store_ps(p, v); }
+  static void StoreU(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static constexpr int kDirectVectors = 24;
+  using K = __mmask8;
+  static K MaskRange(int lo, int hi) {
+    return hi <= lo ? 0 : static_cast<K>(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+  }
+  static K MaskAnd(K a, K b) { return static_cast<K>(a & b); }
+  static V LoadMasked(K m, const float* p) { return _mm256_maskz_loadu_ps(m, p); }
+  static void StoreMasked(float* p, K m, V v) { _mm256_mask_storeu_ps(p, m, v); }
+  static V FmaMasked(V w, const float* p, V acc, K m) { return _mm256_mask3_fmadd_ps(w, _mm256_loadu_ps(p), acc, m); }
 };
 
 #include "cpu/pattern_conv_tiles.inc"
@@ -89,6 +120,13 @@ KernelTable Table() {
   return {"avx512",         Zmm::L,          Zmm::kMaxVectors,           &SelectFilterTilesFor<Zmm>,
           &PackChannel<Zmm>, Zmm::kBlockPixels, &BlockStrip<Zmm>,          {},
           Zmm::kDirectVectors, &SelectDirectTilesFor<Zmm>, &ScanChannel<Zmm>};
+}
+
+KernelTable NarrowTable(KernelTable avx2) {
+  avx2.direct_vectors = Ymm::kDirectVectors;
+  avx2.select_direct = &SelectDirectTilesFor<Ymm>;
+  avx2.scan = &ScanChannel<Ymm>;
+  return avx2;
 }
 
 }  // namespace avx512

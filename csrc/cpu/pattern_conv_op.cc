@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -91,6 +92,13 @@ void ConvItem(void* data, size_t item) {
           std::min(w.g->tiles, t0 + w.tiles_per_item));
 }
 
+bool AllFinite(const float* v, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(v[i])) return false;
+  }
+  return true;
+}
+
 int EnvInt(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
@@ -106,9 +114,10 @@ PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* inf
   blocks.enabled = EnvInt("CTPRUNE_PATTERN_BLOCKS", 1) != 0;
   blocks.pad_min = EnvInt("CTPRUNE_PATTERN_BLOCK_PAD_MIN", kBlockPadMin);
   plan_ = BuildPlan(ops::ParsePatternConv(ops::ReadAttributes(api, info, ops::PatternConvAttributeNames())), blocks);
+  const float* w = ops::ConstantFloatMatrix(api, info, 1, plan_.K, 4);
+  if (w != nullptr) weights_finite_ = AllFinite(w, static_cast<size_t>(plan_.K) * 4) ? 1 : 0;
   if (plan_.blocks() > 0) {
     // A constant W of the right shape is regrouped once; anything else is checked and regrouped at run time.
-    const float* w = ops::ConstantFloatMatrix(api, info, 1, plan_.K, 4);
     if (w != nullptr) {
       const size_t floats = static_cast<size_t>(plan_.block_weight_begin.back()) * kBlockFilters;
       block_weights_storage_.resize(floats + 16);
@@ -174,7 +183,10 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   const KernelTable& kernels = FlatRow(plan_, xs[3]) <= kNarrowRowFloats ? narrow_kernels_ : kernels_;
   // Stride 1 with every pad 1 reads X in place (the direct form); the rest packs it first. The choice, too, depends
   // on the input size alone.
-  const bool direct = direct_ && DirectFits(plan_, xs[2], xs[3], kernels.lanes, kernels.direct_vectors);
+  // (The direct form skips the taps that would read the pad, which adds 0 * w: NaN for an infinite w.)
+  const bool direct = direct_ && DirectFits(plan_, xs[2], xs[3], kernels.lanes, kernels.direct_vectors) &&
+                      (weights_finite_ >= 0 ? weights_finite_ == 1
+                                            : AllFinite(w.GetTensorData<float>(), static_cast<size_t>(plan_.K) * 4));
   const ConvGeometry g =
       direct ? MakeDirectGeometry(plan_, xs[2], xs[3], kernels.lanes, kernels.direct_vectors)
              : MakeGeometry(plan_, xs[2], xs[3], kernels.lanes, kernels.max_vectors, kernels.block_pixels);

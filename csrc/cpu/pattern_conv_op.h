@@ -38,6 +38,7 @@ class PatternConvKernel {
   PatternConvPlan plan_;
   KernelTable kernels_;
   bool direct_ = true;  // the direct form where it fits (CTPRUNE_PATTERN_DIRECT)
+  int weights_finite_ = -1;  // W a constant: whether every weight is finite (1 or 0); -1: looked at in each call
   KernelTable narrow_kernels_;  // for output planes whose flat row is at most kNarrowRowFloats (dispatch.h)
   std::mutex offsets_mutex_;
   struct OffsetsFor {
