@@ -28,6 +28,7 @@ struct KernelTable {
   // no direct form and packs every input), its kernels and the non-finite scan that replaces the packing's report.
   int direct_vectors = 0;
   SelectDirectFn select_direct = nullptr;
+  DirectMasksFn direct_masks = nullptr;
   ScanChannelFn scan = nullptr;
 };
 

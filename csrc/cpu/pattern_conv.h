@@ -83,8 +83,10 @@ struct ImageJob {
   const int32_t* block_count;
   const int32_t* block_weight_begin;
   const float* block_weights;
-  // The direct form: (K, 4) each kept tap's row and column in the kernel, (ky << 2) | kx (ImageJob::offsets order).
+  // The direct form: (K, 4) each kept tap's row and column in the kernel, (ky << 2) | kx (ImageJob::offsets order),
+  // and the lane masks of every tap for every kind of tile (DirectMasksFn), in the tier's mask type.
   const int8_t* tap_rows_cols;
+  const void* direct_masks;
 };
 
 // Computes tiles [tile_begin, tile_end) of filter positions [filter_begin, filter_end).
@@ -101,6 +103,15 @@ using PackChannelFn = bool (*)(const ConvGeometry& g, const float* x, float* pac
 
 // Whether any of x[0 .. n) is NaN or +-Inf (the direct form's stand-in for the packing's report).
 using ScanChannelFn = bool (*)(const float* x, size_t n);
+
+// The direct form's lane masks for a geometry: for each kind of tile (its first row the image's first: +1, its last
+// row the image's last: +2), each tap (ky << 2) | kx and each place in a tile (kDirectMaskSlots: the first, middle
+// and last vector of the tile's first row, of its inner rows and of its last row), the lanes that tap reads there.
+// Written once per call into `out` (kDirectMaskBytes, 64-byte aligned), so the tile loop only loads them.
+using DirectMasksFn = void (*)(const ConvGeometry& g, void* out);
+constexpr int kDirectMaskSlots = 8;
+constexpr int kDirectMaskCount = 4 * 12 * kDirectMaskSlots;
+constexpr size_t kDirectMaskBytes = kDirectMaskCount * 32;  // the widest mask type (AVX2: a vector)
 
 // The direct-form tile kernel for rows of `row_vectors` vectors and tiles of `rows` rows, or nullptr.
 using SelectDirectFn = FilterTilesFn (*)(int row_vectors, int rows);

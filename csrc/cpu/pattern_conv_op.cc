@@ -217,12 +217,14 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   // page-aligned), the blocks' regrouped weights when W is not a constant (64-byte aligned: a plane is a multiple of
   // 16 floats), then the flags.
   const size_t channels = static_cast<size_t>(N) * g.C;
-  const size_t planes_bytes = direct ? 0 : channels * g.plane * sizeof(float);
+  // (The direct form's lane masks take the planes' place: DirectMasksFn.)
+  const size_t planes_bytes = direct ? kDirectMaskBytes : channels * g.plane * sizeof(float);
   const size_t regroup_bytes = plan_.blocks() > 0 && block_weights_ == nullptr
                                    ? static_cast<size_t>(plan_.block_weight_begin.back()) * kBlockFilters * sizeof(float)
                                    : 0;
   const Workspace workspace(planes_bytes + regroup_bytes + channels);
   const float* packed = direct ? x.GetTensorData<float>() : workspace.as<float>();
+  if (direct) kernels.direct_masks(g, workspace.as<float>());
   uint8_t* non_finite = workspace.as<uint8_t>(planes_bytes + regroup_bytes);
   const float* block_weights = block_weights_;
   if (regroup_bytes > 0) {
@@ -252,7 +254,7 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
                       plan_.filters.data(), bias,    z_offset,                 residual,
                       plan_.act_min,   plan_.act_max, plan_.clamp,             out,
                       plan_.block_first.data(), plan_.block_count.data(), plan_.block_weight_begin.data(),
-                      block_weights,   plan_.tap_rows_cols.data()};
+                      block_weights,   plan_.tap_rows_cols.data(), direct ? workspace.as<float>() : nullptr};
   work.group_begin = plan_.group_begin.data();
   work.group_end = plan_.group_end.data();
   work.filter_items = static_cast<int>(plan_.group_begin.size());
