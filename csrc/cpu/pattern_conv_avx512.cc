@@ -79,9 +79,15 @@ struct Zmm {
   static K MaskAnd(K a, K b) { return static_cast<K>(a & b); }
   static V LoadMasked(K m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
   static void StoreMasked(float* p, K m, V v) { _mm512_mask_storeu_ps(p, m, v); }
-  // acc + w * p[lane] in the lanes of m, acc elsewhere: one multiply-add with its load folded in (the lanes m leaves
-  // out are not read, so they cannot fault).
-  static V FmaMasked(V w, const float* p, V acc, K m) { return _mm512_mask3_fmadd_ps(w, _mm512_loadu_ps(p), acc, m); }
+  // acc + w * p[lane] in the lanes of m, acc elsewhere: one multiply-add with its load folded in, whose lanes m
+  // leaves out are not read (they cannot fault). Written out: in C++ the folded load would be an unmasked read past
+  // the tensor's edges (undefined, and what AddressSanitizer instruments and a compiler that does not fold it does).
+  static V FmaMasked(V w, const float* p, V acc, K m) {
+    asm("vfmadd231ps %[x], %[w], %[acc]%{%[m]%}"
+        : [acc] "+v"(acc)
+        : [w] "v"(w), [x] "m"(*reinterpret_cast<const __m512_u*>(p)), [m] "Yk"(m));
+    return acc;
+  }
 };
 
 // 8-float vectors with AVX-512's mask registers and 32 vector registers, for the direct form on planes whose rows
@@ -109,7 +115,12 @@ struct Ymm {
   static K MaskAnd(K a, K b) { return static_cast<K>(a & b); }
   static V LoadMasked(K m, const float* p) { return _mm256_maskz_loadu_ps(m, p); }
   static void StoreMasked(float* p, K m, V v) { _mm256_mask_storeu_ps(p, m, v); }
-  static V FmaMasked(V w, const float* p, V acc, K m) { return _mm256_mask3_fmadd_ps(w, _mm256_loadu_ps(p), acc, m); }
+  static V FmaMasked(V w, const float* p, V acc, K m) {  // as Zmm's
+    asm("vfmadd231ps %[x], %[w], %[acc]%{%[m]%}"
+        : [acc] "+v"(acc)
+        : [w] "v"(w), [x] "m"(*reinterpret_cast<const __m256_u*>(p)), [m] "Yk"(m));
+    return acc;
+  }
 };
 
 #include "cpu/pattern_conv_tiles.inc"
