@@ -1,5 +1,5 @@
 """PatternConv's direct form (csrc/cpu/pattern_conv_tiles.inc, DirectTiles): stride 1 with every pad 1 and at most
-kDirectMaxMacs kept multiply-adds per image reads X in place through lane masks at the borders and writes Y's rows
+few kept multiply-adds (pattern_conv_plan.h, kDirectMaxMacs and kDirectMacsPerValue) reads X in place through lane masks at the borders and writes Y's rows
 directly, instead of packing a zero-padded copy.
 
 On each tier that has it (AVX2, AVX-512) and on the tier chosen from the CPU (7x7 planes on AVX-512 run the AVX2
@@ -37,7 +37,8 @@ def poisoned_output(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def check_direct(library, monkeypatch, rng, *, N, C, O, H, W, activation, threads, residual, specials, what):
+def check_direct(library, monkeypatch, rng, *, N, C, O, H, W, activation, threads, residual, specials, what,
+                 forced=False):
     layer = random_pattern_layer(rng, O, C, rng.integers(0, C + 1, O), library_size=int(rng.integers(1, 13)))
     x = rng.standard_normal((N, C, H, W)).astype(np.float32)
     inject(rng, x, specials)
@@ -48,14 +49,15 @@ def check_direct(library, monkeypatch, rng, *, N, C, O, H, W, activation, thread
     want = dense_session(dense_graph(layer.dense, b, x.shape, (1, 1), (1, 1, 1, 1), activation, z_shape))
     want = want.run(None, feeds)[0]
     model = pattern_conv_model(layer, x.shape, b, (1, 1), (1, 1, 1, 1), activation, z_shape=z_shape)
+    on = "2" if forced else "1"  # 2: the direct form wherever it can run, past the rule of when it pays
     got = {}
-    for direct in ("1", "0"):
+    for direct in (on, "0"):
         monkeypatch.setenv("CTPRUNE_PATTERN_DIRECT", direct)
         got[direct] = kernel_session(model, library, threads).run(None, feeds)[0]
     where = (f"seed {SEED}: {what} N={N} C={C} O={O} H={H} W={W} activation={activation} threads={threads} "
              f"residual={residual} specials={specials} isa={os.environ.get('CTPRUNE_FORCE_ISA', 'auto')}")
-    assert_same(got["1"], want, "direct form vs onnxruntime; " + where)
-    assert_same(got["1"], got["0"], "direct vs packed form; " + where)
+    assert_same(got[on], want, "direct form vs onnxruntime; " + where)
+    assert_same(got[on], got["0"], "direct vs packed form; " + where)
 
 
 @pytest.mark.parametrize("tier", ["avx2", "avx512", None])
@@ -86,11 +88,14 @@ def test_non_finite_inputs_on_each_tier(library, tier, monkeypatch):
 
 def test_resnet_sized_layers_take_the_direct_form(library, monkeypatch):
     # The layer sizes the direct form is for (ResNet-20 on 28x28 inputs at 8x: 16@28, 32@14, 64@7): the two forms
-    # agree on them, and a large layer (beyond kDirectMaxMacs) is the same with the switch on or off.
+    # agree on them, and a large layer (beyond kDirectMaxMacs) is the same with the switch on or off; then the form
+    # forced (CTPRUNE_PATTERN_DIRECT=2) on a layer the rule leaves packed, rows of 4 vectors on AVX-512.
     rng = np.random.default_rng([SEED, 300])
     for C, HW, kept in ((16, 28, 4), (32, 14, 9), (64, 7, 18), (64, 28, 40)):
         check_direct(library, monkeypatch, rng, N=1, C=C, O=C, H=HW, W=HW, activation=ACTIVATIONS[1], threads=1,
                      residual=True, specials=0, what=f"{C}@{HW}")
+    check_direct(library, monkeypatch, rng, N=2, C=40, O=24, H=30, W=56, activation=ACTIVATIONS[2], threads=2,
+                 residual=True, specials=2, what="forced", forced=True)
 
 
 def _dense_of(layer, weights):

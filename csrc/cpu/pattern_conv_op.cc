@@ -132,7 +132,8 @@ PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* inf
   if (!isa_error.empty()) throw InvalidNode(isa_error);
   narrow_kernels_ = NarrowPlaneKernels(kernels_);
   // The direct form (pattern_conv.h) where it fits, unless CTPRUNE_PATTERN_DIRECT=0 (tests and A/B measurements).
-  direct_ = EnvInt("CTPRUNE_PATTERN_DIRECT", 1) != 0;
+  // CTPRUNE_PATTERN_DIRECT=2 takes it wherever it can run, however many multiply-adds (measurements of the rule).
+  direct_ = EnvInt("CTPRUNE_PATTERN_DIRECT", 1);
   const char* poison = std::getenv("CTPRUNE_POISON_OUTPUT");
   poison_output_ = poison != nullptr && std::strcmp(poison, "1") == 0;
 }
@@ -184,7 +185,8 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   // Stride 1 with every pad 1 reads X in place (the direct form); the rest packs it first. The choice, too, depends
   // on the input size alone.
   // (The direct form skips the taps that would read the pad, which adds 0 * w: NaN for an infinite w.)
-  const bool direct = direct_ && DirectFits(plan_, xs[2], xs[3], kernels.lanes, kernels.direct_vectors) &&
+  const bool direct = direct_ != 0 &&
+                      DirectFits(plan_, xs[2], xs[3], kernels.lanes, kernels.direct_vectors, direct_ == 2) &&
                       (weights_finite_ >= 0 ? weights_finite_ == 1
                                             : AllFinite(w.GetTensorData<float>(), static_cast<size_t>(plan_.K) * 4));
   const ConvGeometry g =

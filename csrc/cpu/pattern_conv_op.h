@@ -37,7 +37,7 @@ class PatternConvKernel {
   std::string node_;  // "PatternConv node 'name'" for error messages
   PatternConvPlan plan_;
   KernelTable kernels_;
-  bool direct_ = true;  // the direct form where it fits (CTPRUNE_PATTERN_DIRECT)
+  int direct_ = 1;  // the direct form: 0 never, 1 where it fits and pays, 2 wherever it fits (CTPRUNE_PATTERN_DIRECT)
   int weights_finite_ = -1;  // W a constant: whether every weight is finite (1 or 0); -1: looked at in each call
   KernelTable narrow_kernels_;  // for output planes whose flat row is at most kNarrowRowFloats (dispatch.h)
   std::mutex offsets_mutex_;

@@ -65,18 +65,21 @@ int64_t FlatRow(const PatternConvPlan& plan, int64_t W);
 ConvGeometry MakeGeometry(const PatternConvPlan& plan, int64_t H, int64_t W, int lanes, int max_vectors,
                           int block_pixels);
 
-// The direct form saves a cost per input pixel (the packing) and per output (the tiles' copy into Y) but runs its
-// multiply-adds 15-25% slower (masked loads are not fused into them; rows of whole vectors waste lanes: 28 outputs in
-// 32), so it pays on calls with few kept multiply-adds per image. Measured on a Zen 4 (AVX-512; 7x7 planes in AVX2),
-// 1 thread, per layer against the packed form: 16@28, 32@14 and 64@7 at 8x (0.19-0.23 M multiply-adds) 3-7% faster,
-// at 16x 11-14%; 0.45 M (the same at 4x) 0-7% slower; 0.9 M (32@28, 64@14, 128@7 at 8x) 4-8% slower; 64@56 at 8x
-// (7.2 M) 20% slower.
+// The direct form saves a cost per input value (the packing) and per output value (the tiles' copy into Y) but runs
+// its multiply-adds slower (rows of whole vectors waste lanes, 28 outputs in 32; a tap's masks are loaded), so it
+// pays on small layers with few kept multiply-adds per input and output value. Measured on a Zen 4 (AVX-512; 7x7
+// planes in 8-float vectors), 1 thread, per layer, session times against the packed form (kept multiply-adds per
+// image; per input and output value): 16@28 at 8x and 16x (0.19 M, 7.7; 0.10 M, 3.9) 9% and 17% faster, 32@14 at 8x
+// and 16x (0.23 M, 18; 0.11 M, 9) 9% and 16%, 64@7 at 16x (0.11 M, 18) 6%; but 64@7 at 8x (0.23 M, 36) 2-5% slower,
+// at 4x (0.45 M) even; 32@28 at 8x (0.9 M, 18) 4% slower, 64@56 at 16x (7.2 M, 18) 10% slower.
 constexpr double kDirectMaxMacs = 320e3;
+constexpr double kDirectMacsPerValue = 24;
 
 // Whether a call with an H x W input takes the direct form (pattern_conv.h) in a tier with `lanes`-float vectors and
 // direct tiles of at most `direct_vectors` vectors (0: none): stride 1, every pad 1, no filter block, rows of at most
-// kDirectRowVectors vectors, at most kDirectMaxMacs kept multiply-adds per image.
-bool DirectFits(const PatternConvPlan& plan, int64_t H, int64_t W, int lanes, int direct_vectors);
+// kDirectRowVectors vectors, at most kDirectMacsPerValue kept multiply-adds per input and output value (any_size:
+// however many).
+bool DirectFits(const PatternConvPlan& plan, int64_t H, int64_t W, int lanes, int direct_vectors, bool any_size);
 
 // The direct form's geometry (ConvGeometry::direct) for a call that DirectFits.
 ConvGeometry MakeDirectGeometry(const PatternConvPlan& plan, int64_t H, int64_t W, int lanes, int direct_vectors);
