@@ -55,7 +55,12 @@ def check_residual_case(library, rng, c, where):
     function = session(model, 1).run(None, {"X": x, "Z": z})[0]  # plain onnxruntime: the function
     assert got.shape == function.shape == y_shape, where
     assert not np.isnan(got).any(), "unwritten (NaN) outputs; " + where
-    scale = max(np.abs(expected).max(initial=0.0), 1.0)
+    # The tolerance is relative to the sums before the clamp: a narrow clamp (-0.3, 0.4) leaves outputs far smaller
+    # than the float32 rounding of the 4 * C-term sums that made them (seed 3487279557 case 7: 1.1e-5 at C = 64).
+    unclamped = pattern_conv_numpy(x, layer.weights, b, [c["O"], c["C"], 3, 3], layer.patterns.ravel(),
+                                   layer.kernel_filters, layer.kernel_channels, layer.kernel_patterns,
+                                   (c["stride"],) * 2, (c["pad"],) * 4, -math.inf, math.inf, Z=z)
+    scale = max(np.abs(unclamped).max(initial=0.0), 1.0)
     assert np.abs(got - expected).max(initial=0.0) / scale <= 1e-5, "kernel vs numpy; " + where
     assert np.abs(function - expected).max(initial=0.0) / scale <= 1e-5, "function vs numpy; " + where
 
