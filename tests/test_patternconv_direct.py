@@ -1,15 +1,16 @@
-"""PatternConv's direct form (csrc/cpu/pattern_conv_tiles.inc, DirectTiles): stride 1 with every pad 1 and at most
-few kept multiply-adds (pattern_conv_plan.h, kDirectMaxMacs and kDirectMacsPerValue) reads X in place through lane masks at the borders and writes Y's rows
-directly, instead of packing a zero-padded copy.
+"""PatternConv's direct form (csrc/cpu/pattern_conv_tiles.inc, DirectTiles): stride 1 with every pad 1 and few kept
+multiply-adds (pattern_conv_plan.h, kDirectMaxMacs and kDirectMacsPerValue) reads X in place through lane masks at the
+borders and writes Y's rows directly, instead of packing a zero-padded copy.
 
-On each tier that has it (AVX2, AVX-512) and on the tier chosen from the CPU (7x7 planes on AVX-512 run the AVX2
-tier's): widths around 1, 2, 3 and 4 vectors of either tier (the row's first and last vector both masked, rows whose
-last vector holds one output), heights 1-3 and heights that split into tiles whose last one overlaps the one before;
-bias, Z of Y's shape, every activation, 1 and 2 threads, batch 1 and 3; NaN and +-Inf in X (the scan that replaces the
-packing's report); infinite weights, constant or fed (the form skips the taps that would read the pad, which add
-0 * w: the op packs instead then). Each case against onnxruntime's own Conv (+ Add Z, + Clip) on the masked dense weight, and against
-the packed form (CTPRUNE_PATTERN_DIRECT=0) of the same library. Outputs are poisoned with NaN first, so an element the
-kernel never writes shows. Fresh seeds each run (CTPRUNE_TEST_SEED=<n> replays one; it is in every message).
+On each tier that has it (AVX2, AVX-512) and on the tier chosen from the CPU (on AVX-512, 7x7 planes run in 8-float
+vectors with mask registers): widths around 1, 2, 3 and 4 vectors of either tier (the row's first and last vector both
+masked, rows whose last vector holds one output), heights 1-3 and heights that split into tiles whose last one
+overlaps the one before; bias, Z of Y's shape, every activation, 1 and 2 threads, batch 1 and 3; NaN and +-Inf in X
+(the scan that replaces the packing's report); infinite weights, constant or fed (the form skips the taps that would
+read the pad, which add 0 * w: the op packs instead then); the form forced past its rule (CTPRUNE_PATTERN_DIRECT=2).
+Each case against onnxruntime's own Conv (+ Add Z, + Clip) on the masked dense weight, and against the packed form
+(CTPRUNE_PATTERN_DIRECT=0) of the same library. Outputs are poisoned with NaN first, so an element the kernel never
+writes shows. Fresh seeds each run (CTPRUNE_TEST_SEED=<n> replays one; it is in every message).
 """
 
 import itertools

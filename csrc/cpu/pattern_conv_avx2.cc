@@ -20,22 +20,11 @@ namespace cpu {
 namespace avx2 {
 namespace {
 
-struct Avx2 {
-  using V = __m256;
-  static constexpr int L = 8;
+#include "cpu/pattern_conv_ymm.inc"
+
+struct Avx2 : YmmBasics {
   // 12 sums + the broadcast weight; the tap loads are fused into the multiply-adds and need no register.
   static constexpr int kMaxVectors = 14;
-  static V Set1(float x) { return _mm256_set1_ps(x); }
-  static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static V Load(const float* p) { return _mm256_loadu_ps(p); }
-  static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V Add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static V Or(V a, V b) { return _mm256_or_ps(a, b); }
-  static V Max(V a, V b) { return _mm256_max_ps(a, b); }
-  static V Min(V a, V b) { return _mm256_min_ps(a, b); }
-  static void Store(float* p, V v) { _mm256_store_ps(p, v); }
-  static void StoreU(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V EvensOf(V a, V b) {
     // [a0 a2 b0 b2 | a4 a6 b4 b6], then its 64-bit quarters in the order 0 2 1 3.
     const V pairs = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));

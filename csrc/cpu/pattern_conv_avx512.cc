@@ -93,20 +93,9 @@ struct Zmm {
 // 8-float vectors with AVX-512's mask registers and 32 vector registers, for the direct form on planes whose rows
 // one 8-float vector holds (dispatch.h, NarrowPlaneKernels): the AVX2 tier's masked loads (vmaskmovps) cannot be
 // folded into the multiply-adds, these can.
-struct Ymm {
-  using V = __m256;
-  static constexpr int L = 8;
-  static V Set1(float x) { return _mm256_set1_ps(x); }
-  static V Broadcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static V Load(const float* p) { return _mm256_loadu_ps(p); }
-  static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V Add(V a, V b) { return _mm256_add_ps(a, b); }
-  static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  static V Or(V a, V b) { return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(a), _mm256_castps_si256(b))); }
-  static V Max(V a, V b) { return _mm256_max_ps(a, b); }
-  static V Min(V a, V b) { return _mm256_min_ps(a, b); }
-  static void Store(float* p, V v) { _mm256_store_ps(p, v); }
-  static void StoreU(float* p, V v) { _mm256_storeu_ps(p, v); }
+#include "cpu/pattern_conv_ymm.inc"
+
+struct Ymm : YmmBasics {
   static constexpr int kDirectVectors = 24;
   using K = __mmask8;
   static K MaskRange(int lo, int hi) {

@@ -197,9 +197,9 @@ bool DirectFits(const PatternConvPlan& p, int64_t H, int64_t W, int lanes, int d
   const int64_t row_vectors = (W + lanes - 1) / lanes;
   const double macs = static_cast<double>(p.K) * 4 * H * W, values = static_cast<double>(p.C + p.O) * H * W;
   const bool pays = macs <= kDirectMaxMacs && macs <= kDirectMacsPerValue * values;
-  return direct_vectors > 0 && (any_size || pays) && p.stride == 1 && p.pad_top == 1 && p.pad_left == 1 && p.pad_bottom == 1 &&
-         p.pad_right == 1 && p.blocks() == 0 && W >= 1 && row_vectors <= kDirectRowVectors &&
-         row_vectors <= direct_vectors;
+  const bool pads_one = p.pad_top == 1 && p.pad_left == 1 && p.pad_bottom == 1 && p.pad_right == 1;
+  return direct_vectors > 0 && (any_size || pays) && p.stride == 1 && pads_one && p.blocks() == 0 && W >= 1 &&
+         row_vectors <= kDirectRowVectors && row_vectors <= direct_vectors;
 }
 
 ConvGeometry MakeDirectGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int lanes, int direct_vectors) {
