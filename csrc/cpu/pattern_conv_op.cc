@@ -141,11 +141,11 @@ PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* inf
 std::shared_ptr<const std::vector<int32_t>> PatternConvKernel::Offsets(const ConvGeometry& g) {
   std::lock_guard<std::mutex> lock(offsets_mutex_);
   for (const OffsetsFor& o : offsets_) {
-    if (o.H == g.H && o.W == g.W) return o.offsets;
+    if (o.H == g.H && o.W == g.W && o.direct == g.direct) return o.offsets;
   }
   constexpr size_t kKeptSizes = 4;
   if (offsets_.size() == kKeptSizes) offsets_.erase(offsets_.begin());
-  offsets_.push_back({g.H, g.W, std::make_shared<const std::vector<int32_t>>(TapOffsets(plan_, g))});
+  offsets_.push_back({g.H, g.W, g.direct, std::make_shared<const std::vector<int32_t>>(TapOffsets(plan_, g))});
   return offsets_.back().offsets;
 }
 

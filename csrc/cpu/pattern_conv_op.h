@@ -43,9 +43,10 @@ class PatternConvKernel {
   std::mutex offsets_mutex_;
   struct OffsetsFor {
     int H, W;
+    bool direct;  // the same size may take either form (a fed W: finite in one call, not in the next)
     std::shared_ptr<const std::vector<int32_t>> offsets;
   };
-  std::vector<OffsetsFor> offsets_;  // a few recent input sizes
+  std::vector<OffsetsFor> offsets_;  // a few recent input sizes and forms
   std::shared_ptr<const ChannelKernels> by_channel_;  // guarded by offsets_mutex_
   bool poison_output_;  // CTPRUNE_POISON_OUTPUT=1: fill Y with NaN first, so unwritten elements show in tests
   // The filter blocks' regrouped weights (ImageJob::block_weights), made once when W is a constant initializer of the
