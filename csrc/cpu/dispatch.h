@@ -25,11 +25,11 @@ struct KernelTable {
   BlockStripFn block_strip;  // the filter-block kernel
   SparseKernels sparse;  // SparseConv's kernels in the same tier (sparse_conv_<tier>.cc)
   // PatternConv's direct form (pattern_conv.h, ConvGeometry::direct): the largest tile in vectors (0: the tier has
-  // no direct form and packs every input), its kernels and the non-finite scan that replaces the packing's report.
+  // no direct form and packs every input), its kernels and its lane masks. (Its NaN/Inf report, which the packing
+  // makes otherwise, is sparse.all_finite's.)
   int direct_vectors = 0;
   SelectDirectFn select_direct = nullptr;
   DirectMasksFn direct_masks = nullptr;
-  ScanChannelFn scan = nullptr;
 };
 
 // The table for this process. If CTPRUNE_FORCE_ISA names a tier this CPU cannot run or an unknown tier, `error` is

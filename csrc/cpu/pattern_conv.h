@@ -83,9 +83,9 @@ struct ImageJob {
   const int32_t* block_count;
   const int32_t* block_weight_begin;
   const float* block_weights;
-  // The direct form: (K, 4) each kept tap's row and column in the kernel, (ky << 2) | kx (ImageJob::offsets order),
-  // and the lane masks of every tap for every kind of tile (DirectMasksFn), in the tier's mask type.
-  const int8_t* tap_rows_cols;
+  // The direct form: (K, 4) each kept tap's index ky * 3 + kx (ImageJob::offsets order), and the lane masks of every
+  // tap for every kind of tile (DirectMasksFn), in the tier's mask type.
+  const int8_t* taps;
   const void* direct_masks;
 };
 
@@ -101,16 +101,13 @@ using BlockStripFn = void (*)(const ConvGeometry& g, const ImageJob& job, int bl
 // met a NaN or +-Inf (then the op mends the outputs a dense Conv would make NaN: pattern_conv_nonfinite.h).
 using PackChannelFn = bool (*)(const ConvGeometry& g, const float* x, float* packed);
 
-// Whether any of x[0 .. n) is NaN or +-Inf (the direct form's stand-in for the packing's report).
-using ScanChannelFn = bool (*)(const float* x, size_t n);
-
 // The direct form's lane masks for a geometry: for each kind of tile (its first row the image's first: +1, its last
-// row the image's last: +2), each tap (ky << 2) | kx and each place in a tile (kDirectMaskSlots: the first, middle
+// row the image's last: +2), each tap ky * 3 + kx and each place in a tile (kDirectMaskSlots: the first, middle
 // and last vector of the tile's first row, of its inner rows and of its last row), the lanes that tap reads there.
 // Written once per call into `out` (kDirectMaskBytes, 64-byte aligned), so the tile loop only loads them.
 using DirectMasksFn = void (*)(const ConvGeometry& g, void* out);
 constexpr int kDirectMaskSlots = 8;
-constexpr int kDirectMaskCount = 4 * 12 * kDirectMaskSlots;
+constexpr int kDirectMaskCount = 4 * 9 * kDirectMaskSlots;
 constexpr size_t kDirectMaskBytes = kDirectMaskCount * 32;  // the widest mask type (AVX2: a vector)
 
 // The direct-form tile kernel for rows of `row_vectors` vectors and tiles of `rows` rows, or nullptr.

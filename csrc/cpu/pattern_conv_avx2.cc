@@ -85,7 +85,7 @@ KernelTable Table() {
           Avx2::kMaxVectors, &SelectFilterTilesFor<Avx2>,
           &PackChannel<Avx2>, Avx2::kBlockPixels,
           &BlockStrip<Avx2>,  {},
-          Avx2::kDirectVectors, &SelectDirectTilesFor<Avx2>, &DirectMasks<Avx2>, &ScanChannel<Avx2>};
+          Avx2::kDirectVectors, &SelectDirectTilesFor<Avx2>, &DirectMasks<Avx2>};
 }
 
 }  // namespace avx2

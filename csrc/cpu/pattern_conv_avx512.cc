@@ -119,14 +119,13 @@ struct Ymm : YmmBasics {
 KernelTable Table() {
   return {"avx512",         Zmm::L,          Zmm::kMaxVectors,           &SelectFilterTilesFor<Zmm>,
           &PackChannel<Zmm>, Zmm::kBlockPixels, &BlockStrip<Zmm>,          {},
-          Zmm::kDirectVectors, &SelectDirectTilesFor<Zmm>, &DirectMasks<Zmm>, &ScanChannel<Zmm>};
+          Zmm::kDirectVectors, &SelectDirectTilesFor<Zmm>, &DirectMasks<Zmm>};
 }
 
 KernelTable NarrowTable(KernelTable avx2) {
   avx2.direct_vectors = Ymm::kDirectVectors;
   avx2.select_direct = &SelectDirectTilesFor<Ymm>;
   avx2.direct_masks = &DirectMasks<Ymm>;
-  avx2.scan = &ScanChannel<Ymm>;
   return avx2;
 }
 

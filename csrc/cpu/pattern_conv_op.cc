@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -21,7 +20,7 @@ using ops::ShapeStr;
 struct PackWork {
   const ConvGeometry* g;
   PackChannelFn pack;
-  ScanChannelFn scan;  // the direct form: nothing to pack, only the non-finite report
+  bool (*all_finite)(const float* x, size_t n);  // the direct form: nothing to pack, only the non-finite report
   const float* x;
   float* packed;
   uint8_t* non_finite;  // (N, C): the channel holds a NaN or +-Inf
@@ -37,8 +36,8 @@ void PackItem(void* data, size_t item) {
   const size_t in_plane = static_cast<size_t>(w.g->H) * w.g->W;
   for (int c = c0; c < c1; ++c) {
     const size_t nc = static_cast<size_t>(n) * w.g->C + c;
-    w.non_finite[nc] = w.scan != nullptr ? w.scan(w.x + nc * in_plane, in_plane)
-                                         : w.pack(*w.g, w.x + nc * in_plane, w.packed + nc * w.g->plane);
+    w.non_finite[nc] = w.all_finite != nullptr ? !w.all_finite(w.x + nc * in_plane, in_plane)
+                                               : w.pack(*w.g, w.x + nc * in_plane, w.packed + nc * w.g->plane);
   }
 }
 
@@ -92,13 +91,6 @@ void ConvItem(void* data, size_t item) {
           std::min(w.g->tiles, t0 + w.tiles_per_item));
 }
 
-bool AllFinite(const float* v, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    if (!std::isfinite(v[i])) return false;
-  }
-  return true;
-}
-
 int EnvInt(const char* name, int fallback) {
   const char* v = std::getenv(name);
   return v != nullptr && *v != '\0' ? std::atoi(v) : fallback;
@@ -114,8 +106,12 @@ PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* inf
   blocks.enabled = EnvInt("CTPRUNE_PATTERN_BLOCKS", 1) != 0;
   blocks.pad_min = EnvInt("CTPRUNE_PATTERN_BLOCK_PAD_MIN", kBlockPadMin);
   plan_ = BuildPlan(ops::ParsePatternConv(ops::ReadAttributes(api, info, ops::PatternConvAttributeNames())), blocks);
+  std::string isa_error;
+  kernels_ = Kernels(&isa_error);
+  if (!isa_error.empty()) throw InvalidNode(isa_error);
+  narrow_kernels_ = NarrowPlaneKernels(kernels_);
   const float* w = ops::ConstantFloatMatrix(api, info, 1, plan_.K, 4);
-  if (w != nullptr) weights_finite_ = AllFinite(w, static_cast<size_t>(plan_.K) * 4) ? 1 : 0;
+  if (w != nullptr) weights_finite_ = kernels_.sparse.all_finite(w, static_cast<size_t>(plan_.K) * 4) ? 1 : 0;
   if (plan_.blocks() > 0) {
     // A constant W of the right shape is regrouped once; anything else is checked and regrouped at run time.
     if (w != nullptr) {
@@ -127,10 +123,6 @@ PatternConvKernel::PatternConvKernel(const OrtApi& api, const OrtKernelInfo* inf
       block_weights_ = aligned;
     }
   }
-  std::string isa_error;
-  kernels_ = Kernels(&isa_error);
-  if (!isa_error.empty()) throw InvalidNode(isa_error);
-  narrow_kernels_ = NarrowPlaneKernels(kernels_);
   // The direct form (pattern_conv.h) where it fits, unless CTPRUNE_PATTERN_DIRECT=0 (tests and A/B measurements).
   // CTPRUNE_PATTERN_DIRECT=2 takes it wherever it can run, however many multiply-adds (measurements of the rule).
   direct_ = EnvInt("CTPRUNE_PATTERN_DIRECT", 1);
@@ -188,7 +180,8 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
   const bool direct = direct_ != 0 &&
                       DirectFits(plan_, xs[2], xs[3], kernels.lanes, kernels.direct_vectors, direct_ == 2) &&
                       (weights_finite_ >= 0 ? weights_finite_ == 1
-                                            : AllFinite(w.GetTensorData<float>(), static_cast<size_t>(plan_.K) * 4));
+                                            : kernels.sparse.all_finite(w.GetTensorData<float>(),
+                                                                        static_cast<size_t>(plan_.K) * 4));
   const ConvGeometry g =
       direct ? MakeDirectGeometry(plan_, xs[2], xs[3], kernels.lanes, kernels.direct_vectors)
              : MakeGeometry(plan_, xs[2], xs[3], kernels.lanes, kernels.max_vectors, kernels.block_pixels);
@@ -234,7 +227,7 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
     RegroupBlockWeights(plan_, w.GetTensorData<float>(), regrouped);
     block_weights = regrouped;
   }
-  PackWork pack{&g, kernels.pack, direct ? kernels.scan : nullptr, x.GetTensorData<float>(),
+  PackWork pack{&g, kernels.pack, direct ? kernels.sparse.all_finite : nullptr, x.GetTensorData<float>(),
                 workspace.as<float>(), non_finite, 1, 0};
   pack.channels_per_item = static_cast<int>(std::max<size_t>(1, 16384 / g.plane));
   pack.items_per_image = (g.C + pack.channels_per_item - 1) / pack.channels_per_item;
@@ -256,7 +249,7 @@ void PatternConvKernel::Compute(OrtKernelContext* context) {
                       plan_.filters.data(), bias,    z_offset,                 residual,
                       plan_.act_min,   plan_.act_max, plan_.clamp,             out,
                       plan_.block_first.data(), plan_.block_count.data(), plan_.block_weight_begin.data(),
-                      block_weights,   plan_.tap_rows_cols.data(), direct ? workspace.as<float>() : nullptr};
+                      block_weights,   plan_.taps.data(), direct ? workspace.as<float>() : nullptr};
   work.group_begin = plan_.group_begin.data();
   work.group_end = plan_.group_end.data();
   work.filter_items = static_cast<int>(plan_.group_begin.size());

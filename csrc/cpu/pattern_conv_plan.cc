@@ -53,10 +53,10 @@ PatternConvPlan BuildPlan(const ops::PatternConvSpec& s, const BlockOptions& opt
     p.kernel_begin.push_back(p.K);
   }
   p.kernel_begin.push_back(p.K);
-  p.tap_rows_cols.reserve(static_cast<size_t>(p.K) * 4);
+  p.taps.reserve(static_cast<size_t>(p.K) * 4);
   for (int k = 0; k < p.K; ++k) {  // ascending taps, as TapOffsets orders them
     for (int tap = 0; tap < 9; ++tap) {
-      if ((p.shapes[k] >> tap) & 1) p.tap_rows_cols.push_back(static_cast<int8_t>(((tap / 3) << 2) | (tap % 3)));
+      if ((p.shapes[k] >> tap) & 1) p.taps.push_back(static_cast<int8_t>(tap));
     }
   }
 

@@ -24,7 +24,7 @@ struct PatternConvPlan {
   std::vector<int32_t> filters;       // (O) output channel of each filter position: filters with kernels in
                                       // storage order (heaviest first), then empty ones
   std::vector<int32_t> kernel_begin;  // (O + 1) first kept kernel of each filter position
-  std::vector<int8_t> tap_rows_cols;  // (K, 4) (ky << 2) | kx of each kept tap, ascending (ImageJob::tap_rows_cols)
+  std::vector<int8_t> taps;           // (K, 4) ky * 3 + kx of each kept tap, ascending (ImageJob::taps)
   // Filter blocks (pattern_conv.h, ImageJob): block b is filter positions [block_first[b], + block_count[b]); its
   // regrouped weights are vectors [block_weight_begin[b], block_weight_begin[b + 1]) of kBlockFilters floats.
   std::vector<int32_t> block_first, block_count;
