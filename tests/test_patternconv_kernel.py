@@ -149,6 +149,24 @@ def test_every_small_geometry(library, tier, monkeypatch):
                        bias=False, activation=ACTIVATIONS[0], threads=1, kept=np.full(3, 2), what="small geometry")
 
 
+@pytest.mark.parametrize("tier", TIERS)
+def test_narrow_stride_two_rows_on_every_tier(library, tier, monkeypatch):
+    # Stride 2 splits each row between two column phases of about W / 2 pixels. Phases narrower than a vector are
+    # packed with masked loads and stores, or, on the tiers where those are slow (AVX2, and the generic ones that stand
+    # in for it), as whole vectors whose zeroed lanes land on the pad columns and the next phase row: wherever the
+    # read stays inside the image and the store inside the phase plane. Phases of 5-17 pixels (around 8 and 16 lanes),
+    # images of 1, 2 and 5 rows (the last rows cannot read a whole vector), left pads 0-2 and right pads 0 and 2.
+    if not tier_available(tier, library, monkeypatch):
+        pytest.skip(f"this CPU cannot run the {tier} tier")
+    rng = np.random.default_rng([SEED, 2700 + TIERS.index(tier)])
+    for W, H, left, right in itertools.product((11, 14, 15, 17, 30, 33), (1, 2, 5), (0, 1, 2), (0, 2)):
+        top, bottom = int(rng.integers(0, 3)), int(rng.integers(0, 3))
+        if H + top + bottom >= 3:
+            check_case(library, rng, N=int(rng.integers(1, 3)), C=3, O=4, H=H, W=W, stride=2,
+                       pads=[top, left, bottom, right], bias=True, activation=ACTIVATIONS[int(rng.integers(0, 4))],
+                       threads=1, what="narrow stride-2 rows")
+
+
 def test_threads_give_identical_results(library):
     rng = np.random.default_rng([SEED, 3000])
     layer = random_pattern_layer(rng, 40, 24, rng.integers(0, 25, 40))

@@ -40,6 +40,8 @@ struct Avx2 : YmmBasics {
     return _mm256_and_ps(evens, _mm256_castsi256_ps(First(n)));
   }
   static void StoreFirst(float* p, V v, int n) { _mm256_maskstore_ps(p, First(n), v); }
+  static V KeepFirst(V v, int n) { return _mm256_and_ps(v, _mm256_castsi256_ps(First(n))); }
+  static constexpr bool kSlowMaskedMemory = true;  // vmaskmovps: microcoded on AMD (its store, tens of cycles)
 
   // The direct form: lane masks as vectors (all ones or zero per lane); vmaskmovps neither reads (no fault) nor
   // writes the lanes a mask leaves out, and reads them as 0. 10 sums, + the weight and the masks in 16 registers.

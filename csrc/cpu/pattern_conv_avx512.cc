@@ -56,6 +56,8 @@ struct Zmm {
     return _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << n) - 1), pairs);
   }
   static void StoreFirst(float* p, V v, int n) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v); }
+  static V KeepFirst(V v, int n) { return _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << n) - 1), v); }
+  static constexpr bool kSlowMaskedMemory = false;  // mask registers: masked loads and stores at full speed
 
   // Filter blocks: 24 pixels x 16 filters = 24 sums, + the weight vector; the broadcast input is the multiply-add's
   // embedded-broadcast operand.

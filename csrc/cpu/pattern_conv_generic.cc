@@ -81,6 +81,11 @@ struct Lanes {
     return r;
   }
   static void StoreFirst(float* p, V v, int n) { std::memcpy(p, v.v, sizeof(float) * static_cast<size_t>(n)); }
+  static V KeepFirst(V v, int n) {
+    for (int i = n; i < N; ++i) v.v[i] = 0.0f;
+    return v;
+  }
+  static constexpr bool kSlowMaskedMemory = true;  // as the AVX2 tier, whose packing this tier checks
 
   static constexpr int kBlockPixels = kPixels;
   struct Index {

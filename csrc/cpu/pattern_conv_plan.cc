@@ -11,6 +11,17 @@ void Require(bool ok, const std::string& message) {
   if (!ok) throw InvalidNode(message);
 }
 
+// The per-call geometry's errors, their messages built only when thrown (a call's checks run on every call).
+[[noreturn]] void InputTooSmall(int64_t H, int64_t W) {
+  throw InvalidNode("input height and width plus pads must be at least 3, got " + std::to_string(H) + "x" +
+                    std::to_string(W));
+}
+
+[[noreturn]] void InputTooLarge(int C, int64_t H, int64_t W) {  // tap offsets and per-image addresses are 32-bit
+  throw InvalidNode("input is too large for the kernel (" + std::to_string(C) + " channels of " + std::to_string(H) +
+                    "x" + std::to_string(W) + ")");
+}
+
 }  // namespace
 
 PatternConvPlan BuildPlan(const ops::PatternConvSpec& s, const BlockOptions& options) {
@@ -137,8 +148,7 @@ int64_t FlatRow(const PatternConvPlan& p, int64_t W) {
 ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int lanes, int max_vectors,
                           int block_pixels) {
   const int64_t Hp = H + p.pad_top + p.pad_bottom, Wp = W + p.pad_left + p.pad_right;
-  Require(H >= 1 && W >= 1 && Hp >= 3 && Wp >= 3,
-          "input height and width plus pads must be at least 3, got " + std::to_string(H) + "x" + std::to_string(W));
+  if (!(H >= 1 && W >= 1 && Hp >= 3 && Wp >= 3)) InputTooSmall(H, W);
   ConvGeometry g{};
   g.C = p.C;
   g.O = p.O;
@@ -171,10 +181,7 @@ ConvGeometry MakeGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int la
     plane = 3 * phase + std::max(phase, reach);
   }
   plane = (plane + 15) / 16 * 16;  // keep every plane 64-byte aligned
-  // Tap offsets and per-image addresses are 32-bit.
-  Require(static_cast<double>(plane) * p.C < 2.0e9,
-          "input is too large for the kernel (" + std::to_string(p.C) + " channels of " + std::to_string(H) + "x" +
-              std::to_string(W) + ")");
+  if (!(static_cast<double>(plane) * p.C < 2.0e9)) InputTooLarge(p.C, H, W);
   g.OH = static_cast<int>(OH);
   g.OW = static_cast<int>(OW);
   g.flat_row = static_cast<int>(flat_row);
@@ -203,11 +210,8 @@ bool DirectFits(const PatternConvPlan& p, int64_t H, int64_t W, int lanes, int d
 }
 
 ConvGeometry MakeDirectGeometry(const PatternConvPlan& p, int64_t H, int64_t W, int lanes, int direct_vectors) {
-  Require(H >= 1 && W >= 1,  // the pads are 1
-          "input height and width plus pads must be at least 3, got " + std::to_string(H) + "x" + std::to_string(W));
-  Require(static_cast<double>(H) * W * p.C < 2.0e9,  // tap offsets and per-image addresses are 32-bit
-          "input is too large for the kernel (" + std::to_string(p.C) + " channels of " + std::to_string(H) + "x" +
-              std::to_string(W) + ")");
+  if (!(H >= 1 && W >= 1)) InputTooSmall(H, W);  // the pads are 1
+  if (!(static_cast<double>(H) * W * p.C < 2.0e9)) InputTooLarge(p.C, H, W);
   ConvGeometry g{};
   g.C = p.C;
   g.O = p.O;
