@@ -80,6 +80,8 @@ SHAPES = [
     ((37, 100), (1, 100), {}),                                # FC batch 1
     ((29, 70), (4, 70), {}),                                  # FC batch 4
     ((11, 70000), (1, 70000), {}),                            # FC with int32 columns
+    ((14, 9, 1, 1), (2, 9, 6, 35), dict(strides=(1, 2))),     # 1x1 subsampled: columns only, rows of 18
+    ((7, 10, 1, 1), (1, 10, 13, 16), dict(strides=(3, 3))),   # 1x1 subsampled: a stride other than 2
 ]
 
 

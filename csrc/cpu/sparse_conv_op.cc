@@ -192,10 +192,18 @@ void PackChannel(const SparseGeometry& g, const ops::SparseConvSpec& s, const fl
     return;
   }
   if (g.subsample) {
-    for (int64_t oy = 0; oy < g.OH; ++oy) {
-      const float* row = x + oy * s.stride_h * g.W;
-      float* dst = out + oy * g.OW;
-      for (int64_t ox = 0; ox < g.OW; ++ox) dst[ox] = row[ox * s.stride_w];
+    // Sizes in locals and the rows restrict-qualified: with them read through `s` and `g` in the loop, GCC kept the
+    // copy scalar and reloaded the stride from the stack per pixel (the packing took longer than a 1x1 stride-2
+    // layer's multiply-adds at 8x); stride 2 as a constant is the vectorised case (ResNet's downsampling shortcuts).
+    const int64_t OH = g.OH, OW = g.OW, W = g.W, sh = s.stride_h, sw = s.stride_w;
+    for (int64_t oy = 0; oy < OH; ++oy) {
+      const float* __restrict row = x + oy * sh * W;
+      float* __restrict dst = out + oy * OW;
+      if (sw == 2) {
+        for (int64_t ox = 0; ox < OW; ++ox) dst[ox] = row[2 * ox];
+      } else {
+        for (int64_t ox = 0; ox < OW; ++ox) dst[ox] = row[ox * sw];
+      }
     }
     return;
   }
